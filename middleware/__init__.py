@@ -1,0 +1,1 @@
+"""Edgeway's policies as pure ASGI middleware, usable in any ASGI app."""

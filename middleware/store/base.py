@@ -1,0 +1,169 @@
+"""The store contract: what every policy may ask of shared state.
+
+A policy never talks to Redis, Upstash or memory directly. It describes what it
+needs as *commands* (small frozen values) and hands the whole list for one
+request to :meth:`Store.execute`, which costs exactly one network round trip on
+the remote backends. Backends differ only in how they carry the commands:
+
+- :class:`~middleware.store.memory.MemoryStore` runs them in-process;
+- :class:`~middleware.store.redis.RedisStore` sends them over RESP, pipelined;
+- :class:`~middleware.store.upstash.UpstashStore` posts them to ``/pipeline``.
+
+Exceptions::
+
+    StoreError                 a call failed: the policy's failure mode decides
+     +-- StoreTimeout          no answer within the store timeout
+    StoreConfigurationError    a store URL or option that cannot work (ValueError)
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+__all__ = [
+    "Algorithm",
+    "Command",
+    "Delete",
+    "Get",
+    "LimitCheck",
+    "LimitState",
+    "RateLimit",
+    "RateLimitResult",
+    "Set",
+    "Store",
+    "StoreConfigurationError",
+    "StoreError",
+    "StoreTimeout",
+]
+
+
+class StoreError(Exception):
+    """A store call failed; the calling policy's failure mode decides what happens."""
+
+
+class StoreTimeout(StoreError):
+    """The store did not answer within its timeout."""
+
+
+class StoreConfigurationError(ValueError):
+    """A store URL or option that cannot work; the message says how to fix it."""
+
+
+class Algorithm(str, enum.Enum):
+    """Rate-limit algorithms, selected per limit with ``algorithm:``."""
+
+    SLIDING_WINDOW = "sliding-window"
+    """Weighted two-window counter: O(1) memory per key, never over the quota."""
+    SLIDING_LOG = "sliding-log"
+    """Exact: one sorted-set entry per unit in the window (O(quota) memory)."""
+    FIXED_WINDOW = "fixed-window"
+    """One counter per window; allows up to 2x quota across a window edge."""
+    TOKEN_BUCKET = "token-bucket"
+    """Refills quota/window per second up to ``burst`` tokens."""
+
+
+@dataclass(frozen=True, slots=True)
+class Get:
+    """Read a text value; the result is ``str | None``."""
+
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
+class Set:
+    """Write a text value with a TTL (every key Edgeway writes expires); the result is ``None``."""
+
+    key: str
+    value: str
+    ttl_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Delete:
+    """Delete a key; the result is the number of keys removed (0 or 1)."""
+
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
+class LimitCheck:
+    """One limit of a request: ``cost`` units against ``quota`` per ``window_ms`` on ``key``."""
+
+    key: str
+    algorithm: Algorithm
+    quota: int
+    window_ms: int
+    cost: int = 1
+    burst: int = 0
+    """Token-bucket capacity; 0 means ``quota``."""
+    enforced: bool = True
+    """False for a shadow-mode limit: counted and reported, never the reason for a rejection."""
+
+
+@dataclass(frozen=True, slots=True)
+class LimitState:
+    """What the store knows of one limit after the decision."""
+
+    allowed: bool
+    """Whether this limit alone would admit the request."""
+    remaining: int
+    reset_ms: int
+    retry_after_ms: int
+    """0 when allowed; otherwise how long until the same request would pass."""
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitResult:
+    """The decision for all limits of one request, taken atomically."""
+
+    allowed: bool
+    """True when every enforced limit admits the request; only then is any limit charged."""
+    states: tuple[LimitState, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    """Check all limits of one request together; charge all of them or none.
+
+    The store's own clock decides the windows (Redis ``TIME`` inside the script),
+    so instances with skewed clocks agree.
+    """
+
+    checks: tuple[LimitCheck, ...]
+
+
+Command = Get | Set | Delete | RateLimit
+"""Every operation a policy may put in a request's batch."""
+
+Clock = Callable[[], float]
+"""Seconds since the epoch; injectable so tests can walk window edges without sleeping."""
+
+
+class Store(abc.ABC):
+    """Shared state for policies: one :meth:`execute` call is one round trip."""
+
+    kind: str = "store"
+    """Short name shown in ``/_edgeway/readyz`` and metrics (``memory``, ``redis``, ``upstash``)."""
+
+    @abc.abstractmethod
+    async def execute(self, commands: Sequence[Command], *, timeout: float | None = None) -> list[object]:
+        """Run ``commands`` in order and return one result per command.
+
+        Raises :class:`StoreError` (or :class:`StoreTimeout` after ``timeout``
+        seconds, defaulting to the store's own) when the batch cannot be run;
+        a batch is never half-reported.
+        """
+
+    @abc.abstractmethod
+    async def ping(self) -> None:
+        """Raise :class:`StoreError` unless the store answers."""
+
+    async def close(self) -> None:
+        """Release connections; the store may be used again afterwards (it reconnects)."""
+
+    def describe(self) -> str:
+        """The store's location without credentials, for logs and readyz."""
+        return f"{self.kind}://"

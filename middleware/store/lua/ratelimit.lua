@@ -1,0 +1,134 @@
+-- Edgeway: check every limit of one request, then charge all of them or none.
+-- KEYS[i]  the base key of limit i (all share one hash tag, so one Cluster slot)
+-- ARGV[1]  "now" in ms, or "" to use the server clock (TIME): instances with skewed clocks agree
+-- ARGV[2+6(i-1) ..]  algorithm, quota, window_ms, cost, burst, enforced (1|0) for limit i
+-- Returns {allowed, then per limit: allowed, remaining, reset_ms, retry_after_ms}.
+-- Semantics mirror middleware/store/memory.py exactly; the shared store suite checks both.
+
+local SLACK = 1000
+local now = tonumber(ARGV[1])
+if not now then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local n = #KEYS
+local plans = {}
+local all_ok = true
+
+for i = 1, n do
+  local base = 2 + (i - 1) * 6
+  local p = {
+    key = KEYS[i], algo = ARGV[base], quota = tonumber(ARGV[base + 1]),
+    window = tonumber(ARGV[base + 2]), cost = tonumber(ARGV[base + 3]),
+    burst = tonumber(ARGV[base + 4]), enforced = ARGV[base + 5] == '1',
+  }
+  if p.algo == 'fixed-window' then
+    local index = math.floor(now / p.window)
+    p.wkey = p.key .. ':' .. index
+    p.count = tonumber(redis.call('GET', p.wkey) or '0')
+    p.reset = index * p.window + p.window - now
+    p.ok = p.count + p.cost <= p.quota
+  elseif p.algo == 'sliding-window' then
+    local index = math.floor(now / p.window)
+    p.wkey = p.key .. ':' .. index
+    p.current = tonumber(redis.call('GET', p.wkey) or '0')
+    p.previous = tonumber(redis.call('GET', p.key .. ':' .. (index - 1)) or '0')
+    p.elapsed = now - index * p.window
+    p.estimate = p.previous * (p.window - p.elapsed) / p.window + p.current
+    p.ok = p.estimate + p.cost <= p.quota
+  elseif p.algo == 'sliding-log' then
+    redis.call('ZREMRANGEBYSCORE', p.key, '-inf', now - p.window)
+    p.count = redis.call('ZCARD', p.key)
+    p.ok = p.count + p.cost <= p.quota
+  else -- token-bucket
+    p.capacity = p.burst > 0 and p.burst or p.quota
+    p.rate = p.quota / p.window
+    local state = redis.call('HMGET', p.key, 't', 'ts')
+    if state[1] then
+      p.tokens = math.min(p.capacity, tonumber(state[1]) + math.max(0, now - tonumber(state[2])) * p.rate)
+    else
+      p.tokens = p.capacity
+    end
+    p.ok = p.tokens >= p.cost
+  end
+  if p.enforced and not p.ok then all_ok = false end
+  plans[i] = p
+end
+
+local out = {all_ok and 1 or 0}
+for i = 1, n do
+  local p = plans[i]
+  local remaining, reset, retry
+  if p.algo == 'fixed-window' then
+    if all_ok then
+      p.count = p.count + p.cost
+      redis.call('SET', p.wkey, p.count, 'PX', p.window + SLACK)
+    end
+    remaining = math.max(0, p.quota - p.count)
+    retry = p.ok and 0 or p.reset
+  elseif p.algo == 'sliding-window' then
+    if all_ok then
+      p.current = p.current + p.cost
+      p.estimate = p.estimate + p.cost
+      redis.call('SET', p.wkey, p.current, 'PX', 2 * p.window + SLACK)
+    end
+    remaining = math.max(0, math.floor(p.quota - p.estimate))
+    reset = p.window - p.elapsed
+    if p.ok then
+      retry = 0
+    elseif p.cost > p.quota then
+      retry = p.window
+    elseif p.current + p.cost <= p.quota then
+      local need = p.window - (p.quota - p.current - p.cost) * p.window / p.previous
+      retry = math.max(1, math.ceil(need - p.elapsed))
+    else
+      local need = p.window - (p.quota - p.cost) * p.window / p.current
+      retry = math.max(1, math.ceil(p.window - p.elapsed + need))
+    end
+    p.reset = reset
+  elseif p.algo == 'sliding-log' then
+    if all_ok then
+      local args = {}
+      for j = 0, p.cost - 1 do
+        args[#args + 1] = now
+        args[#args + 1] = now .. ':' .. (p.count + j)
+      end
+      redis.call('ZADD', p.key, unpack(args))
+      redis.call('PEXPIRE', p.key, p.window + SLACK)
+      p.count = p.count + p.cost
+    end
+    remaining = math.max(0, p.quota - p.count)
+    local oldest = redis.call('ZRANGE', p.key, 0, 0, 'WITHSCORES')
+    p.reset = oldest[2] and (tonumber(oldest[2]) + p.window - now) or 0
+    if p.ok then
+      retry = 0
+    elseif p.cost > p.quota then
+      retry = p.window
+    else
+      local idx = p.count + p.cost - p.quota - 1
+      local entry = redis.call('ZRANGE', p.key, idx, idx, 'WITHSCORES')
+      retry = math.max(1, tonumber(entry[2]) + p.window - now)
+    end
+  else -- token-bucket
+    if all_ok then
+      p.tokens = p.tokens - p.cost
+      redis.call('HSET', p.key, 't', string.format('%.17g', p.tokens), 'ts', now)
+      redis.call('PEXPIRE', p.key, math.ceil(p.capacity / p.rate) + SLACK)
+    end
+    remaining = math.max(0, math.floor(p.tokens))
+    p.reset = math.ceil((p.capacity - p.tokens) / p.rate)
+    if p.ok then
+      retry = 0
+    elseif p.cost > p.capacity then
+      retry = p.window
+    else
+      retry = math.max(1, math.ceil((p.cost - p.tokens) / p.rate))
+    end
+  end
+  out[#out + 1] = p.ok and 1 or 0
+  out[#out + 1] = remaining
+  out[#out + 1] = math.floor(p.reset)
+  out[#out + 1] = math.floor(retry)
+end
+return out

@@ -1,0 +1,259 @@
+"""The embedded store: everything in this process, nothing to install.
+
+It implements the same commands with the same semantics as the Lua scripts in
+``lua/ratelimit.lua`` (the shared store suite holds both to it). State is per
+process: two instances on memory each enforce their own counters.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from .base import (
+    Algorithm,
+    Clock,
+    Command,
+    Delete,
+    Get,
+    LimitCheck,
+    LimitState,
+    RateLimit,
+    RateLimitResult,
+    Set,
+    Store,
+)
+
+_SLACK_MS = 1000  # keys outlive their window a little so a late reader still sees them
+
+
+@dataclass(slots=True)
+class _Entry:
+    value: object
+    expires_ms: float
+
+
+@dataclass(slots=True)
+class _Bucket:
+    tokens: float
+    ts: float
+
+
+@dataclass(slots=True)
+class _Log:
+    stamps: list[tuple[float, int]] = field(default_factory=list)  # (time ms, sequence), sorted
+
+
+class MemoryStore(Store):
+    """In-process store with the full command set; ``clock`` is injectable for tests."""
+
+    kind = "memory"
+
+    def __init__(self, *, clock: Clock | None = None, max_keys: int = 100_000) -> None:
+        self._clock = clock or time.time
+        self._data: dict[str, _Entry] = {}
+        self._max_keys = max_keys
+
+    def _now_ms(self) -> float:
+        return math.floor(self._clock() * 1000)
+
+    async def execute(self, commands: Sequence[Command], *, timeout: float | None = None) -> list[object]:
+        now = self._now_ms()
+        return [self._run(command, now) for command in commands]
+
+    async def ping(self) -> None:
+        return None
+
+    # -- commands -----------------------------------------------------------
+
+    def _run(self, command: Command, now: float) -> object:
+        if isinstance(command, Get):
+            value = self._get(command.key, now)
+            return value if isinstance(value, str) else None
+        if isinstance(command, Set):
+            self._put(command.key, command.value, now + command.ttl_ms)
+            return None
+        if isinstance(command, Delete):
+            return 1 if self._data.pop(command.key, None) is not None else 0
+        if isinstance(command, RateLimit):
+            return self._rate_limit(command, now)
+        raise TypeError(f"unknown store command {command!r}")
+
+    def _get(self, key: str, now: float) -> object:
+        entry = self._data.get(key)
+        if entry is None:
+            return None
+        if entry.expires_ms <= now:
+            del self._data[key]
+            return None
+        return entry.value
+
+    def _put(self, key: str, value: object, expires_ms: float) -> None:
+        self._data.pop(key, None)  # re-insert so dict order approximates age for eviction
+        self._data[key] = _Entry(value, expires_ms)
+        if len(self._data) > self._max_keys:
+            self._evict()
+
+    def _evict(self) -> None:
+        now = self._now_ms()
+        for key in [k for k, e in self._data.items() if e.expires_ms <= now]:
+            del self._data[key]
+        while len(self._data) > self._max_keys:
+            del self._data[next(iter(self._data))]
+
+    # -- rate limits: phase 1 reads and decides, phase 2 charges (all or none) --
+
+    def _rate_limit(self, command: RateLimit, now: float) -> RateLimitResult:
+        plans = [self._plan(check, now) for check in command.checks]
+        allowed = all(plan.allowed for plan, check in zip(plans, command.checks, strict=True) if check.enforced)
+        states = []
+        for plan, check in zip(plans, command.checks, strict=True):
+            if allowed:
+                plan.charge()
+            states.append(plan.state(charged=allowed, check=check))
+        return RateLimitResult(allowed, tuple(states))
+
+    def _plan(self, check: LimitCheck, now: float) -> _Plan:
+        algorithm = check.algorithm
+        if algorithm is Algorithm.FIXED_WINDOW:
+            return _FixedWindow(self, check, now)
+        if algorithm is Algorithm.SLIDING_WINDOW:
+            return _SlidingWindow(self, check, now)
+        if algorithm is Algorithm.SLIDING_LOG:
+            return _SlidingLog(self, check, now)
+        return _TokenBucket(self, check, now)
+
+
+class _Plan:
+    allowed: bool
+
+    def charge(self) -> None:
+        raise NotImplementedError  # every algorithm below overrides it
+
+    def state(self, *, charged: bool, check: LimitCheck) -> LimitState:
+        raise NotImplementedError  # every algorithm below overrides it
+
+
+def _int_value(value: object) -> int:
+    return value if isinstance(value, int) else 0
+
+
+class _FixedWindow(_Plan):
+    def __init__(self, store: MemoryStore, check: LimitCheck, now: float) -> None:
+        window = check.window_ms
+        start = (now // window) * window
+        self.store, self.check, self.now = store, check, now
+        self.key = f"{check.key}:{int(now // window)}"
+        self.count = _int_value(store._get(self.key, now))
+        self.reset = start + window - now
+        self.allowed = self.count + check.cost <= check.quota
+
+    def charge(self) -> None:
+        self.count += self.check.cost
+        self.store._put(self.key, self.count, self.now + self.check.window_ms + _SLACK_MS)
+
+    def state(self, *, charged: bool, check: LimitCheck) -> LimitState:
+        remaining = max(0, check.quota - self.count)
+        return LimitState(self.allowed, remaining, int(self.reset), 0 if self.allowed else int(self.reset))
+
+
+class _SlidingWindow(_Plan):
+    def __init__(self, store: MemoryStore, check: LimitCheck, now: float) -> None:
+        window = check.window_ms
+        index = int(now // window)
+        self.store, self.check, self.now = store, check, now
+        self.key = f"{check.key}:{index}"
+        self.current = _int_value(store._get(self.key, now))
+        self.previous = _int_value(store._get(f"{check.key}:{index - 1}", now))
+        self.elapsed = now - index * window
+        self.estimate = self.previous * (window - self.elapsed) / window + self.current
+        self.allowed = self.estimate + check.cost <= check.quota
+
+    def charge(self) -> None:
+        self.current += self.check.cost
+        self.estimate += self.check.cost
+        self.store._put(self.key, self.current, self.now + 2 * self.check.window_ms + _SLACK_MS)
+
+    def state(self, *, charged: bool, check: LimitCheck) -> LimitState:
+        window = check.window_ms
+        remaining = max(0, math.floor(check.quota - self.estimate))
+        reset = window - self.elapsed
+        retry = 0 if self.allowed else _sliding_retry(self, check)
+        return LimitState(self.allowed, remaining, int(reset), int(retry))
+
+
+def _sliding_retry(plan: _SlidingWindow, check: LimitCheck) -> float:
+    """How long until ``estimate + cost <= quota`` as the previous window's weight fades."""
+    window, quota, cost = check.window_ms, check.quota, check.cost
+    if cost > quota:
+        return window
+    if plan.current + cost <= quota:
+        # still inside this window: previous * (window - e) / window + current + cost <= quota
+        need = window - (quota - plan.current - cost) * window / plan.previous
+        return max(1, math.ceil(need - plan.elapsed))
+    # only the next window helps: current becomes "previous" there
+    need = window - (quota - cost) * window / plan.current
+    return max(1, math.ceil(window - plan.elapsed + need))
+
+
+class _SlidingLog(_Plan):
+    def __init__(self, store: MemoryStore, check: LimitCheck, now: float) -> None:
+        self.store, self.check, self.now = store, check, now
+        entry = store._get(check.key, now)
+        self.log = entry if isinstance(entry, _Log) else _Log()
+        cut = bisect.bisect_right(self.log.stamps, (now - check.window_ms, math.inf))
+        del self.log.stamps[:cut]
+        self.count = len(self.log.stamps)
+        self.allowed = self.count + check.cost <= check.quota
+
+    def charge(self) -> None:
+        base = self.count
+        for i in range(self.check.cost):
+            self.log.stamps.append((self.now, base + i))
+        self.count += self.check.cost
+        self.store._put(self.check.key, self.log, self.now + self.check.window_ms + _SLACK_MS)
+
+    def state(self, *, charged: bool, check: LimitCheck) -> LimitState:
+        stamps = self.log.stamps
+        remaining = max(0, check.quota - self.count)
+        reset = stamps[0][0] + check.window_ms - self.now if stamps else 0
+        if self.allowed:
+            retry = 0.0
+        elif check.cost > check.quota:
+            retry = check.window_ms
+        else:
+            # the (count + cost - quota)-th oldest entry must leave the window
+            retry = max(1, stamps[self.count + check.cost - check.quota - 1][0] + check.window_ms - self.now)
+        return LimitState(self.allowed, remaining, int(reset), int(retry))
+
+
+class _TokenBucket(_Plan):
+    def __init__(self, store: MemoryStore, check: LimitCheck, now: float) -> None:
+        self.store, self.check, self.now = store, check, now
+        self.capacity = check.burst or check.quota
+        self.rate = check.quota / check.window_ms  # tokens per ms
+        entry = store._get(check.key, now)
+        if isinstance(entry, _Bucket):
+            self.tokens = min(self.capacity, entry.tokens + max(0.0, now - entry.ts) * self.rate)
+        else:
+            self.tokens = float(self.capacity)
+        self.allowed = self.tokens >= check.cost
+
+    def charge(self) -> None:
+        self.tokens -= self.check.cost
+        ttl = math.ceil(self.capacity / self.rate) + _SLACK_MS
+        self.store._put(self.check.key, _Bucket(self.tokens, self.now), self.now + ttl)
+
+    def state(self, *, charged: bool, check: LimitCheck) -> LimitState:
+        remaining = max(0, math.floor(self.tokens))
+        reset = math.ceil((self.capacity - self.tokens) / self.rate)
+        if self.allowed:
+            retry = 0
+        elif check.cost > self.capacity:
+            retry = check.window_ms
+        else:
+            retry = max(1, math.ceil((check.cost - self.tokens) / self.rate))
+        return LimitState(self.allowed, remaining, int(reset), int(retry))

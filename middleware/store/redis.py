@@ -1,0 +1,213 @@
+"""TCP Redis (``redis://``, ``rediss://``) over one auto-pipelined RESP connection.
+
+Why not redis-py's asyncio client on the hot path: it costs ~200 us of CPU per
+call, more than Redis itself spends. Here every batch submitted during one
+event-loop turn goes out in a single write on one connection, and replies are
+matched to batches in order (Redis answers a connection strictly in order), so
+N concurrent requests cost one syscall each way instead of N. hiredis parses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ssl
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from urllib.parse import unquote, urlsplit
+
+import hiredis
+
+from .base import Clock, StoreConfigurationError, StoreError
+from .redis_protocol import RedisCommand, RedisProtocolStore, ReplyError, Transport
+
+_CONNECT_TIMEOUT = 5.0
+
+
+@dataclass(slots=True)
+class _Batch:
+    count: int
+    future: asyncio.Future[list[object]]
+    replies: list[object] = field(default_factory=list)
+
+
+class _RespProtocol(asyncio.Protocol):
+    """One Redis connection: writes are coalesced per loop turn, replies matched FIFO."""
+
+    def __init__(self) -> None:
+        self._reader = hiredis.Reader(encoding="utf-8", replyError=ReplyError)
+        self._waiting: collections.deque[_Batch] = collections.deque()
+        self._out: list[bytes] = []
+        self._transport: asyncio.Transport | None = None
+        self._flush_scheduled = False
+        self.lost: BaseException | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self._reader.feed(data)
+        waiting = self._waiting
+        while (reply := self._reader.gets()) is not False:
+            if not waiting:
+                self._fail(StoreError("Redis sent a reply nobody asked for"))
+                return
+            batch = waiting[0]
+            batch.replies.append(reply)
+            if len(batch.replies) == batch.count:
+                waiting.popleft()
+                if not batch.future.done():  # it may have timed out meanwhile
+                    batch.future.set_result(batch.replies)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(StoreError(f"Redis connection lost: {exc or 'closed by server'}"))
+
+    def _fail(self, error: StoreError) -> None:
+        self.lost = error
+        while self._waiting:
+            batch = self._waiting.popleft()
+            if not batch.future.done():
+                batch.future.set_exception(error)
+        if self._transport is not None:
+            self._transport.close()
+
+    def submit(self, commands: Sequence[RedisCommand], loop: asyncio.AbstractEventLoop) -> asyncio.Future[list[object]]:
+        future: asyncio.Future[list[object]] = loop.create_future()
+        if self.lost is not None:
+            future.set_exception(self.lost)
+            return future
+        self._out.extend(hiredis.pack_command(command) for command in commands)
+        self._waiting.append(_Batch(len(commands), future))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop.call_soon(self._flush)
+        return future
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self._transport is not None and self.lost is None and self._out:
+            self._transport.write(b"".join(self._out))
+        self._out.clear()
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+
+@dataclass(frozen=True, slots=True)
+class RedisAddress:
+    """A parsed ``redis://`` or ``rediss://`` URL."""
+
+    host: str
+    port: int
+    db: int
+    username: str | None
+    password: str | None
+    tls: bool
+
+    @classmethod
+    def parse(cls, url: str) -> RedisAddress:
+        parts = urlsplit(url)
+        if parts.scheme not in ("redis", "rediss"):
+            raise StoreConfigurationError(f"not a Redis URL: {url!r} (expected redis:// or rediss://)")
+        path = parts.path.lstrip("/")
+        try:
+            db = int(path) if path else 0
+            port = parts.port or 6379
+        except ValueError as exc:
+            raise StoreConfigurationError(f"bad Redis URL {url!r}: {exc}") from None
+        return cls(
+            host=parts.hostname or "127.0.0.1",
+            port=port,
+            db=db,
+            username=unquote(parts.username) if parts.username else None,
+            password=unquote(parts.password) if parts.password else None,
+            tls=parts.scheme == "rediss",
+        )
+
+
+class RespTransport(Transport):
+    """Connects lazily, reconnects after a loss, authenticates and selects the database."""
+
+    def __init__(self, address: RedisAddress) -> None:
+        self._address = address
+        self._protocol: _RespProtocol | None = None
+        self._connecting: asyncio.Future[_RespProtocol] | None = None
+
+    def describe(self) -> str:
+        scheme = "rediss" if self._address.tls else "redis"
+        return f"{scheme}://{self._address.host}:{self._address.port}/{self._address.db}"
+
+    def submit(self, commands: Sequence[RedisCommand]) -> asyncio.Future[list[object]]:
+        loop = asyncio.get_running_loop()
+        protocol = self._protocol
+        if protocol is not None and protocol.lost is None:
+            return protocol.submit(commands, loop)
+        result: asyncio.Future[list[object]] = loop.create_future()
+        loop.create_task(self._submit_after_connect(commands, result))
+        return result
+
+    async def _submit_after_connect(
+        self, commands: Sequence[RedisCommand], result: asyncio.Future[list[object]]
+    ) -> None:
+        try:
+            protocol = await self._connect()
+            replies = await protocol.submit(commands, asyncio.get_running_loop())
+        except StoreError as exc:
+            if not result.done():
+                result.set_exception(exc)
+            return
+        if not result.done():
+            result.set_result(replies)
+
+    async def _connect(self) -> _RespProtocol:
+        if self._connecting is None:
+            self._connecting = asyncio.ensure_future(self._open())
+        connecting = self._connecting
+        try:
+            return await asyncio.shield(connecting)
+        finally:
+            if connecting.done():
+                self._connecting = None
+                if not connecting.cancelled() and connecting.exception() is None:
+                    self._protocol = connecting.result()
+
+    async def _open(self) -> _RespProtocol:
+        address = self._address
+        loop = asyncio.get_running_loop()
+        context = ssl.create_default_context() if address.tls else None
+        try:
+            _, protocol = await asyncio.wait_for(
+                loop.create_connection(_RespProtocol, address.host, address.port, ssl=context),
+                _CONNECT_TIMEOUT,
+            )
+        except (OSError, asyncio.TimeoutError) as exc:
+            raise StoreError(f"cannot connect to Redis at {self.describe()}: {exc or 'timed out'}") from exc
+        setup: list[RedisCommand] = []
+        if address.password is not None:
+            auth: RedisCommand = ("AUTH", address.password)
+            setup.append(("AUTH", address.username, address.password) if address.username else auth)
+        if address.db:
+            setup.append(("SELECT", address.db))
+        if setup:
+            replies = await asyncio.wait_for(protocol.submit(setup, loop), _CONNECT_TIMEOUT)
+            errors = [r for r in replies if isinstance(r, ReplyError)]
+            if errors:
+                protocol.close()
+                raise StoreError(f"Redis refused the connection setup: {errors[0]}")
+        return protocol
+
+    async def close(self) -> None:
+        if self._protocol is not None:
+            self._protocol.close()
+            self._protocol = None
+
+
+class RedisStore(RedisProtocolStore):
+    """TCP Redis; ``timeout`` (seconds) bounds each call, ``clock`` overrides the server clock in tests."""
+
+    kind = "redis"
+
+    def __init__(self, url: str, *, timeout: float | None = 0.05, clock: Clock | None = None) -> None:
+        super().__init__(RespTransport(RedisAddress.parse(url)), timeout=timeout, clock=clock)

@@ -1,0 +1,184 @@
+"""Commands as Redis sees them, shared by every Redis-speaking backend.
+
+:class:`RedisProtocolStore` turns a request's commands into Redis commands
+(``GET``, ``SET .. PX``, ``DEL``, ``EVALSHA``), hands them to a transport as ONE
+batch, and decodes the replies. TCP Redis and Upstash REST differ only in the
+transport: both implement :class:`Transport`.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import hashlib
+import math
+from collections.abc import Sequence
+from importlib import resources
+
+from .base import (
+    Clock,
+    Command,
+    Delete,
+    Get,
+    LimitState,
+    RateLimit,
+    RateLimitResult,
+    Set,
+    Store,
+    StoreError,
+    StoreTimeout,
+)
+
+RedisArg = str | int | float
+RedisCommand = tuple[RedisArg, ...]
+
+
+class ReplyError(Exception):
+    """An error reply for one command (``-ERR ...``, ``{"error": ...}``)."""
+
+
+class Script:
+    """A Lua script shipped as package data, called by SHA1 and re-sent on NOSCRIPT."""
+
+    def __init__(self, name: str) -> None:
+        self.source = resources.files("middleware.store").joinpath("lua", name).read_text()
+        self.sha = hashlib.sha1(self.source.encode()).hexdigest()
+
+
+RATE_LIMIT_SCRIPT = Script("ratelimit.lua")
+
+
+class Transport(abc.ABC):
+    """Carries one batch of Redis commands in one round trip.
+
+    ``submit`` returns at once with a future for the batch's replies (one per
+    command, a :class:`ReplyError` in place of each failed command), so
+    concurrent requests' batches can share a network write or HTTP request
+    (auto-pipelining). The future fails with :class:`StoreError` when the
+    whole batch is lost.
+    """
+
+    @abc.abstractmethod
+    def submit(self, commands: Sequence[RedisCommand]) -> asyncio.Future[list[object]]:
+        """Queue ``commands`` for the next flush of this event-loop turn."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Close connections; a later ``submit`` reconnects."""
+
+    @abc.abstractmethod
+    def describe(self) -> str:
+        """Location without credentials."""
+
+
+def _expire(future: asyncio.Future[list[object]], timeout: float) -> None:
+    if not future.done():
+        future.set_exception(StoreTimeout(f"store did not answer within {timeout * 1000:.0f} ms"))
+
+
+async def wait_for_batch(future: asyncio.Future[list[object]], timeout: float | None) -> list[object]:
+    """Await a batch with a deadline, using a timer rather than a task (cheap on the hot path)."""
+    if timeout is None:
+        return await future
+    handle = asyncio.get_running_loop().call_later(timeout, _expire, future, timeout)
+    try:
+        return await future
+    finally:
+        handle.cancel()
+
+
+class RedisProtocolStore(Store):
+    """A :class:`Store` over any :class:`Transport`; see the module docstring."""
+
+    def __init__(self, transport: Transport, *, timeout: float | None = 0.05, clock: Clock | None = None):
+        self._transport = transport
+        self._timeout = timeout
+        self._clock = clock
+
+    def describe(self) -> str:
+        return self._transport.describe()
+
+    async def close(self) -> None:
+        await self._transport.close()
+
+    async def ping(self) -> None:
+        replies = await wait_for_batch(self._transport.submit([("PING",)]), self._timeout_or(1.0))
+        if isinstance(replies[0], ReplyError):
+            raise StoreError(f"PING failed: {replies[0]}")
+
+    def _timeout_or(self, default: float) -> float:
+        return self._timeout if self._timeout is not None else default
+
+    async def execute(self, commands: Sequence[Command], *, timeout: float | None = None) -> list[object]:
+        encoded = [self._encode(command) for command in commands]
+        deadline = timeout if timeout is not None else self._timeout
+        replies = await wait_for_batch(self._transport.submit(encoded), deadline)
+        missing = [i for i, reply in enumerate(replies) if _is_noscript(reply)]
+        if missing:
+            # the server lost its script cache (restart, failover, FLUSH): send the source once
+            retry = [self._with_source(encoded[i]) for i in missing]
+            again = await wait_for_batch(self._transport.submit(retry), deadline)
+            for i, reply in zip(missing, again, strict=True):
+                replies[i] = reply
+        return [_decode(command, reply) for command, reply in zip(commands, replies, strict=True)]
+
+    def _encode(self, command: Command) -> RedisCommand:
+        if isinstance(command, Get):
+            return ("GET", command.key)
+        if isinstance(command, Set):
+            return ("SET", command.key, command.value, "PX", max(1, command.ttl_ms))
+        if isinstance(command, Delete):
+            return ("DEL", command.key)
+        if isinstance(command, RateLimit):
+            args: list[RedisArg] = ["EVALSHA", RATE_LIMIT_SCRIPT.sha, len(command.checks)]
+            args.extend(check.key for check in command.checks)
+            args.append("" if self._clock is None else math.floor(self._clock() * 1000))
+            for check in command.checks:
+                args.extend(
+                    (
+                        check.algorithm.value,
+                        check.quota,
+                        check.window_ms,
+                        check.cost,
+                        check.burst,
+                        1 if check.enforced else 0,
+                    )
+                )
+            return tuple(args)
+        raise TypeError(f"unknown store command {command!r}")
+
+    @staticmethod
+    def _with_source(command: RedisCommand) -> RedisCommand:
+        return ("EVAL", RATE_LIMIT_SCRIPT.source, *command[2:])
+
+
+def _is_noscript(reply: object) -> bool:
+    return isinstance(reply, ReplyError) and str(reply).startswith("NOSCRIPT")
+
+
+def _decode(command: Command, reply: object) -> object:
+    if isinstance(reply, ReplyError):
+        raise StoreError(f"store rejected {type(command).__name__}: {reply}")
+    if isinstance(command, Get):
+        if reply is None or isinstance(reply, str):
+            return reply
+        if isinstance(reply, bytes):
+            return reply.decode()
+        raise StoreError(f"unexpected GET reply {reply!r}")
+    if isinstance(command, Set):
+        return None
+    if isinstance(command, Delete):
+        return int(reply)  # type: ignore[call-overload]
+    if isinstance(command, RateLimit):
+        return _decode_rate_limit(reply, len(command.checks))
+    raise TypeError(f"unknown store command {command!r}")
+
+
+def _decode_rate_limit(reply: object, count: int) -> RateLimitResult:
+    if not isinstance(reply, list) or len(reply) != 1 + 4 * count:
+        raise StoreError(f"unexpected rate-limit reply {reply!r}")
+    values = [int(v) for v in reply]
+    states = tuple(
+        LimitState(bool(values[i]), values[i + 1], values[i + 2], values[i + 3]) for i in range(1, len(values), 4)
+    )
+    return RateLimitResult(bool(values[0]), states)
