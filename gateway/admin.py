@@ -1,0 +1,121 @@
+"""``/_edgeway/*``: health, readiness, metrics, and the token-guarded admin API.
+
+The admin API is off unless ``admin.token`` is set, and the token is compared
+in constant time. Health and metrics never need it.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import time
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from middleware.context import Scope
+from middleware.metrics import STORE_UP
+from middleware.responses import ErrorResponse, Receive, Send
+from middleware.store import StoreError
+
+if TYPE_CHECKING:
+    from .app import Gateway
+
+_STARTED = time.time()
+
+
+async def _json(send: Send, status: int, payload: dict[str, Any], scope: Scope) -> None:
+    body = json.dumps(payload, separators=(",", ":")).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"cache-control", b"no-store")]})
+    await send({"type": "http.response.body", "body": body if scope["method"] != "HEAD" else b""})
+
+
+class AdminEndpoints:
+    """Dispatches ``/_edgeway/<name>``; see SPEC.md for the contract."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        name = scope["path"].removeprefix("/_edgeway/").rstrip("/")
+        method = scope["method"]
+        public = {"healthz": self.healthz, "readyz": self.readyz, "metrics": self.metrics}
+        admin = {("GET", "status"): self.status, ("POST", "reload"): self.reload}
+        if name in public:
+            if method not in ("GET", "HEAD"):
+                await ErrorResponse(405, "method_not_allowed", "use GET",
+                                    headers=[(b"allow", b"GET, HEAD")])(scope, receive, send)
+                return
+            await public[name](scope, send)
+            return
+        if (method, name) in admin:
+            refusal = self._refusal(scope)
+            if refusal is not None:
+                await refusal(scope, receive, send)
+                return
+            await admin[(method, name)](scope, send)
+            return
+        await ErrorResponse(404, "no_route", f"no gateway endpoint {scope['path']}")(scope, receive, send)
+
+    def _refusal(self, scope: Scope) -> ErrorResponse | None:
+        token = self.gateway.loaded.policy.admin.token
+        if not token:
+            return ErrorResponse(404, "admin_disabled", "the admin API is off: set admin.token in the policy")
+        supplied = b""
+        for key, value in scope["headers"]:
+            if key == b"authorization" and value[:7].lower() == b"bearer ":
+                supplied = value[7:].strip()
+        if not hmac.compare_digest(supplied, token.encode()):
+            return ErrorResponse(401, "unauthorized", "admin endpoints need Authorization: Bearer <admin token>",
+                                 headers=[(b"www-authenticate", b'Bearer realm="edgeway-admin"')])
+        return None
+
+    async def healthz(self, scope: Scope, send: Send) -> None:
+        await _json(send, 200, {"status": "ok"}, scope)
+
+    async def readyz(self, scope: Scope, send: Send) -> None:
+        gateway = self.gateway
+        store = gateway.store
+        payload: dict[str, Any] = {
+            "store": {"kind": store.kind, "location": store.describe(), "mode": store.kind},
+            "policy": {"source": gateway.loaded.source, "version": gateway.loaded.version},
+        }
+        try:
+            await store.ping()
+        except StoreError as exc:
+            STORE_UP.labels(store.kind).set(0)
+            payload["status"] = "unavailable"
+            payload["store"]["error"] = str(exc)
+            await _json(send, 503, payload, scope)
+            return
+        STORE_UP.labels(store.kind).set(1)
+        payload["status"] = "ready"
+        await _json(send, 200, payload, scope)
+
+    async def metrics(self, scope: Scope, send: Send) -> None:
+        body = generate_latest()
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", CONTENT_TYPE_LATEST.encode()),
+                                (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def status(self, scope: Scope, send: Send) -> None:
+        gateway = self.gateway
+        policy = gateway.loaded.policy
+        await _json(send, 200, {
+            "policy": {"source": gateway.loaded.source, "version": gateway.loaded.version},
+            "store": {"kind": gateway.store.kind, "location": gateway.store.describe()},
+            "upstreams": {name: up.url for name, up in policy.upstreams.items()},
+            "routes": [{"path": r.match.path, "methods": r.match.methods, "upstream": r.upstream,
+                        "limits": [str(limit.rate) for limit in r.limits]} for r in policy.routes],
+            "uptime_seconds": round(time.time() - _STARTED, 1),
+        }, scope)
+
+    async def reload(self, scope: Scope, send: Send) -> None:
+        before = self.gateway.loaded.version
+        ok = await self.gateway.reload()
+        await _json(send, 200 if ok else 422, {
+            "reloaded": ok, "version": self.gateway.loaded.version, "previous": before,
+        }, scope)

@@ -1,0 +1,186 @@
+"""The gateway: an ASGI app built from a policy by :func:`create_app`.
+
+One request's path (docs/architecture.md draws it):
+
+    __call__ -> request sanity (400) -> /_edgeway/* endpoints
+             -> route table (first match; 404 no_route, 405)
+             -> route app = EdgewayMiddleware(policies, one store batch) -> UpstreamProxy
+
+A new policy is applied as a whole (routes, proxies, store) by swapping one
+immutable ``_Active`` object; a policy that fails to load never replaces the
+running one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from middleware.clientip import TrustedProxies
+from middleware.context import RequestContext, Scope
+from middleware.responses import ErrorResponse, Receive, Send, bad_request
+from middleware.store import Clock, Store, open_store
+
+from .admin import AdminEndpoints
+from .config import Policy, StoreConfig
+from .errors import PolicyError
+from .headers import request_problem
+from .loader import LoadedPolicy, load_policy
+from .proxy import UpstreamProxy
+from .routing import RouteTable
+
+logger = logging.getLogger("edgeway")
+
+ADMIN_PREFIX = "/_edgeway/"
+
+
+@dataclass(frozen=True, slots=True)
+class _Active:
+    loaded: LoadedPolicy
+    routes: RouteTable
+    proxies: tuple[UpstreamProxy, ...]
+    store: Store
+    trusted: TrustedProxies
+
+
+def redis_enabled(config: StoreConfig) -> bool:
+    """The kill switch: ``store.enabled: false`` or ``EDGEWAY_REDIS_ENABLED=false`` skips Redis."""
+    flag = os.environ.get("EDGEWAY_REDIS_ENABLED", "").strip().lower()
+    return config.enabled and flag not in ("0", "false", "no", "off")
+
+
+def build_store(config: StoreConfig, clock: Clock | None = None) -> Store:
+    """The store a policy names (memory when the kill switch is on)."""
+    url = config.url if redis_enabled(config) else "memory://"
+    return open_store(url, timeout=config.timeout, clock=clock)
+
+
+class Gateway:
+    """The gateway ASGI app. Build it with :func:`create_app`."""
+
+    def __init__(self, loaded: LoadedPolicy, *, store: Store | None = None, clock: Clock | None = None,
+                 policy_path: str | None = None) -> None:
+        self._clock = clock
+        self._fixed_store = store
+        self.policy_path = policy_path
+        self._active = self._compile(loaded, store)
+        self.admin = AdminEndpoints(self)
+
+    # -- building -------------------------------------------------------------
+
+    def _compile(self, loaded: LoadedPolicy, store: Store | None) -> _Active:
+        policy = loaded.policy
+        trusted = TrustedProxies(policy.trusted_proxies)
+        store = store or build_store(policy.store, self._clock)
+        proxies = {name: UpstreamProxy(name, upstream, trusted) for name, upstream in policy.upstreams.items()}
+        routes = RouteTable(policy, store, trusted, lambda route: proxies[route.upstream])
+        return _Active(loaded, routes, tuple(proxies.values()), store, trusted)
+
+    @property
+    def loaded(self) -> LoadedPolicy:
+        return self._active.loaded
+
+    @property
+    def store(self) -> Store:
+        return self._active.store
+
+    async def apply(self, loaded: LoadedPolicy) -> None:
+        """Switch to a new valid policy; the old proxies and store close after the swap."""
+        old = self._active
+        same_store = self._fixed_store is not None or old.loaded.policy.store == loaded.policy.store
+        self._active = self._compile(loaded, old.store if same_store else None)
+        for proxy in old.proxies:
+            await proxy.close()
+        if not same_store:
+            await old.store.close()
+        logger.info("policy %s (version %s) applied", loaded.source, loaded.version)
+
+    async def reload(self) -> bool:
+        """Re-read the policy file; on any problem keep the running policy and log every problem."""
+        if self.policy_path is None:
+            return False
+        try:
+            loaded = load_policy(self.policy_path)
+        except PolicyError as exc:
+            logger.error("policy reload failed, keeping version %s:\n%s", self._active.loaded.version, exc)
+            return False
+        await self.apply(loaded)
+        return True
+
+    async def close(self) -> None:
+        for proxy in self._active.proxies:
+            await proxy.close()
+        await self._active.store.close()
+
+    # -- ASGI -----------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+        else:  # websocket: not proxied (yet); refuse the handshake
+            await send({"type": "websocket.close", "code": 1008})
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        active = self._active
+        ctx = RequestContext.of(scope, active.trusted)
+        problem = request_problem(scope, ctx.headers)
+        if problem is not None:
+            await bad_request(problem)(scope, receive, send)
+            return
+        path: str = scope["path"]
+        if path.startswith(ADMIN_PREFIX):
+            await self.admin(scope, receive, send)
+            return
+        found = active.routes.match(path, scope["method"])
+        if isinstance(found, set):
+            if found:
+                await ErrorResponse(405, "method_not_allowed", f"{scope['method']} is not allowed on {path}",
+                                    headers=[(b"allow", ", ".join(sorted(found)).encode())])(scope, receive, send)
+            else:
+                await ErrorResponse(404, "no_route", f"no route matches {path}")(scope, receive, send)
+            return
+        ctx.route = found.name
+        await found.app(scope, receive, send)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                self._install_reload_signal()
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.close()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    def _install_reload_signal(self) -> None:
+        if self.policy_path is None:
+            return
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        try:
+            loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
+        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or no signals here
+            logger.debug("SIGHUP reload not available in this process")
+
+
+def create_app(policy: LoadedPolicy | Policy | str | Path, *, store: Store | None = None,
+               clock: Clock | None = None) -> Gateway:
+    """Build the gateway from a policy file path, a loaded policy, or a :class:`Policy` object."""
+    path: str | None = None
+    if isinstance(policy, str | Path):
+        path = str(policy)
+        loaded = load_policy(path)
+    elif isinstance(policy, Policy):
+        loaded = LoadedPolicy(policy, "<object>", "object")
+    else:
+        loaded = policy
+    return Gateway(loaded, store=store, clock=clock, policy_path=path)

@@ -1,0 +1,112 @@
+"""The ``edgeway`` command: serve, check, demo, upstash-bridge, --version."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+from .errors import PolicyError
+from .loader import load_policy
+
+
+def _check(args: argparse.Namespace) -> int:
+    try:
+        loaded = load_policy(args.file)
+    except PolicyError as exc:
+        print(exc, file=sys.stdout)
+        return 1
+    policy = loaded.policy
+    limits = sum(len(route.limits) for route in policy.routes)
+    print(
+        f"{args.file}: ok (version {loaded.version}): {len(policy.upstreams)} upstream(s), "
+        f"{len(policy.routes)} route(s), {limits} limit(s), store {policy.store.url.split('://')[0]}://"
+    )
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    path = args.policy or os.environ.get("EDGEWAY_POLICY")
+    if not path:
+        print("edgeway serve: no policy: pass --policy FILE or set EDGEWAY_POLICY", file=sys.stderr)
+        return 2
+    try:
+        load_policy(path)  # fail fast, with every problem, before any worker starts
+    except PolicyError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    os.environ["EDGEWAY_POLICY"] = path
+    uvicorn.run(
+        "gateway.asgi:app_from_env",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        lifespan="on",
+        proxy_headers=False,  # Edgeway's trusted_proxies decides who may set forwarding headers
+        server_header=False,
+        date_header=False,  # the upstream's Date passes through; no second one
+        access_log=args.access_log,
+        log_level=args.log_level,
+    )
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(requests=args.requests)
+
+
+def _bridge(args: argparse.Namespace) -> int:
+    from .upstash_bridge import main as bridge_main
+
+    return bridge_main(["--redis", args.redis, "--token", args.token, "--host", args.host, "--port", str(args.port)])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgeway", description="Edge policies for Python APIs.")
+    parser.add_argument("--version", action="version", version=f"edgeway {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the gateway")
+    serve.add_argument("--policy", help="policy file (default: $EDGEWAY_POLICY)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--workers", type=int, default=1)
+    serve.add_argument("--access-log", action="store_true", help="log every request (costs throughput)")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.set_defaults(run=_serve)
+
+    check = commands.add_parser("check", help="validate a policy file")
+    check.add_argument("file")
+    check.set_defaults(run=_check)
+
+    demo = commands.add_parser("demo", help="run a sample upstream and gateway and show the policies at work")
+    demo.add_argument("--requests", type=int, default=60, help="requests per demo step")
+    demo.set_defaults(run=_demo)
+
+    bridge = commands.add_parser("upstash-bridge", help="serve an Upstash-REST-compatible API over a Redis (dev/CI)")
+    bridge.add_argument("--redis", default="redis://127.0.0.1:6379")
+    bridge.add_argument("--token", default=os.environ.get("UPSTASH_REDIS_REST_TOKEN", "dev-token"))
+    bridge.add_argument("--host", default="127.0.0.1")
+    bridge.add_argument("--port", type=int, default=8079)
+    bridge.set_defaults(run=_bridge)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``edgeway`` console script."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    code: int = args.run(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""The policy file's typed model (version 1). Validated once, frozen; see SPEC.md.
+
+Cross-field rules that need positions in the file (unknown upstream names,
+duplicate routes) are checked in :mod:`gateway.loader`, which reports every
+problem as ``FILE:LINE:COL: message``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+
+from middleware.ratelimit import Limit
+from middleware.units import Duration, Size
+
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SupabaseFallback(Model):
+    """Supabase over PostgREST RPC (``{url}/rest/v1/rpc/<fn>``)."""
+
+    url: str
+    key: str
+
+
+class PostgresFallback(Model):
+    """A direct Postgres connection to the same functions."""
+
+    dsn: str
+
+
+class FallbackEntry(Model):
+    """One entry of ``store.fallback``: ``memory``, ``{supabase: {...}}`` or ``{postgres: {...}}``."""
+
+    supabase: SupabaseFallback | None = None
+    postgres: PostgresFallback | None = None
+    memory: bool = False
+
+    @classmethod
+    def _coerce(cls, value: object) -> object:
+        if value == "memory":
+            return {"memory": True}
+        return value
+
+
+def _fallback_list(value: object) -> object:
+    if isinstance(value, list):
+        return [FallbackEntry._coerce(item) for item in value]
+    return value
+
+
+class StoreConfig(Model):
+    """Where shared state lives."""
+
+    url: str = Field("memory://", description="redis:// rediss:// upstash+https:// memory://")
+    enabled: bool = Field(True, description="false skips the primary (emergency rollback); EDGEWAY_REDIS_ENABLED too.")
+    key_prefix: str = Field("edgeway:", description="Prefix of every key Edgeway writes.")
+    timeout: Duration = Field(0.05, description="Per store call; past it the call counts as a store failure.")
+    fallback: tuple[FallbackEntry, ...] | None = Field(
+        None, description="Tried in order when the primary fails; absent means [memory]; [] means none."
+    )
+
+    @field_validator("fallback", mode="before")
+    @classmethod
+    def _fallback(cls, value: object) -> object:
+        return _fallback_list(value)
+
+    @field_validator("url")
+    @classmethod
+    def _scheme(cls, value: str) -> str:
+        from middleware.store import SCHEMES
+
+        scheme = value.split("://", 1)[0].lower() if "://" in value else ""
+        if scheme not in (*SCHEMES, "redis+sentinel", "redis+cluster"):
+            raise ValueError(
+                f"unknown store URL {value!r}: use memory://, redis://, rediss:// or upstash+https://TOKEN@host"
+            )
+        return value
+
+
+class UpstreamTimeout(Model):
+    connect: Duration = Field(2.0, description="TCP (and TLS) connect timeout.")
+    read: Duration = Field(30.0, description="Longest wait for the next bytes of the response.")
+
+
+class BreakerConfig(Model):
+    failures: int = Field(5, ge=1, description="Consecutive failures that open the breaker.")
+    open_for: Duration = Field(30.0, description="How long it stays open before a trial request.")
+    on: tuple[int | Literal["timeout", "connect"], ...] = Field(
+        (502, 503, 504, "timeout", "connect"), description="What counts as a failure."
+    )
+
+
+class Upstream(Model):
+    url: str = Field(description="Base URL: http(s)://host[:port][/base-path]")
+    timeout: UpstreamTimeout = UpstreamTimeout()
+    max_connections: int = Field(256, ge=1, description="Pooled connections kept to this upstream.")
+    breaker: BreakerConfig | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")) or len(value.split("://", 1)[1].strip("/")) == 0:
+            raise ValueError(f"an upstream url must start with http:// or https:// and name a host, got {value!r}")
+        return value.rstrip("/")
+
+
+class Match(Model):
+    path: str = Field(description="Exact path, or a prefix ending in * (first match wins).")
+    methods: tuple[str, ...] | None = Field(None, description="Allowed methods; absent means all.")
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError(f"a route path must start with '/', got {value!r}")
+        if "*" in value[:-1]:
+            raise ValueError(f"'*' may only end a route path (it matches the rest), got {value!r}")
+        return value
+
+    @field_validator("methods", mode="before")
+    @classmethod
+    def _methods(cls, value: object) -> object:
+        if isinstance(value, list):
+            upper = [str(m).upper() for m in value]
+            unknown = [m for m in upper if m not in HTTP_METHODS]
+            if unknown:
+                raise ValueError(f"unknown method(s) {', '.join(unknown)}: expected {', '.join(HTTP_METHODS)}")
+            return tuple(upper)
+        return value
+
+
+class CacheConfig(Model):
+    ttl: Duration = Field(300.0, description="How long a stored response stays fresh.")
+    key: tuple[Literal["method", "path", "query", "body", "user"], ...] = ("method", "path", "query")
+    max_body: Size = Field(2_000_000, description="Larger responses are passed through, not stored.")
+
+
+class Route(Model):
+    match: Match
+    upstream: str
+    limits: tuple[Limit, ...] = ()
+    cache: CacheConfig | None = None
+    session: Literal["required", "optional", "off"] = "off"
+
+
+class Sessions(Model):
+    provider: Literal["supabase", "jwt"] = "supabase"
+    url: str | None = None
+    ttl: Duration = 86400.0
+
+
+class Admin(Model):
+    token: str = Field("", description="Bearer token for the admin API; empty turns it off.")
+
+
+def _network(value: str) -> str:
+    try:
+        ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        raise ValueError(f"not a network: {value!r} (expected a CIDR such as 10.0.0.0/8)") from None
+    return value
+
+
+Network = Annotated[str, AfterValidator(_network), Field(description="A CIDR such as 10.0.0.0/8 or 127.0.0.1/32")]
+
+
+class Policy(Model):
+    """An Edgeway policy file, version 1."""
+
+    version: Literal[1]
+    store: StoreConfig = StoreConfig()
+    trusted_proxies: tuple[Network, ...] = ()
+    upstreams: dict[str, Upstream]
+    routes: tuple[Route, ...]
+    sessions: Sessions | None = None
+    admin: Admin = Admin()

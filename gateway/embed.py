@@ -1,0 +1,57 @@
+"""The policy file inside any ASGI app: ``app = Edgeway.from_policy("policy.yaml").wrap(app)``.
+
+Routes match exactly as in the gateway; a matching route's policies run in
+front of the wrapped app (upstreams are ignored: the app is the upstream), and
+requests no route matches go straight to the app.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from middleware.clientip import TrustedProxies
+from middleware.context import RequestContext, Scope
+from middleware.responses import Receive, Send
+from middleware.store import Clock, Store
+
+from .app import build_store
+from .loader import LoadedPolicy, load_policy
+from .routing import RouteTable
+
+
+class Edgeway:
+    """A loaded policy ready to wrap ASGI apps."""
+
+    def __init__(self, loaded: LoadedPolicy, *, store: Store | None = None, clock: Clock | None = None) -> None:
+        self.loaded = loaded
+        self.store = store or build_store(loaded.policy.store, clock)
+        self.trusted = TrustedProxies(loaded.policy.trusted_proxies)
+
+    @classmethod
+    def from_policy(cls, path: str | Path, *, store: Store | None = None, clock: Clock | None = None) -> Edgeway:
+        """Load and validate ``path``; raises :class:`~gateway.errors.PolicyError` listing every problem."""
+        return cls(load_policy(path), store=store, clock=clock)
+
+    def wrap(self, app: Any) -> Any:
+        """``app`` with the policy's routes in front of it."""
+        return _Wrapped(app, RouteTable(self.loaded.policy, self.store, self.trusted, lambda route: app),
+                        self.trusted)
+
+
+class _Wrapped:
+    def __init__(self, app: Any, routes: RouteTable, trusted: TrustedProxies) -> None:
+        self.app = app
+        self.routes = routes
+        self.trusted = trusted
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        found = self.routes.match(scope["path"], scope["method"])
+        if isinstance(found, set):
+            await self.app(scope, receive, send)
+            return
+        RequestContext.of(scope, self.trusted, found.name)
+        await found.app(scope, receive, send)

@@ -1,0 +1,113 @@
+"""Pure header logic for the proxy: hop-by-hop removal, forwarding fields, request sanity.
+
+RFC 9110 §7.6.1: an intermediary drops the fields named in ``Connection``,
+then ``Connection`` itself, ``Proxy-Connection``, ``Keep-Alive``, ``TE``,
+``Transfer-Encoding`` and ``Upgrade``, in both directions. Forwarding fields
+(``X-Forwarded-For/-Proto/-Host``, RFC 7239 ``Forwarded``) are appended to
+when the peer is a trusted proxy and replaced otherwise, so a client can
+never inject its own. ``X-Edgeway-*`` identity fields are only ever set by
+Edgeway: a client's are dropped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from middleware.context import RequestContext
+
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "transfer-encoding",
+        "upgrade",
+        "trailer",
+        "proxy-authenticate",
+        "proxy-authorization",
+    }
+)
+_FORWARDING = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded", "x-real-ip"})
+_HOP_BY_HOP_BYTES = frozenset(name.encode() for name in HOP_BY_HOP)
+
+
+def connection_named(values: Iterable[str]) -> set[str]:
+    """Field names listed in ``Connection`` values (lower case)."""
+    return {token.strip().lower() for value in values for token in value.split(",") if token.strip()}
+
+
+def _for_token(address: str) -> str:
+    return f'"[{address}]"' if ":" in address else address
+
+
+def upstream_request_headers(ctx: RequestContext) -> list[tuple[str, str]]:
+    """Headers to send upstream: client headers minus hop-by-hop/identity, plus forwarding fields.
+
+    ``Host`` is dropped: the upstream is addressed by its own name (like
+    nginx's ``proxy_set_header Host $proxy_host``); the client's host goes in
+    ``X-Forwarded-Host`` and ``Forwarded``.
+    """
+    headers = ctx.headers
+    drop = HOP_BY_HOP | connection_named(headers.get("connection", ()))
+    trusted = ctx.peer in ctx.trusted
+    out: list[tuple[str, str]] = []
+    for name, value in ctx.scope["headers"]:
+        lower = name.decode("latin-1").lower()
+        if lower in drop or lower == "host" or lower.startswith("x-edgeway-"):
+            continue
+        if lower in _FORWARDING and not trusted:
+            continue
+        if lower in ("x-forwarded-for", "forwarded"):
+            continue  # re-added below, with this hop appended
+        out.append((lower, value.decode("latin-1")))
+    peer = ctx.peer
+    host = headers.get("host", [""])[0]
+    proto = ctx.scope.get("scheme", "http")
+    prior_xff = ", ".join(headers.get("x-forwarded-for", ())) if trusted else ""
+    out.append(("x-forwarded-for", f"{prior_xff}, {peer}" if prior_xff else peer))
+    if not (trusted and "x-forwarded-proto" in headers):
+        out.append(("x-forwarded-proto", proto))
+    if not (trusted and "x-forwarded-host" in headers) and host:
+        out.append(("x-forwarded-host", host))
+    element = f"for={_for_token(peer)};proto={proto}" + (f';host="{host}"' if host else "")
+    prior = ", ".join(headers.get("forwarded", ())) if trusted else ""
+    out.append(("forwarded", f"{prior}, {element}" if prior else element))
+    return out
+
+
+def downstream_response_headers(raw: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """The upstream's response headers minus hop-by-hop fields; repeated fields (Set-Cookie) kept."""
+    named: set[bytes] = set()
+    for name, value in raw:
+        if name.lower() == b"connection":
+            named.update(token.strip().lower() for token in value.split(b",") if token.strip())
+    drop = _HOP_BY_HOP_BYTES | named if named else _HOP_BY_HOP_BYTES
+    return [(name.lower(), value) for name, value in raw if name.lower() not in drop]
+
+
+def request_problem(scope: dict[str, object] | object, headers: dict[str, list[str]]) -> str | None:
+    """Why this request must be refused with 400 before anything else happens, or None.
+
+    - an absolute-form target (``GET http://other-host/x``): the upstream comes
+      only from the policy, never from the request (no open proxy, no SSRF);
+    - ``Content-Length`` together with ``Transfer-Encoding`` (request smuggling);
+    - a missing (HTTP/1.1) or repeated ``Host``;
+    - ``.``/``..`` path segments, which would let ``/public/../admin`` match a
+      different route than the one the upstream serves.
+    """
+    assert isinstance(scope, dict)
+    path = scope.get("path", "")
+    raw_path = scope.get("raw_path") or b"/"
+    if not isinstance(path, str) or not path.startswith("/") or not bytes(raw_path).startswith(b"/"):  # type: ignore[arg-type]
+        return "absolute-form or malformed request target: send a path such as /api/x"
+    if "transfer-encoding" in headers and "content-length" in headers:
+        return "Content-Length together with Transfer-Encoding is not allowed"
+    hosts = headers.get("host", [])
+    if len(hosts) > 1:
+        return "more than one Host header"
+    if not hosts and scope.get("http_version") == "1.1":
+        return "missing Host header"
+    if "/." in path and any(segment in (".", "..") for segment in path.split("/")):
+        return "'.' and '..' path segments are not allowed"
+    return None

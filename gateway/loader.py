@@ -1,0 +1,267 @@
+"""Load a policy file: safe YAML, ``${VAR}`` interpolation, validation, positions.
+
+Every problem is collected (not just the first) and reported as
+``FILE:LINE:COL: message``. The YAML is *composed* with PyYAML's SafeLoader
+into nodes, which keep their positions, and built into plain values here, so
+no YAML tag can construct an object.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import os
+import re
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import UnionType
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from .config import Policy
+from .errors import PolicyError, Problem
+
+Loc = tuple[str | int, ...]
+
+_VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+@dataclass
+class _Built:
+    """Plain data plus where each value and each mapping key stands in the file."""
+
+    values: dict[Loc, tuple[int, int]] = field(default_factory=dict)
+    keys: dict[Loc, tuple[int, int]] = field(default_factory=dict)
+    problems: list[Problem] = field(default_factory=list)
+    poisoned: set[Loc] = field(default_factory=set)  # values whose interpolation failed
+
+
+def _position(node: yaml.Node) -> tuple[int, int]:
+    return node.start_mark.line + 1, node.start_mark.column + 1
+
+
+def interpolate(text: str, environ: Mapping[str, str]) -> tuple[str, list[tuple[int, str]]]:
+    """Expand ``${VAR}`` and ``${VAR:-default}`` (``$$`` is a literal ``$``); returns (text, [(offset, unset var)])."""
+    unset: list[tuple[int, str]] = []
+
+    def replace(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        name, default = match.group(1), match.group(2)
+        value = environ.get(name)
+        if value is None or (value == "" and default is not None):
+            if default is None:
+                unset.append((match.start(), name))
+                return ""
+            return default
+        return value
+
+    return _VAR.sub(replace, text), unset
+
+
+class _Builder:
+    def __init__(self, loader: yaml.SafeLoader, environ: Mapping[str, str], built: _Built) -> None:
+        self.loader = loader
+        self.environ = environ
+        self.built = built
+
+    def build(self, node: yaml.Node, loc: Loc) -> Any:
+        self.built.values[loc] = _position(node)
+        if isinstance(node, yaml.MappingNode):
+            result: dict[Any, Any] = {}
+            for key_node, value_node in node.value:
+                key = self.loader.construct_object(key_node, deep=True)
+                if not isinstance(key, str | int | bool | float) or key is None:
+                    self.built.problems.append(Problem(*_position(key_node), f"unsupported key {key!r}"))
+                    continue
+                key = str(key) if not isinstance(key, str) else key
+                if key in result:
+                    self.built.problems.append(Problem(*_position(key_node), f"duplicate key '{key}'"))
+                self.built.keys[(*loc, key)] = _position(key_node)
+                result[key] = self.build(value_node, (*loc, key))
+            return result
+        if isinstance(node, yaml.SequenceNode):
+            return [self.build(item, (*loc, i)) for i, item in enumerate(node.value)]
+        value = self.loader.construct_object(node, deep=True)
+        if isinstance(value, str) and "$" in value:
+            value, unset = interpolate(value, self.environ)
+            line, col = _position(node)
+            quoted = 1 if isinstance(node, yaml.ScalarNode) and node.style in ("'", '"') else 0
+            for offset, name in unset:
+                self.built.problems.append(
+                    Problem(line, col + quoted + offset,
+                            f"environment variable {name} is not set and has no default "
+                            f"(write ${{{name}:-default}} to give one)")
+                )
+                self.built.poisoned.add(loc)
+        return value
+
+
+def parse_yaml(text: str, environ: Mapping[str, str] | None = None) -> tuple[Any, _Built]:
+    """Safe-compose ``text`` and build plain data with positions; problems are collected, not raised."""
+    built = _Built()
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            built.problems.append(Problem(1, 1, "the policy file is empty"))
+            return None, built
+        return _Builder(loader, os.environ if environ is None else environ, built).build(node, ()), built
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+        built.problems.append(Problem(line, col, f"invalid YAML: {exc.problem or exc.context}"))
+        return None, built
+    finally:
+        loader.dispose()
+
+
+def _fields_at(loc: Loc) -> list[str]:
+    """Field names of the model at ``loc`` (for did-you-mean); empty when unknown."""
+    annotation: Any = Policy
+    for part in loc:
+        model = _model_of(annotation)
+        if model is None:
+            annotation = _item_type(annotation)
+            if annotation is None:
+                return []
+            continue
+        if isinstance(part, int) or part not in model.model_fields:
+            return []
+        annotation = model.model_fields[part].annotation
+    model = _model_of(annotation)
+    return list(model.model_fields) if model else []
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if isinstance(annotation, UnionType) or typing.get_origin(annotation) is typing.Union:
+        for arg in typing.get_args(annotation):
+            if (model := _model_of(arg)) is not None:
+                return model
+    return None
+
+
+def _item_type(annotation: Any) -> Any:
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (tuple, list) and args:
+        return args[0]
+    if origin is dict and len(args) == 2:
+        return args[1]
+    if isinstance(annotation, UnionType) or origin is typing.Union:
+        for arg in args:
+            if arg is not type(None):
+                return _item_type(arg) or arg
+    return None
+
+
+def _clean_loc(loc: tuple[Any, ...]) -> Loc:
+    # pydantic inserts validator/union tags such as "function-after[...]" that are not in the file
+    return tuple(p for p in loc if isinstance(p, int) or not (("[" in p and "]" in p) or p.startswith("function")))
+
+
+def _message(error: Any, loc: Loc) -> str:
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        key = str(loc[-1])
+        known = _fields_at(loc[:-1])
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+        hint = f" (did you mean '{close[0]}'?)" if close else (f"; expected one of: {', '.join(known)}" if known else "")
+        return f"unknown key '{key}'{hint}"
+    if kind == "missing":
+        return f"missing required key '{loc[-1]}'"
+    message = str(error["msg"]).removeprefix("Value error, ").removeprefix("Assertion failed, ")
+    where = ".".join(str(p) for p in loc)
+    return f"{where}: {message}" if where else message
+
+
+def _locate(built: _Built, loc: Loc, key: bool) -> tuple[int, int]:
+    if key and loc in built.keys:
+        return built.keys[loc]
+    probe = loc
+    while probe:
+        if probe in built.values:
+            return built.values[probe]
+        probe = probe[:-1]
+    return built.values.get((), (1, 1))
+
+
+def validate(data: Any, built: _Built) -> Policy | None:
+    """Validate into a :class:`Policy`, appending positioned problems; None when invalid."""
+    policy: Policy | None = None
+    try:
+        policy = Policy.model_validate(data)
+    except ValidationError as exc:
+        for error in exc.errors():
+            loc = _clean_loc(error["loc"])
+            if any(loc[: len(p)] == p for p in built.poisoned):
+                continue  # already reported as an unset variable
+            line, col = _locate(built, loc, key=error["type"] == "extra_forbidden")
+            built.problems.append(Problem(line, col, _message(error, loc)))
+    if isinstance(data, dict):
+        _cross_checks(data, built)
+    return policy if not built.problems else None
+
+
+def _cross_checks(data: dict[str, Any], built: _Built) -> None:
+    upstreams = data.get("upstreams") if isinstance(data.get("upstreams"), dict) else {}
+    routes = data.get("routes") if isinstance(data.get("routes"), list) else []
+    seen: dict[tuple[str, tuple[str, ...]], int] = {}
+    for i, route in enumerate(routes):
+        if not isinstance(route, dict):
+            continue
+        name = route.get("upstream")
+        if isinstance(name, str) and upstreams is not None and name not in upstreams:
+            close = difflib.get_close_matches(name, list(upstreams), n=1, cutoff=0.6)
+            hint = f" (did you mean '{close[0]}'?)" if close else (
+                f"; defined: {', '.join(upstreams)}" if upstreams else "; no upstreams are defined")
+            line, col = _locate(built, ("routes", i, "upstream"), key=False)
+            built.problems.append(Problem(line, col, f"unknown upstream '{name}'{hint}"))
+        match = route.get("match")
+        if isinstance(match, dict) and isinstance(match.get("path"), str):
+            methods = match.get("methods")
+            signature = (match["path"], tuple(sorted(str(m).upper() for m in methods)) if isinstance(methods, list)
+                         else ("*",))
+            if signature in seen:
+                line, col = _locate(built, ("routes", i, "match"), key=False)
+                built.problems.append(
+                    Problem(line, col, f"duplicate route: routes[{seen[signature]}] already matches "
+                                       f"{match['path']} for the same methods, so this one can never match")
+                )
+            else:
+                seen[signature] = i
+
+
+@dataclass(frozen=True)
+class LoadedPolicy:
+    """A valid policy with where it came from and a short version hash (for readyz and logs)."""
+
+    policy: Policy
+    source: str
+    version: str
+
+
+def load_text(text: str, source: str = "<policy>", environ: Mapping[str, str] | None = None) -> LoadedPolicy:
+    """Parse and validate policy text; raises :class:`PolicyError` listing every problem."""
+    data, built = parse_yaml(text, environ)
+    policy = validate(data, built) if data is not None else None
+    if policy is None or built.problems:
+        if data is not None and not isinstance(data, dict) and not built.problems:
+            built.problems.append(Problem(1, 1, "a policy must be a mapping with version, upstreams and routes"))
+        raise PolicyError(source, sorted(built.problems))
+    return LoadedPolicy(policy, source, hashlib.sha256(text.encode()).hexdigest()[:12])
+
+
+def load_policy(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> LoadedPolicy:
+    """Read and validate a policy file; raises :class:`PolicyError` (also for an unreadable file)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PolicyError(str(path), [Problem(1, 1, f"cannot read the policy file: {exc}")]) from None
+    return load_text(text, str(path), environ)

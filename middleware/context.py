@@ -1,0 +1,86 @@
+"""The per-request context every policy of a route shares.
+
+Created once per request and kept in the ASGI scope, so the proxy, the rate
+limiter, the cache and the session check read the client address, headers and
+query once and see each other's findings (``user`` set by the session policy,
+response headers added by any of them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import MutableMapping
+from typing import Any
+from urllib.parse import parse_qs
+
+from .clientip import TrustedProxies, parse_forwarded_for, parse_x_forwarded_for
+
+SCOPE_KEY = "edgeway.context"
+
+Scope = MutableMapping[str, Any]
+
+
+class RequestContext:
+    """Facts about one request, computed lazily and at most once."""
+
+    __slots__ = ("_client_ip", "_headers", "_query", "response_headers", "route", "scope", "trusted", "user")
+
+    def __init__(self, scope: Scope, trusted: TrustedProxies, route: str = "") -> None:
+        self.scope = scope
+        self.trusted = trusted
+        self.route = route
+        self.user: str | None = None
+        self.response_headers: list[tuple[bytes, bytes]] = []
+        self._client_ip: str | None = None
+        self._headers: dict[str, list[str]] | None = None
+        self._query: dict[str, list[str]] | None = None
+
+    @classmethod
+    def of(cls, scope: Scope, trusted: TrustedProxies, route: str = "") -> RequestContext:
+        """The request's context, created on first use."""
+        context = scope.get(SCOPE_KEY)
+        if context is None:
+            context = scope[SCOPE_KEY] = cls(scope, trusted, route)
+        elif route and not context.route:
+            context.route = route
+        return context  # type: ignore[no-any-return]
+
+    @property
+    def headers(self) -> dict[str, list[str]]:
+        """Request headers by lower-case name, every value kept."""
+        if self._headers is None:
+            headers: dict[str, list[str]] = {}
+            for name, value in self.scope["headers"]:
+                headers.setdefault(name.decode("latin-1").lower(), []).append(value.decode("latin-1"))
+            self._headers = headers
+        return self._headers
+
+    def header(self, name: str) -> str | None:
+        """The first value of a header (``name`` in lower case), or None."""
+        values = self.headers.get(name)
+        return values[0] if values else None
+
+    def query(self, name: str) -> str | None:
+        """The first value of a query parameter, or None."""
+        if self._query is None:
+            self._query = parse_qs(self.scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
+        values = self._query.get(name)
+        return values[0] if values else None
+
+    @property
+    def peer(self) -> str:
+        client = self.scope.get("client")
+        return str(client[0]) if client else ""
+
+    @property
+    def client_ip(self) -> str:
+        """The real client address (see :mod:`middleware.clientip`)."""
+        if self._client_ip is None:
+            peer = self.peer
+            if peer in self.trusted:
+                hops = parse_x_forwarded_for(self.headers.get("x-forwarded-for", ()))
+                if not hops:
+                    hops = parse_forwarded_for(self.headers.get("forwarded", ()))
+                self._client_ip = self.trusted.client_address(peer, hops)
+            else:
+                self._client_ip = peer
+        return self._client_ip

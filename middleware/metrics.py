@@ -1,0 +1,32 @@
+"""Prometheus metrics shared by the policies and the gateway (``/_edgeway/metrics``)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+RATELIMIT_DECISIONS = Counter(
+    "edgeway_ratelimit_decisions_total",
+    "Rate-limit decisions per route and limit.",
+    ["route", "limit", "outcome"],  # allowed | rejected | shadow_rejected | near_limit | exempt | local_block
+)
+RATELIMIT_KEY_FALLBACKS = Counter(
+    "edgeway_ratelimit_key_fallbacks_total",
+    "Requests whose limit key was missing, by the on_missing action taken.",
+    ["route", "limit", "action"],  # ip | deny | skip
+)
+STORE_FAILURES = Counter(
+    "edgeway_store_failures_total",
+    "Store batches that failed or timed out, by the failure mode applied.",
+    ["route", "mode"],  # open | closed
+)
+UPSTREAM_ERRORS = Counter(
+    "edgeway_upstream_errors_total",
+    "Requests the gateway answered itself because the upstream failed.",
+    ["upstream", "error"],
+)
+UPSTREAM_LATENCY = Histogram(
+    "edgeway_upstream_response_seconds",
+    "Time to the upstream's response headers.",
+    ["upstream"],
+)
+STORE_UP = Gauge("edgeway_store_up", "1 while the store answers readiness probes.", ["store"])

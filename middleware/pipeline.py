@@ -1,0 +1,151 @@
+"""Runs a route's policies around an app with ONE store round trip per request.
+
+``EdgewayMiddleware(app, policies=[...], store=...)`` is the one place a
+request's policy path is visible: prepare every policy -> one batched
+``store.execute`` -> let each policy decide -> call the app with the policies'
+response headers added -> hand the deferred writes to the store in the
+background. Each policy's own middleware class (``RateLimitMiddleware``, ...)
+is this class with a single policy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from .clientip import IPNetwork, TrustedProxies
+from .context import RequestContext, Scope
+from .policy import Headers, Policy, Prepared
+from .responses import ErrorResponse, Message, Receive, Send
+from .store import Command, Store, StoreError
+
+logger = logging.getLogger("edgeway")
+
+ASGIApp = Any  # Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+class Throttled:
+    """Logs a recurring condition at most once per ``every`` seconds, with a count of what it skipped."""
+
+    __slots__ = ("_every", "_last", "_skipped")
+
+    def __init__(self, every: float = 10.0) -> None:
+        self._every = every
+        self._last = -float("inf")
+        self._skipped = 0
+
+    def warning(self, message: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._last < self._every:
+            self._skipped += 1
+            return
+        suffix = f" ({self._skipped} more since last report)" if self._skipped else ""
+        self._last, self._skipped = now, 0
+        logger.warning(message + suffix, *args)
+
+
+class EdgewayMiddleware:
+    """Pure ASGI middleware running ``policies`` (in order) in front of ``app``."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        policies: Sequence[Policy],
+        store: Store,
+        trusted_proxies: TrustedProxies | Iterable[str | IPNetwork] = (),
+        route: str = "",
+    ) -> None:
+        self.app = app
+        self.policies = tuple(policies)
+        self.store = store
+        self.trusted = trusted_proxies if isinstance(trusted_proxies, TrustedProxies) else TrustedProxies(
+            trusted_proxies
+        )
+        self.route = route
+        self._background: set[asyncio.Task[None]] = set()
+        self._store_failures = Throttled()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        ctx = RequestContext.of(scope, self.trusted, self.route)
+        prepared: list[Prepared] = []
+        batch: list[Command] = []
+        for policy in self.policies:
+            outcome = policy.prepare(ctx)
+            if isinstance(outcome, ErrorResponse):
+                await self._answer(outcome, ctx, scope, receive, send)
+                return
+            prepared.append(outcome)
+            batch.extend(outcome.commands)
+
+        answer = await self._decide(ctx, prepared, batch)
+        if answer is not None:
+            await self._answer(answer, ctx, scope, receive, send)
+            return
+
+        await self._call_app(ctx, prepared, scope, receive, send)
+
+    async def _decide(self, ctx: RequestContext, prepared: list[Prepared], batch: list[Command]) -> ErrorResponse | None:
+        if batch:
+            try:
+                results = await self.store.execute(batch)
+            except StoreError as error:
+                self._store_failures.warning("store %s failed: %s", self.store.describe(), error)
+                for policy, prep in zip(self.policies, prepared, strict=True):
+                    answer = policy.store_failed(ctx, prep, error)
+                    if answer is not None:
+                        return answer
+                return None
+        else:
+            results = []
+        offset = 0
+        for policy, prep in zip(self.policies, prepared, strict=True):
+            count = len(prep.commands)
+            answer = policy.decide(ctx, prep, results[offset : offset + count])
+            offset += count
+            if answer is not None:
+                return answer
+        return None
+
+    async def _answer(self, response: ErrorResponse, ctx: RequestContext, scope: Scope, receive: Receive,
+                      send: Send) -> None:
+        if ctx.response_headers:
+            response.headers.extend(ctx.response_headers)
+        await response(scope, receive, send)
+
+    async def _call_app(self, ctx: RequestContext, prepared: list[Prepared], scope: Scope, receive: Receive,
+                        send: Send) -> None:
+        extra = ctx.response_headers
+        started: list[Message] = []
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                if extra:
+                    message["headers"] = [*message.get("headers", ()), *extra]
+                started.append(message)
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+        if started:
+            self._finish(ctx, prepared, started[0]["status"], started[0].get("headers", ()))
+
+    def _finish(self, ctx: RequestContext, prepared: list[Prepared], status: int, headers: Headers) -> None:
+        writes: list[Command] = []
+        for policy, prep in zip(self.policies, prepared, strict=True):
+            writes.extend(policy.finish(ctx, prep, status, headers))
+        if writes:
+            task = asyncio.get_running_loop().create_task(self._write(writes))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _write(self, writes: list[Command]) -> None:
+        try:
+            await self.store.execute(writes)
+        except StoreError as error:
+            self._store_failures.warning("deferred store write to %s failed: %s", self.store.describe(), error)

@@ -1,0 +1,63 @@
+"""The interface every policy (rate limit, cache, breaker, session) implements.
+
+A policy never calls the store itself. For each request it:
+
+1. ``prepare(ctx)``: returns the store commands it needs *before* the upstream
+   is called (limit check, cache lookup, session lookup, breaker state), or an
+   immediate answer (e.g. 400 for a missing rate-limit key with
+   ``on_missing: deny``). The pipeline sends the commands of ALL the route's
+   policies as one batch: one store round trip per request.
+2. ``decide(ctx, results)``: gets the results of its own commands, in order,
+   and either answers the request itself (429, cached hit, 401, 503) or lets
+   it through, adding response headers to ``ctx.response_headers``.
+   ``store_failed(ctx, error)`` replaces ``decide`` when the batch failed.
+3. ``finish(ctx, status, headers)``: after the response started, returns
+   writes that can wait (cache fill, breaker result, post-response cost);
+   they go out together, off the request's critical path.
+
+Per-request state lives in the context (``ctx``) or in the value ``prepare``
+returns, never on the policy object, which is shared by all requests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from .context import RequestContext
+from .responses import ErrorResponse
+from .store import Command, StoreError
+
+Headers = Sequence[tuple[bytes, bytes]]
+
+
+class Prepared:
+    """What ``prepare`` returns: the commands to batch and the policy's private state for this request."""
+
+    __slots__ = ("commands", "state")
+
+    def __init__(self, commands: Sequence[Command] = (), state: object = None) -> None:
+        self.commands = commands
+        self.state = state
+
+
+class Policy(Protocol):
+    """A route policy; see the module docstring for the request protocol."""
+
+    name: str
+
+    def prepare(self, ctx: RequestContext) -> Prepared | ErrorResponse:
+        """Commands for the shared batch, or an immediate answer."""
+        ...
+
+    def decide(self, ctx: RequestContext, prepared: Prepared, results: Sequence[object]) -> ErrorResponse | None:
+        """Answer the request (returned response) or let it through (None)."""
+        ...
+
+    def store_failed(self, ctx: RequestContext, prepared: Prepared, error: StoreError) -> ErrorResponse | None:
+        """Like ``decide`` when the store could not be reached: the policy's failure mode."""
+        ...
+
+    def finish(self, ctx: RequestContext, prepared: Prepared, status: int, headers: Headers) -> Sequence[Command]:
+        """Deferred writes once the upstream answered."""
+        ...

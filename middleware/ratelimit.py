@@ -1,0 +1,386 @@
+"""Rate limits that hold across instances: all of a route's limits in one atomic store call.
+
+``RateLimitMiddleware(app, limits=[Limit(rate="10/minute"), Limit(rate="100/day")], store=...)``
+is usable on its own; the gateway builds the same :class:`RateLimitPolicy`
+from the ``limits:`` list of a route and runs it with the route's other
+policies in one store round trip.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import ipaddress
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from .clientip import IPNetwork, TrustedProxies
+from .context import RequestContext
+from .metrics import RATELIMIT_DECISIONS, RATELIMIT_KEY_FALLBACKS, STORE_FAILURES
+from .pipeline import ASGIApp, EdgewayMiddleware
+from .policy import Headers, Prepared
+from .ratelimit_headers import HeaderLimit, RateLimitFields, policy_name, seconds_ceil
+from .responses import ErrorResponse
+from .store import Algorithm, Command, LimitCheck, LimitState, RateLimit, RateLimitResult, Store, StoreError
+from .units import RateField
+
+logger = logging.getLogger("edgeway.ratelimit")
+
+KEY_KINDS = ("ip", "user", "global", "header:NAME", "query:NAME")
+PROBLEM_TYPE = "https://iana.org/assignments/http-problem-types#quota-exceeded"
+NEAR_LIMIT = 0.8  # envoyproxy/ratelimit's near-limit ratio
+
+
+def _check_key_part(part: str) -> str:
+    kind, sep, name = part.partition(":")
+    if part in ("ip", "user", "global") or (sep and kind in ("header", "query") and name.strip()):
+        return f"{kind}:{name.strip().lower()}" if kind == "header" else part
+    raise ValueError(f"unknown key {part!r}: expected one of {', '.join(KEY_KINDS)} or a list of them")
+
+
+class Override(BaseModel):
+    """A different rate for one key value (e.g. a premium API key)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    match: str = Field(description="The key value this override applies to (e.g. the API key).")
+    rate: RateField
+
+
+class Limit(BaseModel):
+    """One rate limit of a route. Every field documents its default."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False)
+
+    rate: RateField = Field(description="Quota per period: 10/minute, 1000/day, 100/15m.")
+    key: Annotated[tuple[str, ...], Field(description="ip | user | global | header:NAME | query:NAME, or a list.")] = (
+        "ip",
+    )
+    algorithm: Algorithm = Field(Algorithm.SLIDING_WINDOW, description="Default sliding-window: O(1), never over.")
+    burst: int | None = Field(None, ge=1, description="Token-bucket capacity; default the quota.")
+    cost: int = Field(1, ge=1, description="Units one request consumes.")
+    on_missing: Literal["ip", "deny", "skip"] = Field(
+        "ip", description="When the key's header/query/user is absent: fall back to ip, answer 400, or skip."
+    )
+    on_store_failure: Literal["open", "closed"] = Field(
+        "open", description="When no store answers: allow (default, like Envoy and Kong) or answer 503."
+    )
+    headers: Literal["ietf", "legacy", "both", "none"] = Field(
+        "ietf", description="RateLimit-Policy/RateLimit fields (ietf), X-RateLimit-* (legacy), both or none."
+    )
+    mode: Literal["enforce", "shadow"] = Field(
+        "enforce", description="shadow counts and reports but never rejects: roll a limit out safely."
+    )
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9._\-]+$", description="Policy name in the headers.")
+    ipv6_prefix: int = Field(64, ge=8, le=128, description="IPv6 clients share a limit per this prefix.")
+    exempt: tuple[str, ...] = Field((), description="CIDRs or header:NAME=value that bypass this limit.")
+    overrides: tuple[Override, ...] = Field((), description="Other rates for specific key values.")
+
+    @field_validator("key", mode="before")
+    @classmethod
+    def _key(cls, value: object) -> tuple[str, ...]:
+        parts = [value] if isinstance(value, str) else value
+        if not isinstance(parts, list | tuple) or not parts:
+            raise ValueError(f"expected a key such as ip or header:X-Api-Key, or a list of them; got {value!r}")
+        return tuple(_check_key_part(str(part)) for part in parts)
+
+    @field_validator("exempt", mode="before")
+    @classmethod
+    def _exempt(cls, value: object) -> tuple[str, ...]:
+        entries = [value] if isinstance(value, str) else list(value or ())  # type: ignore[call-overload]
+        for entry in entries:
+            if isinstance(entry, str) and entry.startswith("header:") and "=" in entry:
+                continue
+            try:
+                ipaddress.ip_network(str(entry), strict=False)
+            except ValueError:
+                raise ValueError(f"bad exemption {entry!r}: expected a CIDR (10.0.0.0/8) or header:NAME=value") from None
+        return tuple(str(entry) for entry in entries)
+
+    @model_validator(mode="after")
+    def _burst_only_for_token_bucket(self) -> Limit:
+        if self.burst is not None and self.algorithm is not Algorithm.TOKEN_BUCKET:
+            raise ValueError(f"burst applies to algorithm token-bucket only, not {self.algorithm.value}")
+        return self
+
+
+class _CompiledLimit:
+    """A limit with everything the request path needs precomputed."""
+
+    __slots__ = ("exempt_headers", "exempt_nets", "id", "limit", "overrides", "text")
+
+    def __init__(self, limit: Limit, ident: str) -> None:
+        self.limit = limit
+        self.id = ident
+        self.text = str(limit.rate)
+        nets, headers = [], []
+        for entry in limit.exempt:
+            if entry.startswith("header:"):
+                name, _, value = entry.removeprefix("header:").partition("=")
+                headers.append((name.strip().lower(), value.strip()))
+            else:
+                nets.append(ipaddress.ip_network(entry, strict=False))
+        self.exempt_nets: TrustedProxies = TrustedProxies(nets)
+        self.exempt_headers: tuple[tuple[str, str], ...] = tuple(headers)
+        self.overrides = {o.match: o.rate for o in limit.overrides}
+
+    def exempted(self, ctx: RequestContext) -> bool:
+        if self.exempt_nets and ctx.client_ip in self.exempt_nets:
+            return True
+        return any(ctx.header(name) == value for name, value in self.exempt_headers)
+
+
+def _digest(value: str) -> str:
+    # header/query/user values may be secrets or contain "{}" (hash tags): store a digest
+    return hashlib.blake2b(value.encode(), digest_size=8).hexdigest()
+
+
+class _BlockCache:
+    """Keys known blocked until a time: rejected locally without a store call (bounded LRU)."""
+
+    def __init__(self, size: int = 10_000) -> None:
+        self._size = size
+        self._entries: collections.OrderedDict[tuple[str, ...], tuple[float, int, RateLimitResult]] = (
+            collections.OrderedDict()
+        )
+
+    def get(self, keys: tuple[str, ...], cost: int) -> RateLimitResult | None:
+        entry = self._entries.get(keys)
+        if entry is None:
+            return None
+        until, blocked_cost, result = entry
+        if time.monotonic() >= until or cost < blocked_cost:
+            if time.monotonic() >= until:
+                del self._entries[keys]
+            return None
+        return result
+
+    def put(self, keys: tuple[str, ...], cost: int, result: RateLimitResult, retry_ms: int) -> None:
+        self._entries[keys] = (time.monotonic() + retry_ms / 1000, cost, result)
+        self._entries.move_to_end(keys)
+        while len(self._entries) > self._size:
+            self._entries.popitem(last=False)
+
+
+class _Request:
+    """The rate limiter's private state for one request."""
+
+    __slots__ = ("active", "checks", "local")
+
+    def __init__(self, active: list[_CompiledLimit], checks: tuple[LimitCheck, ...], local: bool) -> None:
+        self.active = active
+        self.checks = checks
+        self.local = local
+
+
+class RateLimitPolicy:
+    """The ``limits:`` of one route as a :class:`~middleware.policy.Policy`."""
+
+    name = "ratelimit"
+
+    def __init__(self, limits: Sequence[Limit], *, route: str = "default", key_prefix: str = "edgeway:",
+                 block_cache_size: int = 10_000) -> None:
+        if not limits:
+            raise ValueError("RateLimitPolicy needs at least one limit")
+        self.route = route
+        self.key_prefix = key_prefix
+        self.limits = [_CompiledLimit(limit, ident) for limit, ident in zip(limits, _limit_ids(limits), strict=True)]
+        # one hash tag for the whole route when limits key on different things, so the script stays in one slot
+        self._shared_key = len({limit.key for limit in limits}) == 1
+        self.fields = RateLimitFields(
+            [
+                HeaderLimit(c.id, c.limit.rate.quota, c.limit.rate.window, c.limit.headers in ("ietf", "both"),
+                            c.limit.headers in ("legacy", "both"))
+                for c in self.limits
+            ]
+        )
+        self._blocks = _BlockCache(block_cache_size)
+        self._closed = any(c.limit.on_store_failure == "closed" for c in self.limits)
+
+    # -- keys -----------------------------------------------------------------
+
+    def _key_part(self, part: str, limit: Limit, ctx: RequestContext) -> str | None:
+        if part == "ip":
+            return "ip=" + _group_ip(ctx.client_ip, limit.ipv6_prefix)
+        if part == "global":
+            return "global"
+        if part == "user":
+            return None if ctx.user is None else "u=" + _digest(ctx.user)
+        kind, _, name = part.partition(":")
+        value = ctx.header(name) if kind == "header" else ctx.query(name)
+        return None if value is None or value == "" else f"{kind[0]}={_digest(value)}"
+
+    def _key(self, compiled: _CompiledLimit, ctx: RequestContext) -> tuple[str | None, str | None]:
+        """(key text, raw first value for overrides); key text None means skip this limit."""
+        limit = compiled.limit
+        parts = []
+        for part in limit.key:
+            text = self._key_part(part, limit, ctx)
+            if text is None:
+                RATELIMIT_KEY_FALLBACKS.labels(self.route, compiled.id, limit.on_missing).inc()
+                if limit.on_missing == "skip":
+                    return None, None
+                if limit.on_missing == "deny":
+                    return "", None
+                text = "ip=" + _group_ip(ctx.client_ip, limit.ipv6_prefix)
+            parts.append(text)
+        raw = None
+        if compiled.overrides:
+            first = limit.key[0]
+            kind, _, name = first.partition(":")
+            raw = ctx.header(name) if kind == "header" else ctx.query(name) if kind == "query" else ctx.user
+        return "|".join(parts), raw
+
+    # -- policy protocol ------------------------------------------------------
+
+    def prepare(self, ctx: RequestContext) -> Prepared | ErrorResponse:
+        checks = []
+        active = []
+        for compiled in self.limits:
+            if compiled.exempted(ctx):
+                RATELIMIT_DECISIONS.labels(self.route, compiled.id, "exempt").inc()
+                continue
+            key, raw = self._key(compiled, ctx)
+            if key is None:
+                continue
+            if key == "":
+                missing = ", ".join(p for p in compiled.limit.key if p not in ("ip", "global"))
+                return ErrorResponse(400, "missing_key", f"this route is rate limited by {missing}, which is missing")
+            rate = compiled.overrides.get(raw, compiled.limit.rate) if raw is not None else compiled.limit.rate
+            limit = compiled.limit
+            if self._shared_key:
+                store_key = f"{self.key_prefix}rl:{{{self.route}:{key}}}:{compiled.id}"
+            else:
+                store_key = f"{self.key_prefix}rl:{{{self.route}}}:{key}:{compiled.id}"
+            checks.append(LimitCheck(store_key, limit.algorithm, rate.quota, rate.window_ms, limit.cost,
+                                     limit.burst or 0, limit.mode == "enforce"))
+            active.append(compiled)
+        if not checks:
+            return Prepared()
+        keys = tuple(check.key for check in checks)
+        blocked = self._blocks.get(keys, max(check.cost for check in checks))
+        if blocked is not None:
+            for compiled in active:
+                RATELIMIT_DECISIONS.labels(self.route, compiled.id, "local_block").inc()
+            return self._reject(ctx, active, blocked)
+        return Prepared((RateLimit(tuple(checks)),), _Request(active, tuple(checks), False))
+
+    def decide(self, ctx: RequestContext, prepared: Prepared, results: Sequence[object]) -> ErrorResponse | None:
+        request = prepared.state
+        if not isinstance(request, _Request):
+            return None
+        result = results[0]
+        assert isinstance(result, RateLimitResult)
+        self._count(request.active, result)
+        if result.allowed:
+            ctx.response_headers.extend(self.fields.headers(self._states(request.active, result.states)))
+            return None
+        retry = max(s.retry_after_ms for s, c in zip(result.states, request.checks, strict=True)
+                    if c.enforced and not s.allowed)
+        self._blocks.put(tuple(c.key for c in request.checks), max(c.cost for c in request.checks), result, retry)
+        return self._reject(ctx, request.active, result)
+
+    def store_failed(self, ctx: RequestContext, prepared: Prepared, error: StoreError) -> ErrorResponse | None:
+        if not isinstance(prepared.state, _Request):
+            return None
+        closed = any(c.limit.on_store_failure == "closed" and c.limit.mode == "enforce" for c in prepared.state.active)
+        STORE_FAILURES.labels(self.route, "closed" if closed else "open").inc()
+        if closed:
+            return ErrorResponse(503, "store_unavailable", "rate limits cannot be checked right now",
+                                 headers=[(b"retry-after", b"1")])
+        return None
+
+    def finish(self, ctx: RequestContext, prepared: Prepared, status: int, headers: Headers) -> Sequence[Command]:
+        return ()
+
+    # -- helpers ----------------------------------------------------------------
+
+    def _states(self, active: list[_CompiledLimit], states: Sequence[LimitState]) -> list[LimitState | None]:
+        by_id = {compiled.id: state for compiled, state in zip(active, states, strict=True)}
+        return [by_id.get(compiled.id) for compiled in self.limits]
+
+    def _count(self, active: list[_CompiledLimit], result: RateLimitResult) -> None:
+        for compiled, state in zip(active, result.states, strict=True):
+            shadow = compiled.limit.mode == "shadow"
+            if not state.allowed:
+                outcome = "shadow_rejected" if shadow else "rejected"
+                if shadow:
+                    logger.info("shadow limit %s on route %s would reject", compiled.text, self.route)
+            else:
+                outcome = "allowed"
+            RATELIMIT_DECISIONS.labels(self.route, compiled.id, outcome).inc()
+            if state.allowed and state.remaining <= compiled.limit.rate.quota * (1 - NEAR_LIMIT):
+                RATELIMIT_DECISIONS.labels(self.route, compiled.id, "near_limit").inc()
+
+    def _reject(self, ctx: RequestContext, active: list[_CompiledLimit], result: RateLimitResult) -> ErrorResponse:
+        violated = [(c, s) for c, s in zip(active, result.states, strict=True)
+                    if not s.allowed and c.limit.mode == "enforce"]
+        retry = seconds_ceil(max(s.retry_after_ms for _, s in violated)) or 1
+        first = violated[0][0]
+        headers = [(b"retry-after", str(max(1, retry)).encode()),
+                   *self.fields.headers(self._states(active, result.states))]
+        return ErrorResponse(
+            429,
+            "rate_limited",
+            f"rate limit {first.text} exceeded; retry in {retry}s",
+            extra={
+                "type": PROBLEM_TYPE,
+                "title": "Request cannot be satisfied as assigned quota has been exceeded",
+                "status": 429,
+                "violated-policies": [c.id for c, _ in violated],
+                "limit": first.text,
+                "retry_after": max(1, retry),
+            },
+            headers=headers,
+            content_type=b"application/problem+json",
+        )
+
+
+def _limit_ids(limits: Sequence[Limit]) -> list[str]:
+    """Policy names: ``name`` when given, else the window (``minute``), disambiguated by key then index."""
+    base = [limit.name or policy_name(limit.rate.window) for limit in limits]
+    ids = []
+    for i, (limit, name) in enumerate(zip(limits, base, strict=True)):
+        if limit.name is None and base.count(name) > 1:
+            name = f"{name}-{'-'.join(limit.key).replace(':', '-')}"
+            if sum(1 for j, other in enumerate(limits) if j < i and other.key == limit.key and base[j] == base[i]):
+                name = f"{name}-{i + 1}"
+        ids.append(name)
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"two limits of a route share the name(s) {sorted({n for n in ids if ids.count(n) > 1})}")
+    return ids
+
+
+def _group_ip(address: str, prefix: int) -> str:
+    if ":" not in address or prefix >= 128:
+        return address
+    try:
+        network = ipaddress.IPv6Network(f"{address}/{prefix}", strict=False)
+    except ValueError:
+        return address
+    return f"{network.network_address}/{prefix}"
+
+
+class RateLimitMiddleware(EdgewayMiddleware):
+    """Rate limits as ASGI middleware, without a policy file.
+
+    >>> app = RateLimitMiddleware(app, limits=[Limit(rate="10/minute"), Limit(rate="100/day")],
+    ...                           store=open_store("redis://localhost:6379"))
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        limits: Sequence[Limit | str],
+        store: Store,
+        trusted_proxies: Iterable[str | IPNetwork] = (),
+        route: str = "default",
+        key_prefix: str = "edgeway:",
+    ) -> None:
+        parsed = [Limit(rate=limit) if isinstance(limit, str) else limit for limit in limits]  # type: ignore[arg-type]
+        policy = RateLimitPolicy(parsed, route=route, key_prefix=key_prefix)
+        super().__init__(app, policies=[policy], store=store, trusted_proxies=trusted_proxies, route=route)

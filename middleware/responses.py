@@ -1,0 +1,54 @@
+"""Responses Edgeway makes itself: JSON bodies with a stable ``error`` code.
+
+Every one carries ``Edgeway-Error: <code>`` so clients and ops can tell a
+gateway 503 from an upstream 503.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from typing import Any
+
+Message = MutableMapping[str, Any]
+Send = Callable[[Message], Awaitable[None]]
+Receive = Callable[[], Awaitable[Message]]
+
+
+class ErrorResponse:
+    """An ASGI app answering one error; build it, then ``await response(scope, receive, send)``."""
+
+    __slots__ = ("body", "headers", "status")
+
+    def __init__(
+        self,
+        status: int,
+        error: str,
+        message: str | None = None,
+        *,
+        extra: dict[str, Any] | None = None,
+        headers: Iterable[tuple[bytes, bytes]] = (),
+        content_type: bytes = b"application/json",
+    ) -> None:
+        payload: dict[str, Any] = dict(extra or {})
+        payload["error"] = error
+        if message is not None:
+            payload["message"] = message
+        self.status = status
+        self.body = json.dumps(payload, separators=(",", ":")).encode()
+        self.headers = [
+            (b"content-type", content_type),
+            (b"content-length", str(len(self.body)).encode()),
+            (b"edgeway-error", error.encode()),
+            (b"cache-control", b"no-store"),
+            *headers,
+        ]
+
+    async def __call__(self, scope: MutableMapping[str, Any], receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status, "headers": self.headers})
+        await send({"type": "http.response.body", "body": self.body if scope.get("method") != "HEAD" else b""})
+
+
+def bad_request(message: str) -> ErrorResponse:
+    """400 with ``error: bad_request`` and a human message."""
+    return ErrorResponse(400, "bad_request", message, headers=[(b"connection", b"close")])

@@ -1,0 +1,109 @@
+"""Durations (``250ms``, ``30s``, ``5m``, ``1h``, ``7d``), sizes (``2MB``) and rates (``10/minute``, ``100/15m``).
+
+Parsed once when a policy or middleware is built; the request path only sees numbers.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from pydantic import BeforeValidator, PlainSerializer, WithJsonSchema
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+_RATE_UNITS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|KiB|MiB|GiB)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "kib": 1024, "mib": 1024**2, "gib": 1024**3}
+
+DURATION_HINT = "a duration such as 250ms, 30s, 5m, 1h or 7d"
+RATE_HINT = "a rate such as 10/minute, 5/second, 1000/day or 100/15m"
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from ``250ms``/``30s``/``5m``/``1h``/``7d`` or a bare number of seconds."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected {DURATION_HINT}, got {value!r}")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and (match := _DURATION.match(value)):
+        seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    else:
+        raise ValueError(f"expected {DURATION_HINT}, got {value!r}")
+    if seconds < 0:
+        raise ValueError(f"a duration cannot be negative, got {value!r}")
+    return seconds
+
+
+def parse_size(value: object) -> int:
+    """Bytes from ``512``, ``64KB``, ``2MB`` or ``1MiB``."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str) and (match := _SIZE.match(value)):
+        return int(float(match.group(1)) * _SIZE_UNITS[(match.group(2) or "b").lower()])
+    raise ValueError(f"expected a size such as 512KB or 2MB, got {value!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class Rate:
+    """``quota`` units per ``window`` seconds."""
+
+    quota: int
+    window: float
+    text: str
+
+    @property
+    def window_ms(self) -> int:
+        return int(self.window * 1000)
+
+    def __str__(self) -> str:
+        return self.text
+
+    @classmethod
+    def parse(cls, value: object) -> Rate:
+        """Parse ``N/second|minute|hour|day`` or ``N/<duration>``."""
+        if isinstance(value, Rate):
+            return value
+        if not isinstance(value, str) or "/" not in value:
+            raise ValueError(f"expected {RATE_HINT}, got {value!r}")
+        count, _, per = (part.strip() for part in value.partition("/"))
+        if not count.isdigit() or int(count) < 1:
+            raise ValueError(f"bad rate {value!r}: the count must be a whole number >= 1 (expected {RATE_HINT})")
+        unit = per.lower().removesuffix("s") if per.lower() in {u + "s" for u in _RATE_UNITS} else per.lower()
+        if unit in _RATE_UNITS:
+            window = float(_RATE_UNITS[unit])
+        else:
+            try:
+                window = parse_duration("1" + per if per in _DURATION_UNITS else per)
+            except ValueError:
+                raise ValueError(f"bad rate {value!r}: unknown period {per!r} (expected {RATE_HINT})") from None
+        if window < 0.001:
+            raise ValueError(f"bad rate {value!r}: the period must be at least 1ms")
+        return cls(int(count), window, value.strip())
+
+
+def _rate(value: Any) -> Rate:
+    return Rate.parse(value)
+
+
+Duration = Annotated[
+    float,
+    BeforeValidator(parse_duration),
+    WithJsonSchema({"type": ["string", "number"], "pattern": r"^\d+(\.\d+)?(ms|s|m|h|d)?$",
+                    "description": DURATION_HINT}),
+]
+"""A duration in seconds, written as ``250ms``, ``30s``, ``5m``, ``1h`` or ``7d``."""
+
+Size = Annotated[
+    int,
+    BeforeValidator(parse_size),
+    WithJsonSchema({"type": ["string", "integer"], "description": "a size such as 512KB or 2MB"}),
+]
+
+RateField = Annotated[
+    Rate,
+    BeforeValidator(_rate),
+    PlainSerializer(str),
+    WithJsonSchema({"type": "string", "pattern": r"^\d+\s*/\s*\S+$", "description": RATE_HINT}),
+]
