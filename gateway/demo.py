@@ -1,0 +1,176 @@
+"""``edgeway demo``: a sample upstream, the gateway on the memory store, and traffic through it.
+
+Needs nothing but the package. Everything runs in this process on free
+loopback ports; the summary shows what each policy did.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import uvicorn
+
+from .app import create_app
+
+DEMO_POLICY = """\
+version: 1
+store: {{ url: "memory://" }}
+upstreams:
+  sample: {{ url: "http://127.0.0.1:{upstream_port}", timeout: {{ connect: 1s, read: 5s }} }}
+routes:
+  - match: {{ path: /api/ai/*, methods: [POST] }}     # expensive: 5 a minute per client, 20 a day
+    upstream: sample
+    limits:
+      - {{ rate: 5/minute, key: ip }}
+      - {{ rate: 20/day, key: ip }}
+  - match: {{ path: /api/search }}                   # per API key; keyless callers share their IP's quota
+    upstream: sample
+    limits:
+      - {{ rate: 8/minute, key: header:X-Api-Key, on_missing: ip, algorithm: token-bucket }}
+  - match: {{ path: /* }}
+    upstream: sample
+"""
+
+
+async def sample_upstream(scope: dict[str, Any], receive: Callable[[], Awaitable[Any]],
+                          send: Callable[[Any], Awaitable[None]]) -> None:
+    """A tiny JSON API standing in for the user's service."""
+    if scope["type"] == "lifespan":
+        while (await receive())["type"] != "lifespan.shutdown":
+            await send({"type": "lifespan.startup.complete"})
+        await send({"type": "lifespan.shutdown.complete"})
+        return
+    body = b'{"answer": 42, "path": "' + scope["path"].encode() + b'"}'
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Step:
+    title: str
+    method: str
+    path: str
+    requests: int
+    headers: Callable[[int], dict[str, str]] = lambda i: {}
+    group: Callable[[int], str] = lambda i: "all"
+    limited: bool = True
+    missing_fields: int = 0
+    outcomes: dict[str, Counter[int]] = field(default_factory=dict)
+    last_headers: dict[str, str] = field(default_factory=dict)
+
+
+def _bar(done: int, total: int, width: int = 30) -> str:
+    filled = int(width * done / max(1, total))
+    return "[" + "#" * filled + "." * (width - filled) + f"] {done}/{total}"
+
+
+async def _drive(client: httpx.AsyncClient, step: Step, out: Any) -> None:
+    for i in range(step.requests):
+        response = await client.request(step.method, step.path, headers=step.headers(i))
+        step.outcomes.setdefault(step.group(i), Counter())[response.status_code] += 1
+        expected = ("retry-after", "ratelimit") if response.status_code == 429 else ("ratelimit", "ratelimit-policy")
+        if step.limited and not all(name in response.headers for name in expected):
+            step.missing_fields += 1
+        if response.status_code == 429:
+            step.last_headers = {"retry-after": response.headers.get("retry-after", ""),
+                                 "error": response.json().get("error", "")}
+        elif "ratelimit" in response.headers:
+            step.last_headers = {"ratelimit": response.headers["ratelimit"],
+                                 "ratelimit-policy": response.headers.get("ratelimit-policy", "")}
+        if out.isatty():
+            out.write(f"\r  {_bar(i + 1, step.requests)}")
+            out.flush()
+    if out.isatty():
+        out.write("\r" + " " * 60 + "\r")
+
+
+def _report(step: Step, out: Any) -> None:
+    out.write(f"\n{step.title}\n")
+    for group, counts in step.outcomes.items():
+        allowed, limited = counts.get(200, 0), counts.get(429, 0)
+        other = sum(n for status, n in counts.items() if status not in (200, 429))
+        label = f"  {group:<26}" if group != "all" else "  "
+        out.write(f"{label}{allowed:>3} allowed  {limited:>3} rate limited (429)" + (f"  {other} other" if other else "")
+                  + "\n")
+    for name, value in step.last_headers.items():
+        out.write(f"    {name}: {value}\n")
+
+
+async def _run(requests: int, out: Any) -> int:
+    upstream_port, gateway_port = _free_port(), _free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        policy_path = Path(tmp) / "demo.yaml"
+        policy_path.write_text(DEMO_POLICY.format(upstream_port=upstream_port))
+        gateway = create_app(policy_path)
+        servers = [
+            uvicorn.Server(uvicorn.Config(sample_upstream, port=upstream_port, log_level="error", lifespan="on")),
+            uvicorn.Server(uvicorn.Config(gateway, port=gateway_port, log_level="error", lifespan="on",
+                                          proxy_headers=False)),
+        ]
+        for server in servers:
+            server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        tasks = [asyncio.create_task(server.serve()) for server in servers]
+        try:
+            deadline = time.monotonic() + 10
+            while not all(server.started for server in servers):
+                if time.monotonic() > deadline or any(task.done() for task in tasks):
+                    out.write("edgeway demo: the sample servers did not start\n")
+                    return 1
+                await asyncio.sleep(0.02)
+            out.write(f"Edgeway demo: sample upstream on :{upstream_port}, gateway on :{gateway_port} "
+                      "(memory store)\n")
+            out.write(f"Policy:\n{policy_path.read_text()}\n")
+            steps = [
+                Step("1. POST /api/ai/chat from one client (limits 5/minute and 20/day by ip, checked together)",
+                     "POST", "/api/ai/chat", requests // 4),
+                Step("2. GET /api/search with two API keys and none (8/minute token bucket per X-Api-Key)",
+                     "GET", "/api/search", requests,
+                     headers=lambda i: {"x-api-key": "key-a"} if i % 3 == 0 else
+                     ({"x-api-key": "key-b"} if i % 3 == 1 else {}),
+                     group=lambda i: "X-Api-Key: key-a" if i % 3 == 0 else
+                     ("X-Api-Key: key-b" if i % 3 == 1 else "no key (falls back to ip)")),
+                Step("3. GET /docs (no policies: passed straight through)", "GET", "/docs", requests // 4, limited=False),
+            ]
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{gateway_port}", timeout=5) as client:
+                for step in steps:
+                    await _drive(client, step, out)
+                    _report(step, out)
+                ready = (await client.get("/_edgeway/readyz")).json()
+            out.write(f"\nreadyz: status={ready['status']} store={ready['store']['kind']} "
+                      f"policy version={ready['policy']['version']}\n")
+            missing = sum(step.missing_fields for step in steps)
+            if missing:
+                out.write(f"PROBLEM: {missing} limited response(s) lacked their RateLimit/Retry-After fields\n")
+                return 1
+            out.write("Every limited response carried RateLimit-Policy/RateLimit fields; every 429 carried "
+                      "Retry-After and a JSON body with error=rate_limited.\n")
+            return 0
+        finally:
+            for server in servers:
+                server.should_exit = True
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def run_demo(requests: int = 60, out: Any = None) -> int:
+    """Run the demo and print its summary; returns the process exit code."""
+    for name in ("edgeway", "httpx", "uvicorn"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    return asyncio.run(_run(max(8, requests), out or sys.stdout))
