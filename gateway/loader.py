@@ -27,6 +27,9 @@ from .errors import PolicyError, Problem
 
 Loc = tuple[str | int, ...]
 
+_STANDARD_TAGS = frozenset(
+    "tag:yaml.org,2002:" + name for name in ("str", "int", "float", "bool", "null", "map", "seq", "timestamp")
+)
 _VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -71,6 +74,11 @@ class _Builder:
 
     def build(self, node: yaml.Node, loc: Loc) -> Any:
         self.built.values[loc] = _position(node)
+        if node.tag not in _STANDARD_TAGS:
+            tag = node.tag.replace("tag:yaml.org,2002:", "!!")
+            self.built.problems.append(Problem(*_position(node), f"unsupported YAML tag {tag}: policies are plain YAML"))
+            self.built.poisoned.add(loc)
+            return None
         if isinstance(node, yaml.MappingNode):
             result: dict[Any, Any] = {}
             for key_node, value_node in node.value:

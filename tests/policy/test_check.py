@@ -1,0 +1,172 @@
+"""`edgeway check` and the loader: every kind of mistake, with its exact position and message."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from gateway.cli import main
+from gateway.errors import PolicyError
+from gateway.loader import interpolate, load_text
+from gateway.schema import SCHEMA_PATH, render
+
+ROOT = Path(__file__).resolve().parents[2]
+
+VALID = """\
+version: 1
+upstreams:
+  api: { url: "http://127.0.0.1:9001" }
+routes:
+  - match: { path: /api/* }
+    upstream: api
+    limits:
+      - { rate: 10/minute, key: ip }
+"""
+
+
+def problems(text: str, environ: dict[str, str] | None = None) -> list[str]:
+    with pytest.raises(PolicyError) as caught:
+        load_text(textwrap.dedent(text), "p.yaml", environ or {})
+    return str(caught.value).splitlines()
+
+
+def test_valid_policy_loads_with_typed_values() -> None:
+    loaded = load_text(VALID, "p.yaml", {})
+    limit = loaded.policy.routes[0].limits[0]
+    assert (limit.rate.quota, limit.rate.window) == (10, 60.0)
+    assert loaded.policy.store.url == "memory://" and loaded.policy.store.timeout == 0.05
+    assert len(loaded.version) == 12
+
+
+def test_unknown_key_has_did_you_mean() -> None:
+    text = VALID.replace("    upstream: api", "    upstrem: api\n    upstream: api")
+    assert problems(text) == ["p.yaml:6:5: unknown key 'upstrem' (did you mean 'upstream'?)"]
+
+
+def test_unknown_key_without_close_match_lists_the_keys() -> None:
+    text = VALID.replace("version: 1", "version: 1\nzzz: 3")
+    assert problems(text) == [
+        "p.yaml:2:1: unknown key 'zzz'; expected one of: version, store, trusted_proxies, upstreams, routes, "
+        "sessions, admin"
+    ]
+
+
+def test_unknown_key_inside_a_limit() -> None:
+    text = VALID.replace("key: ip }", "key: ip, algoritm: fixed-window }")
+    assert problems(text) == ["p.yaml:8:37: unknown key 'algoritm' (did you mean 'algorithm'?)"]
+
+
+@pytest.mark.parametrize(
+    ("rate", "message"),
+    [
+        ("10/fortnight", "unknown period 'fortnight'"),
+        ("ten/minute", "the count must be a whole number >= 1"),
+        ("0/minute", "the count must be a whole number >= 1"),
+        ("10", "expected a rate such as 10/minute"),
+    ],
+)
+def test_bad_rate(rate: str, message: str) -> None:
+    (line,) = problems(VALID.replace("10/minute", rate))
+    assert line.startswith("p.yaml:8:17: routes.0.limits.0.rate: ")
+    assert message in line
+
+
+def test_unknown_upstream_with_suggestion() -> None:
+    text = VALID.replace("    upstream: api", "    upstream: apii")
+    assert problems(text) == ["p.yaml:6:15: unknown upstream 'apii' (did you mean 'api'?)"]
+
+
+def test_duplicate_route() -> None:
+    text = VALID + "  - match: { path: /api/* }\n    upstream: api\n"
+    assert problems(text) == [
+        "p.yaml:9:12: duplicate route: routes[0] already matches /api/* for the same methods, "
+        "so this one can never match"
+    ]
+
+
+def test_unset_variable_without_default_points_at_the_variable() -> None:
+    text = VALID.replace('"http://127.0.0.1:9001"', '"http://${API_HOST}:9001"')
+    assert problems(text) == [
+        "p.yaml:3:23: environment variable API_HOST is not set and has no default "
+        "(write ${API_HOST:-default} to give one)"
+    ]
+
+
+def test_variables_and_defaults_are_interpolated() -> None:
+    text = VALID.replace('"http://127.0.0.1:9001"', '"http://${API_HOST}:${API_PORT:-9001}"')
+    loaded = load_text(text, "p.yaml", {"API_HOST": "10.1.2.3"})
+    assert loaded.policy.upstreams["api"].url == "http://10.1.2.3:9001"
+    assert interpolate("$${X} ${Y:-d} ${Z:-}", {"Z": ""}) == ("${X} d ", [])
+
+
+def test_duplicate_yaml_key() -> None:
+    text = VALID.replace("version: 1", "version: 1\nversion: 1")
+    assert problems(text) == ["p.yaml:2:1: duplicate key 'version'"]
+
+
+def test_yaml_syntax_error_has_position() -> None:
+    (line,) = problems("version: 1\nupstreams: [\n")
+    assert line.startswith("p.yaml:3:1: invalid YAML:")
+
+
+def test_python_tags_are_refused_not_constructed() -> None:
+    (line,) = problems(VALID.replace("version: 1", "version: !!python/object/apply:os.system ['echo pwned']"))
+    assert line == "p.yaml:1:10: unsupported YAML tag !!python/object/apply:os.system: policies are plain YAML"
+
+
+def test_missing_required_key() -> None:
+    assert problems("version: 1\nupstreams: {}\n") == ["p.yaml:1:1: missing required key 'routes'"]
+
+
+def test_every_problem_is_reported_in_file_order() -> None:
+    text = """\
+    version: 1
+    store: { url: "${REDIS:-memory://}", timout: 1s }
+    upstreams:
+      api: { url: "ftp://x" }
+    routes:
+      - match: { path: api/* }
+        upstream: nope
+        limits: [{ rate: 5/eon }]
+    """
+    lines = problems(text)
+    assert [line.split(": ", 1)[0] for line in lines] == [
+        "p.yaml:2:38", "p.yaml:4:15", "p.yaml:6:20", "p.yaml:7:15", "p.yaml:8:22",
+    ]
+
+
+def test_check_command_exit_codes_and_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    good = tmp_path / "good.yaml"
+    good.write_text(VALID)
+    assert main(["check", str(good)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"{good}: ok") and "1 route(s), 1 limit(s)" in out and out.count("\n") == 1
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(VALID.replace("10/minute", "10/fortnight").replace("upstream: api", "upstream: apx"))
+    assert main(["check", str(bad)]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split(": ", 1)[0] for line in out] == [f"{bad}:6:15", f"{bad}:8:17"]
+
+
+def test_check_missing_file(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check", "/nonexistent/p.yaml"]) == 1
+    assert capsys.readouterr().out.startswith("/nonexistent/p.yaml:1:1: cannot read the policy file")
+
+
+def test_console_script_runs() -> None:
+    result = subprocess.run([sys.executable, "-m", "gateway.cli", "--version"], capture_output=True, text=True,
+                            check=False)
+    assert result.returncode == 0 and result.stdout.startswith("edgeway ")
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "policies").glob("*.yaml")), ids=lambda p: p.name)
+def test_example_policies_are_valid(path: Path) -> None:
+    assert main(["check", str(path)]) == 0
+
+
+def test_shipped_json_schema_matches_the_models() -> None:
+    assert SCHEMA_PATH.read_text() == render(), "run: python -m gateway.schema"
