@@ -76,7 +76,8 @@ class _Builder:
         self.built.values[loc] = _position(node)
         if node.tag not in _STANDARD_TAGS:
             tag = node.tag.replace("tag:yaml.org,2002:", "!!")
-            self.built.problems.append(Problem(*_position(node), f"unsupported YAML tag {tag}: policies are plain YAML"))
+            message = f"unsupported YAML tag {tag}: policies are plain YAML"
+            self.built.problems.append(Problem(*_position(node), message))
             self.built.poisoned.add(loc)
             return None
         if isinstance(node, yaml.MappingNode):
@@ -180,7 +181,8 @@ def _message(error: Any, loc: Loc) -> str:
         key = str(loc[-1])
         known = _fields_at(loc[:-1])
         close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-        hint = f" (did you mean '{close[0]}'?)" if close else (f"; expected one of: {', '.join(known)}" if known else "")
+        listing = f"; expected one of: {', '.join(known)}" if known else ""
+        hint = f" (did you mean '{close[0]}'?)" if close else listing
         return f"unknown key '{key}'{hint}"
     if kind == "missing":
         return f"missing required key '{loc[-1]}'"
@@ -218,14 +220,14 @@ def validate(data: Any, built: _Built) -> Policy | None:
 
 
 def _cross_checks(data: dict[str, Any], built: _Built) -> None:
-    upstreams = data.get("upstreams") if isinstance(data.get("upstreams"), dict) else {}
-    routes = data.get("routes") if isinstance(data.get("routes"), list) else []
+    upstreams: dict[str, Any] = data["upstreams"] if isinstance(data.get("upstreams"), dict) else {}
+    routes: list[Any] = data["routes"] if isinstance(data.get("routes"), list) else []
     seen: dict[tuple[str, tuple[str, ...]], int] = {}
     for i, route in enumerate(routes):
         if not isinstance(route, dict):
             continue
         name = route.get("upstream")
-        if isinstance(name, str) and upstreams is not None and name not in upstreams:
+        if isinstance(name, str) and name not in upstreams:
             close = difflib.get_close_matches(name, list(upstreams), n=1, cutoff=0.6)
             hint = f" (did you mean '{close[0]}'?)" if close else (
                 f"; defined: {', '.join(upstreams)}" if upstreams else "; no upstreams are defined")

@@ -42,7 +42,7 @@ class RequestContext:
             context = scope[SCOPE_KEY] = cls(scope, trusted, route)
         elif route and not context.route:
             context.route = route
-        return context  # type: ignore[no-any-return]
+        return context
 
     @property
     def headers(self) -> dict[str, list[str]]:

@@ -91,7 +91,9 @@ class EdgewayMiddleware:
 
         await self._call_app(ctx, prepared, scope, receive, send)
 
-    async def _decide(self, ctx: RequestContext, prepared: list[Prepared], batch: list[Command]) -> ErrorResponse | None:
+    async def _decide(
+        self, ctx: RequestContext, prepared: list[Prepared], batch: list[Command]
+    ) -> ErrorResponse | None:
         if batch:
             try:
                 results = await self.store.execute(batch)

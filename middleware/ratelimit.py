@@ -97,7 +97,8 @@ class Limit(BaseModel):
             try:
                 ipaddress.ip_network(str(entry), strict=False)
             except ValueError:
-                raise ValueError(f"bad exemption {entry!r}: expected a CIDR (10.0.0.0/8) or header:NAME=value") from None
+                message = f"bad exemption {entry!r}: expected a CIDR (10.0.0.0/8) or header:NAME=value"
+                raise ValueError(message) from None
         return tuple(str(entry) for entry in entries)
 
     @model_validator(mode="after")
@@ -381,6 +382,6 @@ class RateLimitMiddleware(EdgewayMiddleware):
         route: str = "default",
         key_prefix: str = "edgeway:",
     ) -> None:
-        parsed = [Limit(rate=limit) if isinstance(limit, str) else limit for limit in limits]  # type: ignore[arg-type]
+        parsed = [Limit(rate=limit) if isinstance(limit, str) else limit for limit in limits]
         policy = RateLimitPolicy(parsed, route=route, key_prefix=key_prefix)
         super().__init__(app, policies=[policy], store=store, trusted_proxies=trusted_proxies, route=route)

@@ -52,7 +52,7 @@ class StoreConfigurationError(ValueError):
     """A store URL or option that cannot work; the message says how to fix it."""
 
 
-class Algorithm(str, enum.Enum):
+class Algorithm(enum.StrEnum):
     """Rate-limit algorithms, selected per limit with ``algorithm:``."""
 
     SLIDING_WINDOW = "sliding-window"
@@ -163,6 +163,7 @@ class Store(abc.ABC):
 
     async def close(self) -> None:
         """Release connections; the store may be used again afterwards (it reconnects)."""
+        return None
 
     def describe(self) -> str:
         """The store's location without credentials, for logs and readyz."""

@@ -77,7 +77,7 @@ class _RespProtocol(asyncio.Protocol):
         if self.lost is not None:
             future.set_exception(self.lost)
             return future
-        self._out.extend(hiredis.pack_command(command) for command in commands)
+        self._out.extend(hiredis.pack_command(command) for command in commands)  # type: ignore[arg-type]
         self._waiting.append(_Batch(len(commands), future))
         if not self._flush_scheduled:
             self._flush_scheduled = True
@@ -134,6 +134,7 @@ class RespTransport(Transport):
         self._address = address
         self._protocol: _RespProtocol | None = None
         self._connecting: asyncio.Future[_RespProtocol] | None = None
+        self._pending: set[asyncio.Task[None]] = set()
 
     def describe(self) -> str:
         scheme = "rediss" if self._address.tls else "redis"
@@ -145,7 +146,9 @@ class RespTransport(Transport):
         if protocol is not None and protocol.lost is None:
             return protocol.submit(commands, loop)
         result: asyncio.Future[list[object]] = loop.create_future()
-        loop.create_task(self._submit_after_connect(commands, result))
+        task = loop.create_task(self._submit_after_connect(commands, result))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
         return result
 
     async def _submit_after_connect(
@@ -182,7 +185,7 @@ class RespTransport(Transport):
                 loop.create_connection(_RespProtocol, address.host, address.port, ssl=context),
                 _CONNECT_TIMEOUT,
             )
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError) as exc:
             raise StoreError(f"cannot connect to Redis at {self.describe()}: {exc or 'timed out'}") from exc
         setup: list[RedisCommand] = []
         if address.password is not None:

@@ -13,7 +13,7 @@ import asyncio
 import json
 import os
 from collections.abc import Sequence
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import aiohttp
 
@@ -51,13 +51,17 @@ class UpstashTransport(Transport):
         task.add_done_callback(self._tasks.discard)
 
     async def _send(self, batches: list[tuple[Sequence[RedisCommand], asyncio.Future[list[object]]]]) -> None:
-        body = [list(command) for commands, _ in batches for command in commands]
+        body: list[list[object]] = [list(command) for commands, _ in batches for command in commands]
         try:
             replies = await self._post(body)
-        except StoreError as exc:
+        except (StoreError, asyncio.CancelledError) as exc:
+            closed = StoreError("Upstash store closed before answering")
+            error = exc if isinstance(exc, StoreError) else closed
             for _, future in batches:
                 if not future.done():
-                    future.set_exception(exc)
+                    future.set_exception(error)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
             return
         offset = 0
         for commands, future in batches:
@@ -78,7 +82,7 @@ class UpstashTransport(Transport):
             ) as response:
                 text = await response.text()
                 status = response.status
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             raise StoreError(f"Upstash request failed: {type(exc).__name__}: {exc}") from exc
         if status == 401:
             raise StoreError("Upstash rejected the token (401): check UPSTASH_REDIS_REST_TOKEN")
@@ -93,6 +97,10 @@ class UpstashTransport(Transport):
         return [_reply(entry) for entry in entries]
 
     async def close(self) -> None:
+        # like a closed TCP connection: requests still in flight fail now rather than hold
+        # shutdown for up to _HTTP_DEADLINE (their callers' own timeouts have usually fired)
+        for task in self._tasks:
+            task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._session is not None:
@@ -133,7 +141,7 @@ def upstash_location(url: str | None) -> tuple[str, str]:
             )
         return rest, token
     parts = urlsplit(url.removeprefix("upstash+"))
-    token = parts.password or parts.username or os.environ.get("UPSTASH_REDIS_REST_TOKEN", "")
+    token = unquote(parts.password or parts.username or "") or os.environ.get("UPSTASH_REDIS_REST_TOKEN", "")
     if not token:
         raise StoreConfigurationError(
             f"no Upstash token for {parts.hostname}: put it in the URL (upstash+https://TOKEN@host) "
