@@ -18,7 +18,7 @@ from typing import Any
 
 from .clientip import IPNetwork, TrustedProxies
 from .context import RequestContext, Scope
-from .policy import Headers, Policy, Prepared
+from .policy import Completed, Policy, Prepared
 from .responses import ErrorResponse, Message, Receive, Send
 from .store import Command, Store, StoreError
 
@@ -66,6 +66,7 @@ class EdgewayMiddleware:
             trusted_proxies
         )
         self.route = route
+        self._body_limit = max((policy.response_body_limit for policy in self.policies), default=0)
         self._background: set[asyncio.Task[None]] = set()
         self._store_failures = Throttled()
 
@@ -124,23 +125,36 @@ class EdgewayMiddleware:
     async def _call_app(self, ctx: RequestContext, prepared: list[Prepared], scope: Scope, receive: Receive,
                         send: Send) -> None:
         extra = ctx.response_headers
-        started: list[Message] = []
+        limit = self._body_limit
+        state: dict[str, Any] = {}
+        chunks: list[bytes] = []
 
         async def send_with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start":
+            kind = message["type"]
+            if kind == "http.response.start":
                 if extra:
                     message["headers"] = [*message.get("headers", ()), *extra]
-                started.append(message)
+                state["start"] = message
+                state["size"] = 0
+            elif kind == "http.response.body" and limit:
+                body = message.get("body", b"")
+                state["size"] += len(body)
+                if state["size"] <= limit:
+                    chunks.append(body)
             await send(message)
+            if kind == "http.response.body" and not message.get("more_body", False):
+                state["done"] = True
 
         await self.app(scope, receive, send_with_headers)
-        if started:
-            self._finish(ctx, prepared, started[0]["status"], started[0].get("headers", ()))
+        if state.get("done"):
+            start = state["start"]
+            body = b"".join(chunks) if limit and state["size"] <= limit else None
+            self._finish(ctx, prepared, Completed(start["status"], start.get("headers", ()), body))
 
-    def _finish(self, ctx: RequestContext, prepared: list[Prepared], status: int, headers: Headers) -> None:
+    def _finish(self, ctx: RequestContext, prepared: list[Prepared], response: Completed) -> None:
         writes: list[Command] = []
         for policy, prep in zip(self.policies, prepared, strict=True):
-            writes.extend(policy.finish(ctx, prep, status, headers))
+            writes.extend(policy.finish(ctx, prep, response))
         if writes:
             task = asyncio.get_running_loop().create_task(self._write(writes))
             self._background.add(task)

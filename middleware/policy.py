@@ -11,9 +11,12 @@ A policy never calls the store itself. For each request it:
    and either answers the request itself (429, cached hit, 401, 503) or lets
    it through, adding response headers to ``ctx.response_headers``.
    ``store_failed(ctx, error)`` replaces ``decide`` when the batch failed.
-3. ``finish(ctx, status, headers)``: after the response started, returns
-   writes that can wait (cache fill, breaker result, post-response cost);
-   they go out together, off the request's critical path.
+3. ``finish(ctx, prepared, response)``: once the response is complete,
+   returns writes that can wait (cache fill, breaker result, post-response
+   cost); they go out together, off the request's critical path. A policy
+   that needs the response body sets ``response_body_limit`` (bytes); the
+   pipeline then keeps a copy of bodies up to the largest such limit while
+   streaming them on, never delaying them.
 
 Per-request state lives in the context (``ctx``) or in the value ``prepare``
 returns, never on the policy object, which is shared by all requests.
@@ -41,10 +44,29 @@ class Prepared:
         self.state = state
 
 
+class Completed:
+    """The response as the policies see it in ``finish``: body is None unless asked for, or when too large."""
+
+    __slots__ = ("body", "headers", "status")
+
+    def __init__(self, status: int, headers: Headers, body: bytes | None) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+    def header(self, name: bytes) -> bytes | None:
+        """First value of a response header (``name`` in lower case)."""
+        for key, value in self.headers:
+            if key.lower() == name:
+                return value
+        return None
+
+
 class Policy(Protocol):
     """A route policy; see the module docstring for the request protocol."""
 
     name: str
+    response_body_limit: int
 
     def prepare(self, ctx: RequestContext) -> Prepared | ErrorResponse:
         """Commands for the shared batch, or an immediate answer."""
@@ -58,6 +80,6 @@ class Policy(Protocol):
         """Like ``decide`` when the store could not be reached: the policy's failure mode."""
         ...
 
-    def finish(self, ctx: RequestContext, prepared: Prepared, status: int, headers: Headers) -> Sequence[Command]:
+    def finish(self, ctx: RequestContext, prepared: Prepared, response: Completed) -> Sequence[Command]:
         """Deferred writes once the upstream answered."""
         ...

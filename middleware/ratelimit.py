@@ -11,6 +11,8 @@ from __future__ import annotations
 import collections
 import hashlib
 import ipaddress
+import json
+import re
 import logging
 import time
 from collections.abc import Iterable, Sequence
@@ -21,8 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from .clientip import IPNetwork, TrustedProxies
 from .context import RequestContext
 from .metrics import RATELIMIT_DECISIONS, RATELIMIT_KEY_FALLBACKS, STORE_FAILURES
-from .pipeline import ASGIApp, EdgewayMiddleware
-from .policy import Headers, Prepared
+from .pipeline import ASGIApp, EdgewayMiddleware, Throttled
+from .policy import Completed, Prepared
 from .ratelimit_headers import HeaderLimit, RateLimitFields, policy_name, seconds_ceil
 from .responses import ErrorResponse
 from .store import Algorithm, Command, LimitCheck, LimitState, RateLimit, RateLimitResult, Store, StoreError
@@ -33,6 +35,8 @@ logger = logging.getLogger("edgeway.ratelimit")
 KEY_KINDS = ("ip", "user", "global", "header:NAME", "query:NAME")
 PROBLEM_TYPE = "https://iana.org/assignments/http-problem-types#quota-exceeded"
 NEAR_LIMIT = 0.8  # envoyproxy/ratelimit's near-limit ratio
+COST_BODY_LIMIT = 1_000_000  # JSON bodies larger than this are not parsed for cost_from
+_JSON_PATH = re.compile(r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*$")
 
 
 def _check_key_part(part: str) -> str:
@@ -78,6 +82,23 @@ class Limit(BaseModel):
     ipv6_prefix: int = Field(64, ge=8, le=128, description="IPv6 clients share a limit per this prefix.")
     exempt: tuple[str, ...] = Field((), description="CIDRs or header:NAME=value that bypass this limit.")
     overrides: tuple[Override, ...] = Field((), description="Other rates for specific key values.")
+    cost_from: str | None = Field(
+        None,
+        description="Debit the real cost after the response: response_header:NAME or a JSON path such as "
+        "usage.total_tokens. `cost` is charged up front, the rest afterwards.",
+    )
+
+    @field_validator("cost_from")
+    @classmethod
+    def _cost_from(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if value.startswith("response_header:") and value.removeprefix("response_header:").strip():
+            return value
+        if _JSON_PATH.match(value.removeprefix("json:")):
+            return value
+        raise ValueError(f"bad cost_from {value!r}: expected response_header:NAME or a JSON path such as "
+                         "usage.total_tokens")
 
     @field_validator("key", mode="before")
     @classmethod
@@ -111,7 +132,7 @@ class Limit(BaseModel):
 class _CompiledLimit:
     """A limit with everything the request path needs precomputed."""
 
-    __slots__ = ("exempt_headers", "exempt_nets", "id", "limit", "overrides", "text")
+    __slots__ = ("cost_header", "cost_path", "exempt_headers", "exempt_nets", "id", "limit", "overrides", "text")
 
     def __init__(self, limit: Limit, ident: str) -> None:
         self.limit = limit
@@ -127,6 +148,29 @@ class _CompiledLimit:
         self.exempt_nets: TrustedProxies = TrustedProxies(nets)
         self.exempt_headers: tuple[tuple[str, str], ...] = tuple(headers)
         self.overrides = {o.match: o.rate for o in limit.overrides}
+        source = limit.cost_from or ""
+        self.cost_header = source.removeprefix("response_header:").strip().lower().encode() if source.startswith(
+            "response_header:") else None
+        self.cost_path = tuple(source.removeprefix("json:").split(".")) if source and not self.cost_header else None
+
+    def actual_cost(self, response: Completed) -> int | None:
+        """The cost the upstream reported, or None when it reported none."""
+        raw: object = None
+        if self.cost_header is not None:
+            value = response.header(self.cost_header)
+            raw = value.decode("latin-1").strip() if value is not None else None
+        elif self.cost_path is not None and response.body:
+            try:
+                raw = json.loads(response.body)
+            except ValueError:
+                return None
+            for step in self.cost_path:
+                raw = raw.get(step) if isinstance(raw, dict) else None
+        try:
+            cost = int(float(raw))  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            return None
+        return cost if cost >= 0 else None
 
     def exempted(self, ctx: RequestContext) -> bool:
         if self.exempt_nets and ctx.client_ip in self.exempt_nets:
@@ -199,7 +243,9 @@ class RateLimitPolicy:
             ]
         )
         self._blocks = _BlockCache(block_cache_size)
-        self._closed = any(c.limit.on_store_failure == "closed" for c in self.limits)
+        self._post_cost = any(c.limit.cost_from for c in self.limits)
+        self.response_body_limit = COST_BODY_LIMIT if any(c.cost_path for c in self.limits) else 0
+        self._fallback_log = Throttled(60.0)
 
     # -- keys -----------------------------------------------------------------
 
@@ -222,6 +268,8 @@ class RateLimitPolicy:
             text = self._key_part(part, limit, ctx)
             if text is None:
                 RATELIMIT_KEY_FALLBACKS.labels(self.route, compiled.id, limit.on_missing).inc()
+                self._fallback_log.warning("route %s limit %s: %s missing, on_missing=%s", self.route, compiled.id,
+                                           part, limit.on_missing)
                 if limit.on_missing == "skip":
                     return None, None
                 if limit.on_missing == "deny":
@@ -294,8 +342,24 @@ class RateLimitPolicy:
                                  headers=[(b"retry-after", b"1")])
         return None
 
-    def finish(self, ctx: RequestContext, prepared: Prepared, status: int, headers: Headers) -> Sequence[Command]:
-        return ()
+    def finish(self, ctx: RequestContext, prepared: Prepared, response: Completed) -> Sequence[Command]:
+        """Debit the rest of a ``cost_from`` limit's real cost; charged even past the quota (the work is done)."""
+        request = prepared.state
+        if not self._post_cost or not isinstance(request, _Request):
+            return ()
+        debits = []
+        for compiled, check in zip(request.active, request.checks, strict=True):
+            if compiled.limit.cost_from is None:
+                continue
+            cost = compiled.actual_cost(response)
+            if cost is None:
+                self._fallback_log.warning("route %s limit %s: no cost in the response (%s)", self.route,
+                                           compiled.id, compiled.limit.cost_from)
+                continue
+            if cost > check.cost:
+                debits.append(LimitCheck(check.key, check.algorithm, check.quota, check.window_ms,
+                                         cost - check.cost, check.burst, enforced=False))
+        return (RateLimit(tuple(debits)),) if debits else ()
 
     # -- helpers ----------------------------------------------------------------
 

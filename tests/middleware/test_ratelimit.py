@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 
 import http_sfv
@@ -275,3 +276,59 @@ async def test_non_http_scopes_pass_through() -> None:
     middleware = RateLimitMiddleware(app, limits=["1/minute"], store=FailingStore())
     await middleware({"type": "lifespan"}, None, None)  # type: ignore[arg-type]
     assert seen == ["lifespan"]
+
+
+def usage_app(header: bytes | None, body: bytes):  # type: ignore[no-untyped-def]
+    async def app(scope, receive, send):  # type: ignore[no-untyped-def]
+        headers = [(b"content-type", b"application/json")]
+        if header is not None:
+            headers.append((b"x-tokens-used", header))
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        half = len(body) // 2
+        await send({"type": "http.response.body", "body": body[:half], "more_body": True})
+        await send({"type": "http.response.body", "body": body[half:]})
+
+    return app
+
+
+async def settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+@pytest.mark.parametrize(
+    ("cost_from", "app"),
+    [
+        ("response_header:X-Tokens-Used", usage_app(b"7", b"{}")),
+        ("usage.total_tokens", usage_app(None, b'{"usage": {"total_tokens": 7}, "text": "hi"}')),
+        ("json:usage.total_tokens", usage_app(None, b'{"usage": {"total_tokens": 7}}')),
+    ],
+)
+async def test_cost_from_debits_the_reported_cost_after_the_response(clock: Clock, cost_from: str, app) -> None:  # type: ignore[no-untyped-def]
+    limit = Limit(rate="10/minute", cost_from=cost_from, algorithm="fixed-window")
+    wrapped = RateLimitMiddleware(app, limits=[limit], store=MemoryStore(clock=clock))
+    async with client_for(wrapped) as client:
+        first = await client.get("/")
+        await settle()
+        second = await client.get("/")
+        await settle()
+        third = await client.get("/")
+    assert first.status_code == 200 and parse_list(first.headers["ratelimit"]) == [("minute", {"r": 9, "t": 20})]
+    # 1 charged up front + 6 debited afterwards, then 1 more up front
+    assert parse_list(second.headers["ratelimit"]) == [("minute", {"r": 2, "t": 20})]
+    assert third.status_code == 429  # 2 - 6 later: the quota is spent
+
+
+async def test_cost_from_without_a_reported_cost_charges_only_the_up_front_cost(clock: Clock) -> None:
+    limit = Limit(rate="10/minute", cost_from="response_header:X-Tokens-Used", algorithm="fixed-window")
+    wrapped = RateLimitMiddleware(usage_app(None, b"{}"), limits=[limit], store=MemoryStore(clock=clock))
+    async with client_for(wrapped) as client:
+        await client.get("/")
+        await settle()
+        second = await client.get("/")
+    assert parse_list(second.headers["ratelimit"]) == [("minute", {"r": 8, "t": 20})]
+
+
+def test_cost_from_validation() -> None:
+    with pytest.raises(ValueError, match="bad cost_from"):
+        Limit(rate="1/minute", cost_from="usage total")

@@ -1,0 +1,519 @@
+"""The store suite: every backend must give the same answers to the same commands.
+
+Backends (param ids): ``memory``; ``fakeredis`` (TcpFakeServer through RedisStore);
+``redis`` (a private redis-server); ``upstash`` (UpstashStore against the
+Upstash-compatible bridge, over that redis-server). Rate-limit scenarios run on
+a fake clock passed as ``clock=``, so window edges are walked without sleeping,
+and every backend is held to the same literal expectations.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import pytest
+import redis.asyncio as aioredis
+
+from middleware.store import (
+    Algorithm,
+    Delete,
+    Get,
+    LimitCheck,
+    RateLimit,
+    RateLimitResult,
+    Set,
+    Store,
+    StoreError,
+    StoreTimeout,
+)
+from middleware.store.memory import MemoryStore
+from middleware.store.redis import RedisStore
+from middleware.store.upstash import UpstashStore
+from tests.servers import BRIDGE_TOKEN, RedisServer, UvicornThread, free_port
+
+FIXED, SLIDING, LOG, BUCKET = (
+    Algorithm.FIXED_WINDOW,
+    Algorithm.SLIDING_WINDOW,
+    Algorithm.SLIDING_LOG,
+    Algorithm.TOKEN_BUCKET,
+)
+
+T0_MS = 1_700_000_040_000
+"""A multiple of 60 s, so every window used below starts exactly at T0."""
+
+SUITE_TIMEOUT = 5.0  # seconds; generous because fakeredis runs Lua in Python
+
+
+class FakeClock:
+    """A clock that moves only when told; reads half a millisecond in, so ``floor(t*1000)`` is exact."""
+
+    def __init__(self, ms: int = T0_MS) -> None:
+        self.ms = ms
+
+    def __call__(self) -> float:
+        return (self.ms + 0.5) / 1000
+
+    def advance(self, ms: int) -> None:
+        self.ms += ms
+
+
+@dataclass
+class Backend:
+    name: str
+    url: str | None  # the Redis behind a remote backend, for out-of-band commands (SCRIPT FLUSH)
+    factory: Callable[..., Store]
+    stores: list[Store] = field(default_factory=list)
+
+    @property
+    def remote(self) -> bool:
+        return self.url is not None
+
+    def make(self, *, clock: Callable[[], float] | None = None, timeout: float = SUITE_TIMEOUT) -> Store:
+        store = self.factory(clock=clock, timeout=timeout)
+        self.stores.append(store)
+        return store
+
+
+BACKENDS = ["memory", "fakeredis", "redis", "upstash"]
+REMOTE = ["fakeredis", "redis", "upstash"]
+remote_only = pytest.mark.parametrize("backend", REMOTE, indirect=True)
+
+
+@pytest.fixture(params=BACKENDS)
+async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
+    name = request.param
+    if name == "memory":
+        made = Backend(name, None, lambda clock, timeout: MemoryStore(clock=clock))
+    elif name in ("fakeredis", "redis"):
+        url = request.getfixturevalue("fakeredis_url" if name == "fakeredis" else "redis_url")
+        made = Backend(name, url, lambda clock, timeout: RedisStore(url, clock=clock, timeout=timeout))
+    else:
+        bridge: UvicornThread = request.getfixturevalue("upstash_bridge")
+        made = Backend(
+            name,
+            request.getfixturevalue("redis_url"),
+            lambda clock, timeout: UpstashStore(bridge.url, token=BRIDGE_TOKEN, clock=clock, timeout=timeout),
+        )
+    yield made
+    for store in made.stores:
+        await store.close()
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def store(backend: Backend, clock: FakeClock) -> Store:
+    return backend.make(clock=clock)
+
+
+@pytest.fixture
+def key() -> str:
+    """A key prefix no other test uses."""
+    return f"edgeway-test:{uuid.uuid4().hex[:12]}:"
+
+
+def limit(key: str, algorithm: Algorithm, quota: int, window_ms: int, **options: int | bool) -> LimitCheck:
+    return LimitCheck(key, algorithm, quota, window_ms, **options)  # type: ignore[arg-type]
+
+
+async def hit(store: Store, *checks: LimitCheck) -> RateLimitResult:
+    (result,) = await store.execute([RateLimit(tuple(checks))])
+    assert isinstance(result, RateLimitResult)
+    return result
+
+
+def state(result: RateLimitResult, index: int = 0) -> tuple[bool, int, int, int]:
+    """``(allowed, remaining, reset_ms, retry_after_ms)`` of one limit."""
+    s = result.states[index]
+    return (s.allowed, s.remaining, s.reset_ms, s.retry_after_ms)
+
+
+Step = tuple[int, int, tuple[bool, int, int, int]]
+"""(advance the clock by ms, cost, expected state)."""
+
+
+async def run_script(store: Store, clock: FakeClock, check: LimitCheck, steps: list[Step]) -> None:
+    for number, (advance, cost, expected) in enumerate(steps):
+        clock.advance(advance)
+        result = await hit(store, dataclasses.replace(check, cost=cost))
+        assert state(result) == expected, f"step {number} at +{clock.ms - T0_MS} ms"
+        assert result.allowed == expected[0]
+
+
+# -- plain values --------------------------------------------------------------
+
+
+async def test_ping(store: Store) -> None:
+    await store.ping()
+
+
+async def test_set_get_delete_round_trip(store: Store, key: str) -> None:
+    assert await store.execute([Set(key + "a", "one", 60_000)]) == [None]
+    assert await store.execute([Get(key + "a")]) == ["one"]
+    assert await store.execute([Set(key + "a", "two", 60_000), Get(key + "a")]) == [None, "two"]
+    assert await store.execute([Delete(key + "a")]) == [1]
+    assert await store.execute([Get(key + "a"), Delete(key + "a")]) == [None, 0]
+
+
+async def test_ttl_expiry(backend: Backend, store: Store, clock: FakeClock, key: str) -> None:
+    await store.execute([Set(key + "short", "v", 100), Set(key + "long", "w", 60_000)])
+    assert await store.execute([Get(key + "short")]) == ["v"]
+    if backend.remote:
+        await asyncio.sleep(0.25)  # the server's own clock expires keys
+    else:
+        clock.advance(99)
+        assert await store.execute([Get(key + "short")]) == ["v"]
+        clock.advance(1)
+    assert await store.execute([Get(key + "short"), Get(key + "long")]) == [None, "w"]
+
+
+async def test_mixed_batch_results_in_order(store: Store, key: str) -> None:
+    commands = [
+        Set(key + "x", "1", 60_000),
+        Get(key + "x"),
+        Get(key + "missing"),
+        RateLimit((limit(key + "rl", FIXED, 2, 10_000),)),
+        Delete(key + "x"),
+        Get(key + "x"),
+        Set(key + "y", "2", 60_000),
+        RateLimit((limit(key + "rl", FIXED, 2, 10_000),)),
+        Delete(key + "missing"),
+        Get(key + "y"),
+    ]
+    results = await store.execute(commands)
+    assert len(results) == len(commands)
+    assert results[:3] == [None, "1", None]
+    first, second = results[3], results[7]
+    assert isinstance(first, RateLimitResult) and isinstance(second, RateLimitResult)
+    assert state(first) == (True, 1, 10_000, 0)
+    assert state(second) == (True, 0, 10_000, 0)
+    assert results[4:7] == [1, None, None]
+    assert results[8:] == [0, "2"]
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["héllo wörld", "日本語のテキスト", "emoji 🚀🔥 and مرحبا", "quotes \" ' \\ and\nnewlines\r\n", ""],
+)
+async def test_unicode_values(store: Store, key: str, value: str) -> None:
+    name = key + "ключ-🔑"
+    await store.execute([Set(name, value, 60_000)])
+    assert await store.execute([Get(name)]) == [value]
+
+
+# -- algorithms, each walked on the fake clock against literal expectations ------
+
+
+async def test_fixed_window_resets_at_the_window_edge(store: Store, clock: FakeClock, key: str) -> None:
+    await run_script(store, clock, limit(key, FIXED, 3, 10_000), [
+        (0, 1, (True, 2, 10_000, 0)),
+        (0, 1, (True, 1, 10_000, 0)),
+        (0, 1, (True, 0, 10_000, 0)),
+        (0, 1, (False, 0, 10_000, 10_000)),
+        (9_999, 1, (False, 0, 1, 1)),
+        (1, 1, (True, 2, 10_000, 0)),  # a new window
+        (2_500, 1, (True, 1, 7_500, 0)),
+    ])
+
+
+async def test_sliding_window_weighted_carry_over(store: Store, clock: FakeClock, key: str) -> None:
+    steps: list[Step] = [(0, 1, (True, 9 - i, 60_000, 0)) for i in range(10)]
+    steps += [
+        (0, 1, (False, 0, 60_000, 66_000)),  # next window, once 10 * (1 - e) + 1 <= 10: e >= 10 %
+        # 25 % into the next window the estimate is 10 * 0.75 + current: exactly 2 more fit
+        (75_000, 1, (True, 1, 45_000, 0)),
+        (0, 1, (True, 0, 45_000, 0)),
+        (0, 1, (False, 0, 45_000, 3_000)),  # 10 * (1 - e) + 2 + 1 <= 10 once e >= 30 %
+        (2_999, 1, (False, 0, 42_001, 1)),
+        (1, 1, (True, 0, 42_000, 0)),
+    ]
+    await run_script(store, clock, limit(key, SLIDING, 10, 60_000), steps)
+
+
+async def test_sliding_log_entries_leave_exactly_one_window_later(
+    store: Store, clock: FakeClock, key: str
+) -> None:
+    await run_script(store, clock, limit(key, LOG, 3, 10_000), [
+        (0, 1, (True, 2, 10_000, 0)),
+        (1_000, 1, (True, 1, 9_000, 0)),
+        (1_000, 1, (True, 0, 8_000, 0)),
+        (1_000, 1, (False, 0, 7_000, 7_000)),
+        (6_999, 1, (False, 0, 1, 1)),
+        (1, 1, (True, 0, 1_000, 0)),  # the T0 entry left at exactly T0 + window
+        (0, 1, (False, 0, 1_000, 1_000)),
+        (1_000, 1, (True, 0, 1_000, 0)),
+    ])
+
+
+async def test_token_bucket_refill_rate_and_burst(store: Store, clock: FakeClock, key: str) -> None:
+    check = limit(key, BUCKET, 10, 10_000, burst=5)  # 1 token per second, at most 5 banked
+    burst: list[Step] = [(0, 1, (True, 4 - i, 1_000 * (i + 1), 0)) for i in range(5)]
+    await run_script(store, clock, check, [
+        *burst,
+        (0, 1, (False, 0, 5_000, 1_000)),
+        (500, 1, (False, 0, 4_500, 500)),
+        (500, 1, (True, 0, 5_000, 0)),  # one token refilled after exactly 1 s
+        (60_000, 1, (True, 4, 1_000, 0)),  # a long pause banks only `burst` tokens
+        (0, 1, (True, 3, 2_000, 0)),
+        (0, 1, (True, 2, 3_000, 0)),
+        (0, 1, (True, 1, 4_000, 0)),
+        (0, 1, (True, 0, 5_000, 0)),
+        (0, 1, (False, 0, 5_000, 1_000)),
+    ])
+
+
+async def test_token_bucket_capacity_defaults_to_quota(store: Store, clock: FakeClock, key: str) -> None:
+    steps: list[Step] = [(0, 1, (True, 9 - i, 1_000 * (i + 1), 0)) for i in range(10)]
+    steps.append((0, 1, (False, 0, 10_000, 1_000)))
+    await run_script(store, clock, limit(key, BUCKET, 10, 10_000), steps)
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "steps"),
+    [
+        pytest.param(FIXED, [
+            (0, 4, (True, 6, 10_000, 0)),
+            (0, 4, (True, 2, 10_000, 0)),
+            (0, 4, (False, 2, 10_000, 10_000)),
+            (0, 2, (True, 0, 10_000, 0)),
+            (0, 11, (False, 0, 10_000, 10_000)),
+        ], id="fixed-window"),
+        pytest.param(SLIDING, [
+            (0, 6, (True, 4, 60_000, 0)),
+            (0, 6, (False, 4, 60_000, 80_000)),  # next window, once 6 * (1 - e) + 6 <= 10
+            (0, 11, (False, 4, 60_000, 60_000)),  # more than the quota: one whole window
+            (0, 4, (True, 0, 60_000, 0)),
+        ], id="sliding-window"),
+        pytest.param(LOG, [
+            (0, 3, (True, 7, 10_000, 0)),
+            (1_000, 6, (True, 1, 9_000, 0)),
+            (1_000, 3, (False, 1, 8_000, 8_000)),  # needs 2 of the 3 T0 entries gone
+            (0, 11, (False, 1, 8_000, 10_000)),
+            (8_000, 3, (True, 1, 1_000, 0)),
+        ], id="sliding-log"),
+        pytest.param(BUCKET, [
+            (0, 7, (True, 3, 7_000, 0)),
+            (0, 7, (False, 3, 7_000, 4_000)),
+            (0, 11, (False, 3, 7_000, 10_000)),
+            (4_000, 7, (True, 0, 10_000, 0)),
+        ], id="token-bucket"),
+    ],
+)
+async def test_cost_above_one(
+    store: Store, clock: FakeClock, key: str, algorithm: Algorithm, steps: list[Step]
+) -> None:
+    window = 60_000 if algorithm is SLIDING else 10_000
+    await run_script(store, clock, limit(key, algorithm, 10, window), steps)
+
+
+@pytest.mark.parametrize("algorithm", list(Algorithm), ids=[a.value for a in Algorithm])
+async def test_rejection_by_one_limit_charges_none(store: Store, key: str, algorithm: Algorithm) -> None:
+    wide = limit(key + "wide", algorithm, 5, 10_000)
+    narrow = limit(key + "narrow", FIXED, 2, 10_000)
+    for remaining in (1, 0):
+        result = await hit(store, wide, narrow)
+        assert result.allowed
+        assert state(result, 1)[:2] == (True, remaining)
+    assert result.states[0].remaining == 3
+    rejected = await hit(store, wide, narrow)
+    assert not rejected.allowed
+    assert rejected.states[0].allowed and rejected.states[0].remaining == 3  # would pass, not charged
+    assert state(rejected, 1) == (False, 0, 10_000, 10_000)
+    alone = await hit(store, wide)
+    assert alone.allowed and alone.states[0].remaining == 2  # the rejected request left no trace
+
+
+async def test_shadow_limits_report_but_never_reject(store: Store, key: str) -> None:
+    shadow = limit(key + "shadow", FIXED, 1, 10_000, enforced=False)
+    enforced = limit(key + "enforced", FIXED, 3, 10_000)
+    first = await hit(store, shadow, enforced)
+    assert first.allowed and state(first, 0) == (True, 0, 10_000, 0)
+    for remaining in (1, 0):
+        result = await hit(store, shadow, enforced)
+        assert result.allowed, "a shadow limit must never reject"
+        assert state(result, 0) == (False, 0, 10_000, 10_000)
+        assert state(result, 1) == (True, remaining, 10_000, 0)
+    blocked = await hit(store, shadow, enforced)
+    assert not blocked.allowed and state(blocked, 1) == (False, 0, 10_000, 10_000)
+    only_shadow = await hit(store, limit(key + "alone", LOG, 1, 10_000, enforced=False))
+    assert only_shadow.allowed
+    again = await hit(store, limit(key + "alone", LOG, 1, 10_000, enforced=False))
+    assert again.allowed and not again.states[0].allowed
+
+
+async def test_all_algorithms_in_one_request(store: Store, clock: FakeClock, key: str) -> None:
+    """One scripted run over every algorithm at once: the literal answers every backend must give."""
+    checks = (
+        limit(key + "f", FIXED, 4, 10_000),
+        limit(key + "s", SLIDING, 4, 10_000),
+        limit(key + "l", LOG, 4, 10_000),
+        limit(key + "b", BUCKET, 10, 10_000, burst=3),  # 1 token/s, 3 banked
+    )
+    script: list[tuple[int, bool, list[tuple[bool, int, int, int]]]] = [
+        # (advance ms, allowed, [fixed, sliding, log, bucket] as (allowed, remaining, reset, retry))
+        (0, True, [(True, 3, 10_000, 0), (True, 3, 10_000, 0), (True, 3, 10_000, 0), (True, 2, 1_000, 0)]),
+        (0, True, [(True, 2, 10_000, 0), (True, 2, 10_000, 0), (True, 2, 10_000, 0), (True, 1, 2_000, 0)]),
+        (0, True, [(True, 1, 10_000, 0), (True, 1, 10_000, 0), (True, 1, 10_000, 0), (True, 0, 3_000, 0)]),
+        # the bucket is empty: rejected, and nothing is charged anywhere
+        (0, False, [(True, 1, 10_000, 0), (True, 1, 10_000, 0), (True, 1, 10_000, 0),
+                    (False, 0, 3_000, 1_000)]),
+        (1_000, True, [(True, 0, 9_000, 0), (True, 0, 9_000, 0), (True, 0, 9_000, 0), (True, 0, 3_000, 0)]),
+        # windows full; sliding window waits for the next window's 25 % mark (4 * 0.75 + 1 <= 4)
+        (1_000, False, [(False, 0, 8_000, 8_000), (False, 0, 8_000, 10_500), (False, 0, 8_000, 8_000),
+                        (True, 1, 2_000, 0)]),
+        # a new fixed window, but the sliding estimate still carries all 4 of the last one
+        (8_000, False, [(True, 4, 10_000, 0), (False, 0, 10_000, 2_500), (True, 3, 1_000, 0),
+                        (True, 3, 0, 0)]),
+        (2_500, True, [(True, 3, 7_500, 0), (True, 0, 7_500, 0), (True, 3, 10_000, 0), (True, 2, 1_000, 0)]),
+    ]
+    for number, (advance, allowed, expected) in enumerate(script):
+        clock.advance(advance)
+        result = await hit(store, *checks)
+        assert (result.allowed, [state(result, i) for i in range(4)]) == (allowed, expected), f"step {number}"
+
+
+async def test_server_clock_when_no_clock_is_given(backend: Backend, key: str) -> None:
+    store = backend.make()
+    check = RateLimit((limit(key, LOG, 2, 60_000),))
+    results = await store.execute([check, check, check])
+    assert [r.allowed for r in results] == [True, True, False]  # type: ignore[attr-defined]
+    rejected = results[2].states[0]  # type: ignore[attr-defined]
+    assert 55_000 < rejected.retry_after_ms <= 60_000
+    assert 55_000 < rejected.reset_ms <= 60_000
+
+
+# -- remote backends: concurrency, script cache, failures ------------------------
+
+
+@remote_only
+@pytest.mark.parametrize("algorithm", list(Algorithm), ids=[a.value for a in Algorithm])
+async def test_concurrent_requests_never_exceed_the_quota(
+    backend: Backend, clock: FakeClock, key: str, algorithm: Algorithm
+) -> None:
+    stores = [backend.make(clock=clock) for _ in range(3)]  # three clients, three connections
+    command = [RateLimit((limit(key, algorithm, 100, 60_000),))]
+    results = await asyncio.gather(*(stores[i % 3].execute(command) for i in range(300)))
+    allowed = sum(1 for (result,) in results if result.allowed)  # type: ignore[attr-defined]
+    if algorithm is SLIDING:
+        assert 0 < allowed <= 100
+    else:
+        assert allowed == 100
+
+
+@remote_only
+async def test_script_cache_flush_is_recovered(backend: Backend, store: Store, key: str) -> None:
+    check = limit(key, FIXED, 5, 10_000)
+    assert (await hit(store, check)).states[0].remaining == 4
+    client = aioredis.Redis.from_url(backend.url)  # type: ignore[arg-type]
+    try:
+        await client.script_flush()
+    finally:
+        await client.aclose()
+    assert (await hit(store, check)).states[0].remaining == 3  # NOSCRIPT, then EVAL with the source
+
+
+@pytest.fixture
+def own_redis() -> AsyncIterator[RedisServer]:
+    """A redis-server for one test, free to pause, restart or kill."""
+    with RedisServer() as server:
+        yield server  # type: ignore[misc]
+
+
+def remote_store(kind: str, redis_url: str, *, timeout: float, bridges: list[UvicornThread]) -> Store:
+    if kind == "redis":
+        return RedisStore(redis_url, timeout=timeout)
+    bridge = UvicornThread(_bridge_app(redis_url)).start()
+    bridges.append(bridge)
+    return UpstashStore(bridge.url, token=BRIDGE_TOKEN, timeout=timeout)
+
+
+def _bridge_app(redis_url: str) -> object:
+    from gateway.upstash_bridge import create_bridge_app
+
+    return create_bridge_app(redis_url, BRIDGE_TOKEN)
+
+
+@pytest.fixture
+def bridges() -> AsyncIterator[list[UvicornThread]]:
+    started: list[UvicornThread] = []
+    yield started  # type: ignore[misc]
+    for bridge in started:
+        bridge.stop(grace=0.5)
+
+
+@pytest.mark.parametrize("kind", ["redis", "upstash"])
+async def test_paused_server_times_out(
+    kind: str, own_redis: RedisServer, bridges: list[UvicornThread], key: str
+) -> None:
+    store = remote_store(kind, own_redis.url, timeout=0.2, bridges=bridges)
+    try:
+        await store.execute([Set(key, "v", 60_000)])  # connected
+        own_redis.pause()
+        started = time.monotonic()
+        with pytest.raises(StoreTimeout):
+            await store.execute([Get(key)])
+        assert time.monotonic() - started < 1.0
+        own_redis.resume()
+        assert await store.execute([Get(key)], timeout=5.0) == ["v"]
+    finally:
+        if own_redis.paused:
+            own_redis.resume()
+        await store.close()
+
+
+@pytest.mark.parametrize("kind", ["redis", "upstash"])
+async def test_unreachable_server_is_a_store_error(kind: str, key: str) -> None:
+    port = free_port()
+    if kind == "redis":
+        store: Store = RedisStore(f"redis://127.0.0.1:{port}", timeout=2.0)
+    else:
+        store = UpstashStore(f"http://127.0.0.1:{port}", token=BRIDGE_TOKEN, timeout=2.0)
+    try:
+        with pytest.raises(StoreError) as caught:
+            await store.execute([Get(key)])
+        assert not isinstance(caught.value, StoreTimeout)
+        with pytest.raises(StoreError):
+            await store.ping()
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("kind", ["redis", "upstash"])
+async def test_reconnects_after_the_server_restarts(
+    kind: str, own_redis: RedisServer, bridges: list[UvicornThread], key: str
+) -> None:
+    store = remote_store(kind, own_redis.url, timeout=2.0, bridges=bridges)
+    check = limit(key + "rl", FIXED, 5, 10_000)
+    try:
+        await store.execute([Set(key, "before", 60_000), RateLimit((check,))])
+        own_redis.restart()  # empty, script cache gone, old connections closed
+        await asyncio.sleep(0.05)
+        results = await store.execute([Get(key), Set(key, "after", 60_000), Get(key), RateLimit((check,))])
+        assert results[:3] == [None, None, "after"]
+        assert results[3].allowed and results[3].states[0].remaining == 4  # type: ignore[attr-defined]
+    finally:
+        await store.close()
+
+
+async def test_killed_server_fails_fast_then_recovers(own_redis: RedisServer, key: str) -> None:
+    store = RedisStore(own_redis.url, timeout=2.0)
+    try:
+        await store.execute([Set(key, "v", 60_000)])
+        own_redis.kill()
+        await asyncio.sleep(0.05)
+        started = time.monotonic()
+        with pytest.raises(StoreError):
+            await store.execute([Get(key)])
+        assert time.monotonic() - started < 1.0
+        own_redis.start()
+        assert await store.execute([Get(key)]) == [None]
+    finally:
+        await store.close()
