@@ -12,8 +12,8 @@ import collections
 import hashlib
 import ipaddress
 import json
-import re
 import logging
+import re
 import time
 from collections.abc import Iterable, Sequence
 from typing import Annotated, Literal
