@@ -1,0 +1,57 @@
+"""The policy file inside an app (`Edgeway.from_policy(...).wrap(app)`) and `add_middleware` use."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from gateway import Edgeway
+from middleware.ratelimit import Limit, RateLimitMiddleware
+from middleware.store.memory import MemoryStore
+
+POLICY = """\
+version: 1
+upstreams:
+  api: { url: "http://127.0.0.1:9" }
+routes:
+  - match: { path: /api/ai/*, methods: [POST] }
+    upstream: api
+    limits: [{ rate: 2/minute, key: ip }]
+"""
+
+
+async def chat(request):  # type: ignore[no-untyped-def]
+    return JSONResponse({"answer": 42})
+
+
+def starlette_app() -> Starlette:
+    return Starlette(routes=[Route("/api/ai/chat", chat, methods=["POST"]), Route("/health", chat)])
+
+
+def client(app) -> httpx.AsyncClient:  # type: ignore[no-untyped-def]
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app, client=("198.51.100.1", 1)), base_url="http://t")
+
+
+async def test_wrap_applies_the_policy_routes_and_passes_other_paths(tmp_path: Path) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text(POLICY)
+    app = Edgeway.from_policy(path, store=MemoryStore()).wrap(starlette_app())
+    async with client(app) as http:
+        chats = [await http.post("/api/ai/chat") for _ in range(3)]
+        health = [await http.get("/health") for _ in range(5)]
+    assert [r.status_code for r in chats] == [200, 200, 429]
+    assert chats[0].json() == {"answer": 42} and "ratelimit" in chats[0].headers
+    assert chats[2].json()["error"] == "rate_limited"
+    assert all(r.status_code == 200 and "ratelimit" not in r.headers for r in health)
+
+
+async def test_add_middleware_as_in_the_readme() -> None:
+    app = starlette_app()
+    app.add_middleware(RateLimitMiddleware, limits=[Limit(rate="1/minute")], store=MemoryStore())
+    async with client(app) as http:
+        statuses = [(await http.get("/health")).status_code for _ in range(2)]
+    assert statuses == [200, 429]
