@@ -18,7 +18,6 @@ import os
 import signal
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from middleware.clientip import TrustedProxies
 from middleware.context import RequestContext, Scope

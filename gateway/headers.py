@@ -11,6 +11,7 @@ Edgeway: a client's are dropped.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 
 from middleware.context import RequestContext
@@ -29,7 +30,22 @@ HOP_BY_HOP = frozenset(
     }
 )
 _FORWARDING = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded", "x-real-ip"})
+# ``Expect: 100-continue`` is answered on the client's hop (the server sends 100 once the body is read);
+# passed on, aiohttp would hold the body until the upstream sent its own 100, stalling (until the read
+# timeout) on an upstream that just waits for the body, as RFC 9110 §10.1.1 allows. nginx drops it too.
+_REQUEST_DROP = HOP_BY_HOP | {"expect"}
 _HOP_BY_HOP_BYTES = frozenset(name.encode() for name in HOP_BY_HOP)
+# control characters h11 lets through in field values but aiohttp refuses to send (ValueError -> a bare 500)
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def _text(value: bytes) -> str:
+    """A request field value for aiohttp, which encodes values as UTF-8: valid UTF-8 goes on byte-exact
+    (Latin-1 decoding would double-encode it); other bytes can only go as Latin-1 (re-encoded)."""
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        return value.decode("latin-1")
 
 
 def connection_named(values: Iterable[str]) -> set[str]:
@@ -49,7 +65,7 @@ def upstream_request_headers(ctx: RequestContext) -> list[tuple[str, str]]:
     ``X-Forwarded-Host`` and ``Forwarded``.
     """
     headers = ctx.headers
-    drop = HOP_BY_HOP | connection_named(headers.get("connection", ()))
+    drop = _REQUEST_DROP | connection_named(headers.get("connection", ()))
     trusted = ctx.peer in ctx.trusted
     out: list[tuple[str, str]] = []
     for name, value in ctx.scope["headers"]:
@@ -60,7 +76,7 @@ def upstream_request_headers(ctx: RequestContext) -> list[tuple[str, str]]:
             continue
         if lower in ("x-forwarded-for", "forwarded"):
             continue  # re-added below, with this hop appended
-        out.append((lower, value.decode("latin-1")))
+        out.append((lower, _text(value)))
     peer = ctx.peer
     host = headers.get("host", [""])[0]
     proto = ctx.scope.get("scheme", "http")
@@ -93,6 +109,7 @@ def request_problem(scope: dict[str, object] | object, headers: dict[str, list[s
       only from the policy, never from the request (no open proxy, no SSRF);
     - ``Content-Length`` together with ``Transfer-Encoding`` (request smuggling);
     - a missing (HTTP/1.1) or repeated ``Host``;
+    - control characters in a field value (h11 accepts them; they cannot be forwarded);
     - ``.``/``..`` path segments, which would let ``/public/../admin`` match a
       different route than the one the upstream serves.
     """
@@ -108,6 +125,10 @@ def request_problem(scope: dict[str, object] | object, headers: dict[str, list[s
         return "more than one Host header"
     if not hosts and scope.get("http_version") == "1.1":
         return "missing Host header"
+    fields: Iterable[tuple[bytes, bytes]] = scope.get("headers", ())  # type: ignore[assignment]
+    for _, value in fields:
+        if _CONTROL.search(value):
+            return "control characters are not allowed in header values"
     if "/." in path and any(segment in (".", "..") for segment in path.split("/")):
         return "'.' and '..' path segments are not allowed"
     return None

@@ -47,17 +47,20 @@ class _ClientGone(Exception):
 class _Watch:
     """Cancels the proxying task when the client disconnects (uvicorn's send() ignores a gone client)."""
 
-    __slots__ = ("done", "gone", "task")
+    __slots__ = ("done", "gone", "task", "victim")
 
     def __init__(self) -> None:
         self.gone = False
         self.done = False
         self.task: asyncio.Task[None] | None = None
+        # the proxying task, captured here: start() may run inside aiohttp's body-writer task
+        # (the request body generator), which is not the task to cancel
+        victim = asyncio.current_task()
+        assert victim is not None
+        self.victim = victim
 
     def start(self, receive: Receive) -> None:
-        current = asyncio.current_task()
-        assert current is not None
-        self.task = asyncio.get_running_loop().create_task(self._wait(receive, current))
+        self.task = asyncio.get_running_loop().create_task(self._wait(receive, self.victim))
 
     async def _wait(self, receive: Receive, victim: asyncio.Task[Any]) -> None:
         while True:
@@ -114,7 +117,7 @@ class UpstreamProxy:
         if scope.get("query_string"):
             target += "?" + scope["query_string"].decode("latin-1")
         watch = _Watch()
-        has_body = "content-length" in ctx.headers and ctx.headers["content-length"][0] != "0" or (
+        has_body = ("content-length" in ctx.headers and ctx.headers["content-length"][0] != "0") or (
             "transfer-encoding" in ctx.headers
         )
         if has_body:
@@ -150,7 +153,7 @@ class UpstreamProxy:
             return  # the client left: the upstream request is cancelled with us
         except _ClientGone:
             return
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             if watch.gone:
                 return
             if started:

@@ -130,14 +130,19 @@ class Limit(BaseModel):
 
 
 class _CompiledLimit:
-    """A limit with everything the request path needs precomputed."""
+    """A limit with everything the request path needs precomputed (keys, counters, check fields)."""
 
-    __slots__ = ("cost_header", "cost_path", "exempt_headers", "exempt_nets", "id", "limit", "overrides", "text")
-
-    def __init__(self, limit: Limit, ident: str) -> None:
+    def __init__(self, limit: Limit, ident: str, route: str, key_head: str, key_tail: str) -> None:
         self.limit = limit
         self.id = ident
         self.text = str(limit.rate)
+        self.simple_ip = limit.key == ("ip",)
+        self.key_head, self.key_tail = key_head, key_tail
+        self.algorithm = limit.algorithm
+        self.cost = limit.cost
+        self.burst = limit.burst or 0
+        self.enforced = limit.mode == "enforce"
+        self.near = limit.rate.quota * (1 - NEAR_LIMIT)
         nets, headers = [], []
         for entry in limit.exempt:
             if entry.startswith("header:"):
@@ -147,11 +152,20 @@ class _CompiledLimit:
                 nets.append(ipaddress.ip_network(entry, strict=False))
         self.exempt_nets: TrustedProxies = TrustedProxies(nets)
         self.exempt_headers: tuple[tuple[str, str], ...] = tuple(headers)
+        self.has_exempt = bool(nets or headers)
         self.overrides = {o.match: o.rate for o in limit.overrides}
         source = limit.cost_from or ""
         self.cost_header = source.removeprefix("response_header:").strip().lower().encode() if source.startswith(
             "response_header:") else None
         self.cost_path = tuple(source.removeprefix("json:").split(".")) if source and not self.cost_header else None
+        # metric children bound once: labels() on every request costs more than the increment
+        self.allowed = RATELIMIT_DECISIONS.labels(route, ident, "allowed")
+        self.rejected = RATELIMIT_DECISIONS.labels(route, ident, "rejected")
+        self.shadow_rejected = RATELIMIT_DECISIONS.labels(route, ident, "shadow_rejected")
+        self.near_limit = RATELIMIT_DECISIONS.labels(route, ident, "near_limit")
+        self.exempt = RATELIMIT_DECISIONS.labels(route, ident, "exempt")
+        self.local_block = RATELIMIT_DECISIONS.labels(route, ident, "local_block")
+        self.key_fallback = RATELIMIT_KEY_FALLBACKS.labels(route, ident, limit.on_missing)
 
     def actual_cost(self, response: Completed) -> int | None:
         """The cost the upstream reported, or None when it reported none."""
@@ -173,6 +187,8 @@ class _CompiledLimit:
         return cost if cost >= 0 else None
 
     def exempted(self, ctx: RequestContext) -> bool:
+        if not self.has_exempt:
+            return False
         if self.exempt_nets and ctx.client_ip in self.exempt_nets:
             return True
         return any(ctx.header(name) == value for name, value in self.exempt_headers)
@@ -193,6 +209,8 @@ class _BlockCache:
         )
 
     def get(self, keys: tuple[str, ...], cost: int) -> RateLimitResult | None:
+        if not self._entries:
+            return None
         entry = self._entries.get(keys)
         if entry is None:
             return None
@@ -232,9 +250,13 @@ class RateLimitPolicy:
             raise ValueError("RateLimitPolicy needs at least one limit")
         self.route = route
         self.key_prefix = key_prefix
-        self.limits = [_CompiledLimit(limit, ident) for limit, ident in zip(limits, _limit_ids(limits), strict=True)]
         # one hash tag for the whole route when limits key on different things, so the script stays in one slot
-        self._shared_key = len({limit.key for limit in limits}) == 1
+        shared = len({limit.key for limit in limits}) == 1
+        head = f"{key_prefix}rl:{{{route}:" if shared else f"{key_prefix}rl:{{{route}}}:"
+        self.limits = [
+            _CompiledLimit(limit, ident, route, head, f"}}:{ident}" if shared else f":{ident}")
+            for limit, ident in zip(limits, _limit_ids(limits), strict=True)
+        ]
         self.fields = RateLimitFields(
             [
                 HeaderLimit(c.id, c.limit.rate.quota, c.limit.rate.window, c.limit.headers in ("ietf", "both"),
@@ -246,6 +268,7 @@ class RateLimitPolicy:
         self._post_cost = any(c.limit.cost_from for c in self.limits)
         self.response_body_limit = COST_BODY_LIMIT if any(c.cost_path for c in self.limits) else 0
         self._fallback_log = Throttled(60.0)
+        self._shadow_log = Throttled(60.0)
 
     # -- keys -----------------------------------------------------------------
 
@@ -267,7 +290,7 @@ class RateLimitPolicy:
         for part in limit.key:
             text = self._key_part(part, limit, ctx)
             if text is None:
-                RATELIMIT_KEY_FALLBACKS.labels(self.route, compiled.id, limit.on_missing).inc()
+                compiled.key_fallback.inc()
                 self._fallback_log.warning("route %s limit %s: %s missing, on_missing=%s", self.route, compiled.id,
                                            part, limit.on_missing)
                 if limit.on_missing == "skip":
@@ -289,31 +312,36 @@ class RateLimitPolicy:
         checks = []
         active = []
         for compiled in self.limits:
-            if compiled.exempted(ctx):
-                RATELIMIT_DECISIONS.labels(self.route, compiled.id, "exempt").inc()
+            if compiled.has_exempt and compiled.exempted(ctx):
+                compiled.exempt.inc()
                 continue
-            key, raw = self._key(compiled, ctx)
-            if key is None:
-                continue
-            if key == "":
-                missing = ", ".join(p for p in compiled.limit.key if p not in ("ip", "global"))
-                return ErrorResponse(400, "missing_key", f"this route is rate limited by {missing}, which is missing")
-            rate = compiled.overrides.get(raw, compiled.limit.rate) if raw is not None else compiled.limit.rate
-            limit = compiled.limit
-            if self._shared_key:
-                store_key = f"{self.key_prefix}rl:{{{self.route}:{key}}}:{compiled.id}"
+            raw: str | None = None
+            if compiled.simple_ip:
+                ip = ctx.client_ip
+                key = "ip=" + (ip if ":" not in ip else _group_ip(ip, compiled.limit.ipv6_prefix))
             else:
-                store_key = f"{self.key_prefix}rl:{{{self.route}}}:{key}:{compiled.id}"
-            checks.append(LimitCheck(store_key, limit.algorithm, rate.quota, rate.window_ms, limit.cost,
-                                     limit.burst or 0, limit.mode == "enforce"))
+                found, raw = self._key(compiled, ctx)
+                if found is None:
+                    continue
+                key = found
+                if key == "":
+                    missing = ", ".join(p for p in compiled.limit.key if p not in ("ip", "global"))
+                    return ErrorResponse(400, "missing_key",
+                                         f"this route is rate limited by {missing}, which is missing")
+            if raw is not None and raw in compiled.overrides:
+                rate = compiled.overrides[raw]
+                quota, window_ms = rate.quota, rate.window_ms
+            else:
+                quota, window_ms = compiled.limit.rate.quota, compiled.limit.rate.window_ms
+            checks.append(LimitCheck(compiled.key_head + key + compiled.key_tail, compiled.algorithm, quota,
+                                     window_ms, compiled.cost, compiled.burst, compiled.enforced))
             active.append(compiled)
         if not checks:
             return Prepared()
-        keys = tuple(check.key for check in checks)
-        blocked = self._blocks.get(keys, max(check.cost for check in checks))
+        blocked = self._blocks.get(tuple(check.key for check in checks), max(check.cost for check in checks))
         if blocked is not None:
             for compiled in active:
-                RATELIMIT_DECISIONS.labels(self.route, compiled.id, "local_block").inc()
+                compiled.local_block.inc()
             return self._reject(ctx, active, blocked)
         return Prepared((RateLimit(tuple(checks)),), _Request(active, tuple(checks), False))
 
@@ -363,22 +391,23 @@ class RateLimitPolicy:
 
     # -- helpers ----------------------------------------------------------------
 
-    def _states(self, active: list[_CompiledLimit], states: Sequence[LimitState]) -> list[LimitState | None]:
+    def _states(self, active: list[_CompiledLimit], states: Sequence[LimitState]) -> Sequence[LimitState | None]:
+        if len(active) == len(self.limits):
+            return states
         by_id = {compiled.id: state for compiled, state in zip(active, states, strict=True)}
         return [by_id.get(compiled.id) for compiled in self.limits]
 
     def _count(self, active: list[_CompiledLimit], result: RateLimitResult) -> None:
         for compiled, state in zip(active, result.states, strict=True):
-            shadow = compiled.limit.mode == "shadow"
-            if not state.allowed:
-                outcome = "shadow_rejected" if shadow else "rejected"
-                if shadow:
-                    logger.info("shadow limit %s on route %s would reject", compiled.text, self.route)
+            if state.allowed:
+                compiled.allowed.inc()
+                if state.remaining <= compiled.near:
+                    compiled.near_limit.inc()
+            elif compiled.enforced:
+                compiled.rejected.inc()
             else:
-                outcome = "allowed"
-            RATELIMIT_DECISIONS.labels(self.route, compiled.id, outcome).inc()
-            if state.allowed and state.remaining <= compiled.limit.rate.quota * (1 - NEAR_LIMIT):
-                RATELIMIT_DECISIONS.labels(self.route, compiled.id, "near_limit").inc()
+                compiled.shadow_rejected.inc()
+                self._shadow_log.warning("shadow limit %s on route %s would reject", compiled.text, self.route)
 
     def _reject(self, ctx: RequestContext, active: list[_CompiledLimit], result: RateLimitResult) -> ErrorResponse:
         violated = [(c, s) for c, s in zip(active, result.states, strict=True)

@@ -53,9 +53,9 @@ def seconds_ceil(ms: int) -> int:
 
 
 class RateLimitFields:
-    """Builds the response fields for one route's limits; the policy field is built once."""
+    """Builds the response fields for one route's limits; everything static is built once."""
 
-    __slots__ = ("_limits", "policy_field")
+    __slots__ = ("_ietf", "_legacy", "_limits", "policy_field")
 
     def __init__(self, limits: Sequence[HeaderLimit]) -> None:
         self._limits = tuple(limits)
@@ -65,26 +65,27 @@ class RateLimitFields:
             if limit.ietf
         ]
         self.policy_field: bytes | None = ", ".join(items).encode() if items else None
+        # (index, '"minute";r=') for each limit reported in the IETF field
+        self._ietf = tuple((i, sf_string(limit.name) + ";r=") for i, limit in enumerate(self._limits) if limit.ietf)
+        self._legacy = tuple(i for i, limit in enumerate(self._limits) if limit.legacy)
 
     def headers(self, states: Sequence[LimitState | None]) -> list[tuple[bytes, bytes]]:
         """Fields for one response; ``states[i]`` is None for a limit skipped on this request."""
         out: list[tuple[bytes, bytes]] = []
-        items = [
-            f"{sf_string(limit.name)};r={state.remaining};t={seconds_ceil(state.reset_ms)}"
-            for limit, state in zip(self._limits, states, strict=True)
-            if limit.ietf and state is not None
-        ]
-        if items and self.policy_field is not None:
-            out.append((b"ratelimit-policy", self.policy_field))
-            out.append((b"ratelimit", ", ".join(items).encode()))
-        legacy = [
-            (limit, state)
-            for limit, state in zip(self._limits, states, strict=True)
-            if limit.legacy and state is not None
-        ]
-        if legacy:
-            limit, state = min(legacy, key=lambda pair: (pair[1].remaining / pair[0].quota, -pair[1].reset_ms))
-            out.append((b"x-ratelimit-limit", str(limit.quota).encode()))
-            out.append((b"x-ratelimit-remaining", str(state.remaining).encode()))
-            out.append((b"x-ratelimit-reset", str(seconds_ceil(state.reset_ms)).encode()))
+        if self.policy_field is not None:
+            items = []
+            for i, prefix in self._ietf:
+                state = states[i]
+                if state is not None:
+                    items.append(f"{prefix}{state.remaining};t={-(-state.reset_ms // 1000)}")
+            if items:
+                out.append((b"ratelimit-policy", self.policy_field))
+                out.append((b"ratelimit", ", ".join(items).encode()))
+        if self._legacy:
+            legacy = [(self._limits[i], state) for i in self._legacy if (state := states[i]) is not None]
+            if legacy:
+                limit, state = min(legacy, key=lambda pair: (pair[1].remaining / pair[0].quota, -pair[1].reset_ms))
+                out.append((b"x-ratelimit-limit", str(limit.quota).encode()))
+                out.append((b"x-ratelimit-remaining", str(state.remaining).encode()))
+                out.append((b"x-ratelimit-reset", str(seconds_ceil(state.reset_ms)).encode()))
         return out

@@ -113,8 +113,9 @@ class RedisProtocolStore(Store):
         encoded = [self._encode(command) for command in commands]
         deadline = timeout if timeout is not None else self._timeout
         replies = await wait_for_batch(self._transport.submit(encoded), deadline)
-        missing = [i for i, reply in enumerate(replies) if _is_noscript(reply)]
-        if missing:
+        if any(type(reply) is ReplyError for reply in replies) and (
+            missing := [i for i, reply in enumerate(replies) if _is_noscript(reply)]
+        ):
             # the server lost its script cache (restart, failover, FLUSH): send the source once
             retry = [self._with_source(encoded[i]) for i in missing]
             again = await wait_for_batch(self._transport.submit(retry), deadline)
@@ -177,8 +178,11 @@ def _decode(command: Command, reply: object) -> object:
 def _decode_rate_limit(reply: object, count: int) -> RateLimitResult:
     if not isinstance(reply, list) or len(reply) != 1 + 4 * count:
         raise StoreError(f"unexpected rate-limit reply {reply!r}")
-    values = [int(v) for v in reply]
+    try:
+        values = reply if all(type(v) is int for v in reply) else [int(v) for v in reply]
+    except (TypeError, ValueError):
+        raise StoreError(f"unexpected rate-limit reply {reply!r}") from None
     states = tuple(
-        LimitState(bool(values[i]), values[i + 1], values[i + 2], values[i + 3]) for i in range(1, len(values), 4)
+        LimitState(values[i] == 1, values[i + 1], values[i + 2], values[i + 3]) for i in range(1, len(values), 4)
     )
-    return RateLimitResult(bool(values[0]), states)
+    return RateLimitResult(values[0] == 1, states)

@@ -28,7 +28,7 @@ QUOTA = 100
 
 POLICY = """\
 version: 1
-store: {{ url: "{store}", timeout: 2s, key_prefix: "{prefix}" }}
+store: {{ url: "{store}", timeout: 5s, key_prefix: "{prefix}" }}
 upstreams:
   up: {{ url: "{upstream}" }}
 routes:
