@@ -33,7 +33,10 @@ _FORWARDING = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-ho
 # ``Expect: 100-continue`` is answered on the client's hop (the server sends 100 once the body is read);
 # passed on, aiohttp would hold the body until the upstream sent its own 100, stalling (until the read
 # timeout) on an upstream that just waits for the body, as RFC 9110 §10.1.1 allows. nginx drops it too.
-_REQUEST_DROP = HOP_BY_HOP | {"expect"}
+_REQUEST_DROP = HOP_BY_HOP | {"expect", "host"}
+# forwarding fields: re-added with this hop appended; from an untrusted peer the client's own are dropped
+_REQUEST_DROP_TRUSTED = _REQUEST_DROP | {"x-forwarded-for", "forwarded"}
+_REQUEST_DROP_UNTRUSTED = _REQUEST_DROP | _FORWARDING
 _HOP_BY_HOP_BYTES = frozenset(name.encode() for name in HOP_BY_HOP)
 # control characters h11 lets through in field values but aiohttp refuses to send (ValueError -> a bare 500)
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
@@ -65,41 +68,47 @@ def upstream_request_headers(ctx: RequestContext) -> list[tuple[str, str]]:
     ``X-Forwarded-Host`` and ``Forwarded``.
     """
     headers = ctx.headers
-    drop = _REQUEST_DROP | connection_named(headers.get("connection", ()))
-    trusted = ctx.peer in ctx.trusted
+    drop = _REQUEST_DROP_UNTRUSTED
+    peer = ctx.peer
+    trusted = peer in ctx.trusted
+    if trusted:
+        drop = _REQUEST_DROP_TRUSTED
+    if "connection" in headers:
+        drop = drop | connection_named(headers["connection"])
     out: list[tuple[str, str]] = []
     for name, value in ctx.scope["headers"]:
         lower = name.decode("latin-1").lower()
-        if lower in drop or lower == "host" or lower.startswith("x-edgeway-"):
+        if lower in drop or lower.startswith("x-edgeway-"):
             continue
-        if lower in _FORWARDING and not trusted:
-            continue
-        if lower in ("x-forwarded-for", "forwarded"):
-            continue  # re-added below, with this hop appended
         out.append((lower, _text(value)))
-    peer = ctx.peer
-    host = headers.get("host", [""])[0]
+    host = headers["host"][0] if "host" in headers else ""
     proto = ctx.scope.get("scheme", "http")
-    prior_xff = ", ".join(headers.get("x-forwarded-for", ())) if trusted else ""
+    prior_xff = ", ".join(headers["x-forwarded-for"]) if trusted and "x-forwarded-for" in headers else ""
     out.append(("x-forwarded-for", f"{prior_xff}, {peer}" if prior_xff else peer))
     if not (trusted and "x-forwarded-proto" in headers):
         out.append(("x-forwarded-proto", proto))
-    if not (trusted and "x-forwarded-host" in headers) and host:
+    if host and not (trusted and "x-forwarded-host" in headers):
         out.append(("x-forwarded-host", host))
     element = f"for={_for_token(peer)};proto={proto}" + (f';host="{host}"' if host else "")
-    prior = ", ".join(headers.get("forwarded", ())) if trusted else ""
+    prior = ", ".join(headers["forwarded"]) if trusted and "forwarded" in headers else ""
     out.append(("forwarded", f"{prior}, {element}" if prior else element))
     return out
 
 
 def downstream_response_headers(raw: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     """The upstream's response headers minus hop-by-hop fields; repeated fields (Set-Cookie) kept."""
-    named: set[bytes] = set()
+    out = []
+    named: list[bytes] = []
     for name, value in raw:
-        if name.lower() == b"connection":
-            named.update(token.strip().lower() for token in value.split(b",") if token.strip())
-    drop = _HOP_BY_HOP_BYTES | named if named else _HOP_BY_HOP_BYTES
-    return [(name.lower(), value) for name, value in raw if name.lower() not in drop]
+        lower = name.lower()
+        if lower in _HOP_BY_HOP_BYTES:
+            if lower == b"connection":
+                named.extend(token.strip().lower() for token in value.split(b","))
+            continue
+        out.append((lower, value))
+    if named:
+        out = [(name, value) for name, value in out if name not in named]
+    return out
 
 
 def request_problem(scope: dict[str, object] | object, headers: dict[str, list[str]]) -> str | None:
@@ -126,9 +135,8 @@ def request_problem(scope: dict[str, object] | object, headers: dict[str, list[s
     if not hosts and scope.get("http_version") == "1.1":
         return "missing Host header"
     fields: Iterable[tuple[bytes, bytes]] = scope.get("headers", ())  # type: ignore[assignment]
-    for _, value in fields:
-        if _CONTROL.search(value):
-            return "control characters are not allowed in header values"
+    if _CONTROL.search(b"\t".join(value for _, value in fields)):
+        return "control characters are not allowed in header values"
     if "/." in path and any(segment in (".", "..") for segment in path.split("/")):
         return "'.' and '..' path segments are not allowed"
     return None
