@@ -67,6 +67,7 @@ class EdgewayMiddleware:
         )
         self.route = route
         self._body_limit = max((policy.response_body_limit for policy in self.policies), default=0)
+        self._track = any(policy.wants_finish for policy in self.policies)
         self._background: set[asyncio.Task[None]] = set()
         self._store_failures = Throttled()
 
@@ -125,6 +126,18 @@ class EdgewayMiddleware:
     async def _call_app(self, ctx: RequestContext, prepared: list[Prepared], scope: Scope, receive: Receive,
                         send: Send) -> None:
         extra = ctx.response_headers
+        if not self._track:
+            if not extra:
+                await self.app(scope, receive, send)
+                return
+
+            async def send_adding_headers(message: Message) -> None:
+                if message["type"] == "http.response.start":
+                    message["headers"] = [*message.get("headers", ()), *extra]
+                await send(message)
+
+            await self.app(scope, receive, send_adding_headers)
+            return
         limit = self._body_limit
         state: dict[str, Any] = {}
         chunks: list[bytes] = []

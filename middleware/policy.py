@@ -67,6 +67,9 @@ class Policy(Protocol):
 
     name: str
     response_body_limit: int
+    """Bytes of the response body ``finish`` wants to see (0: none)."""
+    wants_finish: bool
+    """False when ``finish`` never returns writes, so the pipeline can skip tracking the response."""
 
     def prepare(self, ctx: RequestContext) -> Prepared | ErrorResponse:
         """Commands for the shared batch, or an immediate answer."""

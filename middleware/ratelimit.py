@@ -265,7 +265,7 @@ class RateLimitPolicy:
             ]
         )
         self._blocks = _BlockCache(block_cache_size)
-        self._post_cost = any(c.limit.cost_from for c in self.limits)
+        self._post_cost = self.wants_finish = any(c.limit.cost_from for c in self.limits)
         self.response_body_limit = COST_BODY_LIMIT if any(c.cost_path for c in self.limits) else 0
         self._fallback_log = Throttled(60.0)
         self._shadow_log = Throttled(60.0)

@@ -22,6 +22,7 @@ import abc
 import enum
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 __all__ = [
     "Algorithm",
@@ -88,8 +89,9 @@ class Delete:
     key: str
 
 
-@dataclass(frozen=True, slots=True)
-class LimitCheck:
+# LimitCheck, LimitState and RateLimitResult are NamedTuples: built for every request on the hot path,
+# where a tuple is several times cheaper to create than a frozen dataclass.
+class LimitCheck(NamedTuple):
     """One limit of a request: ``cost`` units against ``quota`` per ``window_ms`` on ``key``."""
 
     key: str
@@ -103,8 +105,7 @@ class LimitCheck:
     """False for a shadow-mode limit: counted and reported, never the reason for a rejection."""
 
 
-@dataclass(frozen=True, slots=True)
-class LimitState:
+class LimitState(NamedTuple):
     """What the store knows of one limit after the decision."""
 
     allowed: bool
@@ -115,8 +116,7 @@ class LimitState:
     """0 when allowed; otherwise how long until the same request would pass."""
 
 
-@dataclass(frozen=True, slots=True)
-class RateLimitResult:
+class RateLimitResult(NamedTuple):
     """The decision for all limits of one request, taken atomically."""
 
     allowed: bool

@@ -77,7 +77,9 @@ class _RespProtocol(asyncio.Protocol):
         if self.lost is not None:
             future.set_exception(self.lost)
             return future
-        self._out.extend(hiredis.pack_command(command) for command in commands)  # type: ignore[arg-type]
+        pack = hiredis.pack_command
+        for command in commands:
+            self._out.append(pack(command))  # type: ignore[arg-type]
         self._waiting.append(_Batch(len(commands), future))
         if not self._flush_scheduled:
             self._flush_scheduled = True

@@ -182,7 +182,7 @@ def _decode_rate_limit(reply: object, count: int) -> RateLimitResult:
         values = reply if all(type(v) is int for v in reply) else [int(v) for v in reply]
     except (TypeError, ValueError):
         raise StoreError(f"unexpected rate-limit reply {reply!r}") from None
-    states = tuple(
+    states = tuple([
         LimitState(values[i] == 1, values[i + 1], values[i + 2], values[i + 3]) for i in range(1, len(values), 4)
-    )
+    ])
     return RateLimitResult(values[0] == 1, states)

@@ -10,7 +10,6 @@ and every backend is held to the same literal expectations.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -143,7 +142,7 @@ Step = tuple[int, int, tuple[bool, int, int, int]]
 async def run_script(store: Store, clock: FakeClock, check: LimitCheck, steps: list[Step]) -> None:
     for number, (advance, cost, expected) in enumerate(steps):
         clock.advance(advance)
-        result = await hit(store, dataclasses.replace(check, cost=cost))
+        result = await hit(store, check._replace(cost=cost))
         assert state(result) == expected, f"step {number} at +{clock.ms - T0_MS} ms"
         assert result.allowed == expected[0]
 
