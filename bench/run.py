@@ -1,17 +1,22 @@
 """Edgeway benchmark harness: one command, every server started and stopped by it.
 
-    .venv/bin/python bench/run.py [--duration 10] [--warmup 2] [--targets edgeway,baseline] [--no-write]
+    .venv/bin/python bench/run.py [--rounds 3] [--duration 5] [--warmup 2] [--targets edgeway,baseline]
+                                  [--no-write]
 
-Starts nginx serving a 1 KB static file (the upstream) and, when needed, a
-private ``redis-server``, all on free ports. Then, one target at a time, it
-starts the target, checks one response, runs ``wrk -t2 -c32 --latency`` for
-the warm-up and then for the measured duration, and stops the target.
-Around the measured run of every Redis-backed target it diffs Redis'
-``INFO commandstats``/``INFO stats`` to report store commands and network
-reads (round trips) per request. Prints a table and overwrites the
-"## Latest run" section of ``bench/RESULTS.md``. Server logs go to
-``bench/out/<target>.log``, wrk's output to ``bench/out/wrk-<target>.txt``.
-Every process runs in its own process group and is killed in ``finally``.
+Starts nginx serving a 1 KB static file (the upstream), a private
+``redis-server`` for each Redis-backed target, and every target, all on free
+ports, and checks one response through each. Then it measures in rounds, to
+average out noisy neighbours: in every round it runs ``wrk -t2 -c32
+--latency`` against each target in turn, always in the same order (in round 1
+each target gets a warm-up run first). Per target it reports the median req/s
+over the rounds, the p50/p99 of the median round and the min-max spread; the
+goal ratios use the medians. Around every measured run of a Redis-backed
+target it diffs its Redis' ``INFO commandstats``/``INFO stats`` and sums the
+store commands and network reads (round trips) over the rounds. Prints a
+table and overwrites the "## Latest run" section of ``bench/RESULTS.md``.
+Server logs go to ``bench/out/<name>.log``, wrk's output to
+``bench/out/wrk-<target>-r<round>.txt``. Every process runs in its own
+process group and is killed in ``finally``.
 """
 
 from __future__ import annotations
@@ -28,11 +33,13 @@ import shlex
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,36 +49,52 @@ BENCH, OUT, RESULTS = ROOT / "bench", ROOT / "bench" / "out", ROOT / "bench" / "
 VENV_BIN = ROOT / ".venv" / "bin"
 if not (VENV_BIN / "python").exists():
     VENV_BIN = Path(sys.executable).parent
-TARGETS = ("upstream", "nginx-proxy", "baseline", "edgeway", "edgeway-2-limits", "edgeway-2-limits-memory",
-           "slowapi")
+TARGETS = ("upstream", "nginx-proxy", "raw-aiohttp", "baseline", "edgeway", "edgeway-2-limits",
+           "edgeway-2-limits-memory", "slowapi")
+ASGI_APPS = {"raw-aiohttp": "baseline_proxy:raw_app", "baseline": "baseline_proxy:starlette_app",
+             "slowapi": "slowapi_proxy:app"}  # served from bench/ with uvicorn
 REDIS_TARGETS = ("edgeway-2-limits", "slowapi")
 TWO_LIMITS = [{"rate": "1000000/minute", "key": "ip"}, {"rate": "100000000/day", "key": "ip"}]
 PATH, BODY = "/1k.txt", b"x" * 1023 + b"\n"
 WRK = ["wrk", "-t2", "-c32", "--latency"]
+SETTLE = 0.5  # seconds after each wrk run for the requests still in flight to finish
 # The uvicorn settings of `edgeway serve` (gateway/cli.py `_serve`), spelled out.
 UVICORN = ["-m", "uvicorn", "--host", "127.0.0.1", "--workers", "1", "--loop", "uvloop", "--http",
            "httptools", "--lifespan", "on", "--no-proxy-headers", "--no-access-log", "--no-server-header",
            "--no-date-header"]
-GOALS = (("edgeway", "baseline", 0.90), ("edgeway-2-limits", "baseline", 0.75),
-         ("edgeway-2-limits", "slowapi", 2.0))
+GOALS = (("edgeway", "raw-aiohttp", 0.85), ("edgeway", "baseline", 0.90), ("edgeway-2-limits", "baseline", 0.75),
+         ("edgeway-2-limits", "slowapi", 2.0))  # req/s ratios (of medians): target, reference, minimum
+STORE_GOAL_TARGET = "edgeway-2-limits"  # goals: <= 1 Redis round trip and exactly 1 script call per request
+MAX_ROUND_TRIPS, SCRIPT_CALLS, SCRIPT_CALLS_TOLERANCE = 1.0, 1.0, 0.01
 OWN_COMMANDS = ("info", "config", "ping", "client", "hello", "command")  # the harness', not the store's
-SCRIPT_CALLS = ("evalsha", "eval", "evalsha_ro", "eval_ro", "fcall", "fcall_ro")
+SCRIPT_COMMANDS = ("evalsha", "eval", "evalsha_ro", "eval_ro", "fcall", "fcall_ro")
 LOG_PROBLEM = re.compile(r"\b(ERROR|CRITICAL|WARNING|Traceback)\b|\[(error|crit|alert|emerg)\]")
 INTRO = """# Edgeway benchmarks
 
-`bench/run` (`.venv/bin/python bench/run.py [--duration S] [--targets a,b]`) starts every server on free
-ports, warms each target up for 2 s, measures it with `wrk -t2 -c32 -d<S>s --latency` (GET of a 1 KB
-static file through it) and stops everything. **upstream**: nginx (1 worker, no access log) serving the
-file, the origin of every proxy. **nginx-proxy**: nginx proxying to it over a keepalive pool, the native
-ceiling. **baseline**: `bench/baseline_proxy.py`, a bare ASGI proxy on one aiohttp session, no policies,
-under uvicorn with Edgeway's server settings. **edgeway**: `edgeway serve`, one route `/*`, no policies.
-**edgeway-2-limits**: the same with two limits (`1000000/minute`, `100000000/day`, key `ip`: never
-rejecting) on a private `redis-server`; **edgeway-2-limits-memory**: on `memory://`. **slowapi**: the
-baseline forwarder guarded by slowapi (`bench/slowapi_proxy.py`), same two limits, same Redis.
+`bench/run` (`.venv/bin/python bench/run.py [--rounds R] [--duration S] [--targets a,b]`) starts every
+server on free ports, then measures in rounds: in each of R rounds (default 3) it runs
+`wrk -t2 -c32 -d<S>s --latency` (default 5 s; GET of a 1 KB static file) against every target in turn,
+in the same order, after a 2 s warm-up per target in round 1 only. Interleaving spreads the machine's
+noise (single runs vary by +-15% here) over all targets; each target's figure is its median req/s over
+the rounds, with the p50/p99 of that median round and the min-max spread; ratios use the medians.
 
-Goals from the issue: the gateway with no policies >= 90% of baseline req/s; with two limits >= 75% of
-baseline and >= 2x slowapi. wrk shares the machine's cores with the servers: compare ratios within one
-run, not absolute numbers across machines.
+Targets. **upstream**: nginx (1 worker, no access log) serving the file, the origin of every proxy.
+**nginx-proxy**: nginx proxying to it over a keepalive pool, the native ceiling. The two references
+from the issue, both in `bench/baseline_proxy.py`, both on one shared aiohttp session, no policies,
+under uvicorn with Edgeway's server settings: **raw-aiohttp** ("raw aiohttp forwarding"), a pure-ASGI
+forwarder with no framework, the reference for the gateway's proxy hot path; **baseline** ("a bare
+Starlette proxy on raw aiohttp with no policies"), a Starlette app with one catch-all route whose
+endpoint returns a `StreamingResponse` over the aiohttp response. **edgeway**: `edgeway serve`, one
+route `/*`, no policies. **edgeway-2-limits**: the same with two limits (`1000000/minute`,
+`100000000/day`, key `ip`: never rejecting) on a private `redis-server`; **edgeway-2-limits-memory**:
+on `memory://`. **slowapi**: the baseline's Starlette app and endpoint guarded by slowapi
+(`bench/slowapi_proxy.py`), the same two limits on its own private `redis-server` (same settings).
+
+Goals from the issue: the gateway's proxy hot path (edgeway, no policies) >= 85% of raw-aiohttp
+req/s; the gateway with no policies >= 90% of baseline; with two limits >= 75% of baseline and >= 2x
+slowapi, with at most 1 Redis round trip and exactly 1 Redis command (one script call) per request.
+wrk shares the machine's 2 cores with the servers: compare ratios within one run, not absolute
+numbers across machines.
 """
 
 
@@ -87,14 +110,64 @@ class WrkResult:
     socket_errors: int
 
 
+Snapshot = tuple[dict[str, int], int]
+
+
+@dataclass
+class StoreWork:
+    """Redis work summed over a target's measured runs: calls per command, network reads, requests."""
+
+    calls: Counter[str] = field(default_factory=Counter)
+    reads: int = 0
+    requests: int = 0
+
+    def add(self, before: Snapshot, after: Snapshot, requests: int) -> None:
+        """Add the work between two snapshots taken around a run of ``requests`` requests."""
+        self.calls.update({k: v - before[0].get(k, 0) for k, v in after[0].items() if v > before[0].get(k, 0)})
+        self.reads += after[1] - before[1] - 2  # minus the reads of the second snapshot's two INFO commands
+        self.requests += requests
+
+    def per_request(self, count: int) -> float:
+        return count / self.requests if self.requests else 0.0
+
+    @property
+    def script_calls(self) -> float:
+        """Script calls (EVALSHA & co.) per request: the commands the client itself sends for a limit check."""
+        return self.per_request(sum(v for k, v in self.calls.items() if k in SCRIPT_COMMANDS))
+
+    @property
+    def round_trips(self) -> float:
+        """Network reads per request: each is one round trip (a pipelined batch counts once)."""
+        return self.per_request(self.reads)
+
+    def summary(self) -> str:
+        detail = ", ".join(f"{k} {self.per_request(v):.2f}" for k, v in self.calls.most_common())
+        return (f"{self.per_request(self.calls.total()):.2f} Redis commands/request counting those run inside "
+                f"Lua ({detail or 'none'}); {self.script_calls:.2f} script calls/request; "
+                f"{self.round_trips:.3f} network reads/request, i.e. round trips "
+                f"({self.reads} reads for {self.requests} requests)")
+
+
 @dataclass
 class Outcome:
-    """One target's result, or why it has none; ``problems`` flag it."""
+    """One target: its URL, its measured runs (one per round), its Redis work, and what went wrong."""
 
     target: str
-    result: WrkResult | None = None
+    url: str = ""
+    runs: list[WrkResult] = field(default_factory=list)
+    store: StoreWork | None = None
     problems: list[str] = field(default_factory=list)
-    store: str = ""
+    failed: bool = False  # not (or no longer) measurable: skipped in the remaining rounds
+
+    @property
+    def rps(self) -> float:
+        """Median req/s over the rounds."""
+        return statistics.median(run.rps for run in self.runs)
+
+    @property
+    def median_run(self) -> WrkResult:
+        """The run with the median req/s (the lower middle one for an even number of rounds)."""
+        return sorted(self.runs, key=lambda run: run.rps)[(len(self.runs) - 1) // 2]
 
 
 class Processes:
@@ -124,7 +197,8 @@ class Processes:
             os.killpg(proc.pid, signal.SIGKILL)
 
     def stop_all(self) -> None:
-        for name in list(self.running):
+        """Stop everything, the last started first (targets before their upstream and Redis)."""
+        for name in reversed(list(self.running)):
             self.stop(name)
 
 
@@ -172,7 +246,10 @@ def wait_ready(procs: Processes, name: str, url: str, timeout: float = 30.0) -> 
 
 
 def start_nginx(procs: Processes, name: str, tmp: Path, port: int, upstream_port: int | None) -> None:
-    """nginx in the foreground with its own prefix dir: a static origin, or a keepalive reverse proxy."""
+    """nginx in the foreground with its own prefix dir: a static origin, or a keepalive reverse proxy.
+
+    Idle keepalive connections are kept for an hour, so the proxies' pools stay valid between rounds.
+    """
     prefix = tmp / name
     (prefix / "www").mkdir(parents=True)
     (prefix / "www" / PATH.lstrip("/")).write_bytes(BODY)
@@ -189,7 +266,7 @@ def start_nginx(procs: Processes, name: str, tmp: Path, port: int, upstream_port
     (prefix / "nginx.conf").write_text(f"""daemon off; worker_processes 1; pid {prefix}/nginx.pid;
 error_log stderr warn;
 events {{ worker_connections 4096; }}
-http {{ access_log off; keepalive_requests 1000000; {temps}
+http {{ access_log off; keepalive_requests 1000000; keepalive_timeout 1h; {temps}
   {upstream}
   server {{ listen 127.0.0.1:{port}; {location} }}
 }}
@@ -197,19 +274,19 @@ http {{ access_log off; keepalive_requests 1000000; {temps}
     procs.start(name, ["nginx", "-p", str(prefix), "-c", str(prefix / "nginx.conf")])
 
 
-def start_redis(procs: Processes, tmp: Path) -> int:
-    """A private redis-server (no persistence) on a free port; never the machine's shared one."""
+def start_redis(procs: Processes, tmp: Path, target: str) -> int:
+    """A private redis-server (no persistence) for ``target`` on a free port; never the machine's shared one."""
     import redis
 
-    port = free_port()
-    procs.start("redis", ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                          "--appendonly", "no", "--dir", str(tmp)])
+    port, name = free_port(), f"redis-{target}"
+    procs.start(name, ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                       "--appendonly", "no", "--dir", str(tmp)])
     for _ in range(100):
         with contextlib.suppress(redis.ConnectionError):
             redis.Redis(port=port).ping()
             return port
         time.sleep(0.05)
-    raise RuntimeError(f"redis-server did not start:\n{log_tail('redis')}")
+    raise RuntimeError(f"{name} did not start:\n{log_tail(name)}")
 
 
 def write_policy(tmp: Path, name: str, upstream_port: int, store: str, limits: bool) -> Path:
@@ -232,10 +309,10 @@ def start_target(procs: Processes, target: str, tmp: Path, upstream_port: int, r
     redis_url = f"redis://127.0.0.1:{redis_port}"
     if target == "nginx-proxy":
         start_nginx(procs, target, tmp, port, upstream_port)
-    elif target in ("baseline", "slowapi"):
+    elif target in ASGI_APPS:
         env = {"UPSTREAM_URL": f"http://127.0.0.1:{upstream_port}", "REDIS_URL": redis_url}
         procs.start(target, [str(VENV_BIN / "python"), *UVICORN, "--port", str(port), "--app-dir", str(BENCH),
-                             f"{target}_proxy:app"], env)
+                             ASGI_APPS[target]], env)
     else:
         store = redis_url if target == "edgeway-2-limits" else "memory://"
         policy = write_policy(tmp, target, upstream_port, store, limits=target != "edgeway")
@@ -263,15 +340,12 @@ def parse_wrk(text: str) -> WrkResult:
                      int(non2xx[1]) if non2xx else 0, sum(map(int, sockets.groups())) if sockets else 0)
 
 
-def run_wrk(url: str, seconds: float) -> str:
-    done = subprocess.run([*WRK, f"-d{seconds:g}s", url], capture_output=True, text=True,
+def run_wrk(url: str, seconds: int) -> str:
+    done = subprocess.run([*WRK, f"-d{seconds}s", url], capture_output=True, text=True,
                           timeout=seconds + 60)
     if done.returncode != 0:
         raise RuntimeError(f"wrk failed ({done.returncode}): {done.stderr or done.stdout}")
     return done.stdout
-
-
-Snapshot = tuple[dict[str, int], int]
 
 
 def redis_snapshot(client: Any) -> Snapshot:
@@ -282,57 +356,47 @@ def redis_snapshot(client: Any) -> Snapshot:
     return {k: v for k, v in calls.items() if not k.startswith(OWN_COMMANDS)}, reads
 
 
-def store_per_request(before: Snapshot, after: Snapshot, requests: int) -> tuple[str, bool]:
-    """A per-request summary of the Redis work between two snapshots, and whether there was any."""
-    delta = {k: v - before[0].get(k, 0) for k, v in after[0].items() if v > before[0].get(k, 0)}
-    reads = after[1] - before[1] - 2  # minus the reads of the second snapshot's two INFO commands
-    scripts = sum(v for k, v in delta.items() if k in SCRIPT_CALLS)
-    detail = ", ".join(f"{k} {v / requests:.2f}" for k, v in sorted(delta.items(), key=lambda kv: -kv[1]))
-    return (f"{sum(delta.values()) / requests:.2f} Redis commands/request counting those run inside Lua "
-            f"({detail or 'none'}); {scripts / requests:.2f} script calls/request; "
-            f"{reads / requests:.3f} network reads/request, i.e. round trips "
-            f"({reads} reads for {requests} requests)"), bool(delta)
-
-
-def bench(procs: Processes, target: str, args: argparse.Namespace, tmp: Path, upstream_port: int,
-          redis_port: int | None) -> Outcome:
-    """Start, check, warm up, measure and stop one target."""
-    import redis
-
-    outcome = Outcome(target)
-    print(f"== {target}", flush=True)
+def measure(procs: Processes, outcome: Outcome, round_no: int, args: argparse.Namespace, client: Any) -> None:
+    """One round of one target: (warm-up in round 1,) a measured wrk run, its Redis work if ``client``."""
+    target = outcome.target
     try:
-        url = start_target(procs, target, tmp, upstream_port, redis_port)
-        wait_ready(procs, target, url)
-        run_wrk(url, args.warmup)
-        client = redis.Redis(port=redis_port) if target in REDIS_TARGETS and redis_port else None
+        proc = procs.running.get(target)
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{target} exited with code {proc.returncode}:\n{log_tail(target)}")
+        if round_no == 1 and args.warmup > 0:
+            run_wrk(outcome.url, args.warmup)
+            time.sleep(SETTLE)
         before = redis_snapshot(client) if client else None
-        text = run_wrk(url, args.duration)
-        after = redis_snapshot(client) if client else None
-        (OUT / f"wrk-{target}.txt").write_text(text)
-        outcome.result = result = parse_wrk(text)
-        if before and after:
-            outcome.store, used = store_per_request(before, after, result.requests)
-            if not used:
-                outcome.problems.append("no Redis commands during the measured run: the store was not used")
-        if result.non2xx or result.socket_errors:
-            outcome.problems.append(f"{result.non2xx} non-2xx/3xx responses, {result.socket_errors} "
-                                    "socket errors")
-        print(f"   {result.rps:,.0f} req/s, p50 {fmt_time(result.p50)}, p99 {fmt_time(result.p99)}",
-              flush=True)
+        text = run_wrk(outcome.url, args.duration)
+        after = redis_snapshot(client) if client else None  # before the in-flight rest: wrk did not count it
+        time.sleep(SETTLE)  # and neither the next target's run nor this target's next one sees it
+        (OUT / f"wrk-{target}-r{round_no}.txt").write_text(text)
+        result = parse_wrk(text)
     except Exception as exc:  # one failing target must not stop the others
-        outcome.problems.append(f"failed: {exc}")
-        print(f"   FAILED: {exc}", flush=True)
-    finally:
-        if target != "upstream":  # the origin stays up for the other targets
-            procs.stop(target)
-    log = OUT / f"{target}.log"
-    bad = [line for line in log.read_text(errors="replace").splitlines() if LOG_PROBLEM.search(line)] \
-        if target != "upstream" and log.exists() else []
-    if bad:
-        outcome.problems.append(f"{len(bad)} warning/error lines in bench/out/{target}.log, first: "
-                                f"`{bad[0].strip()[:200]}`")
-    return outcome
+        outcome.failed = True
+        outcome.problems.append(f"round {round_no} failed: {exc}")
+        print(f"   {target:<24} FAILED: {exc}", flush=True)
+        return
+    outcome.runs.append(result)
+    if outcome.store is not None and before and after:
+        outcome.store.add(before, after, result.requests)
+    if result.non2xx or result.socket_errors:
+        outcome.problems.append(f"round {round_no}: {result.non2xx} non-2xx/3xx responses, "
+                                f"{result.socket_errors} socket errors")
+    print(f"   {target:<24} {result.rps:>9,.0f} req/s, p50 {fmt_time(result.p50)}, p99 {fmt_time(result.p99)}",
+          flush=True)
+
+
+def check_logs(outcomes: list[Outcome]) -> None:
+    """Flag targets whose server log has warnings, errors or tracebacks."""
+    for outcome in outcomes:
+        log = OUT / f"{outcome.target}.log"
+        if outcome.target == "upstream" or not log.exists():
+            continue
+        bad = [line for line in log.read_text(errors="replace").splitlines() if LOG_PROBLEM.search(line)]
+        if bad:
+            outcome.problems.append(f"{len(bad)} warning/error lines in bench/out/{outcome.target}.log, first: "
+                                    f"`{bad[0].strip()[:200]}`")
 
 
 def fmt_time(seconds: float) -> str:
@@ -360,34 +424,53 @@ def machine_facts() -> str:
             f"Python {platform.python_version()}, {tools}; {packages}")
 
 
+def ratio_line(name: str, value: float | None, goal: str, met: bool, note: str = "") -> str:
+    if value is None:
+        return f"- {name}: not measured (goal {goal})"
+    return f"- {name}: {value:.2f} (goal {goal}): {'met' if met else 'MISSED'}{note}"
+
+
 def render(outcomes: list[Outcome], args: argparse.Namespace, command: str) -> str:
-    """The "## Latest run" section: facts, table, goal ratios, Redis figures, problems."""
-    rps = {o.target: o.result.rps for o in outcomes if o.result}
+    """The "## Latest run" section: facts, table, goals, Redis figures, problems."""
+    measured = {o.target: o for o in outcomes if o.runs}
+    rps = {target: o.rps for target, o in measured.items()}
     flagged = {o.target for o in outcomes if o.problems}
-    base = rps.get("baseline")
+    refs = [ref for ref in ("raw-aiohttp", "baseline") if ref in rps]
     lines = ["## Latest run", "", f"- Date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M UTC}",
              f"- Machine: {machine_facts()}",
-             f"- Command: `{command}` (per target: {args.warmup:g} s warm-up, then "
-             f"`{' '.join(WRK)} -d{args.duration:g}s`; GET {PATH}, a {len(BODY)}-byte static file)", "",
-             "| target | req/s | p50 | p99 | vs baseline | errors |", "|---|---:|---:|---:|---:|---|"]
+             f"- Command: `{command}` ({args.rounds} rounds, every target once per round in the order below; "
+             f"{args.warmup:g} s warm-up per target in round 1 only; each run `{' '.join(WRK)} "
+             f"-d{args.duration:g}s`, GET {PATH}, a {len(BODY)}-byte static file)",
+             "- req/s: median over the rounds; p50/p99: of the median round; spread: min-max req/s over the "
+             "rounds", "",
+             f"| target | req/s | spread | p50 | p99 | {' | '.join(f'vs {ref}' for ref in refs)} | errors |",
+             f"|---|---:|---|---:|---:|{'---:|' * len(refs)}---|"]
     for o in outcomes:
-        r = o.result
-        cells = [f"{r.rps:,.0f}", fmt_time(r.p50), fmt_time(r.p99), f"{r.rps / base:.2f}" if base else "-"] \
-            if r else ["-"] * 4
+        if o.runs:
+            low, high = min(run.rps for run in o.runs), max(run.rps for run in o.runs)
+            cells = [f"{o.rps:,.0f}", f"{low:,.0f}-{high:,.0f}", fmt_time(o.median_run.p50),
+                     fmt_time(o.median_run.p99), *(f"{o.rps / rps[ref]:.2f}" for ref in refs)]
+        else:
+            cells = ["-"] * (4 + len(refs))
         lines.append(f"| {o.target} | {' | '.join(cells)} | {'**FLAGGED**' if o.problems else 'none'} |")
     lines += ["", "Goals:", ""]
     for target, against, goal in GOALS:
-        if target in rps and against in rps:
-            ratio = rps[target] / rps[against]
-            note = " (flagged: see Problems)" if {target, against} & flagged else ""
-            lines.append(f"- {target} / {against}: {ratio:.2f} (goal >= {goal:g}): "
-                         f"{'met' if ratio >= goal else 'MISSED'}{note}")
-        else:
-            lines.append(f"- {target} / {against}: not measured (goal >= {goal:g})")
-    stores = [f"- {o.target}: {o.store}" for o in outcomes if o.store]
+        ratio = rps[target] / rps[against] if target in rps and against in rps else None
+        note = " (flagged: see Problems)" if {target, against} & flagged else ""
+        lines.append(ratio_line(f"{target} / {against}", ratio, f">= {goal:g}", ratio is not None and ratio >= goal,
+                                note))
+    store = measured[STORE_GOAL_TARGET].store if STORE_GOAL_TARGET in measured else None
+    trips, scripts = (store.round_trips, store.script_calls) if store and store.requests else (None, None)
+    lines += [
+        ratio_line(f"{STORE_GOAL_TARGET} Redis round trips/request", trips, f"<= {MAX_ROUND_TRIPS:g}",
+                   trips is not None and trips <= MAX_ROUND_TRIPS),
+        ratio_line(f"{STORE_GOAL_TARGET} Redis commands (script calls)/request", scripts,
+                   f"= {SCRIPT_CALLS:g} +- {SCRIPT_CALLS_TOLERANCE:g}",
+                   scripts is not None and abs(scripts - SCRIPT_CALLS) <= SCRIPT_CALLS_TOLERANCE)]
+    stores = [f"- {o.target}: {o.store.summary()}" for o in outcomes if o.store and o.store.requests]
     if stores:
-        lines += ["", "Redis work per request in the measured run (Edgeway auto-pipelines: it should need "
-                  "<= 1 round trip per request):", "", *stores]
+        lines += ["", f"Redis work per request, summed over the {args.rounds} measured runs (Edgeway auto-pipelines:"
+                  " it should need <= 1 round trip per request):", "", *stores]
     problems = [f"- {o.target}: {p}" for o in outcomes for p in o.problems]
     if problems:
         lines += ["", "Problems:", "", *problems]
@@ -407,9 +490,11 @@ def write_results(section: str) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Benchmark Edgeway against nginx, a bare proxy and slowapi.")
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds of each measured wrk run")
-    parser.add_argument("--warmup", type=float, default=2.0, help="seconds of the warm-up run per target")
+    parser = argparse.ArgumentParser(description="Benchmark Edgeway against nginx, bare proxies and slowapi.")
+    parser.add_argument("--rounds", type=int, default=3, help="measured runs per target, interleaved")
+    parser.add_argument("--duration", type=int, default=5, help="seconds of each measured wrk run")
+    parser.add_argument("--warmup", type=int, default=2, help="seconds of the warm-up run per target "
+                        "(round 1 only; 0: none)")
     parser.add_argument("--targets", default=",".join(TARGETS), help=f"subset of: {','.join(TARGETS)}")
     parser.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
     args = parser.parse_args(argv)
@@ -417,28 +502,69 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = [t for t in args.targets if t not in TARGETS]
     if unknown or not args.targets:
         parser.error(f"unknown target(s) {', '.join(unknown) or '(none)'}: choose from {', '.join(TARGETS)}")
+    if args.rounds < 1 or args.duration < 1 or args.warmup < 0:  # wrk takes whole seconds
+        parser.error("--rounds and --duration must be at least 1, --warmup at least 0")
     return args
+
+
+def start_all(procs: Processes, outcomes: list[Outcome], tmp: Path) -> dict[str, Any]:
+    """Start the upstream, one private Redis per Redis-backed target, and every target; check each once.
+
+    Returns the Redis client of each Redis-backed target that started. A target that does not start
+    is marked failed (with its log tail) and left out of the rounds.
+    """
+    import redis
+
+    upstream_port = free_port()
+    start_nginx(procs, "upstream", tmp, upstream_port, None)
+    wait_ready(procs, "upstream", f"http://127.0.0.1:{upstream_port}{PATH}")
+    clients: dict[str, Any] = {}
+    for outcome in outcomes:
+        try:
+            redis_port = start_redis(procs, tmp, outcome.target) if outcome.target in REDIS_TARGETS else None
+            outcome.url = start_target(procs, outcome.target, tmp, upstream_port, redis_port)
+            if redis_port is not None:
+                clients[outcome.target], outcome.store = redis.Redis(port=redis_port), StoreWork()
+        except Exception as exc:
+            outcome.failed = True
+            outcome.problems.append(f"failed to start: {exc}")
+    for outcome in outcomes:  # all started in parallel above: now wait for each
+        if not outcome.failed:
+            try:
+                wait_ready(procs, outcome.target, outcome.url)
+            except Exception as exc:
+                outcome.failed = True
+                outcome.problems.append(f"failed to start: {exc}")
+        print(f"   {outcome.target:<24} {'FAILED to start' if outcome.failed else 'ready at ' + outcome.url}",
+              flush=True)
+    return clients
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     command = shlex.join(["python", "bench/run.py", *(sys.argv[1:] if argv is None else argv)])
-    need_redis = any(t in REDIS_TARGETS for t in args.targets)
-    ensure_tools(need_redis)
+    ensure_tools(need_redis=any(t in REDIS_TARGETS for t in args.targets))
     OUT.mkdir(exist_ok=True)
+    for stale in OUT.glob("wrk-*.txt"):
+        stale.unlink()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill runs the finally below too
     procs, tmp = Processes(), Path(tempfile.mkdtemp(prefix="edgeway-bench-"))
-    outcomes: list[Outcome] = []
+    outcomes = [Outcome(target) for target in args.targets]
     try:
-        upstream_port = free_port()
-        start_nginx(procs, "upstream", tmp, upstream_port, None)
-        wait_ready(procs, "upstream", f"http://127.0.0.1:{upstream_port}{PATH}")
-        redis_port = start_redis(procs, tmp) if need_redis else None
-        for target in args.targets:
-            outcomes.append(bench(procs, target, args, tmp, upstream_port, redis_port))
+        print("== starting", flush=True)
+        clients = start_all(procs, outcomes, tmp)
+        for round_no in range(1, args.rounds + 1):
+            print(f"== round {round_no}/{args.rounds}", flush=True)
+            for outcome in outcomes:
+                if not outcome.failed:
+                    measure(procs, outcome, round_no, args, clients.get(outcome.target))
     finally:
         procs.stop_all()
         shutil.rmtree(tmp, ignore_errors=True)
+    for outcome in outcomes:
+        if outcome.store is not None and outcome.store.requests and not outcome.store.calls:
+            outcome.problems.append("no Redis commands during the measured runs: the store was not used")
+    check_logs(outcomes)
     section = render(outcomes, args, command)
     print("\n" + section)
     if not args.no_write:
