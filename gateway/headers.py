@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 
-from middleware.context import RequestContext
+from middleware.context import RequestContext, Scope
 
 HOP_BY_HOP = frozenset(
     {
@@ -96,22 +96,25 @@ def upstream_request_headers(ctx: RequestContext) -> list[tuple[str, str]]:
 
 
 def downstream_response_headers(raw: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    """The upstream's response headers minus hop-by-hop fields; repeated fields (Set-Cookie) kept."""
+    """The upstream's response headers minus hop-by-hop fields; repeated fields (Set-Cookie) kept.
+
+    Names keep the upstream's case (the ASGI server lowercases them on the way out).
+    """
     out = []
     named: list[bytes] = []
-    for name, value in raw:
-        lower = name.lower()
+    for pair in raw:
+        lower = pair[0].lower()
         if lower in _HOP_BY_HOP_BYTES:
             if lower == b"connection":
-                named.extend(token.strip().lower() for token in value.split(b","))
+                named.extend(token.strip().lower() for token in pair[1].split(b","))
             continue
-        out.append((lower, value))
+        out.append(pair)
     if named:
-        out = [(name, value) for name, value in out if name not in named]
+        out = [pair for pair in out if pair[0].lower() not in named]
     return out
 
 
-def request_problem(scope: dict[str, object] | object, headers: dict[str, list[str]]) -> str | None:
+def request_problem(scope: Scope, headers: dict[str, list[str]]) -> str | None:
     """Why this request must be refused with 400 before anything else happens, or None.
 
     - an absolute-form target (``GET http://other-host/x``): the upstream comes
@@ -122,10 +125,9 @@ def request_problem(scope: dict[str, object] | object, headers: dict[str, list[s
     - ``.``/``..`` path segments, which would let ``/public/../admin`` match a
       different route than the one the upstream serves.
     """
-    assert isinstance(scope, dict)
-    path = scope.get("path", "")
-    raw_path = scope.get("raw_path") or b"/"
-    if not isinstance(path, str) or not path.startswith("/") or not bytes(raw_path).startswith(b"/"):  # type: ignore[arg-type]
+    path: str = scope["path"]
+    raw_path: bytes | None = scope.get("raw_path")
+    if path[:1] != "/" or (raw_path is not None and raw_path[:1] != b"/"):
         return "absolute-form or malformed request target: send a path such as /api/x"
     if "transfer-encoding" in headers and "content-length" in headers:
         return "Content-Length together with Transfer-Encoding is not allowed"
@@ -134,7 +136,7 @@ def request_problem(scope: dict[str, object] | object, headers: dict[str, list[s
         return "more than one Host header"
     if not hosts and scope.get("http_version") == "1.1":
         return "missing Host header"
-    fields: Iterable[tuple[bytes, bytes]] = scope.get("headers", ())  # type: ignore[assignment]
+    fields: Iterable[tuple[bytes, bytes]] = scope["headers"]
     if _CONTROL.search(b"\t".join(value for _, value in fields)):
         return "control characters are not allowed in header values"
     if "/." in path and any(segment in (".", "..") for segment in path.split("/")):
