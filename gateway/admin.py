@@ -17,6 +17,7 @@ from middleware.context import Scope
 from middleware.metrics import STORE_UP
 from middleware.responses import ErrorResponse, Receive, Send
 from middleware.store import StoreError
+from middleware.store.failover import FailoverStore
 
 if TYPE_CHECKING:
     from .app import Gateway
@@ -76,10 +77,10 @@ class AdminEndpoints:
         await _json(send, 200, {"status": "ok"}, scope)
 
     async def readyz(self, scope: Scope, send: Send) -> None:
+        """200 while some store serves shared state (``degraded`` when it is a fallback), else 503."""
         gateway = self.gateway
         store = gateway.store
         payload: dict[str, Any] = {
-            "store": {"kind": store.kind, "location": store.describe(), "mode": store.kind},
             "policy": {"source": gateway.loaded.source, "version": gateway.loaded.version},
         }
         try:
@@ -87,11 +88,18 @@ class AdminEndpoints:
         except StoreError as exc:
             STORE_UP.labels(store.kind).set(0)
             payload["status"] = "unavailable"
-            payload["store"]["error"] = str(exc)
+            payload["store"] = {"kind": store.kind, "mode": store.kind, "location": store.describe(), "error": str(exc)}
             await _json(send, 503, payload, scope)
             return
         STORE_UP.labels(store.kind).set(1)
-        payload["status"] = "ready"
+        chain = store.status() if isinstance(store, FailoverStore) else [
+            {"kind": store.kind, "location": store.describe(), "healthy": True}
+        ]
+        degraded = not chain[0]["healthy"]
+        payload["status"] = "degraded" if degraded else "ready"
+        payload["store"] = {"kind": store.kind, "mode": store.kind, "location": store.describe(), "chain": chain}
+        if isinstance(store, FailoverStore):
+            payload["store"]["live_instances"] = store.live_instances
         await _json(send, 200, payload, scope)
 
     async def metrics(self, scope: Scope, send: Send) -> None:

@@ -14,7 +14,6 @@ running one.
 from __future__ import annotations
 
 import logging
-import os
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,15 +21,16 @@ from pathlib import Path
 from middleware.clientip import TrustedProxies
 from middleware.context import RequestContext, Scope
 from middleware.responses import ErrorResponse, Receive, Send, bad_request
-from middleware.store import Clock, Store, open_store
+from middleware.store import Clock, Store
 
 from .admin import AdminEndpoints
-from .config import Policy, StoreConfig
+from .config import Policy
 from .errors import PolicyError
 from .headers import request_problem
 from .loader import LoadedPolicy, load_policy
 from .proxy import UpstreamProxy
 from .routing import RouteTable
+from .stores import build_store
 
 logger = logging.getLogger("edgeway")
 
@@ -44,18 +44,6 @@ class _Active:
     proxies: tuple[UpstreamProxy, ...]
     store: Store
     trusted: TrustedProxies
-
-
-def redis_enabled(config: StoreConfig) -> bool:
-    """The kill switch: ``store.enabled: false`` or ``EDGEWAY_REDIS_ENABLED=false`` skips Redis."""
-    flag = os.environ.get("EDGEWAY_REDIS_ENABLED", "").strip().lower()
-    return config.enabled and flag not in ("0", "false", "no", "off")
-
-
-def build_store(config: StoreConfig, clock: Clock | None = None) -> Store:
-    """The store a policy names (memory when the kill switch is on)."""
-    url = config.url if redis_enabled(config) else "memory://"
-    return open_store(url, timeout=config.timeout, clock=clock)
 
 
 class Gateway:

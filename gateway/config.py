@@ -65,6 +65,13 @@ class StoreConfig(Model):
     fallback: tuple[FallbackEntry, ...] | None = Field(
         None, description="Tried in order when the primary fails; absent means [memory]; [] means none."
     )
+    failures: int = Field(3, ge=1, description="Consecutive failures within failure_window that mark a store down.")
+    failure_window: Duration = Field(10.0, description="Window for counting those failures.")
+    probe_interval: Duration = Field(0.5, description="First wait before probing a down store (then doubles).")
+    instances: int | None = Field(
+        None, ge=1, description="Static instance count for degraded limits (default: counted by heartbeats)."
+    )
+    min_instances: int = Field(1, ge=1, description="Floor of the heartbeat count for degraded limits.")
 
     @field_validator("fallback", mode="before")
     @classmethod

@@ -15,9 +15,9 @@ from middleware.context import RequestContext, Scope
 from middleware.responses import Receive, Send
 from middleware.store import Clock, Store
 
-from .app import build_store
 from .loader import LoadedPolicy, load_policy
 from .routing import RouteTable
+from .stores import build_store
 
 
 class Edgeway:

@@ -30,3 +30,7 @@ UPSTREAM_LATENCY = Histogram(
     ["upstream"],
 )
 STORE_UP = Gauge("edgeway_store_up", "1 while the store answers readiness probes.", ["store"])
+STORE_MODE = Gauge("edgeway_store_mode", "1 for the store currently serving shared state.", ["mode"])
+STORE_MODE_CHANGES = Counter(
+    "edgeway_store_mode_changes_total", "Failovers and recoveries between stores.", ["from_mode", "to_mode"]
+)

@@ -39,3 +39,39 @@ def upstash_bridge(redis_url: str) -> Iterator[UvicornThread]:
 
     with UvicornThread(create_bridge_app(redis_url, BRIDGE_TOKEN)) as server:
         yield server
+
+
+# -- PostgreSQL and the PostgREST stub (the postgres and supabase stores) ---------------
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[object]:
+    """A private PostgreSQL cluster for the whole session (fails, never skips, without PostgreSQL)."""
+    from tests.servers import PostgresServer
+
+    try:
+        server = PostgresServer()
+    except RuntimeError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    with server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def postgres_dsn(postgres_server: object) -> str:
+    """The session's PostgreSQL with supabase/migrations/20261122000000_edgeway.sql applied."""
+    from tests.servers import PostgresServer, apply_migration
+
+    assert isinstance(postgres_server, PostgresServer)
+    apply_migration(postgres_server.dsn)
+    return postgres_server.dsn
+
+
+@pytest.fixture(scope="session")
+def postgrest_stub(postgres_dsn: str) -> Iterator[UvicornThread]:
+    """tests.postgrest_stub (PostgREST's RPC endpoint) over the session's PostgreSQL, served by uvicorn."""
+    from tests.postgrest_stub import create_postgrest_app
+    from tests.servers import SERVICE_KEY
+
+    with UvicornThread(create_postgrest_app(postgres_dsn, SERVICE_KEY)) as server:
+        yield server

@@ -266,3 +266,136 @@ class FakeRedisThread:
     ) -> None:
         self.stop()
 
+
+
+# -- PostgreSQL ---------------------------------------------------------------------
+
+SERVICE_KEY = "test-service-role-key"
+"""The key the PostgREST stub (``tests.postgrest_stub``) expects as apikey and Bearer token."""
+
+MIGRATION_PATH = Path(__file__).resolve().parent.parent / "supabase" / "migrations" / "20261122000000_edgeway.sql"
+
+__all__ += ["MIGRATION_PATH", "SERVICE_KEY", "PostgresServer", "apply_migration"]
+
+
+def _postgres_bin(name: str) -> str | None:
+    found = shutil.which(name)
+    if found:
+        return found
+    candidates = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"), key=lambda p: _version(p.parts[-3]))
+    return str(candidates[-1]) if candidates else None
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split(".") if part.isdigit())
+
+
+class PostgresServer:
+    """A private PostgreSQL cluster in a temp dir (trust auth, fsync off) on a free port.
+
+    initdb refuses to run as root, so as root the cluster is created and run as the
+    ``postgres`` OS user (``runuser``); otherwise as the current user.
+    """
+
+    def __init__(self, port: int | None = None) -> None:
+        missing = [name for name in ("initdb", "pg_ctl") if _postgres_bin(name) is None]
+        if missing:
+            raise RuntimeError(
+                f"{', '.join(missing)} not found on PATH or in /usr/lib/postgresql/*/bin: the store tests need "
+                "PostgreSQL (apt-get install postgresql; the test runner script scripts/test installs it)"
+            )
+        self.initdb = _postgres_bin("initdb") or ""
+        self.pg_ctl = _postgres_bin("pg_ctl") or ""
+        self.port = port or free_port()
+        self._as: list[str] = []
+        import os
+        import pwd
+
+        owner: pwd.struct_passwd | None = None
+        if os.geteuid() == 0:
+            runuser = shutil.which("runuser")
+            try:
+                owner = pwd.getpwnam("postgres")
+            except KeyError:
+                owner = None
+            if runuser is None or owner is None:
+                raise RuntimeError(
+                    "running as root, PostgreSQL must run as another user: need the `postgres` OS user "
+                    "(created by apt-get install postgresql) and runuser"
+                )
+            self._as = [runuser, "-u", "postgres", "--"]
+        self._dir = Path(tempfile.mkdtemp(prefix="edgeway-pg-"))
+        if owner is not None:
+            os.chown(self._dir, owner.pw_uid, owner.pw_gid)
+        self.data = self._dir / "data"
+        self.started = False
+
+    @property
+    def dsn(self) -> str:
+        return f"postgresql://postgres@{HOST}:{self.port}/postgres"
+
+    @property
+    def log(self) -> str:
+        path = self._dir / "postgres.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def _run(self, *args: str, timeout: float = 60.0) -> None:
+        result = subprocess.run([*self._as, *args], capture_output=True, text=True, timeout=timeout, check=False)
+        if result.returncode != 0:
+            raise RuntimeError(
+                f"{Path(args[0]).name} failed ({result.returncode}):\n{result.stdout[-2000:]}{result.stderr[-2000:]}"
+                f"\n{self.log[-2000:]}"
+            )
+
+    def start(self) -> PostgresServer:
+        if not self.data.exists():
+            self._run(self.initdb, "-D", str(self.data), "-A", "trust", "-U", "postgres", "-E", "UTF8",
+                      "--locale=C", "--no-sync")
+        options = f"-p {self.port} -k {self._dir} -c listen_addresses={HOST} -c fsync=off " \
+                  "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
+        self._run(self.pg_ctl, "-D", str(self.data), "-l", str(self._dir / "postgres.log"), "-w", "-t", "60",
+                  "-o", options, "start")
+        self.started = True
+        wait_for_port(self.port)
+        return self
+
+    def stop(self) -> None:
+        if self.started:
+            self.started = False
+            self._run(self.pg_ctl, "-D", str(self.data), "-m", "fast", "-w", "-t", "30", "stop")
+
+    def close(self) -> None:
+        try:
+            self.stop()
+        finally:
+            shutil.rmtree(self._dir, ignore_errors=True)
+
+    def __enter__(self) -> PostgresServer:
+        try:
+            return self.start()
+        except BaseException:
+            self.close()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def apply_migration(dsn: str, path: Path = MIGRATION_PATH) -> None:
+    """Apply the edgeway migration with asyncpg, as the tests do (``conn.execute(sql)``)."""
+    import asyncio
+
+    import asyncpg
+
+    async def apply() -> None:
+        connection = await asyncpg.connect(dsn, timeout=10)
+        try:
+            await connection.execute(path.read_text())
+        finally:
+            await connection.close()
+
+    # in a thread of its own: the caller may be a fixture running inside an event loop
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, apply()).result(timeout=60)

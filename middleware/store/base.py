@@ -29,6 +29,7 @@ __all__ = [
     "Command",
     "Delete",
     "Get",
+    "Heartbeat",
     "LimitCheck",
     "LimitState",
     "RateLimit",
@@ -135,7 +136,16 @@ class RateLimit:
     checks: tuple[LimitCheck, ...]
 
 
-Command = Get | Set | Delete | RateLimit
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """Mark ``instance`` live in the set ``key`` for ``ttl_ms``; the result is how many instances are live."""
+
+    key: str
+    instance: str
+    ttl_ms: int
+
+
+Command = Get | Set | Delete | RateLimit | Heartbeat
 """Every operation a policy may put in a request's batch."""
 
 Clock = Callable[[], float]

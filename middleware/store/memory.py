@@ -19,6 +19,7 @@ from .base import (
     Command,
     Delete,
     Get,
+    Heartbeat,
     LimitCheck,
     LimitState,
     RateLimit,
@@ -80,6 +81,8 @@ class MemoryStore(Store):
             return 1 if self._data.pop(command.key, None) is not None else 0
         if isinstance(command, RateLimit):
             return self._rate_limit(command, now)
+        if isinstance(command, Heartbeat):
+            return self._heartbeat(command, now)
         raise TypeError(f"unknown store command {command!r}")
 
     def _get(self, key: str, now: float) -> object:
@@ -103,6 +106,14 @@ class MemoryStore(Store):
             del self._data[key]
         while len(self._data) > self._max_keys:
             del self._data[next(iter(self._data))]
+
+    def _heartbeat(self, command: Heartbeat, now: float) -> int:
+        seen = self._get(command.key, now)
+        members: dict[str, float] = seen if isinstance(seen, dict) else {}
+        members[command.instance] = now
+        live = {member: at for member, at in members.items() if at > now - command.ttl_ms}
+        self._put(command.key, live, now + command.ttl_ms)
+        return len(live)
 
     # -- rate limits: phase 1 reads and decides, phase 2 charges (all or none) --
 

@@ -20,6 +20,7 @@ from .base import (
     Command,
     Delete,
     Get,
+    Heartbeat,
     LimitState,
     RateLimit,
     RateLimitResult,
@@ -46,6 +47,8 @@ class Script:
 
 
 RATE_LIMIT_SCRIPT = Script("ratelimit.lua")
+HEARTBEAT_SCRIPT = Script("heartbeat.lua")
+_SOURCES = {script.sha: script.source for script in (RATE_LIMIT_SCRIPT, HEARTBEAT_SCRIPT)}
 
 
 class Transport(abc.ABC):
@@ -146,11 +149,14 @@ class RedisProtocolStore(Store):
                     )
                 )
             return tuple(args)
+        if isinstance(command, Heartbeat):
+            now: RedisArg = "" if self._clock is None else math.floor(self._clock() * 1000)
+            return ("EVALSHA", HEARTBEAT_SCRIPT.sha, 1, command.key, command.instance, command.ttl_ms, now)
         raise TypeError(f"unknown store command {command!r}")
 
     @staticmethod
     def _with_source(command: RedisCommand) -> RedisCommand:
-        return ("EVAL", RATE_LIMIT_SCRIPT.source, *command[2:])
+        return ("EVAL", _SOURCES[str(command[1])], *command[2:])
 
 
 def _is_noscript(reply: object) -> bool:
@@ -172,6 +178,8 @@ def _decode(command: Command, reply: object) -> object:
         return int(reply)  # type: ignore[call-overload]
     if isinstance(command, RateLimit):
         return _decode_rate_limit(reply, len(command.checks))
+    if isinstance(command, Heartbeat):
+        return int(reply)  # type: ignore[call-overload]
     raise TypeError(f"unknown store command {command!r}")
 
 

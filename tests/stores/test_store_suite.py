@@ -2,9 +2,13 @@
 
 Backends (param ids): ``memory``; ``fakeredis`` (TcpFakeServer through RedisStore);
 ``redis`` (a private redis-server); ``upstash`` (UpstashStore against the
-Upstash-compatible bridge, over that redis-server). Rate-limit scenarios run on
-a fake clock passed as ``clock=``, so window edges are walked without sleeping,
-and every backend is held to the same literal expectations.
+Upstash-compatible bridge, over that redis-server); ``postgres`` (PostgresStore
+on a private PostgreSQL with the edgeway migration applied); ``supabase``
+(SupabaseStore against the PostgREST stub, over that PostgreSQL). Rate-limit
+scenarios run on a fake clock passed as ``clock=``, so window edges are walked
+without sleeping, and every backend is held to the same literal expectations.
+The PostgreSQL stores take the fake clock for every command of a batch (TTLs
+too), like memory; the Redis ones for rate limits only.
 """
 
 from __future__ import annotations
@@ -31,9 +35,10 @@ from middleware.store import (
     StoreTimeout,
 )
 from middleware.store.memory import MemoryStore
+from middleware.store.postgres import PostgresStore, SupabaseStore
 from middleware.store.redis import RedisStore
 from middleware.store.upstash import UpstashStore
-from tests.servers import BRIDGE_TOKEN, RedisServer, UvicornThread, free_port
+from tests.servers import BRIDGE_TOKEN, SERVICE_KEY, RedisServer, UvicornThread, free_port
 
 FIXED, SLIDING, LOG, BUCKET = (
     Algorithm.FIXED_WINDOW,
@@ -64,7 +69,7 @@ class FakeClock:
 @dataclass
 class Backend:
     name: str
-    url: str | None  # the Redis behind a remote backend, for out-of-band commands (SCRIPT FLUSH)
+    url: str | None  # the Redis behind a Redis backend, for out-of-band commands (SCRIPT FLUSH) and TTLs on its clock
     factory: Callable[..., Store]
     stores: list[Store] = field(default_factory=list)
 
@@ -78,9 +83,10 @@ class Backend:
         return store
 
 
-BACKENDS = ["memory", "fakeredis", "redis", "upstash"]
+BACKENDS = ["memory", "fakeredis", "redis", "upstash", "postgres", "supabase"]
 REMOTE = ["fakeredis", "redis", "upstash"]
 remote_only = pytest.mark.parametrize("backend", REMOTE, indirect=True)
+SHARED = [*REMOTE, "postgres", "supabase"]  # state shared by several clients over the network
 
 
 @pytest.fixture(params=BACKENDS)
@@ -91,12 +97,20 @@ async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
     elif name in ("fakeredis", "redis"):
         url = request.getfixturevalue("fakeredis_url" if name == "fakeredis" else "redis_url")
         made = Backend(name, url, lambda clock, timeout: RedisStore(url, clock=clock, timeout=timeout))
-    else:
+    elif name == "upstash":
         bridge: UvicornThread = request.getfixturevalue("upstash_bridge")
         made = Backend(
             name,
             request.getfixturevalue("redis_url"),
             lambda clock, timeout: UpstashStore(bridge.url, token=BRIDGE_TOKEN, clock=clock, timeout=timeout),
+        )
+    elif name == "postgres":
+        dsn: str = request.getfixturevalue("postgres_dsn")
+        made = Backend(name, None, lambda clock, timeout: PostgresStore(dsn, clock=clock, timeout=timeout))
+    else:
+        stub: UvicornThread = request.getfixturevalue("postgrest_stub")
+        made = Backend(
+            name, None, lambda clock, timeout: SupabaseStore(stub.url, SERVICE_KEY, clock=clock, timeout=timeout)
         )
     yield made
     for store in made.stores:
@@ -392,7 +406,7 @@ async def test_server_clock_when_no_clock_is_given(backend: Backend, key: str) -
 # -- remote backends: concurrency, script cache, failures ------------------------
 
 
-@remote_only
+@pytest.mark.parametrize("backend", SHARED, indirect=True)
 @pytest.mark.parametrize("algorithm", list(Algorithm), ids=[a.value for a in Algorithm])
 async def test_concurrent_requests_never_exceed_the_quota(
     backend: Backend, clock: FakeClock, key: str, algorithm: Algorithm

@@ -1,0 +1,251 @@
+"""Failover: the primary store with health tracking, then the fallbacks, and back by itself.
+
+Commands come in two kinds, which fall back differently:
+
+- shared state that must hold across instances (``RateLimit``, ``Heartbeat``;
+  breaker state later) goes to the first healthy store of the chain: the
+  primary (Redis), then each fallback in order (Supabase/Postgres, then memory);
+- per-instance caches (``Get``/``Set``/``Delete``: response and session cache)
+  go to the primary while it is healthy, else to memory: a cache miss is
+  acceptable, an error is not.
+
+Health: ``failures`` consecutive failures (errors or timeouts) within
+``window`` seconds mark a store unhealthy; calls then skip it without paying
+its timeout, and a background probe (exponential backoff with jitter) pings it
+until it answers, when it is used again. Mode changes are logged once and
+exported as metrics.
+
+Honest degraded limits: while rate limits run on memory (no shared store
+left), every instance enforces ``quota // live_instances`` (at least 1), where
+the instance count comes from the heartbeats instances keep in the last shared
+store that worked (every 5 s, live for 15 s), or from a static ``instances``
+override, never below ``min_instances``. N instances on memory therefore admit
+about the limit in total, not N times it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ..metrics import STORE_MODE, STORE_MODE_CHANGES
+from .base import Command, Delete, Get, Heartbeat, LimitCheck, RateLimit, Set, Store, StoreError
+from .memory import MemoryStore
+
+logger = logging.getLogger("edgeway.store")
+
+HEARTBEAT_EVERY = 5.0
+HEARTBEAT_TTL_MS = 15_000
+
+
+@dataclass
+class _Member:
+    """A store in the chain with its health."""
+
+    store: Store
+    shared: bool  # False for the memory store: its state is per instance
+    healthy: bool = True
+    failures: int = 0
+    first_failure: float = 0.0
+    probing: bool = False
+
+
+class FailoverStore(Store):
+    """A chain of stores behaving as one; ``kind`` is the mode currently serving shared state."""
+
+    def __init__(
+        self,
+        primary: Store,
+        fallbacks: Sequence[Store] = (),
+        *,
+        failures: int = 3,
+        window: float = 10.0,
+        probe_initial: float = 0.5,
+        probe_max: float = 15.0,
+        instances: int | None = None,
+        min_instances: int = 1,
+        key_prefix: str = "edgeway:",
+        instance_id: str | None = None,
+    ) -> None:
+        chain = [primary, *fallbacks]
+        self._members = [_Member(store, shared=not isinstance(store, MemoryStore)) for store in chain]
+        memory = [m.store for m in self._members if isinstance(m.store, MemoryStore)]
+        self._cache = memory[0] if memory else MemoryStore()  # where caches go when the primary is down
+        self._failures = failures
+        self._window = window
+        self._probe_initial = probe_initial
+        self._probe_max = probe_max
+        self._instances = instances
+        self._min_instances = max(1, min_instances)
+        self._live = self._min_instances
+        self._heartbeat_key = f"{key_prefix}instances"
+        self.instance_id = instance_id or uuid.uuid4().hex[:12]
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._mode = primary.kind
+        STORE_MODE.labels(self._mode).set(1)
+
+    # -- what readyz and metrics show ------------------------------------------
+
+    @property
+    def kind(self) -> str:  # type: ignore[override]
+        return self._mode
+
+    @property
+    def live_instances(self) -> int:
+        """The instance count degraded limits divide by."""
+        if self._instances is not None:
+            return max(self._instances, self._min_instances)
+        return max(self._live, self._min_instances)
+
+    def describe(self) -> str:
+        return " -> ".join(m.store.describe() + ("" if m.healthy else " (down)") for m in self._members)
+
+    def status(self) -> list[dict[str, object]]:
+        """Each store of the chain with its health, for readyz."""
+        return [{"kind": m.store.kind, "location": m.store.describe(), "healthy": m.healthy} for m in self._members]
+
+    # -- the contract -----------------------------------------------------------
+
+    async def execute(self, commands: Sequence[Command], *, timeout: float | None = None) -> list[object]:
+        self._start_heartbeat()
+        shared = [i for i, command in enumerate(commands) if not isinstance(command, Get | Set | Delete)]
+        for position, member in enumerate(self._members):
+            if not member.healthy:
+                continue
+            if not member.shared:  # memory, the last resort: per instance, limits divided by live instances
+                self._set_mode(member.store.kind)
+                return await member.store.execute(self._degrade(commands), timeout=timeout)
+            if position > 0 and not shared:  # only caches: memory, without bothering the fallback
+                return await self._cache.execute(commands, timeout=timeout)
+            try:
+                if position == 0 or len(shared) == len(commands):
+                    results = await member.store.execute(commands, timeout=timeout)
+                else:
+                    results = await self._split(member.store, commands, shared, timeout)
+            except StoreError as error:
+                self._failed(member, error)
+                continue
+            self._succeeded(member)
+            return results
+        raise StoreError("no store left: every store in the chain failed (store.fallback: [] allows none)")
+
+    async def _split(self, remote: Store, commands: Sequence[Command], shared: list[int],
+                     timeout: float | None) -> list[object]:
+        """Shared state on a fallback store, caches in memory; results back in command order."""
+        shared_set = set(shared)
+        local = [i for i in range(len(commands)) if i not in shared_set]
+        results: list[object] = [None] * len(commands)
+        remote_results = await remote.execute([commands[i] for i in shared], timeout=timeout)
+        local_results = await self._cache.execute([commands[i] for i in local], timeout=timeout)
+        for i, value in zip(shared, remote_results, strict=True):
+            results[i] = value
+        for i, value in zip(local, local_results, strict=True):
+            results[i] = value
+        return results
+
+    async def ping(self) -> None:
+        for member in self._members:
+            if member.healthy:
+                try:
+                    await member.store.ping()
+                except StoreError as error:
+                    self._failed(member, error)
+                    continue
+                return
+        raise StoreError("no store answers")
+
+    async def close(self) -> None:
+        for task in [*self._tasks, *([self._heartbeat] if self._heartbeat else [])]:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._heartbeat = None
+        for member in self._members:
+            await member.store.close()
+
+    # -- degraded limits ------------------------------------------------------------
+
+    def _degrade(self, commands: Sequence[Command]) -> list[Command]:
+        live = self.live_instances
+        if live <= 1:
+            return list(commands)
+        return [RateLimit(tuple(_share(check, live) for check in c.checks)) if isinstance(c, RateLimit) else c
+                for c in commands]
+
+    # -- health -----------------------------------------------------------------
+
+    def _failed(self, member: _Member, error: StoreError) -> None:
+        now = time.monotonic()
+        if member.failures == 0 or now - member.first_failure > self._window:
+            member.failures, member.first_failure = 0, now
+        member.failures += 1
+        if member.healthy and member.failures >= self._failures:
+            member.healthy = False
+            logger.warning("store %s marked down after %d failures (%s); using the next store",
+                           member.store.describe(), member.failures, error)
+            self._probe(member)
+
+    def _succeeded(self, member: _Member) -> None:
+        member.failures = 0
+        self._set_mode(member.store.kind)
+
+    def _set_mode(self, mode: str) -> None:
+        if mode != self._mode:
+            logger.warning("store mode %s -> %s", self._mode, mode)
+            STORE_MODE.labels(self._mode).set(0)
+            STORE_MODE.labels(mode).set(1)
+            STORE_MODE_CHANGES.labels(self._mode, mode).inc()
+            self._mode = mode
+
+    def _probe(self, member: _Member) -> None:
+        if member.probing:
+            return
+        member.probing = True
+        task = asyncio.get_running_loop().create_task(self._probe_loop(member))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _probe_loop(self, member: _Member) -> None:
+        delay = self._probe_initial
+        try:
+            while True:
+                await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+                try:
+                    await member.store.ping()
+                except StoreError:
+                    delay = min(delay * 2, self._probe_max)
+                    continue
+                member.healthy, member.failures = True, 0
+                logger.warning("store %s answers again; using it", member.store.describe())
+                return
+        finally:
+            member.probing = False
+
+    # -- heartbeats -------------------------------------------------------------------
+
+    def _start_heartbeat(self) -> None:
+        if self._heartbeat is None and self._instances is None and len(self._members) > 1:
+            self._heartbeat = asyncio.get_running_loop().create_task(self._heartbeat_loop())
+
+    async def _heartbeat_loop(self) -> None:
+        beat = Heartbeat(self._heartbeat_key, self.instance_id, HEARTBEAT_TTL_MS)
+        while True:
+            for member in self._members:
+                if member.healthy and member.shared:
+                    try:
+                        (live,) = await member.store.execute([beat], timeout=1.0)
+                    except StoreError as error:
+                        self._failed(member, error)
+                        continue
+                    self._live = int(live)  # type: ignore[call-overload]
+                    break
+            await asyncio.sleep(HEARTBEAT_EVERY)
+
+
+def _share(check: LimitCheck, live: int) -> LimitCheck:
+    return check._replace(quota=max(1, check.quota // live), burst=max(1, check.burst // live) if check.burst else 0)

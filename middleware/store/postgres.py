@@ -1,0 +1,324 @@
+"""PostgreSQL and Supabase stores: a whole batch is ONE call of ``edgeway.batch``.
+
+The commands run inside the database, in a SQL function shipped as a migration
+(``supabase/migrations/20261122000000_edgeway.sql``): one round trip and one
+transaction per request, with the rate-limit algorithms of the Lua script
+re-expressed in PL/pgSQL and per-key advisory locks, so concurrent callers are
+exact. Both stores speak the same JSON (``encode_commands`` /
+``decode_results``); they differ only in the transport:
+
+- :class:`PostgresStore` (``postgres://``): a direct connection, an asyncpg pool
+  created lazily, ``select edgeway.batch($1::jsonb, $2)``;
+- :class:`SupabaseStore`: PostgREST's RPC endpoint
+  ``POST {url}/rest/v1/rpc/edgeway_batch`` with the service role key, over one
+  pooled ``httpx.AsyncClient`` that never stores cookies.
+
+Every call is bounded by the store timeout: the work runs in its own task and
+the caller stops waiting at the deadline (the task is cancelled and left to
+unwind in the background), so a slow or dead database never holds a request.
+Connecting happens in a shielded task with its own deadline, so a first call
+that times out still leaves the pool being built for the next one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+from collections.abc import Coroutine, Sequence
+from http.cookiejar import CookieJar, DefaultCookiePolicy
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import asyncpg
+import httpx
+
+from .base import (
+    Clock,
+    Command,
+    Delete,
+    Get,
+    Heartbeat,
+    LimitState,
+    RateLimit,
+    RateLimitResult,
+    Set,
+    Store,
+    StoreError,
+    StoreTimeout,
+)
+
+__all__ = ["MIGRATION", "PostgresStore", "SupabaseStore", "decode_results", "encode_commands"]
+
+MIGRATION = "supabase/migrations/20261122000000_edgeway.sql"
+_MISSING = f"the edgeway migration is not applied: run {MIGRATION} (psql -f, or supabase db push)"
+_CONNECT_TIMEOUT = 5.0  # seconds; connecting continues in the background past a caller's deadline
+_BACKSTOP = 10.0  # seconds; the bound when a store is built with timeout=None
+
+T = TypeVar("T")
+
+
+# -- the JSON both transports carry ------------------------------------------------
+
+
+def encode_commands(commands: Sequence[Command]) -> list[dict[str, object]]:
+    """Commands as ``edgeway.batch`` takes them (one JSON object each)."""
+    encoded: list[dict[str, object]] = []
+    for command in commands:
+        if isinstance(command, Get):
+            encoded.append({"op": "get", "key": command.key})
+        elif isinstance(command, Set):
+            encoded.append({"op": "set", "key": command.key, "value": command.value, "ttl_ms": command.ttl_ms})
+        elif isinstance(command, Delete):
+            encoded.append({"op": "del", "key": command.key})
+        elif isinstance(command, RateLimit):
+            checks = [
+                {
+                    "key": c.key, "algorithm": c.algorithm.value, "quota": c.quota, "window_ms": c.window_ms,
+                    "cost": c.cost, "burst": c.burst, "enforced": c.enforced,
+                }
+                for c in command.checks
+            ]
+            encoded.append({"op": "ratelimit", "checks": checks})
+        elif isinstance(command, Heartbeat):
+            encoded.append({"op": "heartbeat", "key": command.key, "instance": command.instance,
+                            "ttl_ms": command.ttl_ms})
+        else:
+            raise TypeError(f"unknown store command {command!r}")
+    return encoded
+
+
+def decode_results(commands: Sequence[Command], results: object) -> list[object]:
+    """``edgeway.batch``'s JSON array back into one result per command; StoreError if malformed."""
+    if not isinstance(results, list) or len(results) != len(commands):
+        raise StoreError(f"unexpected edgeway.batch answer for {len(commands)} commands: {str(results)[:200]}")
+    return [_decode(command, result) for command, result in zip(commands, results, strict=True)]
+
+
+def _decode(command: Command, result: object) -> object:
+    if isinstance(command, Get):
+        if result is None or isinstance(result, str):
+            return result
+    elif isinstance(command, Set):
+        return None
+    elif isinstance(command, Delete | Heartbeat):
+        if type(result) is int:
+            return result
+    elif isinstance(command, RateLimit):
+        count = len(command.checks)
+        if isinstance(result, list) and len(result) == 1 + 4 * count and all(type(v) is int for v in result):
+            states = tuple(
+                LimitState(result[i] == 1, result[i + 1], result[i + 2], result[i + 3])
+                for i in range(1, len(result), 4)
+            )
+            return RateLimitResult(result[0] == 1, states)
+    raise StoreError(f"unexpected edgeway.batch result for {type(command).__name__}: {result!r}")
+
+
+# -- deadlines ---------------------------------------------------------------------
+
+
+class _Bounded:
+    """Runs calls as tasks and stops waiting at the deadline; late tasks are cancelled, not awaited."""
+
+    def __init__(self) -> None:
+        self._late: set[asyncio.Task[Any]] = set()
+
+    async def run(self, work: Coroutine[Any, Any, T], deadline: float) -> T:
+        task = asyncio.ensure_future(work)
+        try:
+            done, _ = await asyncio.wait((task,), timeout=deadline)
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        if not done:
+            task.cancel()
+            self._late.add(task)
+            task.add_done_callback(self._forget)
+            raise StoreTimeout(f"store did not answer within {deadline * 1000:.0f} ms")
+        return task.result()
+
+    def _forget(self, task: asyncio.Task[Any]) -> None:
+        self._late.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: a late failure is no news
+
+    async def drain(self) -> None:
+        for task in self._late:
+            task.cancel()
+        if self._late:
+            await asyncio.wait(self._late, timeout=1.0)
+
+
+class _BatchStore(Store):
+    """What both stores share: the clock, deadlines and the one-call-per-batch shape."""
+
+    def __init__(self, *, timeout: float | None, clock: Clock | None) -> None:
+        self._timeout = timeout
+        self._clock = clock
+        self._bounded = _Bounded()
+
+    async def execute(self, commands: Sequence[Command], *, timeout: float | None = None) -> list[object]:
+        deadline = timeout if timeout is not None else self._timeout
+        now_ms = None if self._clock is None else math.floor(self._clock() * 1000)
+        payload = json.dumps(encode_commands(commands), ensure_ascii=False, separators=(",", ":"))
+        results = await self._bounded.run(self._call(payload, now_ms), _BACKSTOP if deadline is None else deadline)
+        return decode_results(commands, results)
+
+    async def ping(self) -> None:
+        """Answer an empty batch: proves the connection, the migration and the grants."""
+        results = await self._bounded.run(self._call("[]", None), max(self._timeout or 0.0, 1.0))
+        if results != []:
+            raise StoreError(f"unexpected edgeway.batch answer to an empty batch: {str(results)[:200]}")
+
+    async def _call(self, payload: str, now_ms: int | None) -> object:
+        raise NotImplementedError  # each transport overrides it
+
+
+# -- postgres:// -------------------------------------------------------------------
+
+
+class PostgresStore(_BatchStore):
+    """A direct PostgreSQL connection (an asyncpg pool, created on first use)."""
+
+    kind = "postgres"
+
+    def __init__(
+        self, dsn: str, *, timeout: float | None = 0.05, clock: Clock | None = None, pool_size: int = 10
+    ) -> None:
+        super().__init__(timeout=timeout, clock=clock)
+        self._dsn = dsn
+        self._pool_size = pool_size
+        self._pool: asyncpg.Pool | None = None
+        self._connecting: asyncio.Future[asyncpg.Pool] | None = None
+
+    def describe(self) -> str:
+        parts = urlsplit(self._dsn)
+        host = parts.hostname or "localhost"
+        port = f":{parts.port}" if parts.port else ""
+        return f"{parts.scheme or 'postgres'}://{host}{port}{parts.path}"
+
+    async def _call(self, payload: str, now_ms: int | None) -> object:
+        pool = self._pool if self._pool is not None else await self._connect()
+        try:
+            async with pool.acquire() as connection:
+                text = await connection.fetchval("select edgeway.batch($1::jsonb, $2::bigint)::text", payload, now_ms)
+        except (asyncpg.UndefinedFunctionError, asyncpg.InvalidSchemaNameError) as exc:
+            raise StoreError(_MISSING) from exc
+        except asyncpg.InsufficientPrivilegeError as exc:
+            raise StoreError(f"PostgreSQL refused edgeway.batch: {exc}; connect as a role granted EXECUTE") from exc
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+            raise StoreError(f"PostgreSQL call failed: {type(exc).__name__}: {exc}") from exc
+        return _loads(text, "PostgreSQL")
+
+    async def _connect(self) -> asyncpg.Pool:
+        if self._connecting is None:
+            self._connecting = asyncio.ensure_future(self._open())
+        connecting = self._connecting
+        try:
+            return await asyncio.shield(connecting)
+        finally:
+            if connecting.done():
+                self._connecting = None
+                if not connecting.cancelled() and connecting.exception() is None:
+                    self._pool = connecting.result()
+
+    async def _open(self) -> asyncpg.Pool:
+        try:
+            pool: asyncpg.Pool = await asyncpg.create_pool(
+                self._dsn, min_size=1, max_size=self._pool_size, timeout=_CONNECT_TIMEOUT,
+                command_timeout=_BACKSTOP, server_settings={"application_name": "edgeway"},
+            )
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+            detail = str(exc) or "timed out"
+            raise StoreError(f"cannot connect to PostgreSQL at {self.describe()}: {detail}") from exc
+        return pool
+
+    async def close(self) -> None:
+        await self._bounded.drain()
+        pool, self._pool = self._pool, None
+        connecting, self._connecting = self._connecting, None
+        if connecting is not None:  # a pool still being built, or built for a caller that gave up
+            if connecting.done() and not connecting.cancelled() and connecting.exception() is None:
+                pool = pool or connecting.result()
+            connecting.cancel()
+        if pool is not None:
+            try:
+                await asyncio.wait_for(pool.close(), 2.0)
+            except (TimeoutError, asyncpg.InterfaceError, OSError):
+                pool.terminate()
+
+
+# -- Supabase (PostgREST RPC) -----------------------------------------------------
+
+
+class SupabaseStore(_BatchStore):
+    """Supabase over HTTPS: ``POST {url}/rest/v1/rpc/edgeway_batch`` with the service role key."""
+
+    kind = "supabase"
+
+    def __init__(self, url: str, key: str, *, timeout: float | None = 0.05, clock: Clock | None = None) -> None:
+        super().__init__(timeout=timeout, clock=clock)
+        self._url = url.rstrip("/")
+        self._endpoint = f"{self._url}/rest/v1/rpc/edgeway_batch"
+        self._headers = {"apikey": key, "Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+        self._client: httpx.AsyncClient | None = None
+
+    def describe(self) -> str:
+        parts = urlsplit(self._url)
+        port = f":{parts.port}" if parts.port else ""
+        return f"supabase+{parts.scheme}://{parts.hostname}{port}{parts.path}"
+
+    def _http(self) -> httpx.AsyncClient:
+        if self._client is None or self._client.is_closed:
+            never = CookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))  # stores no cookie, ever
+            self._client = httpx.AsyncClient(
+                timeout=httpx.Timeout(_BACKSTOP, connect=_CONNECT_TIMEOUT), cookies=never,
+                limits=httpx.Limits(max_connections=100, max_keepalive_connections=20),
+            )
+        return self._client
+
+    async def _call(self, payload: str, now_ms: int | None) -> object:
+        body = f'{{"commands":{payload},"now_ms":{"null" if now_ms is None else now_ms}}}'
+        try:
+            response = await self._http().post(self._endpoint, content=body.encode(), headers=self._headers)
+        except httpx.TimeoutException as exc:
+            raise StoreTimeout(f"Supabase did not answer: {type(exc).__name__}") from exc
+        except httpx.HTTPError as exc:
+            raise StoreError(f"Supabase request failed: {type(exc).__name__}: {exc}") from exc
+        status = response.status_code
+        if status == 200:
+            return _loads(response.text, "Supabase")
+        detail = _error_text(response.text)
+        if status in (401, 403):
+            raise StoreError(f"Supabase refused the key (HTTP {status}: {detail}): check the service role key")
+        if status == 404:
+            raise StoreError(f"{_MISSING} (HTTP 404: {detail})")
+        raise StoreError(f"Supabase answered HTTP {status}: {detail}")
+
+    async def close(self) -> None:
+        await self._bounded.drain()
+        client, self._client = self._client, None
+        if client is not None:
+            with contextlib.suppress(TimeoutError, httpx.HTTPError, OSError):
+                await asyncio.wait_for(client.aclose(), 2.0)
+
+
+def _loads(text: str | None, where: str) -> object:
+    if text is None:
+        raise StoreError(f"{where} returned no edgeway.batch result")
+    try:
+        return json.loads(text)
+    except ValueError:
+        raise StoreError(f"{where} answered with invalid JSON: {text[:200]!r}") from None
+
+
+def _error_text(text: str) -> str:
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return text[:200] or "no body"
+    if isinstance(data, dict):
+        return str(data.get("message") or data.get("error") or data)[:200]
+    return text[:200]

@@ -1,0 +1,403 @@
+-- Edgeway shared state in PostgreSQL / Supabase: the store behind postgres:// and Supabase.
+--
+-- One call of edgeway.batch(commands, now_ms) runs every command of one request, in order, in one
+-- transaction: one round trip per request, as with Redis pipelines. The rate-limit algorithms are the
+-- ones of middleware/store/lua/ratelimit.lua, step for step (same float arithmetic: double precision
+-- here, Lua numbers there), heartbeats those of heartbeat.lua, so every backend gives the same answers;
+-- tests/stores holds them to it.
+--
+-- Apply with psql (psql "$DATABASE_URL" -f this-file) or `supabase db push`. Idempotent: safe to apply
+-- again, e.g. to pick up a newer version of the functions.
+--
+-- Concurrency: rate-limit and heartbeat commands take a transaction-scoped advisory lock per key, all
+-- the keys of the whole batch in one sorted order (no deadlocks), so concurrent callers are exact: the
+-- read-decide-charge of one request never interleaves with another's on the same key. This needs READ
+-- COMMITTED (the default): each statement after a lock wait then sees the previous holder's writes.
+--
+-- Time: the database clock (clock_timestamp()), like Redis TIME, so app instances with skewed clocks
+-- agree; tests pass now_ms instead, which then applies to every command of that batch.
+--
+-- State is a cache (counters, buckets, cached values): the tables are UNLOGGED (no WAL, much faster
+-- writes; emptied after a database crash, like a Redis without persistence) and rows carry expires_at.
+-- Expired rows are ignored by every read; edgeway.cleanup() deletes them. Schedule it with pg_cron
+-- (Supabase: Database > Extensions > pg_cron):
+--
+--     select cron.schedule('edgeway-cleanup', '* * * * *', 'select edgeway.cleanup()');
+--
+-- Security: the functions are SECURITY DEFINER with a fixed search_path and every table reference
+-- schema-qualified; EXECUTE is revoked from PUBLIC, anon and authenticated and granted only to
+-- service_role. The tables have row level security on and no policies, and no grants: only the
+-- functions (running as their owner) touch them. PostgREST serves only exposed schemas (public by
+-- default), so public.edgeway_batch is the thin wrapper it calls: POST /rest/v1/rpc/edgeway_batch.
+
+create schema if not exists edgeway;
+
+do $$
+begin
+  if not exists (select 1 from pg_catalog.pg_roles where rolname = 'service_role') then
+    create role service_role nologin;  -- Supabase has it; plain PostgreSQL gets one to grant to
+  end if;
+end
+$$;
+
+revoke all on schema edgeway from public;
+grant usage on schema edgeway to service_role;
+
+-- Values (Set/Get), window counters (fixed and sliding window) and token buckets, one row per key.
+create unlogged table if not exists edgeway.entries (
+  key        text primary key,
+  value      text,              -- Set/Get text value
+  counter    bigint,            -- fixed-window / sliding-window counter of one window
+  tokens     double precision,  -- token bucket: tokens left at ts_ms ...
+  ts_ms      bigint,            -- ... (ms since the Unix epoch)
+  expires_at timestamptz not null
+);
+create index if not exists entries_expires_at_idx on edgeway.entries (expires_at);
+
+-- Sliding-log entries: one row per unit charged (a Redis sorted set of (at_ms, seq) per key).
+create unlogged table if not exists edgeway.log_entries (
+  key        text not null,
+  at_ms      bigint not null,
+  seq        bigint not null,
+  expires_at timestamptz not null,
+  primary key (key, at_ms, seq)
+);
+create index if not exists log_entries_expires_at_idx on edgeway.log_entries (expires_at);
+
+-- Heartbeats: the instances seen under one key, each with its last beat (a Redis sorted set per key).
+create unlogged table if not exists edgeway.heartbeats (
+  key        text not null,
+  instance   text not null,
+  at_ms      bigint not null,
+  expires_at timestamptz not null,
+  primary key (key, instance)
+);
+create index if not exists heartbeats_expires_at_idx on edgeway.heartbeats (expires_at);
+
+alter table edgeway.entries enable row level security;
+alter table edgeway.log_entries enable row level security;
+alter table edgeway.heartbeats enable row level security;
+revoke all on edgeway.entries, edgeway.log_entries, edgeway.heartbeats from public;
+
+-- ms since the Unix epoch -> timestamptz, exactly (integer microseconds)
+create or replace function edgeway.ms_to_ts(ms bigint) returns timestamptz
+language sql stable parallel safe
+set search_path = edgeway, pg_catalog, pg_temp
+as $$ select pg_catalog.to_timestamp(0) + ms * interval '1 millisecond' $$;
+
+create or replace function edgeway.batch(commands jsonb, now_ms bigint default null) returns jsonb
+language plpgsql volatile security definer
+set search_path = edgeway, pg_catalog, pg_temp
+as $fn$
+declare
+  slack constant bigint := 1000;  -- keys outlive their window a little, as in the Lua script
+  v_now bigint := coalesce(now_ms, floor(extract(epoch from clock_timestamp()) * 1000)::bigint);
+  v_now_ts timestamptz;
+  v_out jsonb := '[]'::jsonb;
+  v_cmd jsonb;
+  v_op text;
+  v_key text;
+  v_text text;
+  v_lock bigint;
+  v_n int;
+  v_checks jsonb;
+  v_all_ok boolean;
+  v_res bigint[];
+  -- one plan per limit: parallel arrays indexed by the limit's position
+  p_key text[]; p_algo text[]; p_quota bigint[]; p_window bigint[]; p_cost bigint[];
+  p_enforced boolean[]; p_ok boolean[]; p_wkey text[]; p_count bigint[]; p_previous bigint[];
+  p_elapsed bigint[]; p_estimate double precision[]; p_capacity double precision[];
+  p_rate double precision[]; p_tokens double precision[]; p_reset bigint[];
+  c jsonb; algo text; quota bigint; win bigint; cost bigint; burst bigint; idx bigint;
+  cnt bigint; prev bigint; t double precision; ts bigint; est double precision;
+  v_remaining bigint; v_reset double precision; v_retry double precision; v_need double precision;
+  oldest bigint;
+begin
+  if commands is null or jsonb_typeof(commands) <> 'array' then
+    raise exception 'edgeway.batch: commands must be a JSON array' using errcode = '22023';
+  end if;
+  if current_setting('transaction_isolation') <> 'read committed' then
+    -- under REPEATABLE READ / SERIALIZABLE the reads after a lock wait would not see the previous holder's charge
+    raise exception 'edgeway.batch must run at READ COMMITTED isolation (the default), not %',
+      current_setting('transaction_isolation') using errcode = '0A000';
+  end if;
+  v_now_ts := edgeway.ms_to_ts(v_now);
+
+  -- serialize read-modify-write per key: every limit and heartbeat key of the batch, in one global order
+  -- (sorted lock ids: no deadlocks)
+  for v_lock in
+    select distinct hashtextextended(k.key, 0)
+    from jsonb_array_elements(commands) as cmd(body)
+    cross join lateral (
+      select chk ->> 'key' from jsonb_array_elements(
+        case when cmd.body ->> 'op' = 'ratelimit' and jsonb_typeof(cmd.body -> 'checks') = 'array'
+             then cmd.body -> 'checks' else '[]'::jsonb end) as chk
+      union all
+      select cmd.body ->> 'key' where cmd.body ->> 'op' = 'heartbeat'
+    ) as k(key)
+    where k.key is not null
+    order by 1
+  loop
+    perform pg_advisory_xact_lock(v_lock);
+  end loop;
+
+  for v_cmd in select cmd.body from jsonb_array_elements(commands) with ordinality as cmd(body, n) order by cmd.n
+  loop
+    v_op := v_cmd ->> 'op';
+    v_key := v_cmd ->> 'key';
+    if v_op = 'get' then
+      select e.value into v_text from edgeway.entries e where e.key = v_key and e.expires_at > v_now_ts;
+      v_out := v_out || jsonb_build_array(v_text);
+
+    elsif v_op = 'set' then
+      insert into edgeway.entries as e (key, value, counter, tokens, ts_ms, expires_at)
+      values (v_key, v_cmd ->> 'value', null, null, null,
+              edgeway.ms_to_ts(v_now + greatest(1, (v_cmd ->> 'ttl_ms')::bigint)))
+      on conflict (key) do update
+        set value = excluded.value, counter = null, tokens = null, ts_ms = null, expires_at = excluded.expires_at;
+      v_out := v_out || jsonb_build_array(null);
+
+    elsif v_op = 'del' then
+      with gone_entries as (
+        delete from edgeway.entries e where e.key = v_key returning e.expires_at
+      ), gone_log as (
+        delete from edgeway.log_entries l where l.key = v_key returning l.expires_at
+      ), gone_beats as (
+        delete from edgeway.heartbeats h where h.key = v_key returning h.expires_at
+      )
+      select case when exists (select 1 from gone_entries g where g.expires_at > v_now_ts)
+                    or exists (select 1 from gone_log g where g.expires_at > v_now_ts)
+                    or exists (select 1 from gone_beats g where g.expires_at > v_now_ts)
+                  then 1 else 0 end
+      into cnt;
+      v_out := v_out || jsonb_build_array(cnt);
+
+    elsif v_op = 'heartbeat' then
+      -- heartbeat.lua: mark the instance live now, forget beats older than ttl_ms, count the rest
+      win := (v_cmd ->> 'ttl_ms')::bigint;
+      if win is null or win <= 0 or v_cmd ->> 'instance' is null then
+        raise exception 'edgeway.batch: bad heartbeat %: needs instance and a positive ttl_ms', v_cmd
+          using errcode = '22023';
+      end if;
+      insert into edgeway.heartbeats as h (key, instance, at_ms, expires_at)
+      values (v_key, v_cmd ->> 'instance', v_now, edgeway.ms_to_ts(v_now + win))
+      on conflict (key, instance) do update set at_ms = excluded.at_ms, expires_at = excluded.expires_at;
+      delete from edgeway.heartbeats h where h.key = v_key and (h.at_ms <= v_now - win or h.expires_at <= v_now_ts);
+      select count(*) into cnt from edgeway.heartbeats h where h.key = v_key;
+      v_out := v_out || jsonb_build_array(cnt);
+
+    elsif v_op = 'ratelimit' then
+      v_checks := coalesce(v_cmd -> 'checks', '[]'::jsonb);
+      v_n := jsonb_array_length(v_checks);
+      v_all_ok := true;
+      -- phase 1: read and decide every limit
+      for i in 1 .. v_n loop
+        c := v_checks -> (i - 1);
+        algo := c ->> 'algorithm';
+        quota := (c ->> 'quota')::bigint;
+        win := (c ->> 'window_ms')::bigint;
+        cost := coalesce((c ->> 'cost')::bigint, 1);
+        burst := coalesce((c ->> 'burst')::bigint, 0);
+        if win is null or win <= 0 or quota is null or quota <= 0 or cost < 0 then
+          raise exception 'edgeway.batch: bad limit %: quota and window_ms must be positive', c
+            using errcode = '22023';
+        end if;
+        p_key[i] := c ->> 'key';
+        p_algo[i] := algo;
+        p_quota[i] := quota;
+        p_window[i] := win;
+        p_cost[i] := cost;
+        p_enforced[i] := coalesce((c ->> 'enforced')::boolean, true);
+        if algo = 'fixed-window' then
+          idx := v_now / win;
+          p_wkey[i] := p_key[i] || ':' || idx;
+          select e.counter into cnt from edgeway.entries e where e.key = p_wkey[i] and e.expires_at > v_now_ts;
+          p_count[i] := coalesce(cnt, 0);
+          p_reset[i] := idx * win + win - v_now;
+          p_ok[i] := p_count[i] + cost <= quota;
+        elsif algo = 'sliding-window' then
+          idx := v_now / win;
+          p_wkey[i] := p_key[i] || ':' || idx;
+          select e.counter into cnt from edgeway.entries e where e.key = p_wkey[i] and e.expires_at > v_now_ts;
+          select e.counter into prev from edgeway.entries e
+            where e.key = p_key[i] || ':' || (idx - 1) and e.expires_at > v_now_ts;
+          p_count[i] := coalesce(cnt, 0);
+          p_previous[i] := coalesce(prev, 0);
+          p_elapsed[i] := v_now - idx * win;
+          p_estimate[i] := p_previous[i]::float8 * (win - p_elapsed[i])::float8 / win::float8 + p_count[i]::float8;
+          p_ok[i] := p_estimate[i] + cost::float8 <= quota::float8;
+        elsif algo = 'sliding-log' then
+          delete from edgeway.log_entries l
+            where l.key = p_key[i] and (l.at_ms <= v_now - win or l.expires_at <= v_now_ts);
+          select count(*) into cnt from edgeway.log_entries l where l.key = p_key[i];
+          p_count[i] := cnt;
+          p_ok[i] := cnt + cost <= quota;
+        elsif algo = 'token-bucket' then
+          p_capacity[i] := (case when burst > 0 then burst else quota end)::float8;
+          p_rate[i] := quota::float8 / win::float8;
+          select e.tokens, e.ts_ms into t, ts from edgeway.entries e
+            where e.key = p_key[i] and e.expires_at > v_now_ts and e.tokens is not null;
+          if found then
+            p_tokens[i] := least(p_capacity[i], t + greatest(0, v_now - ts)::float8 * p_rate[i]);
+          else
+            p_tokens[i] := p_capacity[i];
+          end if;
+          p_ok[i] := p_tokens[i] >= cost::float8;
+        else
+          raise exception 'edgeway.batch: unknown rate-limit algorithm %', algo using errcode = '22023';
+        end if;
+        if p_enforced[i] and not p_ok[i] then
+          v_all_ok := false;
+        end if;
+      end loop;
+
+      -- phase 2: charge all limits or none, then report each
+      v_res := array[case when v_all_ok then 1 else 0 end];
+      for i in 1 .. v_n loop
+        quota := p_quota[i]; win := p_window[i]; cost := p_cost[i];
+        if p_algo[i] = 'fixed-window' then
+          if v_all_ok then
+            p_count[i] := p_count[i] + cost;
+            insert into edgeway.entries as e (key, value, counter, tokens, ts_ms, expires_at)
+            values (p_wkey[i], null, p_count[i], null, null, edgeway.ms_to_ts(v_now + win + slack))
+            on conflict (key) do update
+              set value = null, counter = excluded.counter, tokens = null, ts_ms = null,
+                  expires_at = excluded.expires_at;
+          end if;
+          v_remaining := greatest(0, quota - p_count[i]);
+          v_reset := p_reset[i];
+          v_retry := case when p_ok[i] then 0 else p_reset[i] end;
+        elsif p_algo[i] = 'sliding-window' then
+          if v_all_ok then
+            p_count[i] := p_count[i] + cost;
+            p_estimate[i] := p_estimate[i] + cost::float8;
+            insert into edgeway.entries as e (key, value, counter, tokens, ts_ms, expires_at)
+            values (p_wkey[i], null, p_count[i], null, null, edgeway.ms_to_ts(v_now + 2 * win + slack))
+            on conflict (key) do update
+              set value = null, counter = excluded.counter, tokens = null, ts_ms = null,
+                  expires_at = excluded.expires_at;
+          end if;
+          v_remaining := greatest(0, floor(quota::float8 - p_estimate[i]))::bigint;
+          v_reset := win - p_elapsed[i];
+          if p_ok[i] then
+            v_retry := 0;
+          elsif cost > quota then
+            v_retry := win;
+          elsif p_count[i] + cost <= quota then
+            v_need := win::float8 - (quota - p_count[i] - cost)::float8 * win::float8 / p_previous[i]::float8;
+            v_retry := greatest(1, ceil(v_need - p_elapsed[i]::float8));
+          else
+            v_need := win::float8 - (quota - cost)::float8 * win::float8 / p_count[i]::float8;
+            v_retry := greatest(1, ceil((win - p_elapsed[i])::float8 + v_need));
+          end if;
+        elsif p_algo[i] = 'sliding-log' then
+          if v_all_ok then
+            insert into edgeway.log_entries (key, at_ms, seq, expires_at)
+            select p_key[i], v_now, p_count[i] + j, edgeway.ms_to_ts(v_now + win + slack)
+            from generate_series(0, cost - 1) as j
+            on conflict do nothing;
+            p_count[i] := p_count[i] + cost;
+          end if;
+          v_remaining := greatest(0, quota - p_count[i]);
+          select min(l.at_ms) into oldest from edgeway.log_entries l where l.key = p_key[i];
+          v_reset := coalesce(oldest + win - v_now, 0);
+          if p_ok[i] then
+            v_retry := 0;
+          elsif cost > quota then
+            v_retry := win;
+          else
+            -- the (count + cost - quota)-th oldest entry must leave the window
+            select l.at_ms into oldest from edgeway.log_entries l where l.key = p_key[i]
+              order by l.at_ms, l.seq offset p_count[i] + cost - quota - 1 limit 1;
+            v_retry := greatest(1, oldest + win - v_now);
+          end if;
+        else  -- token-bucket
+          if v_all_ok then
+            p_tokens[i] := p_tokens[i] - cost::float8;
+            insert into edgeway.entries as e (key, value, counter, tokens, ts_ms, expires_at)
+            values (p_key[i], null, null, p_tokens[i], v_now,
+                    edgeway.ms_to_ts(v_now + ceil(p_capacity[i] / p_rate[i])::bigint + slack))
+            on conflict (key) do update
+              set value = null, counter = null, tokens = excluded.tokens, ts_ms = excluded.ts_ms,
+                  expires_at = excluded.expires_at;
+          end if;
+          v_remaining := greatest(0, floor(p_tokens[i]))::bigint;
+          v_reset := ceil((p_capacity[i] - p_tokens[i]) / p_rate[i]);
+          if p_ok[i] then
+            v_retry := 0;
+          elsif cost::float8 > p_capacity[i] then
+            v_retry := win;
+          else
+            v_retry := greatest(1, ceil((cost::float8 - p_tokens[i]) / p_rate[i]));
+          end if;
+        end if;
+        v_res := v_res || array[case when p_ok[i] then 1 else 0 end, v_remaining,
+                                floor(v_reset)::bigint, floor(v_retry)::bigint];
+      end loop;
+      v_out := v_out || jsonb_build_array(to_jsonb(v_res));
+
+    else
+      raise exception 'edgeway.batch: unknown op %', coalesce(v_op, 'null') using errcode = '22023';
+    end if;
+  end loop;
+  return v_out;
+end
+$fn$;
+
+-- Delete expired rows; returns how many. Reads ignore them anyway: this only reclaims space.
+-- Schedule it every minute with pg_cron:
+--     select cron.schedule('edgeway-cleanup', '* * * * *', 'select edgeway.cleanup()');
+create or replace function edgeway.cleanup(now_ms bigint default null) returns bigint
+language plpgsql volatile security definer
+set search_path = edgeway, pg_catalog, pg_temp
+as $fn$
+declare
+  v_now_ts timestamptz := case when now_ms is null then clock_timestamp() else edgeway.ms_to_ts(now_ms) end;
+  v_entries bigint;
+  v_log bigint;
+  v_beats bigint;
+begin
+  delete from edgeway.entries e where e.expires_at <= v_now_ts;
+  get diagnostics v_entries = row_count;
+  delete from edgeway.log_entries l where l.expires_at <= v_now_ts;
+  get diagnostics v_log = row_count;
+  delete from edgeway.heartbeats h where h.expires_at <= v_now_ts;
+  get diagnostics v_beats = row_count;
+  return v_entries + v_log + v_beats;
+end
+$fn$;
+
+-- The PostgREST entry point (POST /rest/v1/rpc/edgeway_batch): PostgREST serves only exposed schemas.
+-- VOLATILE (the default) matters: PostgREST runs stable functions in read-only transactions.
+create or replace function public.edgeway_batch(commands jsonb, now_ms bigint default null) returns jsonb
+language sql volatile security definer
+set search_path = edgeway, pg_catalog, pg_temp
+as $fn$ select edgeway.batch(commands, now_ms) $fn$;
+
+-- EXECUTE for service_role only (functions are executable by PUBLIC by default, and Supabase grants
+-- new functions to anon and authenticated too).
+revoke all on function edgeway.ms_to_ts(bigint) from public;
+revoke all on function edgeway.batch(jsonb, bigint) from public;
+revoke all on function edgeway.cleanup(bigint) from public;
+revoke all on function public.edgeway_batch(jsonb, bigint) from public;
+
+do $$
+declare
+  r text;
+begin
+  foreach r in array array['anon', 'authenticated'] loop
+    if exists (select 1 from pg_catalog.pg_roles where rolname = r) then
+      execute format('revoke all on schema edgeway from %I', r);
+      execute format('revoke all on edgeway.entries, edgeway.log_entries, edgeway.heartbeats from %I', r);
+      execute format('revoke all on function edgeway.ms_to_ts(bigint) from %I', r);
+      execute format('revoke all on function edgeway.batch(jsonb, bigint) from %I', r);
+      execute format('revoke all on function edgeway.cleanup(bigint) from %I', r);
+      execute format('revoke all on function public.edgeway_batch(jsonb, bigint) from %I', r);
+    end if;
+  end loop;
+end
+$$;
+
+grant execute on function edgeway.batch(jsonb, bigint) to service_role;
+grant execute on function edgeway.cleanup(bigint) to service_role;
+grant execute on function public.edgeway_batch(jsonb, bigint) to service_role;

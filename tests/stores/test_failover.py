@@ -1,0 +1,157 @@
+"""FailoverStore: health tracking, fallback routing by command kind, recovery, degraded limits."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import pytest
+
+from middleware.store import (
+    Algorithm,
+    Command,
+    Get,
+    LimitCheck,
+    RateLimit,
+    RateLimitResult,
+    Set,
+    Store,
+    StoreError,
+)
+from middleware.store.failover import FailoverStore
+from middleware.store.memory import MemoryStore
+
+
+class Shared(Store):
+    """A shared (non-memory) store that can be switched off, counting the batches it receives."""
+
+    def __init__(self, kind: str = "redis", inner: Store | None = None) -> None:
+        self.kind = kind
+        self.inner = inner or MemoryStore()
+        self.up = True
+        self.batches: list[list[Command]] = []
+
+    async def execute(self, commands: Sequence[Command], *, timeout: float | None = None) -> list[object]:
+        self.batches.append(list(commands))
+        if not self.up:
+            raise StoreError(f"{self.kind} is down")
+        return await self.inner.execute(commands, timeout=timeout)
+
+    async def ping(self) -> None:
+        if not self.up:
+            raise StoreError(f"{self.kind} is down")
+
+    def describe(self) -> str:
+        return f"{self.kind}://test"
+
+
+def limit(quota: int = 10, key: str = "k") -> RateLimit:
+    return RateLimit((LimitCheck(key, Algorithm.FIXED_WINDOW, quota, 60_000),))
+
+
+async def admitted(store: Store, command: RateLimit, times: int) -> int:
+    count = 0
+    for _ in range(times):
+        (result,) = await store.execute([command])
+        assert isinstance(result, RateLimitResult)
+        count += result.allowed
+    return count
+
+
+async def test_failures_mark_the_primary_down_and_later_calls_skip_it() -> None:
+    primary, fallback = Shared("redis"), Shared("postgres")
+    store = FailoverStore(primary, [fallback], failures=3, probe_initial=60)
+    primary.up = False
+    for _ in range(5):
+        await store.execute([limit()])
+    assert len(primary.batches) == 3  # the first three paid for the failure, then it was skipped
+    assert len(fallback.batches) == 5
+    assert store.kind == "postgres"
+    await store.close()
+
+
+async def test_the_probe_brings_the_primary_back() -> None:
+    primary, fallback = Shared("redis"), Shared("postgres")
+    store = FailoverStore(primary, [fallback], failures=1, probe_initial=0.01, probe_max=0.02)
+    primary.up = False
+    await store.execute([limit()])
+    assert store.kind == "postgres"
+    primary.up = True
+    for _ in range(100):
+        await asyncio.sleep(0.01)
+        if store.status()[0]["healthy"]:
+            break
+    await store.execute([limit()])
+    assert store.kind == "redis"
+    await store.close()
+
+
+async def test_caches_fall_back_to_memory_while_limits_go_to_the_shared_fallback() -> None:
+    primary, fallback = Shared("redis"), Shared("postgres")
+    store = FailoverStore(primary, [fallback, MemoryStore()], failures=1, probe_initial=60)
+    primary.up = False
+    results = await store.execute([Set("c", "cached", 60_000), limit(), Get("c")])
+    assert results[0] is None and results[2] == "cached"
+    assert isinstance(results[1], RateLimitResult) and results[1].allowed
+    assert fallback.batches[-1] == [limit()]  # only the shared command went to postgres
+    await store.close()
+
+
+async def test_cache_only_batches_do_not_touch_the_fallback() -> None:
+    primary, fallback = Shared("redis"), Shared("postgres")
+    store = FailoverStore(primary, [fallback], failures=1, probe_initial=60)
+    primary.up = False
+    await store.execute([limit()])
+    before = len(fallback.batches)
+    assert await store.execute([Get("nothing")]) == [None]
+    assert len(fallback.batches) == before
+    await store.close()
+
+
+async def test_every_store_down_falls_to_memory_with_limits_divided_by_live_instances() -> None:
+    primary, fallback = Shared("redis"), Shared("postgres")
+    store = FailoverStore(primary, [fallback, MemoryStore()], failures=1, probe_initial=60, instances=3)
+    primary.up = fallback.up = False
+    assert await admitted(store, limit(quota=10), 10) == 3  # 10 // 3 instances
+    assert store.kind == "memory"
+    await store.close()
+
+
+async def test_heartbeats_count_live_instances_in_the_shared_store() -> None:
+    shared_state = MemoryStore()
+    one = FailoverStore(Shared("redis", shared_state), [MemoryStore()])
+    two = FailoverStore(Shared("redis", shared_state), [MemoryStore()])
+    await one.execute([Get("x")])  # starts its heartbeat: it sees itself
+    for _ in range(50):
+        await asyncio.sleep(0.01)
+        if one.live_instances == 1 and one._live == 1:
+            break
+    await two.execute([Get("x")])  # the second instance sees both
+    for _ in range(50):
+        await asyncio.sleep(0.01)
+        if two.live_instances == 2:
+            break
+    assert (one.live_instances, two.live_instances) == (1, 2)
+    await one.close()
+    await two.close()
+
+
+async def test_no_fallback_means_the_error_reaches_the_policy() -> None:
+    primary = Shared("redis")
+    store = FailoverStore(primary, [], failures=1, probe_initial=60)
+    primary.up = False
+    with pytest.raises(StoreError, match="no store left"):
+        await store.execute([limit()])
+    await store.close()
+
+
+async def test_readiness_and_description_show_the_chain() -> None:
+    primary = Shared("redis")
+    store = FailoverStore(primary, [MemoryStore()], failures=1, probe_initial=60)
+    await store.ping()
+    primary.up = False
+    await store.execute([limit()])
+    await store.ping()  # memory answers
+    assert [entry["healthy"] for entry in store.status()] == [False, True]
+    assert "(down)" in store.describe()
+    await store.close()
