@@ -20,7 +20,7 @@ from typing import Any
 
 import uvicorn
 
-__all__ = ["BRIDGE_TOKEN", "FakeRedisThread", "RedisServer", "UvicornThread", "free_port", "wait_for_port"]
+__all__ = ["BRIDGE_TOKEN", "FakeRedisThread", "RedisServer", "UvicornThread", "free_port", "ok_app", "wait_for_port"]
 
 HOST = "127.0.0.1"
 BRIDGE_TOKEN = "test-bridge-token"
@@ -399,3 +399,14 @@ def apply_migration(dsn: str, path: Path = MIGRATION_PATH) -> None:
 
     with ThreadPoolExecutor(1) as pool:
         pool.submit(asyncio.run, apply()).result(timeout=60)
+
+
+async def ok_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """The smallest upstream: every request gets 200 ``ok`` (lifespan supported)."""
+    if scope["type"] == "lifespan":
+        while (await receive())["type"] != "lifespan.shutdown":
+            await send({"type": "lifespan.startup.complete"})
+        await send({"type": "lifespan.shutdown.complete"})
+        return
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+    await send({"type": "http.response.body", "body": b"ok"})

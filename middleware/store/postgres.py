@@ -48,6 +48,7 @@ from .base import (
     StoreError,
     StoreTimeout,
 )
+from .opening import SharedOpen
 
 __all__ = ["MIGRATION", "PostgresStore", "SupabaseStore", "decode_results", "encode_commands"]
 
@@ -190,8 +191,7 @@ class PostgresStore(_BatchStore):
         super().__init__(timeout=timeout, clock=clock)
         self._dsn = dsn
         self._pool_size = pool_size
-        self._pool: asyncpg.Pool | None = None
-        self._connecting: asyncio.Future[asyncpg.Pool] | None = None
+        self._pool: SharedOpen[asyncpg.Pool] = SharedOpen(self._open)
 
     def describe(self) -> str:
         parts = urlsplit(self._dsn)
@@ -200,7 +200,7 @@ class PostgresStore(_BatchStore):
         return f"{parts.scheme or 'postgres'}://{host}{port}{parts.path}"
 
     async def _call(self, payload: str, now_ms: int | None) -> object:
-        pool = self._pool if self._pool is not None else await self._connect()
+        pool = self._pool.value or await self._pool.open()
         try:
             async with pool.acquire() as connection:
                 text = await connection.fetchval("select edgeway.batch($1::jsonb, $2::bigint)::text", payload, now_ms)
@@ -211,18 +211,6 @@ class PostgresStore(_BatchStore):
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
             raise StoreError(f"PostgreSQL call failed: {type(exc).__name__}: {exc}") from exc
         return _loads(text, "PostgreSQL")
-
-    async def _connect(self) -> asyncpg.Pool:
-        if self._connecting is None:
-            self._connecting = asyncio.ensure_future(self._open())
-        connecting = self._connecting
-        try:
-            return await asyncio.shield(connecting)
-        finally:
-            if connecting.done():
-                self._connecting = None
-                if not connecting.cancelled() and connecting.exception() is None:
-                    self._pool = connecting.result()
 
     async def _open(self) -> asyncpg.Pool:
         try:
@@ -237,8 +225,7 @@ class PostgresStore(_BatchStore):
 
     async def close(self) -> None:
         await self._bounded.drain()
-        pool, self._pool = self._pool, None
-        connecting, self._connecting = self._connecting, None
+        pool, connecting = self._pool.take()
         if connecting is not None:  # a pool still being built, or built for a caller that gave up
             if connecting.done() and not connecting.cancelled() and connecting.exception() is None:
                 pool = pool or connecting.result()

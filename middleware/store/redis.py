@@ -20,6 +20,7 @@ from urllib.parse import unquote, urlsplit
 import hiredis
 
 from .base import Clock, StoreConfigurationError, StoreError
+from .opening import SharedOpen
 from .redis_protocol import RedisCommand, RedisProtocolStore, ReplyError, Transport
 
 _CONNECT_TIMEOUT = 5.0
@@ -134,8 +135,7 @@ class RespTransport(Transport):
 
     def __init__(self, address: RedisAddress) -> None:
         self._address = address
-        self._protocol: _RespProtocol | None = None
-        self._connecting: asyncio.Future[_RespProtocol] | None = None
+        self._connection: SharedOpen[_RespProtocol] = SharedOpen(self._open)
         self._pending: set[asyncio.Task[None]] = set()
 
     def describe(self) -> str:
@@ -144,7 +144,7 @@ class RespTransport(Transport):
 
     def submit(self, commands: Sequence[RedisCommand]) -> asyncio.Future[list[object]]:
         loop = asyncio.get_running_loop()
-        protocol = self._protocol
+        protocol = self._connection.value
         if protocol is not None and protocol.lost is None:
             return protocol.submit(commands, loop)
         result: asyncio.Future[list[object]] = loop.create_future()
@@ -157,7 +157,7 @@ class RespTransport(Transport):
         self, commands: Sequence[RedisCommand], result: asyncio.Future[list[object]]
     ) -> None:
         try:
-            protocol = await self._connect()
+            protocol = await self._connection.open()
             replies = await protocol.submit(commands, asyncio.get_running_loop())
         except StoreError as exc:
             if not result.done():
@@ -165,18 +165,6 @@ class RespTransport(Transport):
             return
         if not result.done():
             result.set_result(replies)
-
-    async def _connect(self) -> _RespProtocol:
-        if self._connecting is None:
-            self._connecting = asyncio.ensure_future(self._open())
-        connecting = self._connecting
-        try:
-            return await asyncio.shield(connecting)
-        finally:
-            if connecting.done():
-                self._connecting = None
-                if not connecting.cancelled() and connecting.exception() is None:
-                    self._protocol = connecting.result()
 
     async def _open(self) -> _RespProtocol:
         address = self._address
@@ -204,9 +192,9 @@ class RespTransport(Transport):
         return protocol
 
     async def close(self) -> None:
-        if self._protocol is not None:
-            self._protocol.close()
-            self._protocol = None
+        protocol, _ = self._connection.take()
+        if protocol is not None:
+            protocol.close()
 
 
 class RedisStore(RedisProtocolStore):

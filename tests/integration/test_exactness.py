@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.servers import BRIDGE_TOKEN, UvicornThread, free_port, wait_for_port
+from tests.servers import BRIDGE_TOKEN, UvicornThread, free_port, ok_app, wait_for_port
 
 REQUESTS = 500
 QUOTA = 100
@@ -45,16 +45,6 @@ routes:
     upstream: up
     limits: [{{ rate: {quota}/minute, algorithm: sliding-window, on_store_failure: closed }}]
 """
-
-
-async def ok_app(scope, receive, send):  # type: ignore[no-untyped-def]
-    if scope["type"] == "lifespan":
-        while (await receive())["type"] != "lifespan.shutdown":
-            await send({"type": "lifespan.startup.complete"})
-        await send({"type": "lifespan.shutdown.complete"})
-        return
-    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
-    await send({"type": "http.response.body", "body": b"ok"})
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ import pytest
 
 from gateway import create_app, load_text
 from gateway.app import Gateway
-from tests.servers import PostgresServer, RedisServer, UvicornThread, apply_migration
+from tests.servers import PostgresServer, RedisServer, UvicornThread, apply_migration, ok_app
 
 QUOTA = 20
 TIMEOUT_S = 0.25
@@ -46,16 +46,6 @@ routes:
     upstream: up
     limits: [{{ rate: 1000000/minute, key: ip, on_store_failure: closed }}]
 """
-
-
-async def ok_app(scope, receive, send):  # type: ignore[no-untyped-def]
-    if scope["type"] == "lifespan":
-        while (await receive())["type"] != "lifespan.shutdown":
-            await send({"type": "lifespan.startup.complete"})
-        await send({"type": "lifespan.shutdown.complete"})
-        return
-    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
-    await send({"type": "http.response.body", "body": b"ok"})
 
 
 @dataclass
