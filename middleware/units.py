@@ -62,9 +62,12 @@ class Rate:
 
     @classmethod
     def parse(cls, value: object) -> Rate:
-        """Parse ``N/second|minute|hour|day`` or ``N/<duration>``."""
+        """Parse ``N/second|minute|hour|day`` or ``N/<duration>``, or the ``limits`` library's grammar
+        (``10 per minute``, ``5/2 hours``), which users of slowapi and Flask-Limiter already write."""
         if isinstance(value, Rate):
             return value
+        if isinstance(value, str) and "/" not in value and " per " in value:
+            return cls._from_limits(value)
         if not isinstance(value, str) or "/" not in value:
             raise ValueError(f"expected {RATE_HINT}, got {value!r}")
         count, _, per = (part.strip() for part in value.partition("/"))
@@ -77,10 +80,26 @@ class Rate:
             try:
                 window = parse_duration("1" + per if per in _DURATION_UNITS else per)
             except ValueError:
-                raise ValueError(f"bad rate {value!r}: unknown period {per!r} (expected {RATE_HINT})") from None
+                return cls._from_limits(value, f"bad rate {value!r}: unknown period {per!r} (expected {RATE_HINT})")
+        return cls._checked(int(count), window, value)
+
+    @classmethod
+    def _checked(cls, count: int, window: float, value: str) -> Rate:
         if window < 0.001:
             raise ValueError(f"bad rate {value!r}: the period must be at least 1ms")
-        return cls(int(count), window, value.strip())
+        return cls(count, window, value.strip())
+
+    @classmethod
+    def _from_limits(cls, value: str, message: str | None = None) -> Rate:
+        import limits  # only for the forms our own grammar does not take
+
+        try:
+            item = limits.parse(value)
+        except ValueError:
+            raise ValueError(message or f"bad rate {value!r} (expected {RATE_HINT})") from None
+        if item.amount < 1:
+            raise ValueError(f"bad rate {value!r}: the count must be a whole number >= 1")
+        return cls._checked(item.amount, float(item.get_expiry()), value)
 
 
 def _rate(value: Any) -> Rate:
