@@ -4,19 +4,24 @@
                                   [--no-write]
 
 Starts nginx serving a 1 KB static file (the upstream), a private
-``redis-server`` for each Redis-backed target, and every target, all on free
-ports, and checks one response through each. Then it measures in rounds, to
-average out noisy neighbours: in every round it runs ``wrk -t2 -c32
---latency`` against each target in turn, always in the same order (in round 1
-each target gets a warm-up run first). Per target it reports the median req/s
-over the rounds, the p50/p99 of the median round and the min-max spread; the
-goal ratios use the medians. Around every measured run of a Redis-backed
-target it diffs its Redis' ``INFO commandstats``/``INFO stats`` and sums the
-store commands and network reads (round trips) over the rounds. Prints a
-table and overwrites the "## Latest run" section of ``bench/RESULTS.md``.
-Server logs go to ``bench/out/<name>.log``, wrk's output to
-``bench/out/wrk-<target>-r<round>.txt``. Every process runs in its own
-process group and is killed in ``finally``.
+``redis-server`` for each Redis-backed target, a private PostgreSQL cluster
+(``bench/pg.py``) for the PostgreSQL fallback target, and every target, all on
+free ports, and checks one response through each (and that the fallback target
+runs in fallback mode). Then it measures in rounds, to average out noisy
+neighbours: in every round it runs ``wrk -t2 -c32 --latency`` against each
+target in turn, always in the same order (in round 1 each target gets a warm-up
+run first). Per target it reports the median req/s over the rounds, the p50/p99
+of the median round and the min-max spread; the goal ratios use the medians.
+Around every measured run of a Redis-backed target it diffs its Redis' ``INFO
+commandstats``/``INFO stats`` and sums the store commands and network reads
+(round trips) over the rounds; around every measured run of the PostgreSQL
+fallback target it diffs ``pg_stat_user_functions`` (``edgeway.batch``) and
+``pg_stat_database`` (``xact_commit``), read once the backends have flushed
+their statistics. Prints a table and overwrites the "## Latest run" section of
+``bench/RESULTS.md``. Server logs go to ``bench/out/<name>.log``, wrk's output
+to ``bench/out/wrk-<target>-r<round>.txt``. Every process runs in its own
+process group and is killed in ``finally``; the PostgreSQL cluster is stopped
+and its directory removed there too.
 """
 
 from __future__ import annotations
@@ -44,13 +49,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pg import STATS_FLUSH, PgSnapshot, PostgresCluster, postgres_bin, postgres_version
+
 ROOT = Path(__file__).resolve().parent.parent
 BENCH, OUT, RESULTS = ROOT / "bench", ROOT / "bench" / "out", ROOT / "bench" / "RESULTS.md"
 VENV_BIN = ROOT / ".venv" / "bin"
 if not (VENV_BIN / "python").exists():
     VENV_BIN = Path(sys.executable).parent
+PG_TARGET = "edgeway-2-limits-postgres-fallback"  # Redis unreachable: limits enforced through PostgreSQL
 TARGETS = ("upstream", "nginx-proxy", "raw-aiohttp", "baseline", "edgeway", "edgeway-2-limits",
-           "edgeway-2-limits-memory", "slowapi")
+           "edgeway-2-limits-memory", PG_TARGET, "slowapi")
 ASGI_APPS = {"raw-aiohttp": "baseline_proxy:raw_app", "baseline": "baseline_proxy:starlette_app",
              "slowapi": "slowapi_proxy:app"}  # served from bench/ with uvicorn
 REDIS_TARGETS = ("edgeway-2-limits", "slowapi")
@@ -64,6 +72,11 @@ UVICORN = ["-m", "uvicorn", "--host", "127.0.0.1", "--workers", "1", "--loop", "
            "--no-date-header"]
 GOALS = (("edgeway", "raw-aiohttp", 0.85), ("edgeway", "baseline", 0.90), ("edgeway-2-limits", "baseline", 0.75),
          ("edgeway-2-limits", "slowapi", 2.0))  # req/s ratios (of medians): target, reference, minimum
+PG_REFERENCES = ("baseline", "edgeway-2-limits")  # PG_TARGET's ratio lines (recorded, no goal)
+PG_TIMEOUT, PG_MODE = "200ms", "postgres"  # its store timeout; the mode readyz must report
+# What PG_TARGET logs by design when it fails over (middleware/store/failover.py); anything else is flagged.
+EXPECTED_LOG = {PG_TARGET: re.compile(r"store mode redis -> postgres$|store redis://\S+ marked down after \d+ "
+                                      r"failures \(cannot connect to Redis")}
 STORE_GOAL_TARGET = "edgeway-2-limits"  # goals: <= 1 Redis round trip and exactly 1 script call per request
 MAX_ROUND_TRIPS, SCRIPT_CALLS, SCRIPT_CALLS_TOLERANCE = 1.0, 1.0, 0.01
 OWN_COMMANDS = ("info", "config", "ping", "client", "hello", "command")  # the harness', not the store's
@@ -87,8 +100,18 @@ Starlette proxy on raw aiohttp with no policies"), a Starlette app with one catc
 endpoint returns a `StreamingResponse` over the aiohttp response. **edgeway**: `edgeway serve`, one
 route `/*`, no policies. **edgeway-2-limits**: the same with two limits (`1000000/minute`,
 `100000000/day`, key `ip`: never rejecting) on a private `redis-server`; **edgeway-2-limits-memory**:
-on `memory://`. **slowapi**: the baseline's Starlette app and endpoint guarded by slowapi
-(`bench/slowapi_proxy.py`), the same two limits on its own private `redis-server` (same settings).
+on `memory://`. **edgeway-2-limits-postgres-fallback**: fallback mode: Redis unreachable, limits
+enforced through PostgreSQL. The same route and two limits; the store is `redis://` on a free port
+nothing listens on, `timeout: 200ms`, `fallback: [{postgres: {dsn: ...}}, memory]` on a private
+PostgreSQL cluster (initdb in a temp dir, free port, fsync off, `track_functions=all`, the edgeway
+migration applied). After the first 3 failed calls the failover marks Redis down (its probe keeps
+failing fast) and the limits go to `edgeway.batch`. Before measuring, the harness checks that
+`GET /_edgeway/readyz` reports `store.mode` `postgres`, and after each run that the mode never changed
+again. Recorded, with no goal: its ratios to baseline and edgeway-2-limits, and its PostgreSQL work
+per request (`edgeway.batch` calls and mean self time per call from `pg_stat_user_functions`,
+`xact_commit` from `pg_stat_database`). **slowapi**: the baseline's Starlette app and endpoint guarded
+by slowapi (`bench/slowapi_proxy.py`), the same two limits on its own private `redis-server` (same
+settings).
 
 Goals from the issue: the gateway's proxy hot path (edgeway, no policies) >= 85% of raw-aiohttp
 req/s; the gateway with no policies >= 90% of baseline; with two limits >= 75% of baseline and >= 2x
@@ -149,6 +172,39 @@ class StoreWork:
 
 
 @dataclass
+class PgWork:
+    """PostgreSQL work summed over PG_TARGET's measured runs: edgeway.batch calls and self time, commits.
+
+    A run's closing snapshot waits until the backends flushed their statistics (``STATS_FLUSH`` s after
+    the run), so it also holds the requests still in flight when wrk stopped and the gateway's heartbeat
+    (one call every 5 s); the opening snapshot's own transactions (``own_commits``) are taken out.
+    """
+
+    own_commits: int = 0
+    calls: int = 0
+    self_ms: float = 0.0
+    commits: int = 0
+    requests: int = 0
+    pending: tuple[PgSnapshot, int, float] | None = None  # a run's opening snapshot, requests, end (monotonic)
+
+    def add(self, before: PgSnapshot, after: PgSnapshot, requests: int) -> None:
+        self.calls += after.calls - before.calls
+        self.self_ms += after.self_ms - before.self_ms
+        self.commits += after.commits - before.commits - self.own_commits
+        self.requests += requests
+
+    def per_request(self, count: float) -> float:
+        return count / self.requests if self.requests else 0.0
+
+    def summary(self) -> str:
+        per_call = self.self_ms * 1000 / self.calls if self.calls else 0.0
+        return (f"{self.per_request(self.calls):.3f} edgeway.batch calls/request, {per_call:.0f} us mean self "
+                f"time per call (self_time/calls: {self.self_ms:,.0f} ms for {self.calls} calls); "
+                f"{self.per_request(self.commits):.3f} transactions (xact_commit)/request ({self.commits} "
+                f"commits for {self.requests} requests)")
+
+
+@dataclass
 class Outcome:
     """One target: its URL, its measured runs (one per round), its Redis work, and what went wrong."""
 
@@ -156,6 +212,7 @@ class Outcome:
     url: str = ""
     runs: list[WrkResult] = field(default_factory=list)
     store: StoreWork | None = None
+    pg: PgWork | None = None
     problems: list[str] = field(default_factory=list)
     failed: bool = False  # not (or no longer) measurable: skipped in the remaining rounds
 
@@ -213,11 +270,13 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def ensure_tools(need_redis: bool) -> None:
-    """Install wrk, nginx (and redis-server) with apt-get when missing (a fresh machine)."""
+def ensure_tools(need_redis: bool, need_postgres: bool) -> None:
+    """Install wrk, nginx (redis-server, postgresql) with apt-get when missing (a fresh machine)."""
     os.environ["PATH"] += os.pathsep + "/usr/sbin:/usr/local/sbin"  # nginx lives in sbin
     missing = [tool for tool in ("wrk", "nginx", *(["redis-server"] if need_redis else []))
                if shutil.which(tool) is None]
+    if need_postgres and (postgres_bin("initdb") is None or postgres_bin("pg_ctl") is None):
+        missing.append("postgresql")
     if missing:
         sudo = [] if os.geteuid() == 0 else ["sudo"]
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
@@ -289,19 +348,20 @@ def start_redis(procs: Processes, tmp: Path, target: str) -> int:
     raise RuntimeError(f"{name} did not start:\n{log_tail(name)}")
 
 
-def write_policy(tmp: Path, name: str, upstream_port: int, store: str, limits: bool) -> Path:
+def write_policy(tmp: Path, name: str, upstream_port: int, store: dict[str, Any], limits: bool) -> Path:
     """An Edgeway policy: one route /* to the upstream, optionally with the two limits (JSON is YAML)."""
     route: dict[str, Any] = {"match": {"path": "/*"}, "upstream": "origin"}
     if limits:
         route["limits"] = TWO_LIMITS
-    policy = {"version": 1, "store": {"url": store},
+    policy = {"version": 1, "store": store,
               "upstreams": {"origin": {"url": f"http://127.0.0.1:{upstream_port}"}}, "routes": [route]}
     path = tmp / f"{name}.yaml"
     path.write_text(json.dumps(policy, indent=2))
     return path
 
 
-def start_target(procs: Processes, target: str, tmp: Path, upstream_port: int, redis_port: int | None) -> str:
+def start_target(procs: Processes, target: str, tmp: Path, upstream_port: int, redis_port: int | None,
+                 pg_dsn: str | None = None) -> str:
     """Start one target (the upstream is already running) and return the URL to benchmark."""
     if target == "upstream":
         return f"http://127.0.0.1:{upstream_port}{PATH}"
@@ -314,10 +374,81 @@ def start_target(procs: Processes, target: str, tmp: Path, upstream_port: int, r
         procs.start(target, [str(VENV_BIN / "python"), *UVICORN, "--port", str(port), "--app-dir", str(BENCH),
                              ASGI_APPS[target]], env)
     else:
-        store = redis_url if target == "edgeway-2-limits" else "memory://"
+        store: dict[str, Any] = {"url": redis_url if target == "edgeway-2-limits" else "memory://"}
+        if target == PG_TARGET:
+            if pg_dsn is None:
+                raise RuntimeError("no PostgreSQL cluster for it")
+            store = {"url": f"redis://127.0.0.1:{free_port()}", "timeout": PG_TIMEOUT,  # nothing listens there
+                     "fallback": [{"postgres": {"dsn": pg_dsn}}, "memory"]}
         policy = write_policy(tmp, target, upstream_port, store, limits=target != "edgeway")
         procs.start(target, [str(VENV_BIN / "edgeway"), "serve", "--policy", str(policy), "--port", str(port)])
     return f"http://127.0.0.1:{port}{PATH}"
+
+
+def start_postgres(outcome: Outcome) -> PostgresCluster | None:
+    """PG_TARGET's private cluster, started, migrated and its snapshot cost measured; None (target failed) if not.
+
+    Removed here when anything fails (also on SIGTERM/Ctrl-C); once returned, main's ``finally`` removes it.
+    """
+    cluster = PostgresCluster()
+    try:
+        cluster.start()
+        cluster.apply_migration()
+        first = cluster.snapshot()
+        second = cluster.snapshot()  # sees the first's own transactions (flushed when it disconnected)
+        outcome.pg = PgWork(own_commits=second.commits - first.commits)
+    except Exception as exc:
+        cluster.close()
+        outcome.failed = True
+        outcome.problems.append(f"failed to start its PostgreSQL: {exc}")
+        return None
+    except BaseException:
+        cluster.close()
+        raise
+    return cluster
+
+
+def fetch(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return str(response.read().decode())
+
+
+def fallback_problem(outcome: Outcome) -> str | None:
+    """Why PG_TARGET is not (or was not throughout) in fallback mode on PostgreSQL; None when it is.
+
+    readyz must report ``store.mode == "postgres"``, and the only store mode change since the start
+    must be the one failover redis -> postgres (a later detour to memory and back would not show in
+    readyz, but does in ``edgeway_store_mode_changes_total``).
+    """
+    base = outcome.url.removesuffix(PATH)
+    try:
+        ready = json.loads(fetch(f"{base}/_edgeway/readyz"))
+        metrics = fetch(f"{base}/_edgeway/metrics")
+    except (OSError, ValueError) as exc:
+        return f"cannot read /_edgeway/readyz or /_edgeway/metrics: {exc}"
+    store = ready.get("store", {}) if isinstance(ready, dict) else {}
+    if store.get("mode") != PG_MODE:
+        return (f"not in fallback mode: /_edgeway/readyz reports store.mode {store.get('mode')!r}, not "
+                f"{PG_MODE!r}: {json.dumps(ready)[:400]}")
+    changes = {f"{m[1]} -> {m[2]}": float(m[3]) for m in re.finditer(
+        r'^edgeway_store_mode_changes_total\{from_mode="([^"]*)",to_mode="([^"]*)"\} (\S+)$', metrics, re.M)}
+    if changes != {f"redis -> {PG_MODE}": 1.0}:
+        return f"store mode changes other than one redis -> {PG_MODE}: {changes or 'none'}"
+    return None
+
+
+def settle_pg(outcome: Outcome, cluster: PostgresCluster) -> None:
+    """Close PG_TARGET's pending run: wait until PostgreSQL flushed its statistics, snapshot, add, check mode."""
+    work = outcome.pg
+    if work is None or work.pending is None:
+        return
+    before, requests, ended = work.pending
+    work.pending = None
+    time.sleep(max(0.0, ended + STATS_FLUSH - time.monotonic()))
+    work.add(before, cluster.snapshot(), requests)
+    problem = fallback_problem(outcome)
+    if problem:
+        outcome.problems.append(f"after a measured run: {problem}")
 
 
 def parse_wrk(text: str) -> WrkResult:
@@ -356,18 +487,27 @@ def redis_snapshot(client: Any) -> Snapshot:
     return {k: v for k, v in calls.items() if not k.startswith(OWN_COMMANDS)}, reads
 
 
-def measure(procs: Processes, outcome: Outcome, round_no: int, args: argparse.Namespace, client: Any) -> None:
-    """One round of one target: (warm-up in round 1,) a measured wrk run, its Redis work if ``client``."""
+def measure(procs: Processes, outcome: Outcome, round_no: int, args: argparse.Namespace, client: Any,
+            cluster: PostgresCluster | None) -> None:
+    """One round of one target: (warm-up in round 1,) a measured wrk run, its Redis work if ``client``.
+
+    With ``cluster`` (PG_TARGET), the previous run's PostgreSQL work is closed first (see settle_pg),
+    the warm-up's statistics are left to flush, and this run's is left pending.
+    """
     target = outcome.target
     try:
         proc = procs.running.get(target)
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"{target} exited with code {proc.returncode}:\n{log_tail(target)}")
+        if cluster is not None:
+            settle_pg(outcome, cluster)
         if round_no == 1 and args.warmup > 0:
             run_wrk(outcome.url, args.warmup)
-            time.sleep(SETTLE)
+            time.sleep(STATS_FLUSH if cluster is not None else SETTLE)
         before = redis_snapshot(client) if client else None
+        pg_before = cluster.snapshot() if cluster is not None else None
         text = run_wrk(outcome.url, args.duration)
+        ended = time.monotonic()
         after = redis_snapshot(client) if client else None  # before the in-flight rest: wrk did not count it
         time.sleep(SETTLE)  # and neither the next target's run nor this target's next one sees it
         (OUT / f"wrk-{target}-r{round_no}.txt").write_text(text)
@@ -375,15 +515,17 @@ def measure(procs: Processes, outcome: Outcome, round_no: int, args: argparse.Na
     except Exception as exc:  # one failing target must not stop the others
         outcome.failed = True
         outcome.problems.append(f"round {round_no} failed: {exc}")
-        print(f"   {target:<24} FAILED: {exc}", flush=True)
+        print(f"   {target:<34} FAILED: {exc}", flush=True)
         return
     outcome.runs.append(result)
     if outcome.store is not None and before and after:
         outcome.store.add(before, after, result.requests)
+    if outcome.pg is not None and pg_before is not None:
+        outcome.pg.pending = (pg_before, result.requests, ended)
     if result.non2xx or result.socket_errors:
         outcome.problems.append(f"round {round_no}: {result.non2xx} non-2xx/3xx responses, "
                                 f"{result.socket_errors} socket errors")
-    print(f"   {target:<24} {result.rps:>9,.0f} req/s, p50 {fmt_time(result.p50)}, p99 {fmt_time(result.p99)}",
+    print(f"   {target:<34} {result.rps:>9,.0f} req/s, p50 {fmt_time(result.p50)}, p99 {fmt_time(result.p99)}",
           flush=True)
 
 
@@ -393,7 +535,9 @@ def check_logs(outcomes: list[Outcome]) -> None:
         log = OUT / f"{outcome.target}.log"
         if outcome.target == "upstream" or not log.exists():
             continue
-        bad = [line for line in log.read_text(errors="replace").splitlines() if LOG_PROBLEM.search(line)]
+        expected = EXPECTED_LOG.get(outcome.target)
+        bad = [line for line in log.read_text(errors="replace").splitlines() if LOG_PROBLEM.search(line)
+               and not (expected and expected.search(line))]
         if bad:
             outcome.problems.append(f"{len(bad)} warning/error lines in bench/out/{outcome.target}.log, first: "
                                     f"`{bad[0].strip()[:200]}`")
@@ -417,9 +561,10 @@ def machine_facts() -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor() or "?")
     packages = ", ".join(f"{name} {importlib.metadata.version(name)}" for name in
-                         ("aiohttp", "uvicorn", "uvloop", "httptools", "starlette", "slowapi", "limits"))
+                         ("aiohttp", "uvicorn", "uvloop", "httptools", "starlette", "slowapi", "limits",
+                          "asyncpg"))
     tools = ", ".join((version(["wrk", "-v"], r"wrk \S*?(\d[\w.]*)"), version(["nginx", "-v"], r"nginx/(\S+)"),
-                       version(["redis-server", "--version"], r"v=(\S+)")))
+                       version(["redis-server", "--version"], r"v=(\S+)"), postgres_version()))
     return (f"nproc {os.cpu_count()} ({cpu}), {platform.system()} {platform.release()}, "
             f"Python {platform.python_version()}, {tools}; {packages}")
 
@@ -443,7 +588,7 @@ def render(outcomes: list[Outcome], args: argparse.Namespace, command: str) -> s
              f"-d{args.duration:g}s`, GET {PATH}, a {len(BODY)}-byte static file)",
              "- req/s: median over the rounds; p50/p99: of the median round; spread: min-max req/s over the "
              "rounds", "",
-             f"| target | req/s | spread | p50 | p99 | {' | '.join(f'vs {ref}' for ref in refs)} | errors |",
+             f"| target | req/s | spread | p50 | p99 | {''.join(f'vs {ref} | ' for ref in refs)}errors |",
              f"|---|---:|---|---:|---:|{'---:|' * len(refs)}---|"]
     for o in outcomes:
         if o.runs:
@@ -467,7 +612,17 @@ def render(outcomes: list[Outcome], args: argparse.Namespace, command: str) -> s
         ratio_line(f"{STORE_GOAL_TARGET} Redis commands (script calls)/request", scripts,
                    f"= {SCRIPT_CALLS:g} +- {SCRIPT_CALLS_TOLERANCE:g}",
                    scripts is not None and abs(scripts - SCRIPT_CALLS) <= SCRIPT_CALLS_TOLERANCE)]
+    if PG_TARGET in args.targets:
+        lines += ["", f"Fallback mode ({PG_TARGET}: Redis unreachable, limits enforced through PostgreSQL; "
+                  "recorded, no goal):", ""]
+        for against in PG_REFERENCES:
+            ratio = rps[PG_TARGET] / rps[against] if PG_TARGET in rps and against in rps else None
+            note = " (flagged: see Problems)" if {PG_TARGET, against} & flagged else ""
+            lines.append(f"- {PG_TARGET} / {against}: " + ("not measured" if ratio is None else f"{ratio:.2f}{note}"))
     stores = [f"- {o.target}: {o.store.summary()}" for o in outcomes if o.store and o.store.requests]
+    stores += [f"- PostgreSQL work per request, {o.target}: {o.pg.summary()} (statistics read {STATS_FLUSH:g} s "
+               "after each run, once flushed: they include the requests still in flight when wrk stopped and the "
+               "heartbeat, one call per 5 s)" for o in outcomes if o.pg and o.pg.requests]
     if stores:
         lines += ["", f"Redis work per request, summed over the {args.rounds} measured runs (Edgeway auto-pipelines:"
                   " it should need <= 1 round trip per request):", "", *stores]
@@ -507,11 +662,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def start_all(procs: Processes, outcomes: list[Outcome], tmp: Path) -> dict[str, Any]:
+def start_all(procs: Processes, outcomes: list[Outcome], tmp: Path, cluster: PostgresCluster | None
+              ) -> dict[str, Any]:
     """Start the upstream, one private Redis per Redis-backed target, and every target; check each once.
 
     Returns the Redis client of each Redis-backed target that started. A target that does not start
-    is marked failed (with its log tail) and left out of the rounds.
+    is marked failed (with its log tail) and left out of the rounds, and so is PG_TARGET when it is not
+    in fallback mode on ``cluster`` after a few requests.
     """
     import redis
 
@@ -520,9 +677,12 @@ def start_all(procs: Processes, outcomes: list[Outcome], tmp: Path) -> dict[str,
     wait_ready(procs, "upstream", f"http://127.0.0.1:{upstream_port}{PATH}")
     clients: dict[str, Any] = {}
     for outcome in outcomes:
+        if outcome.failed:  # PG_TARGET without its PostgreSQL
+            continue
         try:
             redis_port = start_redis(procs, tmp, outcome.target) if outcome.target in REDIS_TARGETS else None
-            outcome.url = start_target(procs, outcome.target, tmp, upstream_port, redis_port)
+            outcome.url = start_target(procs, outcome.target, tmp, upstream_port, redis_port,
+                                       cluster.dsn if cluster is not None else None)
             if redis_port is not None:
                 clients[outcome.target], outcome.store = redis.Redis(port=redis_port), StoreWork()
         except Exception as exc:
@@ -535,35 +695,64 @@ def start_all(procs: Processes, outcomes: list[Outcome], tmp: Path) -> dict[str,
             except Exception as exc:
                 outcome.failed = True
                 outcome.problems.append(f"failed to start: {exc}")
-        print(f"   {outcome.target:<24} {'FAILED to start' if outcome.failed else 'ready at ' + outcome.url}",
-              flush=True)
+        if outcome.target == PG_TARGET and not outcome.failed:
+            try:
+                for _ in range(5):  # the first 3 fail over from Redis and mark it down
+                    fetch(outcome.url)
+            except OSError as exc:
+                problem: str | None = f"a request failed: {exc}"
+            else:
+                problem = fallback_problem(outcome)
+            if problem:
+                outcome.failed = True
+                outcome.problems.append(f"not measured: {problem}")
+            status = f"FLAGGED, not measured: {problem}" if problem else \
+                f"ready at {outcome.url} (readyz: store.mode {PG_MODE})"
+        else:
+            status = "FAILED to start" if outcome.failed else f"ready at {outcome.url}"
+        print(f"   {outcome.target:<34} {status}", flush=True)
     return clients
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     command = shlex.join(["python", "bench/run.py", *(sys.argv[1:] if argv is None else argv)])
-    ensure_tools(need_redis=any(t in REDIS_TARGETS for t in args.targets))
+    ensure_tools(need_redis=any(t in REDIS_TARGETS for t in args.targets), need_postgres=PG_TARGET in args.targets)
     OUT.mkdir(exist_ok=True)
     for stale in OUT.glob("wrk-*.txt"):
         stale.unlink()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill runs the finally below too
     procs, tmp = Processes(), Path(tempfile.mkdtemp(prefix="edgeway-bench-"))
     outcomes = [Outcome(target) for target in args.targets]
+    cluster: PostgresCluster | None = None
     try:
         print("== starting", flush=True)
-        clients = start_all(procs, outcomes, tmp)
+        pg_outcome = next((o for o in outcomes if o.target == PG_TARGET), None)
+        if pg_outcome is not None:
+            cluster = start_postgres(pg_outcome)
+        clients = start_all(procs, outcomes, tmp, cluster)
         for round_no in range(1, args.rounds + 1):
             print(f"== round {round_no}/{args.rounds}", flush=True)
             for outcome in outcomes:
                 if not outcome.failed:
-                    measure(procs, outcome, round_no, args, clients.get(outcome.target))
+                    measure(procs, outcome, round_no, args, clients.get(outcome.target),
+                            cluster if outcome.target == PG_TARGET else None)
+        if pg_outcome is not None and cluster is not None and pg_outcome.pg and pg_outcome.pg.pending:
+            print(f"== waiting for PostgreSQL's statistics of the last {PG_TARGET} run", flush=True)
+            try:
+                settle_pg(pg_outcome, cluster)
+            except Exception as exc:
+                pg_outcome.problems.append(f"PostgreSQL work of the last run not read: {exc}")
     finally:
         procs.stop_all()
+        if cluster is not None:
+            cluster.close()
         shutil.rmtree(tmp, ignore_errors=True)
     for outcome in outcomes:
         if outcome.store is not None and outcome.store.requests and not outcome.store.calls:
             outcome.problems.append("no Redis commands during the measured runs: the store was not used")
+        if outcome.pg is not None and outcome.pg.requests and not outcome.pg.calls:
+            outcome.problems.append("no edgeway.batch calls during the measured runs: PostgreSQL was not used")
     check_logs(outcomes)
     section = render(outcomes, args, command)
     print("\n" + section)

@@ -180,6 +180,19 @@ class _BatchStore(Store):
 # -- postgres:// -------------------------------------------------------------------
 
 
+async def _reset(connection: asyncpg.Connection) -> None:
+    """Return a connection to the pool without asyncpg's default reset query.
+
+    The default (``pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL``)
+    is a second transaction and round trip per request, which we never need:
+    a batch is one autocommitted statement whose advisory locks are
+    transaction-scoped. Only a transaction left open (a cancelled call) is
+    rolled back.
+    """
+    if connection.is_in_transaction():
+        await connection.execute("ROLLBACK")
+
+
 class PostgresStore(_BatchStore):
     """A direct PostgreSQL connection (an asyncpg pool, created on first use)."""
 
@@ -217,6 +230,7 @@ class PostgresStore(_BatchStore):
             pool: asyncpg.Pool = await asyncpg.create_pool(
                 self._dsn, min_size=1, max_size=self._pool_size, timeout=_CONNECT_TIMEOUT,
                 command_timeout=_BACKSTOP, server_settings={"application_name": "edgeway"},
+                reset=_reset,
             )
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
             detail = str(exc) or "timed out"
