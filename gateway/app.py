@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from middleware.clientip import TrustedProxies
-from middleware.context import RequestContext, Scope
+from middleware.context import SCOPE_KEY, RequestContext, Scope
 from middleware.responses import ErrorResponse, Receive, Send, bad_request
 from middleware.store import Clock, Store
 
@@ -116,8 +116,7 @@ class Gateway:
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         active = self._active
-        ctx = RequestContext.of(scope, active.trusted)
-        problem = request_problem(scope, ctx.headers)
+        problem = request_problem(scope)
         if problem is not None:
             await bad_request(problem)(scope, receive, send)
             return
@@ -133,7 +132,7 @@ class Gateway:
             else:
                 await ErrorResponse(404, "no_route", f"no route matches {path}")(scope, receive, send)
             return
-        ctx.route = found.name
+        scope[SCOPE_KEY] = RequestContext(scope, active.trusted, found.name)
         await found.app(scope, receive, send)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:

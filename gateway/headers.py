@@ -35,8 +35,8 @@ _FORWARDING = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-ho
 # timeout) on an upstream that just waits for the body, as RFC 9110 §10.1.1 allows. nginx drops it too.
 _REQUEST_DROP = HOP_BY_HOP | {"expect", "host"}
 # forwarding fields: re-added with this hop appended; from an untrusted peer the client's own are dropped
-_REQUEST_DROP_TRUSTED = _REQUEST_DROP | {"x-forwarded-for", "forwarded"}
-_REQUEST_DROP_UNTRUSTED = _REQUEST_DROP | _FORWARDING
+_DROP_TRUSTED = frozenset(name.encode() for name in _REQUEST_DROP | {"x-forwarded-for", "forwarded"})
+_DROP_UNTRUSTED = frozenset(name.encode() for name in _REQUEST_DROP | _FORWARDING)
 _HOP_BY_HOP_BYTES = frozenset(name.encode() for name in HOP_BY_HOP)
 # control characters h11 lets through in field values but aiohttp refuses to send (ValueError -> a bare 500)
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
@@ -65,34 +65,60 @@ def upstream_request_headers(ctx: RequestContext) -> list[tuple[str, str]]:
 
     ``Host`` is dropped: the upstream is addressed by its own name (like
     nginx's ``proxy_set_header Host $proxy_host``); the client's host goes in
-    ``X-Forwarded-Host`` and ``Forwarded``.
+    ``X-Forwarded-Host`` and ``Forwarded``. One pass over the raw header list
+    (ASGI names are lower case): this runs for every proxied request.
     """
-    headers = ctx.headers
-    drop = _REQUEST_DROP_UNTRUSTED
     peer = ctx.peer
     trusted = peer in ctx.trusted
-    if trusted:
-        drop = _REQUEST_DROP_TRUSTED
-    if "connection" in headers:
-        drop = drop | connection_named(headers["connection"])
+    drop = _DROP_TRUSTED if trusted else _DROP_UNTRUSTED
     out: list[tuple[str, str]] = []
+    host = ""
+    connection: list[bytes] = []
+    prior_xff: list[str] = []
+    prior_forwarded: list[str] = []
+    has_proto = has_host = False
     for name, value in ctx.scope["headers"]:
-        lower = name.decode("latin-1").lower()
-        if lower in drop or lower.startswith("x-edgeway-"):
+        if name in drop:
+            if name == b"host":
+                host = host or value.decode("latin-1")
+            elif name == b"connection":
+                connection.append(value)
+            elif name == b"x-forwarded-for":
+                prior_xff.append(value.decode("latin-1"))
+            elif name == b"forwarded":
+                prior_forwarded.append(value.decode("latin-1"))
             continue
-        out.append((lower, _text(value)))
-    host = headers["host"][0] if "host" in headers else ""
+        if name.startswith(b"x-edgeway-"):
+            continue
+        if trusted:
+            has_proto = has_proto or name == b"x-forwarded-proto"
+            has_host = has_host or name == b"x-forwarded-host"
+        out.append((name.decode("latin-1"), _text(value)))
+    if connection:
+        named = connection_named(value.decode("latin-1") for value in connection)
+        out = [pair for pair in out if pair[0] not in named]
     proto = ctx.scope.get("scheme", "http")
-    prior_xff = ", ".join(headers["x-forwarded-for"]) if trusted and "x-forwarded-for" in headers else ""
-    out.append(("x-forwarded-for", f"{prior_xff}, {peer}" if prior_xff else peer))
-    if not (trusted and "x-forwarded-proto" in headers):
+    xff = ", ".join(prior_xff) if trusted else ""
+    out.append(("x-forwarded-for", f"{xff}, {peer}" if xff else peer))
+    if not has_proto:
         out.append(("x-forwarded-proto", proto))
-    if host and not (trusted and "x-forwarded-host" in headers):
+    if host and not has_host:
         out.append(("x-forwarded-host", host))
     element = f"for={_for_token(peer)};proto={proto}" + (f';host="{host}"' if host else "")
-    prior = ", ".join(headers["forwarded"]) if trusted and "forwarded" in headers else ""
+    prior = ", ".join(prior_forwarded) if trusted else ""
     out.append(("forwarded", f"{prior}, {element}" if prior else element))
     return out
+
+
+def request_has_body(scope: Scope) -> bool:
+    """Whether a request body follows (``Content-Length`` > 0 or ``Transfer-Encoding``; never both, see
+    :func:`request_problem`)."""
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            return value.strip() not in (b"0", b"")
+        if name == b"transfer-encoding":
+            return True
+    return False
 
 
 def downstream_response_headers(raw: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
@@ -114,7 +140,7 @@ def downstream_response_headers(raw: Sequence[tuple[bytes, bytes]]) -> list[tupl
     return out
 
 
-def request_problem(scope: Scope, headers: dict[str, list[str]]) -> str | None:
+def request_problem(scope: Scope) -> str | None:
     """Why this request must be refused with 400 before anything else happens, or None.
 
     - an absolute-form target (``GET http://other-host/x``): the upstream comes
@@ -129,15 +155,24 @@ def request_problem(scope: Scope, headers: dict[str, list[str]]) -> str | None:
     raw_path: bytes | None = scope.get("raw_path")
     if path[:1] != "/" or (raw_path is not None and raw_path[:1] != b"/"):
         return "absolute-form or malformed request target: send a path such as /api/x"
-    if "transfer-encoding" in headers and "content-length" in headers:
+    hosts = 0
+    length = encoding = False
+    values = []
+    for name, value in scope["headers"]:
+        values.append(value)
+        if name == b"host":
+            hosts += 1
+        elif name == b"content-length":
+            length = True
+        elif name == b"transfer-encoding":
+            encoding = True
+    if length and encoding:
         return "Content-Length together with Transfer-Encoding is not allowed"
-    hosts = headers.get("host", [])
-    if len(hosts) > 1:
+    if hosts > 1:
         return "more than one Host header"
     if not hosts and scope.get("http_version") == "1.1":
         return "missing Host header"
-    fields: Iterable[tuple[bytes, bytes]] = scope["headers"]
-    if _CONTROL.search(b"\t".join(value for _, value in fields)):
+    if _CONTROL.search(b"\t".join(values)):
         return "control characters are not allowed in header values"
     if "/." in path and any(segment in (".", "..") for segment in path.split("/")):
         return "'.' and '..' path segments are not allowed"

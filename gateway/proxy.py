@@ -33,7 +33,7 @@ from middleware.pipeline import Throttled
 from middleware.responses import ErrorResponse, Receive, Send
 
 from .config import Upstream
-from .headers import downstream_response_headers, upstream_request_headers
+from .headers import downstream_response_headers, request_has_body, upstream_request_headers
 
 logger = logging.getLogger("edgeway.proxy")
 
@@ -135,12 +135,7 @@ class UpstreamProxy:
         if scope.get("query_string"):
             target += "?" + scope["query_string"].decode("latin-1")
         watch = _Watch(receive)
-        has_body = ("content-length" in ctx.headers and ctx.headers["content-length"][0] != "0") or (
-            "transfer-encoding" in ctx.headers
-        )
-        if has_body:
-            if "transfer-encoding" in ctx.headers:
-                headers = [(k, v) for k, v in headers if k != "content-length"]
+        if request_has_body(scope):
             body: Any = self._body(receive, watch)
         else:
             body = None

@@ -12,7 +12,6 @@ import collections
 import hashlib
 import ipaddress
 import json
-import logging
 import re
 import time
 from collections.abc import Iterable, Sequence
@@ -29,8 +28,6 @@ from .ratelimit_headers import HeaderLimit, RateLimitFields, policy_name, second
 from .responses import ErrorResponse
 from .store import Algorithm, Command, LimitCheck, LimitState, RateLimit, RateLimitResult, Store, StoreError
 from .units import RateField
-
-logger = logging.getLogger("edgeway.ratelimit")
 
 KEY_KINDS = ("ip", "user", "global", "header:NAME", "query:NAME")
 PROBLEM_TYPE = "https://iana.org/assignments/http-problem-types#quota-exceeded"
@@ -231,12 +228,11 @@ class _BlockCache:
 class _Request:
     """The rate limiter's private state for one request."""
 
-    __slots__ = ("active", "checks", "local")
+    __slots__ = ("active", "checks")
 
-    def __init__(self, active: list[_CompiledLimit], checks: tuple[LimitCheck, ...], local: bool) -> None:
+    def __init__(self, active: list[_CompiledLimit], checks: tuple[LimitCheck, ...]) -> None:
         self.active = active
         self.checks = checks
-        self.local = local
 
 
 class RateLimitPolicy:
@@ -343,7 +339,8 @@ class RateLimitPolicy:
             for compiled in active:
                 compiled.local_block.inc()
             return self._reject(ctx, active, blocked)
-        return Prepared((RateLimit(tuple(checks)),), _Request(active, tuple(checks), False))
+        frozen = tuple(checks)
+        return Prepared((RateLimit(frozen),), _Request(active, frozen))
 
     def decide(self, ctx: RequestContext, prepared: Prepared, results: Sequence[object]) -> ErrorResponse | None:
         request = prepared.state
