@@ -7,6 +7,7 @@ free port of its own on 127.0.0.1 and is gone when its owner stops it.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import signal
 import socket
@@ -278,7 +279,8 @@ MIGRATION_PATH = Path(__file__).resolve().parent.parent / "supabase" / "migratio
 __all__ += ["MIGRATION_PATH", "SERVICE_KEY", "PostgresServer", "apply_migration"]
 
 
-def _postgres_bin(name: str) -> str | None:
+def postgres_bin(name: str) -> str | None:
+    """``name`` on PATH, else from the newest /usr/lib/postgresql/*/bin."""
     found = shutil.which(name)
     if found:
         return found
@@ -297,18 +299,18 @@ class PostgresServer:
     ``postgres`` OS user (``runuser``); otherwise as the current user.
     """
 
-    def __init__(self, port: int | None = None) -> None:
-        missing = [name for name in ("initdb", "pg_ctl") if _postgres_bin(name) is None]
+    def __init__(self, port: int | None = None, *, settings: dict[str, str] | None = None) -> None:
+        self.settings = dict(settings or {})  # extra server settings (-c name=value)
+        missing = [name for name in ("initdb", "pg_ctl") if postgres_bin(name) is None]
         if missing:
             raise RuntimeError(
                 f"{', '.join(missing)} not found on PATH or in /usr/lib/postgresql/*/bin: the store tests need "
                 "PostgreSQL (apt-get install postgresql; the test runner script scripts/test installs it)"
             )
-        self.initdb = _postgres_bin("initdb") or ""
-        self.pg_ctl = _postgres_bin("pg_ctl") or ""
+        self.initdb = postgres_bin("initdb") or ""
+        self.pg_ctl = postgres_bin("pg_ctl") or ""
         self.port = port or free_port()
         self._as: list[str] = []
-        import os
         import pwd
 
         owner: pwd.struct_passwd | None = None
@@ -353,6 +355,7 @@ class PostgresServer:
                       "--locale=C", "--no-sync")
         options = f"-p {self.port} -k {self._dir} -c listen_addresses={HOST} -c fsync=off " \
                   "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
+        options += "".join(f" -c {name}={value}" for name, value in self.settings.items())
         self._run(self.pg_ctl, "-D", str(self.data), "-l", str(self._dir / "postgres.log"), "-w", "-t", "60",
                   "-o", options, "start")
         self.started = True
@@ -360,9 +363,21 @@ class PostgresServer:
         return self
 
     def stop(self) -> None:
+        """Fast shutdown; if pg_ctl fails, SIGKILL this cluster's postmaster (never another one)."""
         if self.started:
             self.started = False
-            self._run(self.pg_ctl, "-D", str(self.data), "-m", "fast", "-w", "-t", "30", "stop")
+            try:
+                self._run(self.pg_ctl, "-D", str(self.data), "-m", "fast", "-w", "-t", "30", "stop")
+            except (RuntimeError, subprocess.TimeoutExpired):
+                self._kill_postmaster()
+
+    def _kill_postmaster(self) -> None:
+        try:
+            pid = int((self.data / "postmaster.pid").read_text().split()[0])
+            os.kill(pid, signal.SIGKILL)
+        except (OSError, ValueError, IndexError):
+            return
+        time.sleep(1.0)  # its backends exit once the postmaster is gone
 
     def close(self) -> None:
         try:
