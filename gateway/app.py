@@ -13,6 +13,7 @@ running one.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
 from dataclasses import dataclass
@@ -55,6 +56,7 @@ class Gateway:
         self._fixed_store = store
         self.policy_path = policy_path
         self._active = self._compile(loaded, store)
+        self._retiring: set[asyncio.Task[None]] = set()
         self.admin = AdminEndpoints(self)
 
     # -- building -------------------------------------------------------------
@@ -76,15 +78,25 @@ class Gateway:
         return self._active.store
 
     async def apply(self, loaded: LoadedPolicy) -> None:
-        """Switch to a new valid policy; the old proxies and store close after the swap."""
+        """Switch to a new valid policy at once; requests already running finish on the old one, whose
+        upstream sessions (and store, if it changed) close once their longest read timeout has passed."""
         old = self._active
         same_store = self._fixed_store is not None or old.loaded.policy.store == loaded.policy.store
         self._active = self._compile(loaded, old.store if same_store else None)
-        for proxy in old.proxies:
-            await proxy.close()
-        if not same_store:
-            await old.store.close()
+        grace = max((up.timeout.read for up in old.loaded.policy.upstreams.values()), default=0.0) + 1.0
+        task = asyncio.get_running_loop().create_task(self._retire(old, not same_store, min(grace, 300.0)))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
         logger.info("policy %s (version %s) applied", loaded.source, loaded.version)
+
+    async def _retire(self, old: _Active, close_store: bool, after: float) -> None:
+        try:
+            await asyncio.sleep(after)
+        finally:  # also when cancelled by close(): the old sessions must not leak
+            for proxy in old.proxies:
+                await proxy.close()
+            if close_store:
+                await old.store.close()
 
     async def reload(self) -> bool:
         """Re-read the policy file; on any problem keep the running policy and log every problem."""
@@ -99,6 +111,9 @@ class Gateway:
         return True
 
     async def close(self) -> None:
+        for task in list(self._retiring):
+            task.cancel()
+        await asyncio.gather(*self._retiring, return_exceptions=True)
         for proxy in self._active.proxies:
             await proxy.close()
         await self._active.store.close()
@@ -149,8 +164,6 @@ class Gateway:
     def _install_reload_signal(self) -> None:
         if self.policy_path is None:
             return
-        import asyncio
-
         loop = asyncio.get_running_loop()
         try:
             loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))

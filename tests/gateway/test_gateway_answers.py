@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -172,6 +173,22 @@ async def test_reload_keeps_last_good_policy(tmp_path: Path, echo: EchoApp) -> N
             gone = await client.get("/api/echo/d")
             assert gone.status_code == 404
             assert gone.json()["error"] == "no_route"
+    finally:
+        await gw.close()
+
+
+async def test_requests_in_flight_finish_on_the_old_policy_after_a_reload(tmp_path: Path, echo: EchoApp) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text(_policy(echo.port, "/api"))  # type: ignore[attr-defined]
+    gw = gateway.create_app(path)
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=gw), base_url="http://gw.test") as client:
+            slow = asyncio.ensure_future(client.get("/api/slow/inflight?s=0.5"))
+            await asyncio.sleep(0.2)  # the request is waiting on the upstream
+            path.write_text(_policy(echo.port, "/v2"))  # type: ignore[attr-defined]
+            assert await gw.reload() is True
+            response = await slow
+        assert response.status_code == 200 and response.text == "slow"
     finally:
         await gw.close()
 
