@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Gauge
 
 RATELIMIT_DECISIONS = Counter(
     "edgeway_ratelimit_decisions_total",
@@ -23,11 +23,6 @@ UPSTREAM_ERRORS = Counter(
     "edgeway_upstream_errors_total",
     "Requests the gateway answered itself because the upstream failed.",
     ["upstream", "error"],
-)
-UPSTREAM_LATENCY = Histogram(
-    "edgeway_upstream_response_seconds",
-    "Time to the upstream's response headers.",
-    ["upstream"],
 )
 STORE_UP = Gauge("edgeway_store_up", "1 while the store answers readiness probes.", ["store"])
 STORE_MODE = Gauge("edgeway_store_mode", "1 for the store currently serving shared state.", ["mode"])

@@ -124,7 +124,7 @@ class MemoryStore(Store):
         for plan, check in zip(plans, command.checks, strict=True):
             if allowed:
                 plan.charge()
-            states.append(plan.state(charged=allowed, check=check))
+            states.append(plan.state(check))
         return RateLimitResult(allowed, tuple(states))
 
     def _plan(self, check: LimitCheck, now: float) -> _Plan:
@@ -144,7 +144,7 @@ class _Plan:
     def charge(self) -> None:
         raise NotImplementedError  # every algorithm below overrides it
 
-    def state(self, *, charged: bool, check: LimitCheck) -> LimitState:
+    def state(self, check: LimitCheck) -> LimitState:
         raise NotImplementedError  # every algorithm below overrides it
 
 
@@ -166,7 +166,7 @@ class _FixedWindow(_Plan):
         self.count += self.check.cost
         self.store._put(self.key, self.count, self.now + self.check.window_ms + _SLACK_MS)
 
-    def state(self, *, charged: bool, check: LimitCheck) -> LimitState:
+    def state(self, check: LimitCheck) -> LimitState:
         remaining = max(0, check.quota - self.count)
         return LimitState(self.allowed, remaining, int(self.reset), 0 if self.allowed else int(self.reset))
 
@@ -188,7 +188,7 @@ class _SlidingWindow(_Plan):
         self.estimate += self.check.cost
         self.store._put(self.key, self.current, self.now + 2 * self.check.window_ms + _SLACK_MS)
 
-    def state(self, *, charged: bool, check: LimitCheck) -> LimitState:
+    def state(self, check: LimitCheck) -> LimitState:
         window = check.window_ms
         remaining = max(0, math.floor(check.quota - self.estimate))
         reset = window - self.elapsed
@@ -227,7 +227,7 @@ class _SlidingLog(_Plan):
         self.count += self.check.cost
         self.store._put(self.check.key, self.log, self.now + self.check.window_ms + _SLACK_MS)
 
-    def state(self, *, charged: bool, check: LimitCheck) -> LimitState:
+    def state(self, check: LimitCheck) -> LimitState:
         stamps = self.log.stamps
         remaining = max(0, check.quota - self.count)
         reset = stamps[0][0] + check.window_ms - self.now if stamps else 0
@@ -258,7 +258,7 @@ class _TokenBucket(_Plan):
         ttl = math.ceil(self.capacity / self.rate) + _SLACK_MS
         self.store._put(self.check.key, _Bucket(self.tokens, self.now), self.now + ttl)
 
-    def state(self, *, charged: bool, check: LimitCheck) -> LimitState:
+    def state(self, check: LimitCheck) -> LimitState:
         remaining = max(0, math.floor(self.tokens))
         reset = math.ceil((self.capacity - self.tokens) / self.rate)
         if self.allowed:
