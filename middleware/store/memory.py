@@ -7,6 +7,7 @@ process: two instances on memory each enforce their own counters.
 
 from __future__ import annotations
 
+import abc
 import bisect
 import math
 import time
@@ -138,14 +139,18 @@ class MemoryStore(Store):
         return _TokenBucket(self, check, now)
 
 
-class _Plan:
+class _Plan(abc.ABC):
+    """One limit's decision for one request: read in ``__init__``, ``charge`` if admitted, then ``state``."""
+
     allowed: bool
 
+    @abc.abstractmethod
     def charge(self) -> None:
-        raise NotImplementedError  # every algorithm below overrides it
+        """Record this request's cost."""
 
+    @abc.abstractmethod
     def state(self, check: LimitCheck) -> LimitState:
-        raise NotImplementedError  # every algorithm below overrides it
+        """What the limit reports after the decision."""
 
 
 def _int_value(value: object) -> int:

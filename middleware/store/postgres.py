@@ -22,6 +22,7 @@ that times out still leaves the pool being built for the next one.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import json
@@ -173,8 +174,9 @@ class _BatchStore(Store):
         if results != []:
             raise StoreError(f"unexpected edgeway.batch answer to an empty batch: {str(results)[:200]}")
 
+    @abc.abstractmethod
     async def _call(self, payload: str, now_ms: int | None) -> object:
-        raise NotImplementedError  # each transport overrides it
+        """Run ``edgeway.batch`` once; each transport implements it."""
 
 
 # -- postgres:// -------------------------------------------------------------------
