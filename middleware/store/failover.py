@@ -114,15 +114,17 @@ class FailoverStore(Store):
 
     async def execute(self, commands: Sequence[Command], *, timeout: float | None = None) -> list[object]:
         self._start_heartbeat()
-        shared = [i for i, command in enumerate(commands) if not isinstance(command, Get | Set | Delete)]
+        shared: list[int] = []  # which commands are shared state: worked out only once the primary is passed
         for position, member in enumerate(self._members):
             if not member.healthy:
                 continue
             if not member.shared:  # memory, the last resort: per instance, limits divided by live instances
                 self._set_mode(member.store.kind)
                 return await member.store.execute(self._degrade(commands), timeout=timeout)
-            if position > 0 and not shared:  # only caches: memory, without bothering the fallback
-                return await self._cache.execute(commands, timeout=timeout)
+            if position > 0:
+                shared = shared or [i for i, c in enumerate(commands) if not isinstance(c, Get | Set | Delete)]
+                if not shared:  # only caches: memory, without bothering the fallback
+                    return await self._cache.execute(commands, timeout=timeout)
             try:
                 if position == 0 or len(shared) == len(commands):
                     results = await member.store.execute(commands, timeout=timeout)
