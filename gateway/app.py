@@ -167,7 +167,9 @@ class Gateway:
         loop = asyncio.get_running_loop()
         try:
             loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
-        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or no signals here
+        # add_signal_handler raises NotImplementedError on loops without signal support (Windows),
+        # RuntimeError or ValueError outside the main thread (tests, embedded servers): reload stays on the API
+        except (NotImplementedError, RuntimeError, ValueError):
             logger.debug("SIGHUP reload not available in this process")
 
 
