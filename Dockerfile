@@ -6,6 +6,7 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY gateway ./gateway
 COPY middleware ./middleware
+COPY edgeway ./edgeway
 RUN pip install --no-cache-dir --prefix=/install .
 
 FROM python:3.11-slim

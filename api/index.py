@@ -5,6 +5,6 @@ On Vercel use Upstash REST as the store (``UPSTASH_REDIS_REST_URL`` and
 short-lived and can't keep TCP connections to Redis.
 """
 
-from gateway.asgi import app_from_env
+from edgeway.gateway.asgi import app_from_env
 
 app = app_from_env()

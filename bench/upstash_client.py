@@ -1,6 +1,6 @@
 """Which Upstash client for the hot path? The upstash-redis SDK vs Edgeway's own REST client, measured.
 
-Both talk to the same Upstash-REST-compatible bridge (``gateway.upstash_bridge``)
+Both talk to the same Upstash-REST-compatible bridge (``edgeway.gateway.upstash_bridge``)
 over a private redis-server. Each simulated request makes one rate-limit
 decision (the same Lua script, by SHA); ``CONCURRENCY`` requests run at once,
 as under load in the gateway. The SDK sends one HTTP request per call (its
@@ -26,10 +26,10 @@ from upstash_redis.asyncio import Redis as SdkRedis
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gateway.upstash_bridge import create_bridge_app  # noqa: E402
-from middleware.store import Algorithm, LimitCheck, RateLimit  # noqa: E402
-from middleware.store.redis_protocol import RATE_LIMIT_SCRIPT  # noqa: E402
-from middleware.store.upstash import UpstashStore  # noqa: E402
+from edgeway.gateway.upstash_bridge import create_bridge_app  # noqa: E402
+from edgeway.middleware.store import Algorithm, LimitCheck, RateLimit  # noqa: E402
+from edgeway.middleware.store.redis_protocol import RATE_LIMIT_SCRIPT  # noqa: E402
+from edgeway.middleware.store.upstash import UpstashStore  # noqa: E402
 from tests.servers import free_port, wait_for_port  # noqa: E402
 
 TOKEN = "bench-token"

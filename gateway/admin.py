@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from middleware.context import Scope
-from middleware.metrics import STORE_UP
-from middleware.responses import ErrorResponse, Receive, Send
-from middleware.store import StoreError
-from middleware.store.failover import FailoverStore
+from edgeway.middleware.context import Scope
+from edgeway.middleware.metrics import STORE_UP
+from edgeway.middleware.responses import ErrorResponse, Receive, Send
+from edgeway.middleware.store import StoreError
+from edgeway.middleware.store.failover import FailoverStore
 
 if TYPE_CHECKING:
     from .app import Gateway

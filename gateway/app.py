@@ -19,10 +19,10 @@ import signal
 from dataclasses import dataclass
 from pathlib import Path
 
-from middleware.clientip import TrustedProxies
-from middleware.context import SCOPE_KEY, RequestContext, Scope
-from middleware.responses import ErrorResponse, Receive, Send, bad_request
-from middleware.store import Clock, Store
+from edgeway.middleware.clientip import TrustedProxies
+from edgeway.middleware.context import SCOPE_KEY, RequestContext, Scope
+from edgeway.middleware.responses import ErrorResponse, Receive, Send, bad_request
+from edgeway.middleware.store import Clock, Store
 
 from .admin import AdminEndpoints
 from .config import Policy

@@ -42,7 +42,7 @@ def _serve(args: argparse.Namespace) -> int:
         return 1
     os.environ["EDGEWAY_POLICY"] = path
     uvicorn.run(
-        "gateway.asgi:app_from_env",
+        "edgeway.gateway.asgi:app_from_env",
         factory=True,
         host=args.host,
         port=args.port,

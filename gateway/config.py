@@ -1,7 +1,7 @@
 """The policy file's typed model (version 1). Validated once, frozen; see SPEC.md.
 
 Cross-field rules that need positions in the file (unknown upstream names,
-duplicate routes) are checked in :mod:`gateway.loader`, which reports every
+duplicate routes) are checked in :mod:`edgeway.gateway.loader`, which reports every
 problem as ``FILE:LINE:COL: message``.
 """
 
@@ -12,8 +12,8 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
-from middleware.ratelimit import Limit
-from middleware.units import Duration, Size
+from edgeway.middleware.ratelimit import Limit
+from edgeway.middleware.units import Duration, Size
 
 HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
@@ -81,7 +81,7 @@ class StoreConfig(Model):
     @field_validator("url")
     @classmethod
     def _scheme(cls, value: str) -> str:
-        from middleware.store import SCHEMES
+        from edgeway.middleware.store import SCHEMES
 
         scheme = value.split("://", 1)[0].lower() if "://" in value else ""
         if scheme not in (*SCHEMES, "redis+sentinel", "redis+cluster"):

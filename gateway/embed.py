@@ -10,10 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from middleware.clientip import TrustedProxies
-from middleware.context import RequestContext, Scope
-from middleware.responses import Receive, Send
-from middleware.store import Clock, Store
+from edgeway.middleware.clientip import TrustedProxies
+from edgeway.middleware.context import RequestContext, Scope
+from edgeway.middleware.responses import Receive, Send
+from edgeway.middleware.store import Clock, Store
 
 from .loader import LoadedPolicy, load_policy
 from .routing import RouteTable
@@ -30,7 +30,7 @@ class Edgeway:
 
     @classmethod
     def from_policy(cls, path: str | Path, *, store: Store | None = None, clock: Clock | None = None) -> Edgeway:
-        """Load and validate ``path``; raises :class:`~gateway.errors.PolicyError` listing every problem."""
+        """Load and validate ``path``; raises :class:`~edgeway.gateway.errors.PolicyError` listing every problem."""
         return cls(load_policy(path), store=store, clock=clock)
 
     def wrap(self, app: Any) -> Any:

@@ -9,7 +9,7 @@
      +-- ValueError
           +-- StoreConfigurationError   (middleware.store) a store URL that cannot work
 
-Upstream failures are not exceptions past the proxy: :mod:`gateway.proxy`
+Upstream failures are not exceptions past the proxy: :mod:`edgeway.gateway.proxy`
 maps them at the boundary to 502 ``bad_gateway`` (connect) and 504
 ``upstream_timeout`` (timeout), logged once.
 """
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from middleware.store import StoreConfigurationError, StoreError, StoreTimeout
+from edgeway.middleware.store import StoreConfigurationError, StoreError, StoreTimeout
 
 __all__ = ["PolicyError", "Problem", "StoreConfigurationError", "StoreError", "StoreTimeout"]
 

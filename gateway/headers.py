@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 
-from middleware.context import RequestContext, Scope
+from edgeway.middleware.context import RequestContext, Scope
 
 HOP_BY_HOP = frozenset(
     {

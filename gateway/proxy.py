@@ -26,11 +26,11 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
-from middleware.clientip import TrustedProxies
-from middleware.context import RequestContext, Scope
-from middleware.metrics import UPSTREAM_ERRORS
-from middleware.pipeline import Throttled
-from middleware.responses import ErrorResponse, Receive, Send
+from edgeway.middleware.clientip import TrustedProxies
+from edgeway.middleware.context import RequestContext, Scope
+from edgeway.middleware.metrics import UPSTREAM_ERRORS
+from edgeway.middleware.pipeline import Throttled
+from edgeway.middleware.responses import ErrorResponse, Receive, Send
 
 from .config import Upstream
 from .headers import downstream_response_headers, request_has_body, upstream_request_headers

@@ -11,11 +11,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from middleware.clientip import TrustedProxies
-from middleware.pipeline import EdgewayMiddleware
-from middleware.policy import Policy as RoutePolicy
-from middleware.ratelimit import RateLimitPolicy
-from middleware.store import Store
+from edgeway.middleware.clientip import TrustedProxies
+from edgeway.middleware.pipeline import EdgewayMiddleware
+from edgeway.middleware.policy import Policy as RoutePolicy
+from edgeway.middleware.ratelimit import RateLimitPolicy
+from edgeway.middleware.store import Store
 
 from .config import Policy, Route
 

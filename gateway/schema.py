@@ -1,4 +1,4 @@
-"""The policy's JSON Schema, generated from the models (``python -m gateway.schema`` rewrites it).
+"""The policy's JSON Schema, generated from the models (``python -m edgeway.gateway.schema`` rewrites it).
 
 Shipped as ``gateway/policy.schema.json`` so editors validate while ops type:
 put ``# yaml-language-server: $schema=<path or URL>/policy.schema.json`` at the

@@ -3,7 +3,7 @@
 ``url`` is the primary; ``fallback`` lists what takes over, in order, when it
 fails (absent: ``[memory]``; ``[]``: nothing, so each limit's
 ``on_store_failure`` decides). Anything but a lone ``memory://`` is wrapped in
-a :class:`~middleware.store.failover.FailoverStore` for health tracking and
+a :class:`~edgeway.middleware.store.failover.FailoverStore` for health tracking and
 automatic return.
 """
 
@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import os
 
-from middleware.store import Clock, Store, StoreConfigurationError, open_store
-from middleware.store.failover import FailoverStore
-from middleware.store.memory import MemoryStore
+from edgeway.middleware.store import Clock, Store, StoreConfigurationError, open_store
+from edgeway.middleware.store.failover import FailoverStore
+from edgeway.middleware.store.memory import MemoryStore
 
 from .config import FallbackEntry, StoreConfig
 
@@ -26,11 +26,11 @@ def redis_enabled(config: StoreConfig) -> bool:
 
 def _fallback(entry: FallbackEntry, config: StoreConfig, clock: Clock | None) -> Store:
     if entry.supabase is not None:
-        from middleware.store.postgres import SupabaseStore
+        from edgeway.middleware.store.postgres import SupabaseStore
 
         return SupabaseStore(entry.supabase.url, entry.supabase.key, timeout=config.timeout, clock=clock)
     if entry.postgres is not None:
-        from middleware.store.postgres import PostgresStore
+        from edgeway.middleware.store.postgres import PostgresStore
 
         return PostgresStore(entry.postgres.dsn, timeout=config.timeout, clock=clock)
     if entry.memory:

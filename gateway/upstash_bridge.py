@@ -3,7 +3,7 @@
 Point ``UpstashStore`` (or any Upstash REST client) at it instead of an Upstash
 database::
 
-    python -m gateway.upstash_bridge --redis redis://127.0.0.1:6379 --token T --port 8079
+    python -m edgeway.gateway.upstash_bridge --redis redis://127.0.0.1:6379 --token T --port 8079
     curl -H "Authorization: Bearer T" http://127.0.0.1:8079/SET/greeting/hello
 
 The API subset it speaks, as Upstash does:
@@ -170,9 +170,9 @@ def create_bridge_app(redis_url: str, token: str) -> ASGIApp:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Serve the bridge with uvicorn: ``python -m gateway.upstash_bridge --token T``."""
+    """Serve the bridge with uvicorn: ``python -m edgeway.gateway.upstash_bridge --token T``."""
     parser = argparse.ArgumentParser(
-        prog="python -m gateway.upstash_bridge", description="Upstash-REST-compatible server over Redis"
+        prog="python -m edgeway.gateway.upstash_bridge", description="Upstash-REST-compatible server over Redis"
     )
     parser.add_argument("--redis", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379"))
     parser.add_argument("--token", default=os.environ.get("UPSTASH_REDIS_REST_TOKEN", ""))

@@ -73,7 +73,7 @@ class RequestContext:
 
     @property
     def client_ip(self) -> str:
-        """The real client address (see :mod:`middleware.clientip`)."""
+        """The real client address (see :mod:`edgeway.middleware.clientip`)."""
         if self._client_ip is None:
             peer = self.peer
             if peer in self.trusted:

@@ -236,7 +236,7 @@ class _Request:
 
 
 class RateLimitPolicy:
-    """The ``limits:`` of one route as a :class:`~middleware.policy.Policy`."""
+    """The ``limits:`` of one route as a :class:`~edgeway.middleware.policy.Policy`."""
 
     name = "ratelimit"
 

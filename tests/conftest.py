@@ -35,7 +35,7 @@ def fakeredis_url() -> Iterator[str]:
 @pytest.fixture(scope="session")
 def upstash_bridge(redis_url: str) -> Iterator[UvicornThread]:
     """The Upstash-compatible bridge over the session's redis-server, served by uvicorn."""
-    from gateway.upstash_bridge import create_bridge_app
+    from edgeway.gateway.upstash_bridge import create_bridge_app
 
     with UvicornThread(create_bridge_app(redis_url, BRIDGE_TOKEN)) as server:
         yield server

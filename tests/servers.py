@@ -25,7 +25,7 @@ __all__ = ["BRIDGE_TOKEN", "FakeRedisThread", "RedisServer", "UvicornThread", "f
 
 HOST = "127.0.0.1"
 BRIDGE_TOKEN = "test-bridge-token"
-"""The token the test servers running ``gateway.upstash_bridge`` expect."""
+"""The token the test servers running ``edgeway.gateway.upstash_bridge`` expect."""
 
 
 def free_port() -> int:

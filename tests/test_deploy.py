@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.app import Gateway
+from edgeway.gateway.app import Gateway
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,3 +86,16 @@ def test_vercel_routes_everything_to_the_asgi_entry(monkeypatch: pytest.MonkeyPa
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert isinstance(module.app, Gateway)
+
+
+def test_code_imports_only_the_edgeway_namespace() -> None:
+    # A top-level `gateway`/`middleware` import would load a second copy of the module in the repository
+    # and fail once installed from the wheel, which carries only `edgeway`.
+    offenders = []
+    for path in [*ROOT.glob("gateway/*.py"), *ROOT.glob("middleware/**/*.py"), *ROOT.glob("tests/**/*.py"),
+                 *ROOT.glob("bench/*.py"), ROOT / "api" / "index.py"]:
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            stripped = line.strip()
+            if stripped.startswith(("from gateway", "from middleware", "import gateway", "import middleware")):
+                offenders.append(f"{path.relative_to(ROOT)}:{number}: {stripped}")
+    assert not offenders, "\n".join(offenders)

@@ -5,9 +5,9 @@ needs as *commands* (small frozen values) and hands the whole list for one
 request to :meth:`Store.execute`, which costs exactly one network round trip on
 the remote backends. Backends differ only in how they carry the commands:
 
-- :class:`~middleware.store.memory.MemoryStore` runs them in-process;
-- :class:`~middleware.store.redis.RedisStore` sends them over RESP, pipelined;
-- :class:`~middleware.store.upstash.UpstashStore` posts them to ``/pipeline``.
+- :class:`~edgeway.middleware.store.memory.MemoryStore` runs them in-process;
+- :class:`~edgeway.middleware.store.redis.RedisStore` sends them over RESP, pipelined;
+- :class:`~edgeway.middleware.store.upstash.UpstashStore` posts them to ``/pipeline``.
 
 Exceptions::
 

@@ -42,7 +42,7 @@ class Script:
     """A Lua script shipped as package data, called by SHA1 and re-sent on NOSCRIPT."""
 
     def __init__(self, name: str) -> None:
-        self.source = resources.files("middleware.store").joinpath("lua", name).read_text()
+        self.source = resources.files("edgeway.middleware.store").joinpath("lua", name).read_text()
         self.sha = hashlib.sha1(self.source.encode()).hexdigest()
 
 

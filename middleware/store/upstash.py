@@ -154,7 +154,7 @@ def upstash_location(url: str | None) -> tuple[str, str]:
 
 
 class UpstashStore(RedisProtocolStore):
-    """Upstash REST; same commands and scripts as :class:`~middleware.store.redis.RedisStore`."""
+    """Upstash REST; same commands and scripts as :class:`~edgeway.middleware.store.redis.RedisStore`."""
 
     kind = "upstash"
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-import gateway
+from edgeway import gateway
 from tests.servers import HOST, UvicornThread, free_port, wait_for_port
 
 STREAM_SIZE = 8 * 1024 * 1024

@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-import gateway
+from edgeway import gateway
 from tests.servers import UvicornThread, free_port
 
 from .conftest import EchoApp, RawUpstream, Served, main_policy, marker, serve_gateway, wait_until

@@ -61,7 +61,7 @@ class Gateways:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.processes = [
             subprocess.Popen(
-                [sys.executable, "-m", "gateway.cli", "serve", "--policy", str(policy), "--port", str(port),
+                [sys.executable, "-m", "edgeway.gateway.cli", "serve", "--policy", str(policy), "--port", str(port),
                  "--log-level", "warning"],
                 stdout=open(log_dir / f"gateway-{port}.log", "wb"), stderr=subprocess.STDOUT, env=env,  # noqa: SIM115
             )

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 import httpx
 import pytest
 
-from gateway import create_app, load_text
-from gateway.app import Gateway
+from edgeway.gateway import create_app, load_text
+from edgeway.gateway.app import Gateway
 from tests.servers import PostgresServer, RedisServer, UvicornThread, apply_migration, ok_app
 
 QUOTA = 20

@@ -9,9 +9,9 @@ from starlette.applications import Starlette
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from gateway import Edgeway
-from middleware.ratelimit import Limit, RateLimitMiddleware
-from middleware.store.memory import MemoryStore
+from edgeway.gateway import Edgeway
+from edgeway.middleware.ratelimit import Limit, RateLimitMiddleware
+from edgeway.middleware.store.memory import MemoryStore
 
 POLICY = """\
 version: 1

@@ -9,9 +9,9 @@ import http_sfv
 import httpx
 import pytest
 
-from middleware.ratelimit import Limit, RateLimitMiddleware
-from middleware.store import Command, Store, StoreError
-from middleware.store.memory import MemoryStore
+from edgeway.middleware.ratelimit import Limit, RateLimitMiddleware
+from edgeway.middleware.store import Command, Store, StoreError
+from edgeway.middleware.store.memory import MemoryStore
 
 CLIENT = "203.0.113.7"
 PROXY = "10.0.0.1"

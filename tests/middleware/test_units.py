@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from middleware.units import Rate, parse_duration, parse_size
+from edgeway.middleware.units import Rate, parse_duration, parse_size
 
 
 @pytest.mark.parametrize(

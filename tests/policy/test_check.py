@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from gateway.cli import main
-from gateway.errors import PolicyError
-from gateway.loader import interpolate, load_text
-from gateway.schema import SCHEMA_PATH, render
+from edgeway.gateway.cli import main
+from edgeway.gateway.errors import PolicyError
+from edgeway.gateway.loader import interpolate, load_text
+from edgeway.gateway.schema import SCHEMA_PATH, render
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -158,7 +158,7 @@ def test_check_missing_file(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_console_script_runs() -> None:
-    result = subprocess.run([sys.executable, "-m", "gateway.cli", "--version"], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", "edgeway.gateway.cli", "--version"], capture_output=True, text=True,
                             check=False)
     assert result.returncode == 0 and result.stdout.startswith("edgeway ")
 
@@ -169,4 +169,4 @@ def test_example_policies_are_valid(path: Path) -> None:
 
 
 def test_shipped_json_schema_matches_the_models() -> None:
-    assert SCHEMA_PATH.read_text() == render(), "run: python -m gateway.schema"
+    assert SCHEMA_PATH.read_text() == render(), "run: python -m edgeway.gateway.schema"

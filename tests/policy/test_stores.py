@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.loader import load_text
-from gateway.stores import build_store
-from middleware.store.failover import FailoverStore
-from middleware.store.memory import MemoryStore
+from edgeway.gateway.loader import load_text
+from edgeway.gateway.stores import build_store
+from edgeway.middleware.store.failover import FailoverStore
+from edgeway.middleware.store.memory import MemoryStore
 
 
 def store_for(section: str):  # type: ignore[no-untyped-def]

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from middleware.store import (
+from edgeway.middleware.store import (
     Algorithm,
     Command,
     Get,
@@ -18,8 +18,8 @@ from middleware.store import (
     Store,
     StoreError,
 )
-from middleware.store.failover import FailoverStore
-from middleware.store.memory import MemoryStore
+from edgeway.middleware.store.failover import FailoverStore
+from edgeway.middleware.store.memory import MemoryStore
 
 
 class Shared(Store):

@@ -20,10 +20,20 @@ from typing import Any
 import asyncpg
 import pytest
 
-from middleware.store import Algorithm, Delete, Get, Heartbeat, LimitCheck, RateLimit, RateLimitResult, Set, Store
-from middleware.store.memory import MemoryStore
-from middleware.store.postgres import PostgresStore
-from middleware.store.redis import RedisStore
+from edgeway.middleware.store import (
+    Algorithm,
+    Delete,
+    Get,
+    Heartbeat,
+    LimitCheck,
+    RateLimit,
+    RateLimitResult,
+    Set,
+    Store,
+)
+from edgeway.middleware.store.memory import MemoryStore
+from edgeway.middleware.store.postgres import PostgresStore
+from edgeway.middleware.store.redis import RedisStore
 from tests.servers import MIGRATION_PATH, apply_migration
 
 T0 = 1_700_000_040_000  # a multiple of 60 s

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import pytest
 import redis.asyncio as aioredis
 
-from middleware.store import (
+from edgeway.middleware.store import (
     Algorithm,
     Delete,
     Get,
@@ -34,10 +34,10 @@ from middleware.store import (
     StoreError,
     StoreTimeout,
 )
-from middleware.store.memory import MemoryStore
-from middleware.store.postgres import PostgresStore, SupabaseStore
-from middleware.store.redis import RedisStore
-from middleware.store.upstash import UpstashStore
+from edgeway.middleware.store.memory import MemoryStore
+from edgeway.middleware.store.postgres import PostgresStore, SupabaseStore
+from edgeway.middleware.store.redis import RedisStore
+from edgeway.middleware.store.upstash import UpstashStore
 from tests.servers import BRIDGE_TOKEN, SERVICE_KEY, RedisServer, UvicornThread, free_port
 
 FIXED, SLIDING, LOG, BUCKET = (
@@ -449,7 +449,7 @@ def remote_store(kind: str, redis_url: str, *, timeout: float, bridges: list[Uvi
 
 
 def _bridge_app(redis_url: str) -> object:
-    from gateway.upstash_bridge import create_bridge_app
+    from edgeway.gateway.upstash_bridge import create_bridge_app
 
     return create_bridge_app(redis_url, BRIDGE_TOKEN)
 

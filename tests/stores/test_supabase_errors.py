@@ -20,7 +20,7 @@ import httpx
 import pytest
 import respx
 
-from middleware.store import (
+from edgeway.middleware.store import (
     Algorithm,
     Delete,
     Get,
@@ -31,7 +31,7 @@ from middleware.store import (
     StoreError,
     StoreTimeout,
 )
-from middleware.store.postgres import MIGRATION, PostgresStore, SupabaseStore
+from edgeway.middleware.store.postgres import MIGRATION, PostgresStore, SupabaseStore
 from tests.servers import SERVICE_KEY, UvicornThread, free_port
 
 URL = "https://abcdefgh.supabase.co"

@@ -1,4 +1,4 @@
-"""The Upstash-compatible bridge (gateway.upstash_bridge) over the session's redis-server."""
+"""The Upstash-compatible bridge (edgeway.gateway.upstash_bridge) over the session's redis-server."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway import upstash_bridge
-from gateway.upstash_bridge import create_bridge_app
+from edgeway.gateway import upstash_bridge
+from edgeway.gateway.upstash_bridge import create_bridge_app
 from tests.servers import free_port
 
 TOKEN = "bridge-test-token"

@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from middleware.store import (
+from edgeway.middleware.store import (
     Algorithm,
     Get,
     LimitCheck,
@@ -30,7 +30,7 @@ from middleware.store import (
     StoreTimeout,
     open_store,
 )
-from middleware.store.upstash import UpstashStore, upstash_location
+from edgeway.middleware.store.upstash import UpstashStore, upstash_location
 from tests.servers import HOST, UvicornThread, free_port
 
 TOKEN = "secret-token"

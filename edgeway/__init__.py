@@ -1,0 +1,18 @@
+"""Edgeway: edge policies for Python APIs, as a gateway or as ASGI middleware.
+
+The distribution installs this one import package. In the repository its
+subpackages live in the top-level folders ``gateway/`` (the reverse proxy,
+policy loading, the command line) and ``middleware/`` (the ASGI policies and
+the stores); ``edgeway/gateway`` and ``edgeway/middleware`` link to them, and
+the wheel carries them as ``edgeway.gateway`` and ``edgeway.middleware``.
+
+``create_app(policy)`` builds the gateway; ``Edgeway.from_policy(path)`` mounts
+the same policies in any ASGI app.
+"""
+
+from __future__ import annotations
+
+from .gateway import Edgeway, Gateway, LoadedPolicy, PolicyError, __version__, create_app, load_policy, load_text
+
+__all__ = ["Edgeway", "Gateway", "LoadedPolicy", "PolicyError", "__version__", "create_app", "load_policy",
+           "load_text"]
