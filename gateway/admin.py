@@ -11,10 +11,10 @@ import json
 import time
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from edgeway.middleware.context import Scope
-from edgeway.middleware.metrics import STORE_UP
+from edgeway.middleware.metrics import STORE_UP, scrape
 from edgeway.middleware.responses import ErrorResponse, Receive, Send
 from edgeway.middleware.store import StoreError
 from edgeway.middleware.store.failover import FailoverStore
@@ -103,7 +103,7 @@ class AdminEndpoints:
         await _json(send, 200, payload, scope)
 
     async def metrics(self, scope: Scope, send: Send) -> None:
-        body = generate_latest()
+        body = scrape()
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", CONTENT_TYPE_LATEST.encode()),
                                 (b"content-length", str(len(body)).encode())]})
