@@ -15,27 +15,33 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgeway.middleware import metrics
 from edgeway.middleware.clientip import TrustedProxies
 from edgeway.middleware.context import SCOPE_KEY, RequestContext, Scope
-from edgeway.middleware.responses import ErrorResponse, Receive, Send, bad_request
-from edgeway.middleware.store import Clock, Store
+from edgeway.middleware.responses import ErrorResponse, Message, Receive, Send, bad_request
+from edgeway.middleware.store import Clock, Store, StoreError
 
+from .accesslog import AccessLog
 from .admin import AdminEndpoints
 from .config import Policy
 from .errors import PolicyError
 from .headers import request_problem
 from .loader import LoadedPolicy, load_policy
 from .proxy import UpstreamProxy
-from .routing import RouteTable
+from .routing import RouteMeter, RouteTable
 from .stores import build_store
 
 logger = logging.getLogger("edgeway")
 
 ADMIN_PREFIX = "/_edgeway/"
+MEMORY_SAMPLE_EVERY = 15.0
+_REQUEST_ID = b"x-request-id"
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,13 +57,19 @@ class Gateway:
     """The gateway ASGI app. Build it with :func:`create_app`."""
 
     def __init__(self, loaded: LoadedPolicy, *, store: Store | None = None, clock: Clock | None = None,
-                 policy_path: str | None = None) -> None:
+                 policy_path: str | None = None, access_log: AccessLog | None = None) -> None:
         self._clock = clock
         self._fixed_store = store
         self.policy_path = policy_path
+        self.access_log = access_log
         self._active = self._compile(loaded, store)
         self._retiring: set[asyncio.Task[None]] = set()
+        self._sampler: asyncio.Task[None] | None = None
         self.admin = AdminEndpoints(self)
+        self._unrouted = RouteMeter("none")
+        self._admin_meter = RouteMeter("admin")
+        self._version_gauge = metrics.POLICY_VERSION.labels(loaded.version)
+        self._version_gauge.set(1)
 
     # -- building -------------------------------------------------------------
 
@@ -87,6 +99,9 @@ class Gateway:
         task = asyncio.get_running_loop().create_task(self._retire(old, not same_store, min(grace, 300.0)))
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
+        self._version_gauge.set(0)
+        self._version_gauge = metrics.POLICY_VERSION.labels(loaded.version)
+        self._version_gauge.set(1)
         logger.info("policy %s (version %s) applied", loaded.source, loaded.version)
 
     async def _retire(self, old: _Active, close_store: bool, after: float) -> None:
@@ -105,12 +120,18 @@ class Gateway:
         try:
             loaded = load_policy(self.policy_path)
         except PolicyError as exc:
+            metrics.POLICY_RELOADS.labels("failed").inc()
             logger.error("policy reload failed, keeping version %s:\n%s", self._active.loaded.version, exc)
             return False
         await self.apply(loaded)
+        metrics.POLICY_RELOADS.labels("ok").inc()
         return True
 
     async def close(self) -> None:
+        if self._sampler is not None:
+            self._sampler.cancel()
+            await asyncio.gather(self._sampler, return_exceptions=True)
+            self._sampler = None
         for task in list(self._retiring):
             task.cancel()
         await asyncio.gather(*self._retiring, return_exceptions=True)
@@ -130,15 +151,40 @@ class Gateway:
             await send({"type": "websocket.close", "code": 1008})
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
         active = self._active
+        ctx = RequestContext(scope, active.trusted)
+        scope[SCOPE_KEY] = ctx
+        ctx.request_id = _request_id(scope)
+        status = 500  # what the client sees if the app fails before answering (the server sends it)
+        log = self.access_log
+
+        async def observed(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        meter = self._unrouted
+        try:
+            meter = await self._route(active, ctx, scope, receive, observed)
+        finally:
+            elapsed = time.perf_counter() - started
+            meter.record(scope["method"], status, elapsed)
+            if log is not None:
+                log.record(ctx, status, elapsed, active.store.kind)
+
+    async def _route(self, active: _Active, ctx: RequestContext, scope: Scope, receive: Receive,
+                     send: Send) -> RouteMeter:
         problem = request_problem(scope)
         if problem is not None:
             await bad_request(problem)(scope, receive, send)
-            return
+            return self._unrouted
         path: str = scope["path"]
         if path.startswith(ADMIN_PREFIX):
+            ctx.route = "admin"
             await self.admin(scope, receive, send)
-            return
+            return self._admin_meter
         found = active.routes.match(path, scope["method"])
         if isinstance(found, set):
             if found:
@@ -146,20 +192,37 @@ class Gateway:
                                     headers=[(b"allow", ", ".join(sorted(found)).encode())])(scope, receive, send)
             else:
                 await ErrorResponse(404, "no_route", f"no route matches {path}")(scope, receive, send)
-            return
-        scope[SCOPE_KEY] = RequestContext(scope, active.trusted, found.name)
+            return self._unrouted
+        ctx.route = found.name
         await found.app(scope, receive, send)
+        return found.meter
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
                 self._install_reload_signal()
+                self._sampler = asyncio.get_running_loop().create_task(self._sample_store())
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 await self.close()
+                metrics.process_exiting()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+    async def _sample_store(self) -> None:
+        """Store memory for the metrics, every MEMORY_SAMPLE_EVERY seconds: never on a request's path."""
+        while True:
+            store = self._active.store
+            try:
+                usage = await store.memory_usage()
+            except StoreError as error:
+                logger.debug("store memory sample failed: %s", error)
+                usage = None
+            if usage is not None:
+                metrics.STORE_MEMORY_USED.labels(store.kind).set(usage[0])
+                metrics.STORE_MEMORY_MAX.labels(store.kind).set(usage[1])
+            await asyncio.sleep(MEMORY_SAMPLE_EVERY)
 
     def _install_reload_signal(self) -> None:
         if self.policy_path is None:
@@ -173,9 +236,28 @@ class Gateway:
             logger.debug("SIGHUP reload not available in this process")
 
 
+def _request_id(scope: Scope) -> str:
+    """The client's ``X-Request-Id``, or a new one added to the request so the upstream gets it too."""
+    for name, value in scope["headers"]:
+        if name == _REQUEST_ID and value:
+            client: str = value[:128].decode("latin-1")
+            return client
+    generated = os.urandom(12).hex()
+    headers = scope["headers"]
+    pair = (_REQUEST_ID, generated.encode())
+    if isinstance(headers, list):
+        headers.append(pair)  # the server built this list for this request alone
+    else:
+        scope["headers"] = [*headers, pair]
+    return generated
+
+
 def create_app(policy: LoadedPolicy | Policy | str | Path, *, store: Store | None = None,
-               clock: Clock | None = None) -> Gateway:
-    """Build the gateway from a policy file path, a loaded policy, or a :class:`Policy` object."""
+               clock: Clock | None = None, access_log: AccessLog | None = None) -> Gateway:
+    """Build the gateway from a policy file path, a loaded policy, or a :class:`Policy` object.
+
+    ``access_log`` writes one line per request (see :mod:`edgeway.gateway.accesslog`); None: no access log.
+    """
     path: str | None = None
     if isinstance(policy, str | Path):
         path = str(policy)
@@ -184,4 +266,4 @@ def create_app(policy: LoadedPolicy | Policy | str | Path, *, store: Store | Non
         loaded = LoadedPolicy(policy, "<object>", "object")
     else:
         loaded = policy
-    return Gateway(loaded, store=store, clock=clock, policy_path=path)
+    return Gateway(loaded, store=store, clock=clock, policy_path=path, access_log=access_log)

@@ -5,10 +5,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Sequence
+from typing import Any
 
 from . import __version__
+from .accesslog import default_format
 from .errors import PolicyError
 from .loader import load_policy
 
@@ -41,6 +45,26 @@ def _serve(args: argparse.Namespace) -> int:
         print(exc, file=sys.stderr)
         return 1
     os.environ["EDGEWAY_POLICY"] = path
+    # read by each worker's app factory (edgeway.gateway.asgi), which configures its own logging
+    os.environ["EDGEWAY_LOG_FORMAT"] = args.log_format or default_format()
+    os.environ["EDGEWAY_ACCESS_LOG"] = args.access_log
+    os.environ["EDGEWAY_LOG_LEVEL"] = args.log_level
+    metrics_dir = None
+    if args.workers > 1:
+        # every worker writes its metric values here and a scrape of any worker sums them; a private
+        # directory per run, so values of an earlier run (or another gateway) are never counted
+        metrics_dir = tempfile.mkdtemp(prefix="edgeway-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    try:
+        _run_uvicorn(uvicorn, args)
+    finally:
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+            os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    return 0
+
+
+def _run_uvicorn(uvicorn: Any, args: argparse.Namespace) -> None:
     uvicorn.run(
         "edgeway.gateway.asgi:app_from_env",
         factory=True,
@@ -51,10 +75,9 @@ def _serve(args: argparse.Namespace) -> int:
         proxy_headers=False,  # Edgeway's trusted_proxies decides who may set forwarding headers
         server_header=False,
         date_header=False,  # the upstream's Date passes through; no second one
-        access_log=args.access_log,
+        access_log=False,  # Edgeway writes its own access log (--access-log), with the policies' outcomes
         log_level=args.log_level,
     )
-    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -79,7 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--workers", type=int, default=1)
-    serve.add_argument("--access-log", action="store_true", help="log every request (costs throughput)")
+    serve.add_argument("--access-log", choices=["on", "off"], default="on",
+                       help="one log line per request on stdout (default on)")
+    serve.add_argument("--log-format", choices=["json", "text"], default=None,
+                       help="log lines as JSON (default) or readable text (default on a terminal)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.set_defaults(run=_serve)
 

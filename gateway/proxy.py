@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 import aiohttp
@@ -28,7 +29,7 @@ from yarl import URL
 
 from edgeway.middleware.clientip import TrustedProxies
 from edgeway.middleware.context import RequestContext, Scope
-from edgeway.middleware.metrics import UPSTREAM_ERRORS
+from edgeway.middleware.metrics import UPSTREAM_ERRORS, UPSTREAM_SECONDS
 from edgeway.middleware.pipeline import Throttled
 from edgeway.middleware.responses import ErrorResponse, Receive, Send
 
@@ -110,6 +111,7 @@ class UpstreamProxy:
         self._errors = Throttled()
         self._bad_gateway = UPSTREAM_ERRORS.labels(name, "bad_gateway")
         self._timeouts = UPSTREAM_ERRORS.labels(name, "upstream_timeout")
+        self._latency = UPSTREAM_SECONDS.labels(name)
 
     def _open(self) -> aiohttp.ClientSession:
         connector = aiohttp.TCPConnector(limit=self.upstream.max_connections, ttl_dns_cache=60,
@@ -142,11 +144,15 @@ class UpstreamProxy:
             watch.arm()
         session = self._session or self._open()
         started = False
+        ctx.upstream = self.name
+        sent_at = time.perf_counter()
         try:
             async with session.request(
                 scope["method"], URL(target, encoded=True), headers=headers, data=body,
                 allow_redirects=False, compress=None, chunked=None,
             ) as response:
+                ctx.upstream_seconds = waited = time.perf_counter() - sent_at
+                self._latency.observe(waited)
                 await send({"type": "http.response.start", "status": response.status,
                             "headers": downstream_response_headers(response.raw_headers)})
                 started = True

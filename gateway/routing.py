@@ -11,13 +11,46 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from prometheus_client.metrics import Counter
+
 from edgeway.middleware.clientip import TrustedProxies
+from edgeway.middleware.metrics import REQUEST_SECONDS, REQUESTS
 from edgeway.middleware.pipeline import EdgewayMiddleware
 from edgeway.middleware.policy import Policy as RoutePolicy
 from edgeway.middleware.ratelimit import RateLimitPolicy
 from edgeway.middleware.store import Store
 
-from .config import Policy, Route
+from .config import HTTP_METHODS, Policy, Route
+
+_METHODS = frozenset(HTTP_METHODS)
+
+
+class RouteMeter:
+    """A route's request metrics, label children bound once (``labels()`` per request costs more than
+    the increment); children per (method, status) are bound the first time that pair is seen."""
+
+    __slots__ = ("_requests", "duration", "name")
+
+    def __init__(self, name: str, methods: tuple[str, ...] = ()) -> None:
+        self.name = name
+        self.duration = REQUEST_SECONDS.labels(name)
+        self._requests: dict[tuple[str, int], Counter] = {}
+        for method in methods:  # the common answer, so the route shows in a scrape before its first request
+            self._child(method, 200)
+
+    def _child(self, method: str, status: int) -> Counter:
+        if method not in _METHODS:
+            method = "OTHER"
+        child = self._requests[(method, status)] = REQUESTS.labels(self.name, method, str(status))
+        return child
+
+    def record(self, method: str, status: int, seconds: float) -> None:
+        """Count one answered request and its duration."""
+        child = self._requests.get((method, status))
+        if child is None:
+            child = self._child(method, status)
+        child.inc()
+        self.duration.observe(seconds)
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +62,8 @@ class CompiledRoute:
     prefix: str | None
     methods: frozenset[str] | None
     app: Any
+    upstream: str
+    meter: RouteMeter
 
     def path_matches(self, path: str) -> bool:
         if self.prefix is None:
@@ -59,7 +94,9 @@ class RouteTable:
                 app = EdgewayMiddleware(app, policies=policies, store=store, trusted_proxies=trusted, route=name)
             pattern = route.match.path
             methods = frozenset(route.match.methods) if route.match.methods else None
-            routes.append(CompiledRoute(name, pattern, pattern[:-1] if pattern.endswith("*") else None, methods, app))
+            meter = RouteMeter(name, route.match.methods or ("GET",))
+            routes.append(CompiledRoute(name, pattern, pattern[:-1] if pattern.endswith("*") else None, methods, app,
+                                        route.upstream, meter))
         self.routes = tuple(routes)
 
     def match(self, path: str, method: str) -> CompiledRoute | set[str]:

@@ -22,7 +22,8 @@ Scope = MutableMapping[str, Any]
 class RequestContext:
     """Facts about one request, computed lazily and at most once."""
 
-    __slots__ = ("_client_ip", "_headers", "_query", "response_headers", "route", "scope", "trusted", "user")
+    __slots__ = ("_client_ip", "_headers", "_query", "breaker", "cache", "limit", "request_id", "response_headers",
+                 "route", "scope", "session", "trusted", "upstream", "upstream_seconds", "user")
 
     def __init__(self, scope: Scope, trusted: TrustedProxies, route: str = "") -> None:
         self.scope = scope
@@ -30,6 +31,20 @@ class RequestContext:
         self.route = route
         self.user: str | None = None
         self.response_headers: list[tuple[bytes, bytes]] = []
+        # what each policy did, for the access log (None: the policy did not run on this request)
+        self.limit: str | None = None
+        """Rate-limit outcome: ``allowed``, ``rejected``, ``shadow_rejected``, ``exempt``, ``store_failed``."""
+        self.cache: str | None = None
+        """Cache outcome: ``hit``, ``miss``, ``stale``, ``bypass``, ``collapsed``."""
+        self.breaker: str | None = None
+        """Breaker state the request met: ``closed``, ``open``, ``half_open``."""
+        self.session: str | None = None
+        """Session outcome: ``valid``, ``anonymous``, ``invalid``, ``provider_error``."""
+        self.upstream: str | None = None
+        self.upstream_seconds: float | None = None
+        """Time until the upstream's response headers arrived; None when it was not called."""
+        self.request_id: str = ""
+        """``X-Request-Id`` of the request, or the one the gateway generated and forwarded."""
         self._client_ip: str | None = None
         self._headers: dict[str, list[str]] | None = None
         self._query: dict[str, list[str]] | None = None

@@ -333,11 +333,13 @@ class RateLimitPolicy:
                                      window_ms, compiled.cost, compiled.burst, compiled.enforced))
             active.append(compiled)
         if not checks:
+            ctx.limit = "exempt" if self.limits else None
             return Prepared()
         blocked = self._blocks.get(tuple(check.key for check in checks), max(check.cost for check in checks))
         if blocked is not None:
             for compiled in active:
                 compiled.local_block.inc()
+            ctx.limit = "rejected"
             return self._reject(ctx, active, blocked)
         frozen = tuple(checks)
         return Prepared((RateLimit(frozen),), _Request(active, frozen))
@@ -349,6 +351,7 @@ class RateLimitPolicy:
         result = results[0]
         assert isinstance(result, RateLimitResult)
         self._count(request.active, result)
+        ctx.limit = "allowed" if result.allowed else "rejected"
         if result.allowed:
             ctx.response_headers.extend(self.fields.headers(self._states(request.active, result.states)))
             return None
@@ -361,6 +364,7 @@ class RateLimitPolicy:
         if not isinstance(prepared.state, _Request):
             return None
         closed = any(c.limit.on_store_failure == "closed" and c.limit.mode == "enforce" for c in prepared.state.active)
+        ctx.limit = "store_failed"
         STORE_FAILURES.labels(self.route, "closed" if closed else "open").inc()
         if closed:
             return ErrorResponse(503, "store_unavailable", "rate limits cannot be checked right now",

@@ -171,6 +171,11 @@ class Store(abc.ABC):
     async def ping(self) -> None:
         """Raise :class:`StoreError` unless the store answers."""
 
+    async def memory_usage(self) -> tuple[int, int] | None:
+        """``(used bytes, limit bytes)`` as the store reports them (limit 0: none), or None when it
+        cannot tell. Called by a background sampler for metrics, never per request."""
+        return None
+
     async def close(self) -> None:
         """Release connections; the store may be used again afterwards (it reconnects)."""
         return None

@@ -31,11 +31,12 @@ import random
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from ..metrics import STORE_MODE, STORE_MODE_CHANGES
+from ..metrics import LIVE_INSTANCES, STORE_MODE, STORE_MODE_CHANGES
 from .base import Command, Delete, Get, Heartbeat, LimitCheck, RateLimit, Set, Store, StoreError
 from .memory import MemoryStore
+from .metering import StoreMeter
 
 logger = logging.getLogger("edgeway.store")
 
@@ -53,6 +54,10 @@ class _Member:
     failures: int = 0
     first_failure: float = 0.0
     probing: bool = False
+    meter: StoreMeter = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.meter = StoreMeter(self.store)
 
 
 class FailoverStore(Store):
@@ -75,7 +80,8 @@ class FailoverStore(Store):
         chain = [primary, *fallbacks]
         self._members = [_Member(store, shared=not isinstance(store, MemoryStore)) for store in chain]
         memory = [m.store for m in self._members if isinstance(m.store, MemoryStore)]
-        self._cache = memory[0] if memory else MemoryStore()  # where caches go when the primary is down
+        cache = memory[0] if memory else MemoryStore()  # where caches go when the primary is down
+        self._cache = next((m.meter for m in self._members if m.store is cache), None) or StoreMeter(cache)
         self._failures = failures
         self._window = window
         self._probe_initial = probe_initial
@@ -120,16 +126,16 @@ class FailoverStore(Store):
                 continue
             if not member.shared:  # memory, the last resort: per instance, limits divided by live instances
                 self._set_mode(member.store.kind)
-                return await member.store.execute(self._degrade(commands), timeout=timeout)
+                return await member.meter.run(self._degrade(commands), timeout)
             if position > 0:
                 shared = shared or [i for i, c in enumerate(commands) if not isinstance(c, Get | Set | Delete)]
                 if not shared:  # only caches: memory, without bothering the fallback
-                    return await self._cache.execute(commands, timeout=timeout)
+                    return await self._cache.run(commands, timeout)
             try:
                 if position == 0 or len(shared) == len(commands):
-                    results = await member.store.execute(commands, timeout=timeout)
+                    results = await member.meter.run(commands, timeout)
                 else:
-                    results = await self._split(member.store, commands, shared, timeout)
+                    results = await self._split(member.meter, commands, shared, timeout)
             except StoreError as error:
                 self._failed(member, error)
                 continue
@@ -137,14 +143,14 @@ class FailoverStore(Store):
             return results
         raise StoreError("no store left: every store in the chain failed (store.fallback: [] allows none)")
 
-    async def _split(self, remote: Store, commands: Sequence[Command], shared: list[int],
+    async def _split(self, remote: StoreMeter, commands: Sequence[Command], shared: list[int],
                      timeout: float | None) -> list[object]:
         """Shared state on a fallback store, caches in memory; results back in command order."""
         shared_set = set(shared)
         local = [i for i in range(len(commands)) if i not in shared_set]
         results: list[object] = [None] * len(commands)
-        remote_results = await remote.execute([commands[i] for i in shared], timeout=timeout)
-        local_results = await self._cache.execute([commands[i] for i in local], timeout=timeout)
+        remote_results = await remote.run([commands[i] for i in shared], timeout)
+        local_results = await self._cache.run([commands[i] for i in local], timeout) if local else []
         for i, value in zip(shared, remote_results, strict=True):
             results[i] = value
         for i, value in zip(local, local_results, strict=True):
@@ -161,6 +167,11 @@ class FailoverStore(Store):
                     continue
                 return
         raise StoreError("no store answers")
+
+    async def memory_usage(self) -> tuple[int, int] | None:
+        """The primary's memory, while it is healthy (the fallbacks' is not what fills up)."""
+        primary = self._members[0]
+        return await primary.store.memory_usage() if primary.healthy else None
 
     async def close(self) -> None:
         for task in [*self._tasks, *([self._heartbeat] if self._heartbeat else [])]:
@@ -240,11 +251,12 @@ class FailoverStore(Store):
             for member in self._members:
                 if member.healthy and member.shared:
                     try:
-                        (live,) = await member.store.execute([beat], timeout=1.0)
+                        (live,) = await member.meter.run([beat], 1.0)
                     except StoreError as error:
                         self._failed(member, error)
                         continue
                     self._live = int(live)  # type: ignore[call-overload]
+                    LIVE_INSTANCES.set(self._live)
                     break
             await asyncio.sleep(HEARTBEAT_EVERY)
 
