@@ -19,8 +19,10 @@ agree on the names. Rules for code that records them:
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 # Latency buckets (seconds): from a fast Redis round trip to a slow AI upstream.
@@ -244,12 +246,27 @@ def multiprocess_dir() -> str | None:
     return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
 
 
+class _AllWorkers:
+    """Every worker's values (read from the shared directory), plus the families no worker has recorded
+    yet, so a scrape always names every family, as it does in a single process."""
+
+    def collect(self) -> Iterator[Metric]:
+        seen = set()
+        for family in MultiProcessCollector(None).collect():  # type: ignore[no-untyped-call]
+            seen.add(family.name)
+            yield family
+        for declared in FAMILIES:
+            for family in declared.describe():
+                if family.name not in seen:
+                    yield family
+
+
 def scrape() -> bytes:
     """The Prometheus text of this process, or of every worker when running in multiprocess mode."""
     if multiprocess_dir() is None:
         return generate_latest(REGISTRY)
     registry = CollectorRegistry()
-    MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    registry.register(_AllWorkers())
     return generate_latest(registry)
 
 
