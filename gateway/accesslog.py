@@ -67,6 +67,7 @@ class AccessLog:
             return
         scope = ctx.scope
         up = ctx.upstream_seconds
+        outcomes = ctx.outcomes
         fields: dict[str, object] = {
             "time": self._clock.now(),
             "route": ctx.route or None,
@@ -76,14 +77,16 @@ class AccessLog:
             "latency_ms": round(seconds * 1000, 3),
             "upstream": ctx.upstream,
             "upstream_ms": round(up * 1000, 3) if up is not None else None,
-            "limit": ctx.limit,
-            "cache": ctx.cache,
-            "breaker": ctx.breaker,
-            "session": ctx.session,
+            "limit": outcomes.get("limit"),
+            "cache": outcomes.get("cache"),
+            "breaker": outcomes.get("breaker"),
+            "session": outcomes.get("session"),
             "user": user_hash(ctx.user) if ctx.user else None,
             "store": store,
             "request_id": ctx.request_id,
         }
+        for name, value in outcomes.items():  # outcomes of policies beyond the four above
+            fields.setdefault(name, value)
         if self.format == "json":
             line = json.dumps(fields, separators=(",", ":"))
         else:

@@ -23,7 +23,7 @@ from .clientip import IPNetwork, TrustedProxies
 from .context import RequestContext
 from .metrics import RATELIMIT_DECISIONS, RATELIMIT_KEY_FALLBACKS, STORE_FAILURES
 from .pipeline import ASGIApp, EdgewayMiddleware, Throttled
-from .policy import Completed, Prepared
+from .policy import BasePolicy, Completed, Prepared
 from .ratelimit_headers import HeaderLimit, RateLimitFields, policy_name, seconds_ceil
 from .responses import ErrorResponse
 from .store import Algorithm, Command, LimitCheck, LimitState, RateLimit, RateLimitResult, Store, StoreError
@@ -235,7 +235,7 @@ class _Request:
         self.checks = checks
 
 
-class RateLimitPolicy:
+class RateLimitPolicy(BasePolicy):
     """The ``limits:`` of one route as a :class:`~edgeway.middleware.policy.Policy`."""
 
     name = "ratelimit"
@@ -333,13 +333,13 @@ class RateLimitPolicy:
                                      window_ms, compiled.cost, compiled.burst, compiled.enforced))
             active.append(compiled)
         if not checks:
-            ctx.limit = "exempt" if self.limits else None
+            ctx.outcomes["limit"] = "exempt"
             return Prepared()
         blocked = self._blocks.get(tuple(check.key for check in checks), max(check.cost for check in checks))
         if blocked is not None:
             for compiled in active:
                 compiled.local_block.inc()
-            ctx.limit = "rejected"
+            ctx.outcomes["limit"] = "rejected"
             return self._reject(ctx, active, blocked)
         frozen = tuple(checks)
         return Prepared((RateLimit(frozen),), _Request(active, frozen))
@@ -351,7 +351,7 @@ class RateLimitPolicy:
         result = results[0]
         assert isinstance(result, RateLimitResult)
         self._count(request.active, result)
-        ctx.limit = "allowed" if result.allowed else "rejected"
+        ctx.outcomes["limit"] = "allowed" if result.allowed else "rejected"
         if result.allowed:
             ctx.response_headers.extend(self.fields.headers(self._states(request.active, result.states)))
             return None
@@ -364,7 +364,7 @@ class RateLimitPolicy:
         if not isinstance(prepared.state, _Request):
             return None
         closed = any(c.limit.on_store_failure == "closed" and c.limit.mode == "enforce" for c in prepared.state.active)
-        ctx.limit = "store_failed"
+        ctx.outcomes["limit"] = "store_failed"
         STORE_FAILURES.labels(self.route, "closed" if closed else "open").inc()
         if closed:
             return ErrorResponse(503, "store_unavailable", "rate limits cannot be checked right now",
@@ -374,7 +374,7 @@ class RateLimitPolicy:
     def finish(self, ctx: RequestContext, prepared: Prepared, response: Completed) -> Sequence[Command]:
         """Debit the rest of a ``cost_from`` limit's real cost; charged even past the quota (the work is done)."""
         request = prepared.state
-        if not self._post_cost or not isinstance(request, _Request):
+        if not self._post_cost or not isinstance(request, _Request) or not response.complete:
             return ()
         debits = []
         for compiled, check in zip(request.active, request.checks, strict=True):

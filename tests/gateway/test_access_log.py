@@ -147,7 +147,8 @@ def test_text_format_is_one_readable_line() -> None:
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     ctx = RequestContext({"method": "GET", "path": "/api/x", "headers": []}, TrustedProxies(()), "1:/api/*")
-    ctx.upstream, ctx.upstream_seconds, ctx.limit, ctx.user, ctx.request_id = "echo", 0.004, "allowed", "u-1", "r1"
+    ctx.upstream, ctx.upstream_seconds, ctx.user, ctx.request_id = "echo", 0.004, "u-1", "r1"
+    ctx.outcomes["limit"] = "allowed"
     AccessLog("text", logger=logger).record(ctx, 200, 0.0055, "redis")
     (line,) = handler.lines
     assert '200 GET "/api/x" 5.5ms route=1:/api/* upstream=echo upstream_ms=4.0 limit=allowed' in line
