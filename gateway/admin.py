@@ -1,15 +1,21 @@
-"""``/_edgeway/*``: health, readiness, metrics, and the token-guarded admin API.
+"""``/_edgeway/*``: health, readiness, metrics, the OpenAPI document, and the token-guarded admin API.
 
-The admin API is off unless ``admin.token`` is set, and the token is compared
-in constant time. Health and metrics never need it.
+Operations are described, and handlers registered, in
+:mod:`edgeway.gateway.admin_api`. The admin API is off (404 ``admin_disabled``)
+unless ``admin.token`` is set; the token is compared in constant time (digests
+of equal length, so neither content nor length leaks) and only its digest is
+kept. Health, readiness, metrics and the document never need it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
+import os
 import time
 from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -19,13 +25,16 @@ from edgeway.middleware.responses import ErrorResponse, Receive, Send
 from edgeway.middleware.store import StoreError
 from edgeway.middleware.store.failover import FailoverStore
 
+from .admin_api import JSON, AdminError, AdminRequest, Operation, handler, match, openapi
+
 if TYPE_CHECKING:
     from .app import Gateway
 
 _STARTED = time.time()
+MAX_BODY = 64 * 1024
 
 
-async def _json(send: Send, status: int, payload: dict[str, Any], scope: Scope) -> None:
+async def _json(send: Send, status: int, payload: JSON, scope: Scope) -> None:
     body = json.dumps(payload, separators=(",", ":")).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
@@ -33,45 +42,68 @@ async def _json(send: Send, status: int, payload: dict[str, Any], scope: Scope) 
     await send({"type": "http.response.body", "body": body if scope["method"] != "HEAD" else b""})
 
 
+def token_digest(token: str) -> bytes:
+    """What the gateway keeps of the admin token: its SHA-256."""
+    return hashlib.sha256(token.encode()).digest()
+
+
 class AdminEndpoints:
-    """Dispatches ``/_edgeway/<name>``; see SPEC.md for the contract."""
+    """Dispatches ``/_edgeway/<path>`` through the operation table; see SPEC.md for the contract."""
 
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
+        self._public = {"healthz": self.healthz, "readyz": self.readyz, "metrics": self.metrics,
+                        "openapi": self.document}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        name = scope["path"].removeprefix("/_edgeway/").rstrip("/")
-        method = scope["method"]
-        public = {"healthz": self.healthz, "readyz": self.readyz, "metrics": self.metrics}
-        admin = {("GET", "status"): self.status, ("POST", "reload"): self.reload}
-        if name in public:
-            if method not in ("GET", "HEAD"):
-                await ErrorResponse(405, "method_not_allowed", "use GET",
-                                    headers=[(b"allow", b"GET, HEAD")])(scope, receive, send)
-                return
-            await public[name](scope, send)
+        path = scope["path"].removeprefix("/_edgeway/").rstrip("/")
+        operation, params, allowed = match(scope["method"], path)
+        if operation is None:
+            if allowed:
+                await ErrorResponse(405, "method_not_allowed", f"use {', '.join(allowed)}",
+                                    headers=[(b"allow", ", ".join(allowed).encode())])(scope, receive, send)
+            else:
+                await ErrorResponse(404, "no_route", f"no gateway endpoint {scope['path']}")(scope, receive, send)
             return
-        if (method, name) in admin:
-            refusal = self._refusal(scope)
-            if refusal is not None:
-                await refusal(scope, receive, send)
-                return
-            await admin[(method, name)](scope, send)
+        if not operation.admin:
+            await self._public[operation.operation_id](scope, send)
             return
-        await ErrorResponse(404, "no_route", f"no gateway endpoint {scope['path']}")(scope, receive, send)
+        refusal = self._refusal(scope)
+        if refusal is not None:
+            await refusal(scope, receive, send)
+            return
+        try:
+            status, payload = await self._run(operation, params, scope, receive)
+        except AdminError as error:
+            await ErrorResponse(error.status, error.code, error.message, extra=error.extra)(scope, receive, send)
+            return
+        await _json(send, status, payload, scope)
+
+    async def _run(self, operation: Operation, params: dict[str, str], scope: Scope,
+                   receive: Receive) -> tuple[int, JSON]:
+        if operation.handler is None:
+            raise AdminError(501, "not_implemented", f"{operation.method} /_edgeway/{operation.path} is not "
+                             "available in this build")
+        body = await _read_json(receive) if operation.body is not None else None
+        query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
+        return await operation.handler(AdminRequest(self.gateway, scope, params, query, body))
 
     def _refusal(self, scope: Scope) -> ErrorResponse | None:
-        token = self.gateway.loaded.policy.admin.token
-        if not token:
+        expected = self.gateway.admin_token_digest
+        if expected is None:
             return ErrorResponse(404, "admin_disabled", "the admin API is off: set admin.token in the policy")
-        supplied = b""
+        supplied: bytes | None = None
         for key, value in scope["headers"]:
-            if key == b"authorization" and value[:7].lower() == b"bearer ":
-                supplied = value[7:].strip()
-        if not hmac.compare_digest(supplied, token.encode()):
+            if key == b"authorization":
+                scheme, _, credentials = value.partition(b" ")
+                # a second Authorization header is ambiguous: refuse rather than pick one
+                supplied = credentials.strip() if supplied is None and scheme.lower() == b"bearer" else b""
+        if supplied is None or not hmac.compare_digest(hashlib.sha256(supplied).digest(), expected):
             return ErrorResponse(401, "unauthorized", "admin endpoints need Authorization: Bearer <admin token>",
                                  headers=[(b"www-authenticate", b'Bearer realm="edgeway-admin"')])
         return None
+
+    # -- public ---------------------------------------------------------------------------------------
 
     async def healthz(self, scope: Scope, send: Send) -> None:
         await _json(send, 200, {"status": "ok"}, scope)
@@ -80,9 +112,7 @@ class AdminEndpoints:
         """200 while some store serves shared state (``degraded`` when it is a fallback), else 503."""
         gateway = self.gateway
         store = gateway.store
-        payload: dict[str, Any] = {
-            "policy": {"source": gateway.loaded.source, "version": gateway.loaded.version},
-        }
+        payload: JSON = {"policy": {"source": gateway.loaded.source, "version": gateway.loaded.version}}
         try:
             await store.ping()
         except StoreError as exc:
@@ -92,11 +122,8 @@ class AdminEndpoints:
             await _json(send, 503, payload, scope)
             return
         STORE_UP.labels(store.kind).set(1)
-        chain = store.status() if isinstance(store, FailoverStore) else [
-            {"kind": store.kind, "location": store.describe(), "healthy": True}
-        ]
-        degraded = not chain[0]["healthy"]
-        payload["status"] = "degraded" if degraded else "ready"
+        chain = store_chain(gateway)
+        payload["status"] = "ready" if chain[0]["healthy"] else "degraded"
         payload["store"] = {"kind": store.kind, "mode": store.kind, "location": store.describe(), "chain": chain}
         if isinstance(store, FailoverStore):
             payload["store"]["live_instances"] = store.live_instances
@@ -107,23 +134,91 @@ class AdminEndpoints:
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", CONTENT_TYPE_LATEST.encode()),
                                 (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+        await send({"type": "http.response.body", "body": body if scope["method"] != "HEAD" else b""})
 
-    async def status(self, scope: Scope, send: Send) -> None:
-        gateway = self.gateway
-        policy = gateway.loaded.policy
-        await _json(send, 200, {
-            "policy": {"source": gateway.loaded.source, "version": gateway.loaded.version},
-            "store": {"kind": gateway.store.kind, "location": gateway.store.describe()},
-            "upstreams": {name: up.url for name, up in policy.upstreams.items()},
-            "routes": [{"path": r.match.path, "methods": r.match.methods, "upstream": r.upstream,
-                        "limits": [str(limit.rate) for limit in r.limits]} for r in policy.routes],
-            "uptime_seconds": round(time.time() - _STARTED, 1),
-        }, scope)
+    async def document(self, scope: Scope, send: Send) -> None:
+        from . import __version__  # the package's __init__ imports this module first
 
-    async def reload(self, scope: Scope, send: Send) -> None:
-        before = self.gateway.loaded.version
-        ok = await self.gateway.reload()
-        await _json(send, 200 if ok else 422, {
-            "reloaded": ok, "version": self.gateway.loaded.version, "previous": before,
-        }, scope)
+        await _json(send, 200, openapi(__version__), scope)
+
+
+async def _read_json(receive: Receive) -> JSON:
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise AdminError(400, "bad_request", "the client left before sending the body")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > MAX_BODY:
+            raise AdminError(413, "payload_too_large", f"admin request bodies are limited to {MAX_BODY} bytes")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    try:
+        body = json.loads(b"".join(chunks) or b"null")
+    except ValueError:
+        raise AdminError(400, "bad_request", "the body must be a JSON object") from None
+    if not isinstance(body, dict):
+        raise AdminError(400, "bad_request", "the body must be a JSON object")
+    return body
+
+
+def store_chain(gateway: Gateway) -> list[dict[str, object]]:
+    """Each store of the chain with its health (a lone store counts as healthy while it answers)."""
+    store = gateway.store
+    if isinstance(store, FailoverStore):
+        return store.status()
+    return [{"kind": store.kind, "location": store.describe(), "healthy": True}]
+
+
+def _public_url(url: str) -> str:
+    """An upstream URL without credentials (``http://user:pass@host`` -> ``http://host``)."""
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+
+
+# -- admin operations served by the gateway itself ----------------------------------------------------
+
+
+@handler("GET", "status")
+async def status(request: AdminRequest) -> tuple[int, JSON]:
+    gateway = request.gateway
+    policy = gateway.loaded.policy
+    store = gateway.store
+    store_info: dict[str, Any] = {"kind": store.kind, "mode": store.kind, "location": store.describe(),
+                                  "chain": store_chain(gateway)}
+    if isinstance(store, FailoverStore):
+        store_info["live_instances"] = store.live_instances
+    upstreams = {
+        name: {"url": _public_url(up.url), "timeout": up.timeout.model_dump(mode="json"),
+               "breaker": up.breaker.model_dump(mode="json") if up.breaker else None}
+        for name, up in policy.upstreams.items()
+    }
+    routes = [
+        {"name": f"{index}:{route.match.path}", **route.model_dump(mode="json")}
+        for index, route in enumerate(policy.routes)
+    ]
+    return 200, {
+        "instance": {"id": gateway.instance_id, "pid": os.getpid(), "version": gateway.loaded.version,
+                     "uptime_seconds": round(time.time() - _STARTED, 1)},
+        "policy": {"source": gateway.loaded.source, "version": gateway.loaded.version},
+        "store": store_info,
+        "upstreams": upstreams,
+        "routes": routes,
+    }
+
+
+@handler("POST", "reload")
+async def reload(request: AdminRequest) -> tuple[int, JSON]:
+    gateway = request.gateway
+    before = gateway.loaded.version
+    if gateway.policy_path is None:
+        raise AdminError(409, "no_policy_file", "this gateway was built from a policy object, not a file")
+    problems = await gateway.reload_file()
+    if problems is not None:
+        raise AdminError(422, "invalid_policy", "the policy file is invalid; the running policy keeps serving",
+                         extra={"reloaded": False, "version": before, "problems": problems.splitlines()})
+    return 200, {"reloaded": True, "version": gateway.loaded.version, "previous": before}

@@ -26,9 +26,10 @@ from edgeway.middleware.clientip import TrustedProxies
 from edgeway.middleware.context import SCOPE_KEY, RequestContext, Scope
 from edgeway.middleware.responses import ErrorResponse, Message, Receive, Send, bad_request
 from edgeway.middleware.store import Clock, Store, StoreError
+from edgeway.middleware.store.failover import FailoverStore
 
 from .accesslog import AccessLog
-from .admin import AdminEndpoints
+from .admin import AdminEndpoints, token_digest
 from .config import Policy
 from .errors import PolicyError
 from .headers import request_problem
@@ -51,6 +52,7 @@ class _Active:
     proxies: tuple[UpstreamProxy, ...]
     store: Store
     trusted: TrustedProxies
+    admin_digest: bytes | None
 
 
 class Gateway:
@@ -59,6 +61,7 @@ class Gateway:
     def __init__(self, loaded: LoadedPolicy, *, store: Store | None = None, clock: Clock | None = None,
                  policy_path: str | None = None, access_log: AccessLog | None = None) -> None:
         self._clock = clock
+        self._instance_id = os.urandom(6).hex()
         self._fixed_store = store
         self.policy_path = policy_path
         self.access_log = access_log
@@ -79,7 +82,8 @@ class Gateway:
         store = store or build_store(policy.store, self._clock)
         proxies = {name: UpstreamProxy(name, upstream, trusted) for name, upstream in policy.upstreams.items()}
         routes = RouteTable(policy, store, trusted, lambda route: proxies[route.upstream])
-        return _Active(loaded, routes, tuple(proxies.values()), store, trusted)
+        token = policy.admin.token
+        return _Active(loaded, routes, tuple(proxies.values()), store, trusted, token_digest(token) if token else None)
 
     @property
     def loaded(self) -> LoadedPolicy:
@@ -88,6 +92,17 @@ class Gateway:
     @property
     def store(self) -> Store:
         return self._active.store
+
+    @property
+    def admin_token_digest(self) -> bytes | None:
+        """SHA-256 of the policy's admin token; None while the admin API is off."""
+        return self._active.admin_digest
+
+    @property
+    def instance_id(self) -> str:
+        """This process's id among the instances sharing the store (the heartbeat's, when there is one)."""
+        store = self._active.store
+        return store.instance_id if isinstance(store, FailoverStore) else self._instance_id
 
     async def apply(self, loaded: LoadedPolicy) -> None:
         """Switch to a new valid policy at once; requests already running finish on the old one, whose
@@ -117,15 +132,21 @@ class Gateway:
         """Re-read the policy file; on any problem keep the running policy and log every problem."""
         if self.policy_path is None:
             return False
+        return await self.reload_file() is None
+
+    async def reload_file(self) -> str | None:
+        """Re-read the policy file: None when applied, else its problems (FILE:LINE:COL lines), logged, with
+        the running policy kept."""
+        assert self.policy_path is not None, "reload_file needs a gateway built from a file"
         try:
             loaded = load_policy(self.policy_path)
         except PolicyError as exc:
             metrics.POLICY_RELOADS.labels("failed").inc()
             logger.error("policy reload failed, keeping version %s:\n%s", self._active.loaded.version, exc)
-            return False
+            return str(exc)
         await self.apply(loaded)
         metrics.POLICY_RELOADS.labels("ok").inc()
-        return True
+        return None
 
     async def close(self) -> None:
         if self._sampler is not None:

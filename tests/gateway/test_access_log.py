@@ -18,7 +18,7 @@ from edgeway.gateway.accesslog import AccessLog, user_hash
 from edgeway.gateway.asgi import app_from_env
 from edgeway.middleware.clientip import TrustedProxies
 from edgeway.middleware.context import RequestContext
-from tests.gateway.conftest import EchoApp, marker
+from tests.gateway.conftest import EchoApp, marker, wait_until
 from tests.gateway.test_metrics import serve, stop
 from tests.servers import UvicornThread, free_port, wait_for_port
 
@@ -45,9 +45,11 @@ class Logged:
     url: str
     lines: list[str]
 
-    def last(self) -> dict[str, Any]:
-        entry: dict[str, Any] = json.loads(self.lines[-1])
-        return entry
+    def entry(self, path: str) -> dict[str, Any]:
+        """The line of the request to ``path`` (written just after its response went out)."""
+        assert wait_until(lambda: any(json.loads(line)["path"] == path for line in self.lines)), path
+        (entry,) = [json.loads(line) for line in self.lines if json.loads(line)["path"] == path]
+        return entry  # type: ignore[no-any-return]
 
 
 def policy(echo_port: int) -> str:
@@ -82,7 +84,7 @@ def test_one_json_line_with_every_field(logged: Logged, echo: EchoApp) -> None:
     token = marker()
     response = httpx.get(f"{logged.url}/api/{token}", params={"page": "2"})
     assert response.status_code == 200
-    entry = logged.last()
+    entry = logged.entry(f"/api/{token}")
     assert set(entry) == {"time", "route", "method", "path", "status", "latency_ms", "upstream", "upstream_ms",
                           "limit", "cache", "breaker", "session", "user", "store", "request_id"}
     assert entry["route"] == "1:/api/*"
@@ -95,7 +97,7 @@ def test_one_json_line_with_every_field(logged: Logged, echo: EchoApp) -> None:
 def test_request_id_is_passed_through(logged: Logged, echo: EchoApp) -> None:
     token = marker()
     httpx.get(f"{logged.url}/api/{token}", headers={"x-request-id": "req-from-client-1"})
-    assert logged.last()["request_id"] == "req-from-client-1"
+    assert logged.entry(f"/api/{token}")["request_id"] == "req-from-client-1"
     (seen,) = echo.find(token)
     assert [v for k, v in seen["headers"] if k == "x-request-id"] == ["req-from-client-1"]
 
@@ -103,7 +105,7 @@ def test_request_id_is_passed_through(logged: Logged, echo: EchoApp) -> None:
 def test_request_id_is_generated_and_forwarded(logged: Logged, echo: EchoApp) -> None:
     token = marker()
     httpx.get(f"{logged.url}/api/{token}")
-    generated = logged.last()["request_id"]
+    generated = logged.entry(f"/api/{token}")["request_id"]
     assert len(generated) == 24
     (seen,) = echo.find(token)
     assert [v for k, v in seen["headers"] if k == "x-request-id"] == [generated]
@@ -111,31 +113,35 @@ def test_request_id_is_generated_and_forwarded(logged: Logged, echo: EchoApp) ->
 
 def test_limit_decision_is_logged(logged: Logged) -> None:
     client = marker()
-    statuses = [httpx.get(f"{logged.url}/limited/x", headers={"x-client": client}).status_code for _ in range(2)]
+    statuses = [httpx.get(f"{logged.url}/limited/{client}/{n}", headers={"x-client": client}).status_code
+                for n in range(2)]
     assert statuses == [200, 429]
-    first, second = (json.loads(line) for line in logged.lines[-2:])
+    first, second = logged.entry(f"/limited/{client}/0"), logged.entry(f"/limited/{client}/1")
     assert (first["limit"], second["limit"]) == ("allowed", "rejected")
     assert second["upstream"] is None and second["upstream_ms"] is None
 
 
 def test_gateway_answers_and_admin_requests_are_logged(logged: Logged) -> None:
-    httpx.get(f"{logged.url}/nowhere")
-    assert (logged.last()["status"], logged.last()["route"]) == (404, None)
+    token = marker()
+    httpx.get(f"{logged.url}/nowhere/{token}")
+    assert (logged.entry(f"/nowhere/{token}")["status"], logged.entry(f"/nowhere/{token}")["route"]) == (404, None)
     httpx.get(f"{logged.url}/_edgeway/healthz")
-    assert (logged.last()["status"], logged.last()["route"]) == (200, "admin")
+    healthz = logged.entry("/_edgeway/healthz")
+    assert (healthz["status"], healthz["route"]) == (200, "admin")
 
 
 def test_no_token_cookie_api_key_query_value_or_body_is_logged(logged: Logged) -> None:
     start = len(logged.lines)
+    token = marker()
     httpx.post(
-        f"{logged.url}/api/{marker()}",
+        f"{logged.url}/api/{token}",
         params={"api_key": SECRETS["query"]},
         headers={"authorization": f"Bearer {SECRETS['token']}", "cookie": SECRETS["cookie"],
                  "apikey": SECRETS["apikey"], "x-api-key": SECRETS["apikey"]},
         content=SECRETS["body"],
     )
+    assert logged.entry(f"/api/{token}")["status"] == 200
     text = "\n".join(logged.lines[start:])
-    assert text
     for name, secret in SECRETS.items():
         assert secret not in text, name
     assert "api_key" not in text
