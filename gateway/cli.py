@@ -1,4 +1,4 @@
-"""The ``edgeway`` command: serve, check, demo, upstash-bridge, --version."""
+"""The ``edgeway`` command: serve, check, diff, explain, demo, upstash-bridge, --version."""
 
 from __future__ import annotations
 
@@ -30,6 +30,43 @@ def _check(args: argparse.Namespace) -> int:
         f"{len(policy.routes)} route(s), {limits} limit(s), store {policy.store.url.split('://')[0]}://"
     )
     return 0
+
+
+def _diff(args: argparse.Namespace) -> int:
+    from .diff import diff
+
+    try:
+        old, new = load_policy(args.old), load_policy(args.new)
+    except PolicyError as exc:
+        print(exc, file=sys.stdout)
+        return 2
+    lines = diff(old.policy, new.policy)
+    if not lines:
+        print(f"no changes: {args.old} and {args.new} describe the same policy")
+        return 0
+    print(f"changes from {args.old} (version {old.version}) to {args.new} (version {new.version}):")
+    print("\n".join(lines))
+    return 1
+
+
+def _header(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition(":")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"expected 'Name: value', got {text!r}")
+    return name.strip(), value.strip()
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from .explain import explain
+
+    try:
+        loaded = load_policy(args.file)
+    except PolicyError as exc:
+        print(exc, file=sys.stdout)
+        return 2
+    matched, lines = explain(loaded.policy, args.method, args.path, args.header, args.client_ip)
+    print("\n".join(lines))
+    return 0 if matched else 1
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -112,6 +149,21 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check", help="validate a policy file")
     check.add_argument("file")
     check.set_defaults(run=_check)
+
+    diff = commands.add_parser("diff", help="what changes from one policy file to another (exit 0 same, 1 different)")
+    diff.add_argument("old")
+    diff.add_argument("new")
+    diff.set_defaults(run=_diff)
+
+    explain = commands.add_parser("explain", help="which route, limits (with store keys), cache, breaker and session "
+                                  "rules apply to a request")
+    explain.add_argument("file")
+    explain.add_argument("method")
+    explain.add_argument("path", help="the request target, e.g. /api/items?page=1")
+    explain.add_argument("--header", action="append", type=_header, default=[], metavar="'K: V'",
+                         help="a request header (repeatable)")
+    explain.add_argument("--client-ip", default="127.0.0.1", help="the address the request comes from")
+    explain.set_defaults(run=_explain)
 
     demo = commands.add_parser("demo", help="run a sample upstream and gateway and show the policies at work")
     demo.add_argument("--requests", type=int, default=60, help="requests per demo step")
