@@ -14,6 +14,7 @@ running one.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import signal
@@ -59,7 +60,8 @@ class Gateway:
     """The gateway ASGI app. Build it with :func:`create_app`."""
 
     def __init__(self, loaded: LoadedPolicy, *, store: Store | None = None, clock: Clock | None = None,
-                 policy_path: str | None = None, access_log: AccessLog | None = None) -> None:
+                 policy_path: str | None = None, access_log: AccessLog | None = None,
+                 watch: float | None = None) -> None:
         self._clock = clock
         self._instance_id = os.urandom(6).hex()
         self._fixed_store = store
@@ -68,6 +70,8 @@ class Gateway:
         self._active = self._compile(loaded, store)
         self._retiring: set[asyncio.Task[None]] = set()
         self._sampler: asyncio.Task[None] | None = None
+        self._watch = watch if policy_path is not None else None
+        self._watcher: asyncio.Task[None] | None = None
         self.admin = AdminEndpoints(self)
         self._unrouted = RouteMeter("none")
         self._admin_meter = RouteMeter("admin")
@@ -149,10 +153,11 @@ class Gateway:
         return None
 
     async def close(self) -> None:
-        if self._sampler is not None:
-            self._sampler.cancel()
-            await asyncio.gather(self._sampler, return_exceptions=True)
-            self._sampler = None
+        for task in (self._sampler, self._watcher):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        self._sampler = self._watcher = None
         for task in list(self._retiring):
             task.cancel()
         await asyncio.gather(*self._retiring, return_exceptions=True)
@@ -223,13 +228,44 @@ class Gateway:
             message = await receive()
             if message["type"] == "lifespan.startup":
                 self._install_reload_signal()
-                self._sampler = asyncio.get_running_loop().create_task(self._sample_store())
+                loop = asyncio.get_running_loop()
+                self._sampler = loop.create_task(self._sample_store())
+                if self._watch is not None:
+                    self._watcher = loop.create_task(self._watch_file(self._watch))
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 await self.close()
                 metrics.process_exiting()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+    async def _watch_file(self, every: float) -> None:
+        """``--watch``: reload when the policy file's content changes (a stat per ``every`` seconds; the file
+        is read only when its size, time or inode moved, which also catches a Kubernetes ConfigMap swap)."""
+        assert self.policy_path is not None
+        path = Path(self.policy_path)
+
+        def signature() -> tuple[int, int, int] | None:
+            try:
+                stat = path.stat()
+            except OSError:
+                return None
+            return stat.st_mtime_ns, stat.st_size, stat.st_ino
+
+        seen = signature()
+        while True:
+            await asyncio.sleep(every)
+            now = signature()
+            if now is None or now == seen:
+                continue
+            seen = now
+            try:
+                text = path.read_bytes()
+            except OSError:
+                continue
+            if hashlib.sha256(text).hexdigest()[:12] != self._active.loaded.version:
+                logger.info("policy file %s changed: reloading", path)
+                await self.reload()
 
     async def _sample_store(self) -> None:
         """Store memory for the metrics, every MEMORY_SAMPLE_EVERY seconds: never on a request's path."""
@@ -274,10 +310,12 @@ def _request_id(scope: Scope) -> str:
 
 
 def create_app(policy: LoadedPolicy | Policy | str | Path, *, store: Store | None = None,
-               clock: Clock | None = None, access_log: AccessLog | None = None) -> Gateway:
+               clock: Clock | None = None, access_log: AccessLog | None = None,
+               watch: float | None = None) -> Gateway:
     """Build the gateway from a policy file path, a loaded policy, or a :class:`Policy` object.
 
     ``access_log`` writes one line per request (see :mod:`edgeway.gateway.accesslog`); None: no access log.
+    ``watch``: seconds between checks of the policy file, reloaded when it changes (a file path only).
     """
     path: str | None = None
     if isinstance(policy, str | Path):
@@ -287,4 +325,4 @@ def create_app(policy: LoadedPolicy | Policy | str | Path, *, store: Store | Non
         loaded = LoadedPolicy(policy, "<object>", "object")
     else:
         loaded = policy
-    return Gateway(loaded, store=store, clock=clock, policy_path=path, access_log=access_log)
+    return Gateway(loaded, store=store, clock=clock, policy_path=path, access_log=access_log, watch=watch)

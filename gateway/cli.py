@@ -102,12 +102,13 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _run_uvicorn(uvicorn: Any, args: argparse.Namespace) -> None:
-    uvicorn.run(
-        "edgeway.gateway.asgi:app_from_env",
-        factory=True,
+    from .workers import run
+
+    os.environ["EDGEWAY_WATCH"] = "1" if args.watch else ""
+    run(
+        args.workers,
         host=args.host,
         port=args.port,
-        workers=args.workers,
         lifespan="on",
         proxy_headers=False,  # Edgeway's trusted_proxies decides who may set forwarding headers
         server_header=False,
@@ -139,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--workers", type=int, default=1)
+    serve.add_argument("--watch", action="store_true",
+                       help="reload when the policy file changes (every worker; an invalid file is refused)")
     serve.add_argument("--access-log", choices=["on", "off"], default="on",
                        help="one log line per request on stdout (default on)")
     serve.add_argument("--log-format", choices=["json", "text"], default=None,
