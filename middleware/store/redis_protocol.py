@@ -55,10 +55,9 @@ HEARTBEAT_SCRIPT = Script("heartbeat.lua")
 INCR_SCRIPT = Script("incr.lua")
 CAD_SCRIPT = Script("cad.lua")
 SETBIN_SCRIPT = Script("setbin.lua")
-_SOURCES = {
-    script.sha: script.source
-    for script in (RATE_LIMIT_SCRIPT, HEARTBEAT_SCRIPT, INCR_SCRIPT, CAD_SCRIPT, SETBIN_SCRIPT)
-}
+SCRIPTS = (RATE_LIMIT_SCRIPT, HEARTBEAT_SCRIPT, INCR_SCRIPT, CAD_SCRIPT, SETBIN_SCRIPT)
+"""Loaded by each new connection (TCP) or the first pipeline (REST) ahead of any command."""
+_SOURCES = {script.sha: script.source for script in SCRIPTS}
 
 
 class Transport(abc.ABC):
@@ -77,6 +76,12 @@ class Transport(abc.ABC):
     def value_bytes(self, reply: str | bytes) -> bytes:
         """A bulk-string reply (a value read by ``GET``) as the bytes Redis holds."""
         return reply if isinstance(reply, bytes) else reply.encode("utf-8", "surrogateescape")
+
+    def value_text(self, reply: str | bytes) -> str:
+        """A bulk-string reply as text; bytes that are not UTF-8 become U+FFFD."""
+        if isinstance(reply, str) and reply.isascii():
+            return reply  # the common case, without a round trip through bytes
+        return self.value_bytes(reply).decode(errors="replace")
 
     @abc.abstractmethod
     def submit(self, commands: Sequence[RedisCommand]) -> asyncio.Future[list[object]]:
@@ -145,11 +150,7 @@ class RedisProtocolStore(Store):
 
     def _decode(self, command: Command, reply: object) -> object:
         if isinstance(command, Get) and isinstance(reply, str | bytes):
-            if command.binary:
-                return self._transport.value_bytes(reply)
-            if isinstance(reply, str) and reply.isascii():
-                return reply
-            return self._transport.value_bytes(reply).decode(errors="replace")
+            return self._transport.value_bytes(reply) if command.binary else self._transport.value_text(reply)
         return _decode(command, reply)
 
     def _encode(self, command: Command) -> RedisCommand:
