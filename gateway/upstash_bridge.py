@@ -126,7 +126,7 @@ class _Bridge:
                 if message["type"] == "message":
                     yield _event(f"message,{channel},{_text(message['data'])}")
         finally:
-            await pubsub.aclose()
+            await pubsub.aclose()  # type: ignore[no-untyped-call]
 
 
 def _text(value: bytes) -> str:

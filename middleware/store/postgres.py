@@ -290,7 +290,7 @@ class _Listener:
                 self._connection = await asyncpg.connect(
                     self._dsn, timeout=_CONNECT_TIMEOUT, server_settings={"application_name": "edgeway-listen"}
                 )
-                self._connection.add_termination_listener(lambda _connection: lost.set())
+                self._connection.add_termination_listener(lambda _connection, lost=lost: lost.set())
                 self._listening = set()
                 await self._sync()
                 if not self._connection.is_closed():

@@ -86,7 +86,9 @@ class UpstashTransport(Transport):
         body: list[list[object]] = [list(command) for commands, _ in batches for command in commands]
         # the first pipeline loads the scripts ahead of the commands, so a script missing on the server
         # is not retried after the batch's later commands (which would reorder a batch like Incr, Get)
-        loads = [] if self._scripts_loaded else [["SCRIPT", "LOAD", script.source] for script in SCRIPTS]
+        loads: list[list[object]] = []
+        if not self._scripts_loaded:
+            loads = [["SCRIPT", "LOAD", script.source] for script in SCRIPTS]
         try:
             replies = await self._post(loads + body)
         except (StoreError, asyncio.CancelledError) as exc:
