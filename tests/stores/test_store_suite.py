@@ -339,9 +339,13 @@ async def test_a_failing_handler_is_logged_and_others_still_receive(
     assert "handler bug" in caplog.text
 
 
-async def test_two_redis_instances_and_a_restart(own_redis: RedisServer, key: str) -> None:
-    """Two store objects on one real redis-server; the subscription survives the server restarting."""
-    publisher, subscriber = RedisStore(own_redis.url, timeout=2.0), RedisStore(own_redis.url, timeout=2.0)
+@pytest.mark.parametrize("kind", ["redis", "upstash"])
+async def test_two_instances_hear_each_other_and_survive_a_restart(
+    kind: str, own_redis: RedisServer, bridges: list[UvicornThread], key: str
+) -> None:
+    """Two store objects on one real redis-server; the subscription recovers after the server restarts."""
+    publisher = remote_store(kind, own_redis.url, timeout=2.0, bridges=bridges)
+    subscriber = remote_store(kind, own_redis.url, timeout=2.0, bridges=bridges)
     received, handler = inbox()
     try:
         await subscriber.subscribe(key, handler)
