@@ -696,3 +696,30 @@ async def test_killed_server_fails_fast_then_recovers(own_redis: RedisServer, ke
         assert await store.execute([Get(key)]) == [None]
     finally:
         await store.close()
+
+
+async def test_postgres_listener_survives_a_restart(key: str) -> None:
+    """LISTEN on a private PostgreSQL that is stopped and started again: the listener reconnects."""
+    from tests.servers import PostgresServer, apply_migration
+
+    with PostgresServer() as server:
+        apply_migration(server.dsn)
+        publisher = PostgresStore(server.dsn, timeout=2.0)
+        subscriber = PostgresStore(server.dsn, timeout=2.0)
+        received, handler = inbox()
+        try:
+            await subscriber.subscribe(key, handler)
+            await publisher.execute([Publish(key, "before")])
+            assert await asyncio.wait_for(received.get(), DELIVERY) == "before"
+            await asyncio.to_thread(server.stop)
+            await asyncio.to_thread(server.start)
+            deadline = time.monotonic() + 20.0
+            while received.empty():
+                assert time.monotonic() < deadline, "the listener did not recover after the restart"
+                with contextlib.suppress(StoreError):  # the publisher's pool reconnects too
+                    await publisher.execute([Publish(key, "after")])
+                await asyncio.sleep(0.1)
+            assert received.get_nowait() == "after"
+        finally:
+            await publisher.close()
+            await subscriber.close()
