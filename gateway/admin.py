@@ -127,6 +127,8 @@ class AdminEndpoints:
         payload["store"] = {"kind": store.kind, "mode": store.kind, "location": store.describe(), "chain": chain}
         if isinstance(store, FailoverStore):
             payload["store"]["live_instances"] = store.live_instances
+            if store.budget is not None:
+                payload["store"]["budget"] = store.budget.status()
         await _json(send, 200, payload, scope)
 
     async def metrics(self, scope: Scope, send: Send) -> None:
@@ -192,6 +194,8 @@ async def status(request: AdminRequest) -> tuple[int, JSON]:
                                   "chain": store_chain(gateway)}
     if isinstance(store, FailoverStore):
         store_info["live_instances"] = store.live_instances
+        if store.budget is not None:
+            store_info["budget"] = store.budget.status()
     upstreams = {
         name: {"url": _public_url(up.url), "timeout": up.timeout.model_dump(mode="json"),
                "breaker": up.breaker.model_dump(mode="json") if up.breaker else None}
@@ -208,17 +212,28 @@ async def status(request: AdminRequest) -> tuple[int, JSON]:
         "store": store_info,
         "upstreams": upstreams,
         "routes": routes,
+        "instances": [gateway.cluster.here(), *await gateway.cluster.ask("roll-call")],
     }
 
 
 @handler("POST", "reload")
 async def reload(request: AdminRequest) -> tuple[int, JSON]:
+    """Re-read the policy file; with ``?all=1`` every instance sharing the store does, and the answer lists
+    what each now serves (instances that did not answer in time are missing from the list)."""
     gateway = request.gateway
     before = gateway.loaded.version
+    everywhere = request.query.get("all", "0") not in ("", "0", "false")
     if gateway.policy_path is None:
         raise AdminError(409, "no_policy_file", "this gateway was built from a policy object, not a file")
+    if everywhere and not gateway.cluster.available:
+        raise AdminError(409, "broadcast_unavailable", f"the {gateway.store.kind} store carries no notifications "
+                         "between instances: reload each one, or use a Redis store")
     problems = await gateway.reload_file()
     if problems is not None:
         raise AdminError(422, "invalid_policy", "the policy file is invalid; the running policy keeps serving",
                          extra={"reloaded": False, "version": before, "problems": problems.splitlines()})
-    return 200, {"reloaded": True, "version": gateway.loaded.version, "previous": before}
+    answer: JSON = {"reloaded": True, "version": gateway.loaded.version, "previous": before}
+    if everywhere:
+        answer["broadcast"] = True
+        answer["instances"] = [gateway.cluster.here(reloaded=True), *await gateway.cluster.ask("reload")]
+    return 200, answer

@@ -85,6 +85,10 @@ class Operation:
 
 
 _OBJ: JSON = {"type": "object"}
+_INSTANCE: JSON = {"type": "object", "required": ["id", "version"],
+                   "properties": {"id": {"type": "string"}, "version": {"type": "string"}, "pid": {"type": "integer"},
+                                  "reloaded": {"type": ["boolean", "null"]},
+                                  "problems": {"type": "array", "items": {"type": "string"}}}}
 _VERSIONED: JSON = {"type": "object", "properties": {"source": {"type": "string"}, "version": {"type": "string"}}}
 
 OPERATIONS: dict[tuple[str, str], Operation] = {}
@@ -136,7 +140,8 @@ _add(Operation(
     "instances.",
     {"type": "object", "required": ["instance", "policy", "store", "upstreams", "routes"],
      "properties": {"instance": _OBJ, "policy": _VERSIONED, "store": _OBJ, "upstreams": _OBJ,
-                    "routes": {"type": "array", "items": _OBJ}, "instances": {"type": "array", "items": _OBJ}}},
+                    "routes": {"type": "array", "items": _OBJ},
+                    "instances": {"type": "array", "items": _INSTANCE}}},
 ))
 _add(Operation(
     "POST", "reload", "reload",
@@ -144,9 +149,10 @@ _add(Operation(
     "policy keeps serving.",
     {"type": "object", "required": ["reloaded", "version"],
      "properties": {"reloaded": {"type": "boolean"}, "version": {"type": "string"}, "previous": {"type": "string"},
-                    "broadcast": {"type": "boolean"}}},
+                    "broadcast": {"type": "boolean"}, "instances": {"type": "array", "items": _INSTANCE}}},
     query=(("all", "1: every instance sharing the store reloads (through the store's notifications)"),),
-    extra_responses={422: "The policy file is invalid; the running policy stays."},
+    extra_responses={422: "The policy file is invalid; the running policy stays.",
+                     409: "all=1, but the store carries no notifications between instances."},
 ))
 _add(Operation(
     "POST", "cache/purge", "purgeCache",

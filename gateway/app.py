@@ -31,6 +31,7 @@ from edgeway.middleware.store.failover import FailoverStore
 
 from .accesslog import AccessLog
 from .admin import AdminEndpoints, token_digest
+from .cluster import Cluster
 from .config import Policy
 from .errors import PolicyError
 from .headers import request_problem
@@ -73,6 +74,7 @@ class Gateway:
         self._watch = watch if policy_path is not None else None
         self._watcher: asyncio.Task[None] | None = None
         self.admin = AdminEndpoints(self)
+        self.cluster = Cluster(self)
         self._unrouted = RouteMeter("none")
         self._admin_meter = RouteMeter("admin")
         self._version_gauge = metrics.POLICY_VERSION.labels(loaded.version)
@@ -122,6 +124,8 @@ class Gateway:
         self._version_gauge = metrics.POLICY_VERSION.labels(loaded.version)
         self._version_gauge.set(1)
         logger.info("policy %s (version %s) applied", loaded.source, loaded.version)
+        if not same_store and self.cluster.available:
+            await self.cluster.store_changed()
 
     async def _retire(self, old: _Active, close_store: bool, after: float) -> None:
         try:
@@ -153,6 +157,7 @@ class Gateway:
         return None
 
     async def close(self) -> None:
+        await self.cluster.close()
         for task in (self._sampler, self._watcher):
             if task is not None:
                 task.cancel()
@@ -232,6 +237,7 @@ class Gateway:
                 self._sampler = loop.create_task(self._sample_store())
                 if self._watch is not None:
                     self._watcher = loop.create_task(self._watch_file(self._watch))
+                await self.cluster.start()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 await self.close()

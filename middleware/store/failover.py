@@ -53,6 +53,7 @@ from .base import (
     StoreError,
     Subscription,
 )
+from .budget import CommandBudget
 from .memory import MemoryStore
 from .metering import StoreMeter
 
@@ -94,6 +95,7 @@ class FailoverStore(Store):
         min_instances: int = 1,
         key_prefix: str = "edgeway:",
         instance_id: str | None = None,
+        budget: CommandBudget | None = None,
     ) -> None:
         chain = [primary, *fallbacks]
         self._members = [_Member(store, shared=not isinstance(store, MemoryStore)) for store in chain]
@@ -112,6 +114,8 @@ class FailoverStore(Store):
         self._tasks: set[asyncio.Task[None]] = set()
         self._heartbeat: asyncio.Task[None] | None = None
         self._mode = primary.kind
+        self.budget = budget
+        """``store.budget`` of the primary, when set."""
         STORE_MODE.labels(self._mode).set(1)
 
     # -- what readyz and metrics show ------------------------------------------
@@ -140,7 +144,7 @@ class FailoverStore(Store):
         self._start_heartbeat()
         shared: list[int] = []  # which commands are shared state: worked out only once the primary is passed
         for position, member in enumerate(self._members):
-            if not member.healthy:
+            if not member.healthy or (position == 0 and self.budget is not None and self.budget.diverting):
                 continue
             if not member.shared:  # memory, the last resort: per instance, limits divided by live instances
                 self._set_mode(member.store.kind)
@@ -150,7 +154,9 @@ class FailoverStore(Store):
                 if not shared:  # only caches: memory, without bothering the fallback
                     return await self._cache.run(commands, timeout)
             try:
-                if position == 0 or len(shared) == len(commands):
+                if position == 0:
+                    results = await self._primary(member, commands, timeout)
+                elif len(shared) == len(commands):
                     results = await member.meter.run(commands, timeout)
                 else:
                     results = await self._split(member.meter, commands, shared, timeout)
@@ -160,6 +166,21 @@ class FailoverStore(Store):
             self._succeeded(member)
             return results
         raise StoreError("no store left: every store in the chain failed (store.fallback: [] allows none)")
+
+    async def _primary(self, member: _Member, commands: Sequence[Command], timeout: float | None) -> list[object]:
+        """A batch to the primary, with the budget's increment folded in when one is due."""
+        budget = self.budget
+        incr = budget.charge(len(commands)) if budget is not None else None
+        if incr is None:
+            return await member.meter.run(commands, timeout)
+        assert budget is not None
+        try:
+            results = await member.meter.run([*commands, incr], timeout)
+        except StoreError:
+            budget.refund(incr)
+            raise
+        budget.record(incr, results.pop())
+        return results
 
     async def _split(self, remote: StoreMeter, commands: Sequence[Command], shared: list[int],
                      timeout: float | None) -> list[object]:
@@ -277,10 +298,12 @@ class FailoverStore(Store):
     async def _heartbeat_loop(self) -> None:
         beat = Heartbeat(self._heartbeat_key, self.instance_id, HEARTBEAT_TTL_MS)
         while True:
+            diverting = self.budget is not None and self.budget.diverting
             for member in self._members:
-                if member.healthy and member.shared:
+                if member.healthy and member.shared and not (diverting and member is self._members[0]):
                     try:
-                        (live,) = await member.meter.run([beat], 1.0)
+                        (live,) = await (self._primary(member, [beat], 1.0) if member is self._members[0]
+                                         else member.meter.run([beat], 1.0))
                     except StoreError as error:
                         self._failed(member, error)
                         continue
