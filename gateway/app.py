@@ -43,7 +43,7 @@ from .stores import build_store
 logger = logging.getLogger("edgeway")
 
 ADMIN_PREFIX = "/_edgeway/"
-MEMORY_SAMPLE_EVERY = 15.0
+MEMORY_SAMPLE_EVERY = 60.0
 _REQUEST_ID = b"x-request-id"
 
 
