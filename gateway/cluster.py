@@ -112,11 +112,13 @@ class Cluster:
         return {"op": "here", "req": request, "id": self.gateway.instance_id, "version": self.gateway.loaded.version,
                 "pid": os.getpid(), "reloaded": reloaded, "problems": problems.splitlines() if problems else []}
 
-    async def _publish(self, message: dict[str, Any]) -> None:
+    async def _publish(self, message: dict[str, Any]) -> bool:
         try:
             await self.gateway.store.execute([Publish(self._channel, json.dumps(message, separators=(",", ":")))])
         except StoreError as error:
             logger.warning("control channel: could not publish %s: %s", message.get("op"), error)
+            return False
+        return True
 
     # -- asking ---------------------------------------------------------------------------------------
 
@@ -128,7 +130,8 @@ class Cluster:
         answers: list[dict[str, Any]] = []
         self._waiting[request] = answers
         try:
-            await self._publish({"op": op, "from": self.gateway.instance_id, "req": request})
+            if not await self._publish({"op": op, "from": self.gateway.instance_id, "req": request}):
+                return []
             store = self.gateway.store
             expected = (store.live_instances - 1) if isinstance(store, FailoverStore) else 0
             deadline = time.monotonic() + wait

@@ -124,6 +124,8 @@ def test_status_shows_policy_store_upstreams_and_routes(admin: Served) -> None:
     (route,) = payload["routes"]
     assert route["name"] == "0:/api/*" and route["upstream"] == "echo"
     assert route["limits"][0]["key"] == ["ip"]
+    (me,) = payload["instances"]  # a memory store is never shared: this instance alone
+    assert (me["id"], me["version"]) == (payload["instance"]["id"], admin.app.loaded.version)
     assert TOKEN not in str(payload)
 
 
@@ -136,6 +138,10 @@ def test_reload_applies_a_valid_file_and_refuses_an_invalid_one(admin: Served, p
     jsonschema.validate(response.json(), schema_of("POST", "reload"))
     assert response.json()["previous"] == before and response.json()["version"] != before
     applied = admin.app.loaded.version
+    everywhere = httpx.post(f"{admin.url}/_edgeway/reload?all=1", headers=AUTH)
+    jsonschema.validate(everywhere.json(), schema_of("POST", "reload"))
+    assert everywhere.json()["broadcast"] is True
+    assert [i["version"] for i in everywhere.json()["instances"]] == [applied]
 
     policy_file.write_text(policy(echo.port, rate="6/fortnight"))  # type: ignore[attr-defined]
     refused = httpx.post(f"{admin.url}/_edgeway/reload", headers=AUTH)
