@@ -40,4 +40,7 @@ def run(workers: int, **options: Any) -> None:
     if workers > 1:
         Workers(config, sockets=[config.bind_socket()]).run()
     else:
-        uvicorn.Server(config).run()
+        server = uvicorn.Server(config)
+        server.run()
+        if not server.started:
+            raise SystemExit(3)  # uvicorn's startup-failure exit code: the app or the socket could not start
