@@ -103,7 +103,8 @@ class Gateway:
         if self.policy_path is None:
             return False
         try:
-            loaded = load_policy(self.policy_path)
+            # off the event loop: parsing and validating a large policy must never stall traffic
+            loaded = await asyncio.to_thread(load_policy, self.policy_path)
         except PolicyError as exc:
             logger.error("policy reload failed, keeping version %s:\n%s", self._active.loaded.version, exc)
             return False
