@@ -101,8 +101,8 @@ class _PolicyComposer(yaml.SafeLoader):
             raise _Refused(None, None, "anchors (&name) are not allowed in a policy: write the value out",
                            event.start_mark)
         if getattr(event, "tag", None) not in (None, "!"):
-            raise _Refused(None, None, f"YAML tags ({str(event.tag).replace('tag:yaml.org,2002:', '!!')}) are not allowed: policies are plain YAML",
-                           event.start_mark)
+            tag = str(event.tag).replace("tag:yaml.org,2002:", "!!")
+            raise _Refused(None, None, f"YAML tags ({tag}) are not allowed: policies are plain YAML", event.start_mark)
         self.depth += 1
         if self.depth > MAX_DEPTH:
             raise _Refused(None, None, f"nesting deeper than {MAX_DEPTH} levels is not allowed in a policy",
