@@ -92,23 +92,21 @@ class _PolicyComposer(yaml.SafeLoader):
         super().__init__(text)
         self.depth = 0
 
-    def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node | None:
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
         event = self.peek_event()
+        mark: Any = event.start_mark
         if isinstance(event, yaml.AliasEvent):
-            raise _Refused(None, None, "aliases (*name) are not allowed in a policy: write the value out",
-                           event.start_mark)
+            raise _Refused(None, None, "aliases (*name) are not allowed in a policy: write the value out", mark)
         if getattr(event, "anchor", None) is not None:
-            raise _Refused(None, None, "anchors (&name) are not allowed in a policy: write the value out",
-                           event.start_mark)
+            raise _Refused(None, None, "anchors (&name) are not allowed in a policy: write the value out", mark)
         if getattr(event, "tag", None) not in (None, "!"):
             tag = str(event.tag).replace("tag:yaml.org,2002:", "!!")
-            raise _Refused(None, None, f"YAML tags ({tag}) are not allowed: policies are plain YAML", event.start_mark)
+            raise _Refused(None, None, f"YAML tags ({tag}) are not allowed: policies are plain YAML", mark)
         self.depth += 1
         if self.depth > MAX_DEPTH:
-            raise _Refused(None, None, f"nesting deeper than {MAX_DEPTH} levels is not allowed in a policy",
-                           event.start_mark)
+            raise _Refused(None, None, f"nesting deeper than {MAX_DEPTH} levels is not allowed in a policy", mark)
         try:
-            node: yaml.Node | None = super().compose_node(parent, index)  # type: ignore[no-untyped-call]
+            node: yaml.Node | None = super().compose_node(parent, index)
             return node
         finally:
             self.depth -= 1
