@@ -93,7 +93,7 @@ class _PolicyComposer(yaml.SafeLoader):
         self.depth = 0
 
     def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
-        event = self.peek_event()
+        event = self.peek_event()  # type: ignore[no-untyped-call]
         mark: Any = event.start_mark
         if isinstance(event, yaml.AliasEvent):
             raise _Refused(None, None, "aliases (*name) are not allowed in a policy: write the value out", mark)
