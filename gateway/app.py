@@ -30,7 +30,7 @@ from .errors import PolicyError
 from .headers import request_problem
 from .loader import LoadedPolicy, load_policy
 from .proxy import UpstreamProxy
-from .routing import RouteTable
+from .routing import RouteTable, needs_normalizing, normalize_path
 from .stores import build_store
 
 logger = logging.getLogger("edgeway")
@@ -45,6 +45,7 @@ class _Active:
     proxies: tuple[UpstreamProxy, ...]
     store: Store
     trusted: TrustedProxies
+    reject_underscores: bool
 
 
 class Gateway:
@@ -65,9 +66,11 @@ class Gateway:
         policy = loaded.policy
         trusted = TrustedProxies(policy.trusted_proxies)
         store = store or build_store(policy.store, self._clock)
-        proxies = {name: UpstreamProxy(name, upstream, trusted) for name, upstream in policy.upstreams.items()}
+        proxies = {name: UpstreamProxy(name, upstream, trusted, policy.server)
+                   for name, upstream in policy.upstreams.items()}
         routes = RouteTable(policy, store, trusted, lambda route: proxies[route.upstream])
-        return _Active(loaded, routes, tuple(proxies.values()), store, trusted)
+        return _Active(loaded, routes, tuple(proxies.values()), store, trusted,
+                       policy.server.headers_with_underscores == "reject")
 
     @property
     def loaded(self) -> LoadedPolicy:
@@ -132,11 +135,15 @@ class Gateway:
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         active = self._active
-        problem = request_problem(scope)
+        problem = request_problem(scope, reject_underscores=active.reject_underscores)
         if problem is not None:
             await bad_request(problem)(scope, receive, send)
             return
         path: str = scope["path"]
+        odd = needs_normalizing(path, scope.get("raw_path"))
+        if odd:
+            path, scope["raw_path"] = normalize_path(path, scope.get("raw_path"))
+            scope["path"] = path
         if path.startswith(ADMIN_PREFIX):
             await self.admin(scope, receive, send)
             return
@@ -148,6 +155,15 @@ class Gateway:
             else:
                 await ErrorResponse(404, "no_route", f"no route matches {path}")(scope, receive, send)
             return
+        if odd:
+            if ";" in path and not found.allow_semicolons:
+                await bad_request("';' path parameters are not allowed on this route (match.allow_semicolons)")(
+                    scope, receive, send)
+                return
+            if "\\" in path and not found.allow_backslashes:
+                await bad_request("'\\' is not allowed in paths on this route (match.allow_backslashes)")(
+                    scope, receive, send)
+                return
         scope[SCOPE_KEY] = RequestContext(scope, active.trusted, found.name)
         await found.app(scope, receive, send)
 

@@ -500,7 +500,7 @@ routes:
     upstream: dead
   - match: {{ path: /timeout/* }}
     upstream: slow
-  - match: {{ path: /raw/* }}
+  - match: {{ path: /raw/*, allow_semicolons: true }}
     upstream: raw
   - match: {{ path: /api/* }}
     upstream: echo
