@@ -25,7 +25,7 @@ from edgeway.middleware.responses import ErrorResponse, Receive, Send, bad_reque
 from edgeway.middleware.store import Clock, Store
 
 from .admin import AdminEndpoints
-from .config import Policy
+from .config import Policy, ServerConfig
 from .errors import PolicyError
 from .headers import request_problem
 from .loader import LoadedPolicy, load_policy
@@ -75,6 +75,11 @@ class Gateway:
     @property
     def loaded(self) -> LoadedPolicy:
         return self._active.loaded
+
+    @property
+    def server_settings(self) -> ServerConfig:
+        """The running policy's ``server:`` block; :mod:`edgeway.gateway.server` reads it per connection."""
+        return self._active.loaded.policy.server
 
     @property
     def store(self) -> Store:
