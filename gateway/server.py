@@ -270,6 +270,11 @@ class EdgeH11Protocol(_EdgeLimits, H11Protocol):
             if len(event.headers) > self.settings.max_headers:
                 self._status, self._message = 431, f"more than {self.settings.max_headers} header fields"
                 raise h11.RemoteProtocolError(self._message)
+            # h11 bounds only a head that is still incomplete: one that arrived whole in a read is measured here
+            size = len(event.target) + sum(len(name) + len(value) + 4 for name, value in event.headers)
+            if size > self.settings.max_header_bytes:
+                self._status = 431
+                raise h11.RemoteProtocolError("request head too large")
             if event.http_version not in (b"1.0", b"1.1"):
                 self._status = 505
                 self._message = f"HTTP/{event.http_version.decode()} is not supported: use HTTP/1.1"
