@@ -21,6 +21,7 @@ from pathlib import Path
 
 from edgeway.middleware.clientip import TrustedProxies
 from edgeway.middleware.context import SCOPE_KEY, RequestContext, Scope
+from edgeway.middleware.pipeline import Throttled
 from edgeway.middleware.responses import ErrorResponse, Receive, Send, bad_request
 from edgeway.middleware.store import Clock, Store
 
@@ -58,6 +59,7 @@ class Gateway:
         self.policy_path = policy_path
         self._active = self._compile(loaded, store)
         self._retiring: set[asyncio.Task[None]] = set()
+        self._errors = Throttled()
         self.admin = AdminEndpoints(self)
 
     # -- building -------------------------------------------------------------
@@ -132,7 +134,10 @@ class Gateway:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "http":
-            await self._http(scope, receive, send)
+            try:
+                await self._http(scope, receive, send)
+            except Exception as exc:  # a bug or an unforeseen input must not print a traceback per request
+                await self._failed(exc, scope, receive, send)
         elif kind == "lifespan":
             await self._lifespan(receive, send)
         else:  # websocket: not proxied (yet); refuse the handshake
@@ -171,6 +176,19 @@ class Gateway:
                 return
         scope[SCOPE_KEY] = RequestContext(scope, active.trusted, found.name)
         await found.app(scope, receive, send)
+
+    async def _failed(self, exc: Exception, scope: Scope, receive: Receive, send: Send) -> None:
+        self._errors.warning("request %s %s failed: %s: %s (traceback at debug level)", scope.get("method"),
+                             scope.get("path"), type(exc).__name__, exc)
+        logger.debug("request failed", exc_info=exc)
+        response = ErrorResponse(500, "internal_error", "the gateway could not handle this request",
+                                 headers=[(b"connection", b"close")])
+        try:
+            await response(scope, receive, send)
+        except RuntimeError:
+            # the response had already started: returning without completing it makes the server close the
+            # connection, so the client sees a truncated response, never a complete-looking wrong one
+            return
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
