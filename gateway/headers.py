@@ -16,6 +16,8 @@ from collections.abc import Iterable, Sequence
 
 from edgeway.middleware.context import RequestContext, Scope
 
+from .rawheaders import RAW_MARK
+
 HOP_BY_HOP = frozenset(
     {
         "connection",
@@ -46,15 +48,6 @@ _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|(?:[A-Za-z0-9\-._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})*)(?::[0-9]*)?")
 # RFC 9110 token characters: a Forwarded parameter value that is not a token must be a quoted-string
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-
-
-def _text(value: bytes) -> str:
-    """A request field value for aiohttp, which encodes values as UTF-8: valid UTF-8 goes on byte-exact
-    (Latin-1 decoding would double-encode it); other bytes can only go as Latin-1 (re-encoded)."""
-    try:
-        return value.decode("utf-8")
-    except UnicodeDecodeError:
-        return value.decode("latin-1")
 
 
 def connection_named(values: Iterable[str]) -> set[str]:
@@ -97,6 +90,7 @@ def upstream_request_headers(ctx: RequestContext, *, drop_underscores: bool = Tr
     prior_forwarded: list[str] = []
     has_proto = has_host = False
     dropped = 0
+    latin: list[int] | None = None  # positions in ``out`` of values that are not valid UTF-8
     for name, value in ctx.scope["headers"]:
         if drop_underscores and b"_" in name:
             dropped += 1
@@ -116,7 +110,17 @@ def upstream_request_headers(ctx: RequestContext, *, drop_underscores: bool = Tr
         if trusted:
             has_proto = has_proto or name == b"x-forwarded-proto"
             has_host = has_host or name == b"x-forwarded-host"
-        out.append((name.decode("latin-1"), _text(value)))
+        try:
+            text = value.decode("utf-8")  # aiohttp writes values as UTF-8: valid UTF-8 goes on byte-exact
+        except UnicodeDecodeError:
+            text = value.decode("latin-1")
+            latin = latin or []
+            latin.append(len(out))
+        out.append((name.decode("latin-1"), text))
+    if latin is not None:
+        # non-UTF-8 bytes: every value as Latin-1 text, which rawheaders writes back byte for byte
+        out = [(n, v if i in latin else v.encode("utf-8").decode("latin-1")) for i, (n, v) in enumerate(out)]
+        out.append((RAW_MARK, "1"))
     if connection:
         named = connection_named(value.decode("latin-1") for value in connection)
         out = [pair for pair in out if pair[0] not in named]

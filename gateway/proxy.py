@@ -43,6 +43,7 @@ from edgeway.middleware.responses import ErrorResponse, Receive, Send
 
 from .config import ServerConfig, Upstream
 from .headers import downstream_response_headers, request_body_length, upstream_request_headers
+from .rawheaders import ByteExactRequest, install
 
 logger = logging.getLogger("edgeway.proxy")
 
@@ -158,6 +159,7 @@ class UpstreamProxy:
         self._timeouts = UPSTREAM_ERRORS.labels(name, "upstream_timeout")
 
     def _open(self) -> aiohttp.ClientSession:
+        install()
         connector = aiohttp.TCPConnector(limit=self.upstream.max_connections, ttl_dns_cache=60,
                                          enable_cleanup_closed=False)
         self._session = aiohttp.ClientSession(
@@ -166,6 +168,7 @@ class UpstreamProxy:
             auto_decompress=False,
             skip_auto_headers=_SKIP_AUTO,
             timeout=self._timeout,
+            request_class=ByteExactRequest,
         )
         return self._session
 

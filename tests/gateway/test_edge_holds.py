@@ -390,6 +390,30 @@ def test_request_pipelined_after_an_upgrade_request_is_answered(edge: Served, ec
     assert all("upgrade" not in dict(r["headers"]) for r in echo.find(token))
 
 
+# --------------------------------------------------------------------------- 9. header bytes
+
+
+def test_header_values_that_are_not_utf8_reach_the_upstream_byte_exact(edge: Served,
+                                                                        raw_upstream: RawUpstream) -> None:
+    token = marker()
+    response = raw_http(edge.port, f"GET /raw/record/{token} HTTP/1.1\r\nHost: x\r\n".encode()
+                        + b"X-Bytes: caf\xe9\xff\r\nX-Utf8: caf\xc3\xa9\r\nConnection: close\r\n\r\n")
+    assert response.status == 200, response.raw
+    [seen] = raw_upstream.find(token)
+    assert b"\r\nx-bytes: caf\xe9\xff\r\n" in seen.head
+    assert b"\r\nx-utf8: caf\xc3\xa9\r\n" in seen.head
+    assert b"x-edgeway" not in seen.head.lower()
+
+
+def test_client_cannot_set_the_raw_bytes_mark(edge: Served, raw_upstream: RawUpstream) -> None:
+    token = marker()
+    response = raw_http(edge.port, get(edge.port, f"/raw/record/{token}",
+                                       "X-Edgeway-Raw-Header-Bytes: 1\r\nX-Utf8: caf\u00e9\r\n"))
+    assert response.status == 200
+    [seen] = raw_upstream.find(token)
+    assert b"x-edgeway" not in seen.head.lower()
+
+
 # --------------------------------------------------------------------------- 10. paths
 
 
