@@ -187,11 +187,12 @@ class UpstreamProxy:
             target += "?" + scope["query_string"].decode("latin-1")
         watch = _Watch(receive)
         length = request_body_length(scope)
-        state = _Body()
+        state: _Body | None = None
         body: Any = None
         if length == 0:
             watch.arm()
         else:
+            state = _Body()
             try:
                 if length is not None and length > self._max_body:
                     raise _too_large(self._max_body)
@@ -245,7 +246,7 @@ class UpstreamProxy:
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             if watch.gone:
                 return
-            if state.refused is not None:  # the body stream failed inside aiohttp's writer
+            if state is not None and state.refused is not None:  # the body stream failed in aiohttp's writer
                 if not started:
                     await state.refused.response(scope, receive, send)
                 return

@@ -201,6 +201,9 @@ class EdgeHttpToolsProtocol(_EdgeLimits, HttpToolsProtocol):
             self._head_bytes += len(data)
             if self._head_bytes > self.settings.max_header_bytes:
                 self._refuse(431, f"the request head is over {self.settings.max_header_bytes} bytes")
+            else:
+                # armed only for a head left incomplete: a request arriving whole costs no timer
+                self._arm_head_timer()
 
     def _stop(self, status: int, message: str) -> None:
         self._refusal = _Refusal(status, message)
@@ -210,7 +213,6 @@ class EdgeHttpToolsProtocol(_EdgeLimits, HttpToolsProtocol):
         super().on_message_begin()
         self._in_head = True
         self._head_bytes = self._head_size = self._fields = 0
-        self._arm_head_timer()
 
     def on_url(self, url: bytes) -> None:
         self._head_size += len(url)

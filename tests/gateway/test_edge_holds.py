@@ -208,6 +208,19 @@ def test_slowloris_one_header_byte_at_a_time_is_cut_off(edge: Served) -> None:
     assert parse_response(data).status in (0, 408)
 
 
+def test_second_request_head_left_incomplete_is_cut_off(edge: Served) -> None:
+    """On a keep-alive connection the head timer runs for every request, not only the first."""
+    with socket.create_connection((HOST, edge.port), timeout=5) as sock:
+        sock.sendall(b"GET /api/echo/first HTTP/1.1\r\nHost: x\r\n\r\n")
+        first = b""
+        while b"}" not in first:  # the echo body is JSON
+            first += sock.recv(65536)
+        sock.sendall(b"GET /api/echo/second HTTP/1.1\r\nHost: x\r\nX-Half: ")
+        rest = read_until_closed(sock)
+    assert parse_response(first).status == 200
+    assert_json_error(parse_response(rest), 408, "request_timeout")
+
+
 def test_idle_keepalive_connection_is_closed(edge: Served) -> None:
     with socket.create_connection((HOST, edge.port), timeout=5) as sock:
         sock.sendall(b"GET /api/echo/keepalive HTTP/1.1\r\nHost: x\r\n\r\n")
