@@ -195,3 +195,20 @@ async def test_reload_of_an_alias_bomb_keeps_serving_and_runs_off_the_loop(
     assert await reload is True
     assert gateway.loaded.policy.routes[0].match.path == "/v2/*"
     await gateway.close()
+
+
+async def test_admin_reload_of_an_alias_bomb_is_a_422_and_health_keeps_answering(tmp_path: Path) -> None:
+    import httpx
+
+    path = tmp_path / "policy.yaml"
+    path.write_text(BASE + 'admin: { token: "t0ken" }\n')
+    gateway = create_app(path)
+    path.write_text(alias_bomb() + 'admin: { token: "t0ken" }\n')
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=gateway), base_url="http://gw") as client:
+        reload = asyncio.ensure_future(client.post("/_edgeway/reload", headers={"Authorization": "Bearer t0ken"}))
+        health = await client.get("/_edgeway/healthz")
+        response = await reload
+    assert health.status_code == 200
+    assert response.status_code == 422
+    assert response.json()["reloaded"] is False
+    await gateway.close()
