@@ -177,10 +177,8 @@ class EdgeHttpToolsProtocol(_EdgeLimits, HttpToolsProtocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError:
-            refusal = self._refusal
+            refusal = self._refusal or _Refusal(400, "invalid HTTP request")
             self._refusal = None
-            if refusal is None:
-                raise
             self._refuse(refusal.status, refusal.message)
             return
         except httptools.HttpParserError as exc:
