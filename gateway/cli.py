@@ -102,6 +102,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _run_uvicorn(uvicorn: Any, args: argparse.Namespace) -> None:
+    from .server import uvicorn_options
     from .workers import run
 
     os.environ["EDGEWAY_WATCH"] = "1" if args.watch else ""
@@ -109,12 +110,9 @@ def _run_uvicorn(uvicorn: Any, args: argparse.Namespace) -> None:
         args.workers,
         host=args.host,
         port=args.port,
-        lifespan="on",
-        proxy_headers=False,  # Edgeway's trusted_proxies decides who may set forwarding headers
-        server_header=False,
-        date_header=False,  # the upstream's Date passes through; no second one
         access_log=False,  # Edgeway writes its own access log (--access-log), with the policies' outcomes
         log_level=args.log_level,
+        **uvicorn_options(args.http),
     )
 
 
@@ -146,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="one log line per request on stdout (default on)")
     serve.add_argument("--log-format", choices=["json", "text"], default=None,
                        help="log lines as JSON (default) or readable text (default on a terminal)")
+    serve.add_argument("--http", default="httptools", choices=["httptools", "h11"],
+                       help="HTTP/1.1 parser (default: httptools; h11 is pure Python); the policy's server: block "
+                            "sets timeouts and limits")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.set_defaults(run=_serve)
 

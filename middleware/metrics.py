@@ -59,6 +59,12 @@ UPSTREAM_ERRORS = Counter(
     ["upstream", "error"],  # bad_gateway | upstream_timeout
 )
 
+DROPPED_HEADERS = Counter(
+    "edgeway_dropped_headers_total",
+    "Request header fields the gateway dropped instead of forwarding, by reason.",
+    ["reason"],  # underscore: a name with '_' (headers_with_underscores: drop)
+)
+
 # -- rate limits ------------------------------------------------------------------------------------
 
 RATELIMIT_DECISIONS = Counter(
@@ -216,7 +222,7 @@ POLICY_VERSION = Gauge(
 )
 
 FAMILIES = (
-    REQUESTS, REQUEST_SECONDS, UPSTREAM_SECONDS, UPSTREAM_ERRORS,
+    REQUESTS, REQUEST_SECONDS, UPSTREAM_SECONDS, UPSTREAM_ERRORS, DROPPED_HEADERS,
     RATELIMIT_DECISIONS, RATELIMIT_KEY_FALLBACKS, STORE_FAILURES,
     CACHE_REQUESTS, CACHE_STORED_BYTES, CACHE_STORES,
     BREAKER_STATE, BREAKER_TRANSITIONS, BREAKER_SHORT_CIRCUITED,
