@@ -17,6 +17,7 @@ import asyncio
 import hashlib
 import logging
 import os
+import re
 import signal
 import time
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ logger = logging.getLogger("edgeway")
 ADMIN_PREFIX = "/_edgeway/"
 MEMORY_SAMPLE_EVERY = 60.0
 _REQUEST_ID = b"x-request-id"
+_VALID_ID = re.compile(rb"[\x21-\x7e]{1,128}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +170,7 @@ class Gateway:
         return None
 
     async def close(self) -> None:
+        self._version_gauge.set(0)
         await self.cluster.close()
         for task in (self._sampler, self._watcher):
             if task is not None:
@@ -340,18 +343,25 @@ class Gateway:
 
 
 def _request_id(scope: Scope) -> str:
-    """The client's ``X-Request-Id``, or a new one added to the request so the upstream gets it too."""
-    for name, value in scope["headers"]:
-        if name == _REQUEST_ID and value:
-            client: str = value[:128].decode("latin-1")
-            return client
-    generated = os.urandom(12).hex()
+    """The client's ``X-Request-Id`` when it is 1-128 visible ASCII characters; otherwise a new one, put in the
+    request in its place so the upstream, the access log and the client's trace agree."""
     headers = scope["headers"]
+    found = -1
+    for position, (name, value) in enumerate(headers):
+        if name == _REQUEST_ID:
+            if _VALID_ID.fullmatch(value):
+                client: str = value.decode("ascii")
+                return client
+            found = position
+            break
+    generated = os.urandom(12).hex()
     pair = (_REQUEST_ID, generated.encode())
-    if isinstance(headers, list):
-        headers.append(pair)  # the server built this list for this request alone
+    if not isinstance(headers, list):
+        headers = scope["headers"] = list(headers)
+    if found >= 0:
+        headers[found] = pair
     else:
-        scope["headers"] = [*headers, pair]
+        headers.append(pair)  # the server built this list for this request alone
     return generated
 
 

@@ -102,6 +102,16 @@ def test_request_id_is_passed_through(logged: Logged, echo: EchoApp) -> None:
     assert [v for k, v in seen["headers"] if k == "x-request-id"] == ["req-from-client-1"]
 
 
+@pytest.mark.parametrize("sent", ["has spaces in it", "x" * 129])
+def test_an_unusable_request_id_is_replaced(logged: Logged, echo: EchoApp, sent: str) -> None:
+    token = marker()
+    httpx.get(f"{logged.url}/api/{token}", headers={"x-request-id": sent})
+    generated = logged.entry(f"/api/{token}")["request_id"]
+    assert len(generated) == 24
+    (seen,) = echo.find(token)
+    assert [v for k, v in seen["headers"] if k == "x-request-id"] == [generated]
+
+
 def test_request_id_is_generated_and_forwarded(logged: Logged, echo: EchoApp) -> None:
     token = marker()
     httpx.get(f"{logged.url}/api/{token}")
