@@ -20,7 +20,7 @@ from .clientip import IPNetwork, TrustedProxies
 from .context import RequestContext, Scope
 from .policy import Completed, Policy, Prepared
 from .responses import ErrorResponse, Message, Receive, Send
-from .store import Command, Store, StoreError
+from .store import Command, CommandError, Store, StoreError
 
 logger = logging.getLogger("edgeway")
 
@@ -111,8 +111,14 @@ class EdgewayMiddleware:
         offset = 0
         for policy, prep in zip(self.policies, prepared, strict=True):
             count = len(prep.commands)
-            answer = policy.decide(ctx, prep, results[offset : offset + count])
+            own = results[offset : offset + count]
             offset += count
+            refused = next((r for r in own if type(r) is CommandError), None)
+            if refused is not None:  # this request's error, not an outage: the policy's failure mode decides
+                self._store_failures.warning("store %s refused a command: %s", self.store.describe(), refused)
+                answer = policy.store_failed(ctx, prep, refused)
+            else:
+                answer = policy.decide(ctx, prep, own)
             if answer is not None:
                 return answer
         return None
@@ -158,11 +164,14 @@ class EdgewayMiddleware:
             if kind == "http.response.body" and not message.get("more_body", False):
                 state["done"] = True
 
-        await self.app(scope, receive, send_with_headers)
-        if state.get("done"):
-            start = state["start"]
-            body = b"".join(chunks) if limit and state["size"] <= limit else None
-            self._finish(ctx, prepared, Completed(start["status"], start.get("headers", ()), body))
+        try:
+            await self.app(scope, receive, send_with_headers)
+        finally:
+            # also when the client left or the app stopped early: work the upstream did is still charged
+            if "start" in state:
+                start, done = state["start"], bool(state.get("done"))
+                body = b"".join(chunks) if done and limit and state["size"] <= limit else None
+                self._finish(ctx, prepared, Completed(start["status"], start.get("headers", ()), body, done))
 
     def _finish(self, ctx: RequestContext, prepared: list[Prepared], response: Completed) -> None:
         writes: list[Command] = []
@@ -175,6 +184,10 @@ class EdgewayMiddleware:
 
     async def _write(self, writes: list[Command]) -> None:
         try:
-            await self.store.execute(writes)
+            results = await self.store.execute(writes)
         except StoreError as error:
             self._store_failures.warning("deferred store write to %s failed: %s", self.store.describe(), error)
+            return
+        refused = next((r for r in results if type(r) is CommandError), None)
+        if refused is not None:
+            self._store_failures.warning("store %s refused a deferred write: %s", self.store.describe(), refused)

@@ -10,10 +10,14 @@ A policy never calls the store itself. For each request it:
 2. ``decide(ctx, results)``: gets the results of its own commands, in order,
    and either answers the request itself (429, cached hit, 401, 503) or lets
    it through, adding response headers to ``ctx.response_headers``.
-   ``store_failed(ctx, error)`` replaces ``decide`` when the batch failed.
-3. ``finish(ctx, prepared, response)``: once the response is complete,
-   returns writes that can wait (cache fill, breaker result, post-response
-   cost); they go out together, off the request's critical path. A policy
+   ``store_failed(ctx, error)`` replaces ``decide`` when the batch failed
+   (``StoreError``) or when one of the policy's own commands was refused
+   (``CommandError``: that request's error, see :mod:`.store.base`).
+3. ``finish(ctx, prepared, response)``: once the response has ended — sent
+   in full, or abandoned (the client left, the app stopped early:
+   ``response.complete`` is False and ``body`` None) — returns writes that can
+   wait (cache fill, breaker result, post-response cost); they go out
+   together, off the request's critical path. A policy
    that needs the response body sets ``response_body_limit`` (bytes); the
    pipeline then keeps a copy of bodies up to the largest such limit while
    streaming them on, never delaying them.
@@ -29,7 +33,7 @@ from typing import Protocol
 
 from .context import RequestContext
 from .responses import ErrorResponse
-from .store import Command, StoreError
+from .store import Command, CommandError, StoreError
 
 Headers = Sequence[tuple[bytes, bytes]]
 
@@ -45,14 +49,16 @@ class Prepared:
 
 
 class Completed:
-    """The response as the policies see it in ``finish``: body is None unless asked for, or when too large."""
+    """The response as the policies see it in ``finish``: body is None unless asked for, when too large, or
+    when the response did not complete (``complete`` False: the client left or the app stopped early)."""
 
-    __slots__ = ("body", "headers", "status")
+    __slots__ = ("body", "complete", "headers", "status")
 
-    def __init__(self, status: int, headers: Headers, body: bytes | None) -> None:
+    def __init__(self, status: int, headers: Headers, body: bytes | None, complete: bool = True) -> None:
         self.status = status
         self.headers = headers
         self.body = body
+        self.complete = complete
 
     def header(self, name: bytes) -> bytes | None:
         """First value of a response header (``name`` in lower case)."""
@@ -79,8 +85,9 @@ class Policy(Protocol):
         """Answer the request (returned response) or let it through (None)."""
         ...
 
-    def store_failed(self, ctx: RequestContext, prepared: Prepared, error: StoreError) -> ErrorResponse | None:
-        """Like ``decide`` when the store could not be reached: the policy's failure mode."""
+    def store_failed(self, ctx: RequestContext, prepared: Prepared,
+                     error: StoreError | CommandError) -> ErrorResponse | None:
+        """Like ``decide`` when the store could not be reached or refused this policy's command: its failure mode."""
         ...
 
     def finish(self, ctx: RequestContext, prepared: Prepared, response: Completed) -> Sequence[Command]:
