@@ -25,6 +25,7 @@ from .base import (
     Algorithm,
     Clock,
     Command,
+    CommandError,
     Delete,
     Get,
     Heartbeat,
@@ -144,7 +145,11 @@ class MemoryStore(Store):
 
     # -- rate limits: phase 1 reads and decides, phase 2 charges (all or none) --
 
-    def _rate_limit(self, command: RateLimit, now: float) -> RateLimitResult:
+    def _rate_limit(self, command: RateLimit, now: float) -> RateLimitResult | CommandError:
+        for check in command.checks:  # all checked before any is charged, as the script and the SQL do
+            if check.quota < 1 or check.window_ms < 1 or check.cost < 0 or check.burst < 0:
+                return CommandError(f"bad limit {check.key}: quota and window_ms must be positive, cost and "
+                                    "burst not negative")
         plans = [self._plan(check, now) for check in command.checks]
         allowed = all(plan.allowed for plan, check in zip(plans, command.checks, strict=True) if check.enforced)
         states = []
