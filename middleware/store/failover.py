@@ -104,6 +104,7 @@ class FailoverStore(Store):
         min_instances: int = 1,
         key_prefix: str = "edgeway:",
         instance_id: str | None = None,
+        heartbeat_every: float = HEARTBEAT_EVERY,
     ) -> None:
         chain = [primary, *fallbacks]
         self._members = [_Member(store, shared=not isinstance(store, MemoryStore)) for store in chain]
@@ -117,6 +118,7 @@ class FailoverStore(Store):
         self._min_instances = max(1, min_instances)
         self._live = self._min_instances
         self._heartbeat_key = f"{key_prefix}instances"
+        self._heartbeat_every = heartbeat_every
         self.instance_id = instance_id or uuid.uuid4().hex[:12]
         self._tasks: set[asyncio.Task[None]] = set()
         self._heartbeat: asyncio.Task[None] | None = None
@@ -308,7 +310,7 @@ class FailoverStore(Store):
                     self._succeeded(member, WRITE)
                     self._live = int(live)  # type: ignore[call-overload]
                     break
-            await asyncio.sleep(HEARTBEAT_EVERY)
+            await asyncio.sleep(self._heartbeat_every)
 
 
 def _share(check: LimitCheck, live: int) -> LimitCheck:
