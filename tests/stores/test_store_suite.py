@@ -613,3 +613,22 @@ async def test_wrongtype_is_the_commands_error_and_charges_nothing(backend: Back
     assert isinstance(results[0], CommandError) and "WRONGTYPE" in str(results[0])
     assert results[1] is None  # the rest of the batch keeps its results
     assert (await hit(store, fixed)).states[0].remaining == 4
+
+
+async def test_sliding_window_guarantee_as_documented(store: Store, clock: FakeClock, key: str) -> None:
+    """At most the quota per aligned window; up to about 2x (never more) in an unaligned window-long span."""
+    check = limit(key, SLIDING, 10, 1_000)
+    clock.advance(999)
+    burst = [(await hit(store, check)).allowed for _ in range(10)]
+    assert burst == [True] * 10  # all at 999 ms, the end of window 0
+    admitted = [clock.ms] * 10
+    for _ in range(100):  # then one attempt every 10 ms as the previous window's weight fades
+        clock.advance(10)
+        if (await hit(store, check)).allowed:
+            admitted.append(clock.ms)
+    spans = [sum(1 for t in admitted if start <= t < start + 1_000) for start in admitted]
+    assert max(spans) == 19  # the known worst case of the weighted estimate: under 2x, well over 1x
+    per_window: dict[int, int] = {}
+    for t in admitted:
+        per_window[t // 1_000] = per_window.get(t // 1_000, 0) + 1
+    assert max(per_window.values()) <= 10
