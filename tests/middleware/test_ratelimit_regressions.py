@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -81,10 +82,8 @@ async def call(app: Any, *, leave_after_first_chunk: bool = False) -> Response:
             if leave_after_first_chunk and chunks > 1:
                 raise OSError("client disconnected")
 
-    try:
+    with contextlib.suppress(OSError):
         await app(scope(), receive, send)
-    except OSError:
-        pass
     for _ in range(20):  # let the deferred debit run
         await asyncio.sleep(0)
     await asyncio.sleep(0.01)

@@ -6,7 +6,6 @@ import asyncio
 from collections.abc import Callable, Sequence
 
 import pytest
-
 from prometheus_client import REGISTRY
 
 from edgeway.middleware.store import (
