@@ -145,11 +145,11 @@ class RedisProtocolStore(Store):
         except StoreTimeout:
             self._transport.recycle()  # the connection may be half-open: never wait on it again
             raise
-        unavailable = [r for r in replies if type(r) is ReplyError and _code(r) in UNAVAILABLE]
-        if unavailable:
-            if _code(unavailable[0]) in RECONNECT:
-                self._transport.recycle()
-            raise StoreError(f"Redis cannot serve this now: {unavailable[0]}")
+        for reply in replies:
+            if type(reply) is ReplyError and (code := _code(reply)) in UNAVAILABLE:
+                if code in RECONNECT:
+                    self._transport.recycle()
+                raise StoreError(f"Redis cannot serve this now: {reply}")
         return replies
 
     def _timeout_or(self, default: float) -> float:
