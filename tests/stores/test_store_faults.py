@@ -297,3 +297,20 @@ async def test_an_instance_that_served_nothing_still_counts_in_degraded_limits()
         finally:
             for instance in instances:
                 await instance.close()
+
+
+async def test_readonly_drops_the_connection_so_the_next_call_reconnects(replica: RedisServer) -> None:
+    """After a failover the same address may lead to the new primary: a READONLY answer is never asked again."""
+    store = RedisStore(replica.url, timeout=TIMEOUT)
+    client = aioredis.Redis.from_url(replica.url)
+    try:
+        await store.ping()
+        before = (await client.info("stats"))["total_connections_received"]
+        for _ in range(2):
+            with pytest.raises(StoreError, match="READONLY"):
+                await store.execute([LIMIT])
+        after = (await client.info("stats"))["total_connections_received"]
+        assert after - before == 1  # the second call came on a new connection
+    finally:
+        await client.aclose()
+        await store.close()
