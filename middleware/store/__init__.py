@@ -12,9 +12,12 @@ from .base import (
     CommandError,
     Delete,
     Get,
+    Handler,
     Heartbeat,
+    Incr,
     LimitCheck,
     LimitState,
+    Publish,
     RateLimit,
     RateLimitResult,
     Set,
@@ -22,6 +25,7 @@ from .base import (
     StoreConfigurationError,
     StoreError,
     StoreTimeout,
+    Subscription,
 )
 
 __all__ = [
@@ -31,9 +35,12 @@ __all__ = [
     "CommandError",
     "Delete",
     "Get",
+    "Handler",
     "Heartbeat",
+    "Incr",
     "LimitCheck",
     "LimitState",
+    "Publish",
     "RateLimit",
     "RateLimitResult",
     "Set",
@@ -41,6 +48,7 @@ __all__ = [
     "StoreConfigurationError",
     "StoreError",
     "StoreTimeout",
+    "Subscription",
     "open_store",
 ]
 
