@@ -165,7 +165,11 @@ class EdgewayMiddleware:
             count = len(prep.commands)
             own = results[offset : offset + count] if count else ()
             offset += count
-            refused = next((r for r in own if type(r) is CommandError), None)
+            refused = None
+            for result in own:
+                if type(result) is CommandError:
+                    refused = result
+                    break
             if refused is not None:  # this request's error, not an outage: the policy's failure mode decides
                 self._store_failures.warning("store %s refused a command: %s", self.store.describe(), refused)
                 answer = await _settled(policy.store_failed(ctx, prep, refused))
