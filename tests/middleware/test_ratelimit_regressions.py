@@ -18,7 +18,7 @@ import pytest
 
 from edgeway.middleware.pipeline import EdgewayMiddleware
 from edgeway.middleware.ratelimit import Limit, RateLimitMiddleware, RateLimitPolicy
-from edgeway.middleware.store import Command, RateLimit, Store
+from edgeway.middleware.store import Command, CommandError, RateLimit, Store
 from edgeway.middleware.store.failover import FailoverStore
 from edgeway.middleware.store.memory import MemoryStore
 from edgeway.middleware.store.postgres import PostgresStore
@@ -222,3 +222,23 @@ async def _receive() -> dict[str, Any]:
 
 async def _ignore(message: dict[str, Any]) -> None:
     return None
+
+
+class Refusing(Store):
+    """A working store that refuses every rate-limit command on its merits (as a script error would be)."""
+
+    kind = "refusing"
+
+    async def execute(self, commands: Sequence[Command], *, timeout: float | None = None) -> list[object]:
+        return [CommandError("ERR edgeway: bad limit") if isinstance(c, RateLimit) else None for c in commands]
+
+    async def ping(self) -> None:
+        return None
+
+
+@pytest.mark.parametrize(("on_store_failure", "status"), [("open", 200), ("closed", 503)])
+async def test_a_refused_command_is_that_requests_failure_mode(on_store_failure: str, status: int) -> None:
+    limit = Limit(rate="10/minute", on_store_failure=on_store_failure)  # type: ignore[arg-type]
+    app = RateLimitMiddleware(_ok, limits=[limit], store=Refusing(), route=route())
+    answer = await call(app)
+    assert answer.status == status and answer.header(b"ratelimit") is None
