@@ -211,10 +211,17 @@ class EdgewayMiddleware:
         for policy, prep in zip(self.policies, prepared, strict=True):
             if policy.wants_finish:
                 writes.extend(policy.finish(ctx, prep, response))
+        if ctx.deferred:
+            writes.extend(ctx.deferred)
+            ctx.deferred = None
         if writes:
-            task = asyncio.get_running_loop().create_task(self._write(writes))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self._write_soon(writes)
+
+    def _write_soon(self, writes: list[Command]) -> None:
+        """Send ``writes`` in the background, off the request's critical path."""
+        task = asyncio.get_running_loop().create_task(self._write(writes))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _write(self, writes: list[Command]) -> None:
         try:
@@ -275,6 +282,9 @@ class _Tracked:
                     self.chunks = None
                     await answer(self.scope, self.receive, self.upstream_send)
                     return
+            if self.ctx.deferred:
+                self.pipeline._write_soon(self.ctx.deferred)
+                self.ctx.deferred = None
         elif kind == "http.response.body":
             if self.replaced:
                 if not message.get("more_body", False):

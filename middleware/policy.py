@@ -28,7 +28,9 @@ A policy never calls the store itself. For each request the pipeline
 3. ``respond(ctx, prepared, start)`` (policies with ``wants_respond``): sees
    the app's ``http.response.start`` message before the client does; it may
    edit its headers in place (``Cache-Status``), or return an answer that
-   replaces the whole response (a stale entry instead of a 502).
+   replaces the whole response (a stale entry instead of a 502). What it
+   learns there and must write (a cost the upstream reports in a header) it
+   queues with ``ctx.defer(commands)``: sent at once, in the background.
 4. ``finish(ctx, prepared, response)`` (policies with ``wants_finish``): once
    the response ended — completely or not (``response.complete``) — returns
    writes that can wait (cache fill, breaker result, post-response cost);

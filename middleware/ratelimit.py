@@ -23,9 +23,9 @@ from .clientip import IPNetwork, TrustedProxies
 from .context import RequestContext
 from .metrics import RATELIMIT_DECISIONS, RATELIMIT_KEY_FALLBACKS, STORE_FAILURES
 from .pipeline import ASGIApp, EdgewayMiddleware, Throttled
-from .policy import BasePolicy, Completed, Prepared
+from .policy import Answer, BasePolicy, Completed, Prepared
 from .ratelimit_headers import HeaderLimit, RateLimitFields, policy_name, seconds_ceil
-from .responses import ErrorResponse
+from .responses import ErrorResponse, Message
 from .store import (
     Algorithm,
     Command,
@@ -244,11 +244,12 @@ class _BlockCache:
 class _Request:
     """The rate limiter's private state for one request."""
 
-    __slots__ = ("active", "checks")
+    __slots__ = ("active", "checks", "header_costs_charged")
 
     def __init__(self, active: list[_CompiledLimit], checks: tuple[LimitCheck, ...]) -> None:
         self.active = active
         self.checks = checks
+        self.header_costs_charged = False
 
 
 class RateLimitPolicy(BasePolicy):
@@ -277,6 +278,7 @@ class RateLimitPolicy(BasePolicy):
         self._blocks = _BlockCache(block_cache_size)
         self._post_cost = self.wants_finish = any(c.limit.cost_from for c in self.limits)
         self.response_body_limit = COST_BODY_LIMIT if any(c.cost_path for c in self.limits) else 0
+        self.wants_respond = any(c.cost_header is not None for c in self.limits)
         self._fallback_log = Throttled(60.0)
         self._shadow_log = Throttled(60.0)
 
@@ -382,14 +384,34 @@ class RateLimitPolicy(BasePolicy):
                                  headers=[(b"retry-after", b"1")])
         return None
 
+    def respond(self, ctx: RequestContext, prepared: Prepared, start: Message) -> Answer | None:
+        """Charge ``cost_from: response_header:`` costs as soon as the response starts.
+
+        The header is known then: a long stream is charged before it ends, and a
+        client that leaves early is charged all the same.
+        """
+        request = prepared.state
+        if isinstance(request, _Request):
+            request.header_costs_charged = True
+            started = Completed(start["status"], start.get("headers", ()), None, complete=False)
+            ctx.defer(self._debits(request, started, header_costs=True, json_costs=False))
+        return None
+
     def finish(self, ctx: RequestContext, prepared: Prepared, response: Completed) -> Sequence[Command]:
         """Debit the rest of a ``cost_from`` limit's real cost; charged even past the quota (the work is done)."""
         request = prepared.state
         if not self._post_cost or not isinstance(request, _Request) or response.status == 0:
             return ()  # (status 0: the app never answered; nothing reported a cost)
+        return self._debits(request, response, header_costs=not request.header_costs_charged, json_costs=True)
+
+    def _debits(self, request: _Request, response: Completed, *, header_costs: bool,
+                json_costs: bool) -> Sequence[Command]:
+        """The debits of the limits whose cost the response reports, of the kinds asked for."""
         debits = []
         for compiled, check in zip(request.active, request.checks, strict=True):
             if compiled.limit.cost_from is None:
+                continue
+            if not (header_costs if compiled.cost_header is not None else json_costs):
                 continue
             if compiled.cost_path is not None and not response.complete:
                 self._fallback_log.warning("route %s limit %s: response incomplete, no JSON cost; the up-front "

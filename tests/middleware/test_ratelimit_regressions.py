@@ -125,6 +125,27 @@ async def test_a_header_cost_is_debited_even_when_the_client_leaves(store: Store
     assert statuses == [200, 200, 200, 429]
 
 
+async def test_a_header_cost_is_charged_at_the_response_start_not_the_end_of_the_stream(store: Store) -> None:
+    """While a long stream is still running, its reported cost already counts against the next request."""
+    limit = Limit(rate="1000/minute", cost_from="response_header:X-Tokens-Used", algorithm="fixed-window")
+    name = route()
+    release = asyncio.Event()
+
+    async def long_stream(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"x-tokens-used", b"400")]})
+        await send({"type": "http.response.body", "body": b"data: 1\n\n", "more_body": True})
+        await release.wait()
+        await send({"type": "http.response.body", "body": b""})
+
+    streaming = asyncio.create_task(call(RateLimitMiddleware(long_stream, limits=[limit], store=store, route=name)))
+    for _ in range(50):
+        await asyncio.sleep(0.002)
+    probe = await call(RateLimitMiddleware(_ok, limits=[limit], store=store, route=name))
+    release.set()
+    await streaming
+    assert probe.header(b"ratelimit") == b'"minute";r=599;t=20'  # 1000 - 1 - 399 (debited at the start) - 1
+
+
 async def test_an_incomplete_json_cost_leaves_the_up_front_cost_charged(store: Store) -> None:
     limit = Limit(rate="10/minute", cost_from="usage.total_tokens", algorithm="fixed-window", cost=2)
     body = b'{"usage": {"total_tokens": 9}, "text": "a long answer"}'
