@@ -112,16 +112,21 @@ class AdminEndpoints:
         """200 while some store serves shared state (``degraded`` when it is a fallback), else 503."""
         gateway = self.gateway
         store = gateway.store
-        payload: JSON = {"policy": {"source": gateway.loaded.source, "version": gateway.loaded.version}}
+        payload: JSON = {
+            "policy": {"source": gateway.loaded.source, "version": gateway.loaded.version},
+        }
+        failover = isinstance(store, FailoverStore)  # it keeps edgeway_store_up per store from health itself
         try:
             await store.ping()
         except StoreError as exc:
-            STORE_UP.labels(store.kind).set(0)
+            if not failover:
+                STORE_UP.labels(store.kind).set(0)
             payload["status"] = "unavailable"
             payload["store"] = {"kind": store.kind, "mode": store.kind, "location": store.describe(), "error": str(exc)}
             await _json(send, 503, payload, scope)
             return
-        STORE_UP.labels(store.kind).set(1)
+        if not failover:
+            STORE_UP.labels(store.kind).set(1)
         chain = store_chain(gateway)
         payload["status"] = "ready" if chain[0]["healthy"] else "degraded"
         payload["store"] = {"kind": store.kind, "mode": store.kind, "location": store.describe(), "chain": chain}
