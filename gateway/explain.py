@@ -15,7 +15,7 @@ from edgeway.middleware.context import RequestContext
 from edgeway.middleware.policy import Prepared
 from edgeway.middleware.ratelimit import RateLimitPolicy
 from edgeway.middleware.responses import ErrorResponse
-from edgeway.middleware.store import Algorithm, LimitCheck, RateLimit
+from edgeway.middleware.store import Algorithm, LimitCheck
 from edgeway.middleware.store.memory import MemoryStore
 
 from .config import Policy, Route
@@ -41,22 +41,22 @@ def _limits(route: Route, name: str, policy: Policy, ctx: RequestContext) -> lis
     outcome = limiter.prepare(ctx)
     if isinstance(outcome, ErrorResponse):
         return [f"  -> answered at once: {outcome.status} {outcome.body.decode()}"]
-    checks: list[LimitCheck] = []
-    if isinstance(outcome, Prepared):
-        for command in outcome.commands:
-            if isinstance(command, RateLimit):
-                checks.extend(command.checks)
+    # the limiter's per-request state pairs each applied limit with its check (exempt or skipped ones have none)
+    state = outcome.state if isinstance(outcome, Prepared) else None
+    applied: dict[int, LimitCheck] = {
+        id(compiled): check for compiled, check in zip(getattr(state, "active", ()), getattr(state, "checks", ()),
+                                                       strict=True)
+    }
     lines = []
     for compiled in limiter.limits:
         limit = compiled.limit
         head = (f"  {limit.rate} by {'+'.join(limit.key)} ({limit.algorithm.value}, {limit.mode}, "
                 f"cost {limit.cost}, policy name {compiled.id!r})")
-        found = [check for check in checks if check.key.endswith(":" + compiled.id)]
-        if not found:
+        check = applied.get(id(compiled))
+        if check is None:
             lines.append(f"{head}\n    not applied to this request (exempt, or its key is missing and on_missing "
                          f"is {limit.on_missing})")
             continue
-        check = found[0]
         suffix = "  (+ ':' + window index)" if check.algorithm in _WINDOWED else ""
         quota = f"quota {check.quota} per {show(check.window_ms / 1000)}s"
         lines.append(f"{head}\n    store key: {check.key}{suffix}\n    {quota}")

@@ -19,6 +19,8 @@ agree on the names. Rules for code that records them:
 from __future__ import annotations
 
 import os
+import struct
+import time
 from collections.abc import Iterator
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -267,12 +269,21 @@ class _AllWorkers:
                     yield family
 
 
+_ATTEMPTS = 4
+
+
 def scrape() -> bytes:
     """The Prometheus text of this process, or of every worker when running in multiprocess mode."""
     if multiprocess_dir() is None:
         return generate_latest(REGISTRY)
     registry = CollectorRegistry()
     registry.register(_AllWorkers())
+    for _ in range(_ATTEMPTS - 1):
+        try:
+            return generate_latest(registry)
+        except (struct.error, ValueError, OSError):
+            # a worker that is starting has created its file but not yet sized it (or died): read again
+            time.sleep(0.005)
     return generate_latest(registry)
 
 

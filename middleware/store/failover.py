@@ -154,6 +154,7 @@ class FailoverStore(Store):
         self._mode = primary.kind
         self.budget = budget
         """``store.budget`` of the primary, when set."""
+        self._diverted = False  # the budget keeps the primary out of use (on_budget_exhausted: fallback)
         STORE_MODE.labels(self._mode).set(1)
         self._refresh()
 
@@ -186,9 +187,12 @@ class FailoverStore(Store):
 
     async def execute(self, commands: Sequence[Command], *, timeout: float | None = None) -> list[object]:
         self._start_heartbeat()
+        if self.budget is not None and self.budget.diverting != self._diverted:  # exhausted, or a new month
+            self._diverted = not self._diverted
+            self._refresh()
         shared: list[int] = []  # which commands are shared state: worked out only once the primary is passed
         for position, member in enumerate(self._members):
-            if not member.healthy or (position == 0 and self.budget is not None and self.budget.diverting):
+            if not member.healthy or (position == 0 and self._diverted):
                 continue
             if not member.shared:  # memory, the last resort: per instance, limits divided by live instances
                 return await member.meter.run(self._degrade(commands), timeout)
@@ -306,7 +310,8 @@ class FailoverStore(Store):
         """Mode and up-ness from health: the first healthy store serves shared state."""
         for member in self._members:
             STORE_UP.labels(member.store.kind).set(1 if member.healthy else 0)
-        serving = next((m for m in self._members if m.healthy), self._members[-1])
+        serving = next((m for i, m in enumerate(self._members) if m.healthy and not (i == 0 and self._diverted)),
+                       self._members[-1])
         self._set_mode(serving.store.kind)
 
     def _set_mode(self, mode: str) -> None:
@@ -361,9 +366,8 @@ class FailoverStore(Store):
     async def _heartbeat_loop(self) -> None:
         beat = Heartbeat(self._heartbeat_key, self.instance_id, HEARTBEAT_TTL_MS)
         while True:
-            diverting = self.budget is not None and self.budget.diverting
             for member in self._members:
-                if member.healthy and member.shared and not (diverting and member is self._members[0]):
+                if member.healthy and member.shared and not (self._diverted and member is self._members[0]):
                     try:
                         (live,) = await (self._primary(member, [beat], 1.0) if member is self._members[0]
                                          else member.meter.run([beat], 1.0))

@@ -22,7 +22,9 @@ from tests.servers import RedisServer, free_port
 
 def scrape(url: str) -> dict[str, float]:
     """Samples of one scrape as ``name{label="value",...}`` (labels sorted) -> value; families as ``#name``."""
-    text = httpx.get(f"{url}/_edgeway/metrics", timeout=10).text
+    response = httpx.get(f"{url}/_edgeway/metrics", timeout=10)
+    assert response.status_code == 200, response.text
+    text = response.text
     samples: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         samples["#" + family.name] = 0.0
