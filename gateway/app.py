@@ -4,7 +4,7 @@ One request's path (docs/architecture.md draws it):
 
     __call__ -> request sanity (400) -> /_edgeway/* endpoints
              -> route table (first match; 404 no_route, 405)
-             -> route app = EdgewayMiddleware(policies, one store batch) -> UpstreamProxy
+             -> route app = PolicyPipeline(policies, one store batch) -> UpstreamProxy
 
 A new policy is applied as a whole (routes, proxies, store) by swapping one
 immutable ``_Active`` object; a policy that fails to load never replaces the
@@ -25,8 +25,8 @@ from edgeway.middleware.responses import ErrorResponse, Receive, Send, bad_reque
 from edgeway.middleware.store import Clock, Store
 
 from .admin import AdminEndpoints
-from .config import Policy
-from .errors import PolicyError
+from .config import Policy, Route
+from .errors import PolicyError, Problem
 from .headers import request_problem
 from .loader import LoadedPolicy, load_policy
 from .proxy import UpstreamProxy
@@ -64,9 +64,9 @@ class Gateway:
     def _compile(self, loaded: LoadedPolicy, store: Store | None) -> _Active:
         policy = loaded.policy
         trusted = TrustedProxies(policy.trusted_proxies)
-        store = store or build_store(policy.store, self._clock)
+        store = store or build_store(policy.store, self._clock, key_prefix=policy.key_prefix)
         proxies = {name: UpstreamProxy(name, upstream, trusted) for name, upstream in policy.upstreams.items()}
-        routes = RouteTable(policy, store, trusted, lambda route: proxies[route.upstream])
+        routes = RouteTable(policy, store, trusted, lambda route: proxies[_upstream_of(route, loaded)])
         return _Active(loaded, routes, tuple(proxies.values()), store, trusted)
 
     @property
@@ -81,7 +81,8 @@ class Gateway:
         """Switch to a new valid policy at once; requests already running finish on the old one, whose
         upstream sessions (and store, if it changed) close once their longest read timeout has passed."""
         old = self._active
-        same_store = self._fixed_store is not None or old.loaded.policy.store == loaded.policy.store
+        same_store = self._fixed_store is not None or (
+            (old.loaded.policy.store, old.loaded.policy.name) == (loaded.policy.store, loaded.policy.name))
         self._active = self._compile(loaded, old.store if same_store else None)
         grace = max((up.timeout.read for up in old.loaded.policy.upstreams.values()), default=0.0) + 1.0
         task = asyncio.get_running_loop().create_task(self._retire(old, not same_store, min(grace, 300.0)))
@@ -171,6 +172,13 @@ class Gateway:
         # RuntimeError or ValueError outside the main thread (tests, embedded servers): reload stays on the API
         except (NotImplementedError, RuntimeError, ValueError):
             logger.debug("SIGHUP reload not available in this process")
+
+
+def _upstream_of(route: Route, loaded: LoadedPolicy) -> str:
+    if route.upstream is None:  # the loader refuses this in gateway mode; a Policy object may still hold it
+        raise PolicyError(loaded.source, [Problem(1, 1, f"route {route.route_id} has no upstream: the gateway "
+                                                        "needs one on every route (in-app policies may leave it out)")])
+    return route.upstream
 
 
 def create_app(policy: LoadedPolicy | Policy | str | Path, *, store: Store | None = None,

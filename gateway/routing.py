@@ -12,10 +12,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from edgeway.middleware.clientip import TrustedProxies
-from edgeway.middleware.pipeline import EdgewayMiddleware
+from edgeway.middleware.pipeline import PolicyPipeline
 from edgeway.middleware.policy import Policy as RoutePolicy
 from edgeway.middleware.ratelimit import RateLimitPolicy
 from edgeway.middleware.store import Store
+from edgeway.middleware.users import UserSource, user_source
 
 from .config import Policy, Route
 
@@ -37,11 +38,12 @@ class CompiledRoute:
         return path.startswith(self.prefix) or path == self.prefix.rstrip("/")
 
 
-def route_policies(route: Route, name: str, policy: Policy) -> list[RoutePolicy]:
+def route_policies(route: Route, name: str, policy: Policy, user_from: UserSource | None = None) -> list[RoutePolicy]:
     """The policy objects of one route, in the order they run."""
     policies: list[RoutePolicy] = []
     if route.limits:
-        policies.append(RateLimitPolicy(route.limits, route=name, key_prefix=policy.store.key_prefix))
+        policies.append(RateLimitPolicy(route.limits, route=name, key_prefix=policy.key_prefix,
+                                        user_from=user_from or user_source(policy.user_from)))
     return policies
 
 
@@ -49,14 +51,14 @@ class RouteTable:
     """Routes in file order; ``match`` returns the route or the methods other routes allow on the path."""
 
     def __init__(self, policy: Policy, store: Store, trusted: TrustedProxies,
-                 endpoint: Callable[[Route], Any]) -> None:
+                 endpoint: Callable[[Route], Any], *, user_from: UserSource | None = None) -> None:
         routes = []
-        for index, route in enumerate(policy.routes):
-            name = f"{index}:{route.match.path}"
+        for route in policy.routes:
+            name = route.route_id  # never the position in the file: inserting a route must not reset counters
             app = endpoint(route)
-            policies = route_policies(route, name, policy)
+            policies = route_policies(route, name, policy, user_from)
             if policies:
-                app = EdgewayMiddleware(app, policies=policies, store=store, trusted_proxies=trusted, route=name)
+                app = PolicyPipeline(app, policies=policies, store=store, trusted_proxies=trusted, route=name)
             pattern = route.match.path
             methods = frozenset(route.match.methods) if route.match.methods else None
             routes.append(CompiledRoute(name, pattern, pattern[:-1] if pattern.endswith("*") else None, methods, app))
