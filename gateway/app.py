@@ -104,7 +104,7 @@ class Gateway:
         if self.policy_path is None:
             return False
         try:
-            loaded = load_policy(self.policy_path)
+            loaded = load_policy(self.policy_path, mode="gateway")
         except PolicyError as exc:
             logger.error("policy reload failed, keeping version %s:\n%s", self._active.loaded.version, exc)
             return False
@@ -187,7 +187,7 @@ def create_app(policy: LoadedPolicy | Policy | str | Path, *, store: Store | Non
     path: str | None = None
     if isinstance(policy, str | Path):
         path = str(policy)
-        loaded = load_policy(path)
+        loaded = load_policy(path, mode="gateway")
     elif isinstance(policy, Policy):
         loaded = LoadedPolicy(policy, "<object>", "object")
     else:
