@@ -7,11 +7,12 @@ and the policy still loads.
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 from edgeway.middleware.store import StoreConfigurationError
+from edgeway.middleware.store.postgres import POSTGRES_EXTRA
 
 from .config import Policy
 from .errors import Problem
@@ -19,7 +20,15 @@ from .errors import Problem
 Locate = Callable[[tuple[str | int, ...], bool], tuple[int, int]]
 """Where a value (False) or a mapping key (True) stands in the file."""
 
-POSTGRES_EXTRA = "pip install 'edgeway[postgres]'"
+
+
+def installed(module: str) -> bool:
+    """Whether an optional dependency can be imported."""
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
 
 
 def store_problems(policy: Policy, data: Mapping[str, Any], locate: Locate,
@@ -33,7 +42,7 @@ def store_problems(policy: Policy, data: Mapping[str, Any], locate: Locate,
         except StoreConfigurationError as exc:
             problems.append(Problem(*locate(("store", "url"), False), str(exc)))
     for i, entry in enumerate(store.fallback or ()):
-        if entry.postgres is not None and importlib.util.find_spec("asyncpg") is None:
+        if entry.postgres is not None and not installed("asyncpg"):
             problems.append(Problem(*locate(("store", "fallback", i, "postgres"), False),
                                     f"the postgres fallback needs asyncpg, which is not installed: {POSTGRES_EXTRA}"))
     return problems

@@ -80,7 +80,11 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _bridge(args: argparse.Namespace) -> int:
-    from .upstash_bridge import main as bridge_main
+    try:
+        from .upstash_bridge import main as bridge_main
+    except ImportError as exc:  # redis-py is an extra: only this development bridge needs it
+        print(f"edgeway upstash-bridge needs redis-py ({exc}): pip install 'edgeway[bridge]'", file=sys.stderr)
+        return 1
 
     return bridge_main(["--redis", args.redis, "--token", args.token, "--host", args.host, "--port", str(args.port)])
 

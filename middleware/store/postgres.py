@@ -29,10 +29,10 @@ import json
 import math
 from collections.abc import Coroutine, Sequence
 from http.cookiejar import CookieJar, DefaultCookiePolicy
-from typing import Any, TypeVar
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
-import asyncpg
 import httpx
 
 from .base import (
@@ -46,10 +46,14 @@ from .base import (
     RateLimitResult,
     Set,
     Store,
+    StoreConfigurationError,
     StoreError,
     StoreTimeout,
 )
 from .opening import SharedOpen
+
+if TYPE_CHECKING:
+    import asyncpg
 
 __all__ = ["MIGRATION", "PostgresStore", "SupabaseStore", "decode_results", "encode_commands"]
 
@@ -181,6 +185,19 @@ class _BatchStore(Store):
 
 # -- postgres:// -------------------------------------------------------------------
 
+POSTGRES_EXTRA = "pip install 'edgeway[postgres]'"
+
+
+def _asyncpg() -> ModuleType:
+    # an extra: only the direct postgres:// store needs it (Supabase goes over HTTPS)
+    try:
+        import asyncpg as module
+    except ImportError:
+        raise StoreConfigurationError(
+            f"the postgres store needs asyncpg, which is not installed: {POSTGRES_EXTRA}") from None
+    found: ModuleType = module
+    return found
+
 
 async def _reset(connection: asyncpg.Connection) -> None:
     """Return a connection to the pool without asyncpg's default reset query.
@@ -203,6 +220,7 @@ class PostgresStore(_BatchStore):
     def __init__(
         self, dsn: str, *, timeout: float | None = 0.05, clock: Clock | None = None, pool_size: int = 10
     ) -> None:
+        self._pg = _asyncpg()
         super().__init__(timeout=timeout, clock=clock)
         self._dsn = dsn
         self._pool_size = pool_size
@@ -216,25 +234,27 @@ class PostgresStore(_BatchStore):
 
     async def _call(self, payload: str, now_ms: int | None) -> object:
         pool = self._pool.value or await self._pool.open()
+        pg = self._pg
         try:
             async with pool.acquire() as connection:
                 text = await connection.fetchval("select edgeway.batch($1::jsonb, $2::bigint)::text", payload, now_ms)
-        except (asyncpg.UndefinedFunctionError, asyncpg.InvalidSchemaNameError) as exc:
+        except (pg.UndefinedFunctionError, pg.InvalidSchemaNameError) as exc:
             raise StoreError(_MISSING) from exc
-        except asyncpg.InsufficientPrivilegeError as exc:
+        except pg.InsufficientPrivilegeError as exc:
             raise StoreError(f"PostgreSQL refused edgeway.batch: {exc}; connect as a role granted EXECUTE") from exc
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+        except (pg.PostgresError, pg.InterfaceError, OSError) as exc:
             raise StoreError(f"PostgreSQL call failed: {type(exc).__name__}: {exc}") from exc
         return _loads(text, "PostgreSQL")
 
     async def _open(self) -> asyncpg.Pool:
+        pg = self._pg
         try:
-            pool: asyncpg.Pool = await asyncpg.create_pool(
+            pool: asyncpg.Pool = await pg.create_pool(
                 self._dsn, min_size=1, max_size=self._pool_size, timeout=_CONNECT_TIMEOUT,
                 command_timeout=_BACKSTOP, server_settings={"application_name": "edgeway"},
                 reset=_reset,
             )
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+        except (pg.PostgresError, pg.InterfaceError, OSError, TimeoutError) as exc:
             detail = str(exc) or "timed out"
             raise StoreError(f"cannot connect to PostgreSQL at {self.describe()}: {detail}") from exc
         return pool
@@ -249,7 +269,7 @@ class PostgresStore(_BatchStore):
         if pool is not None:
             try:
                 await asyncio.wait_for(pool.close(), 2.0)
-            except (TimeoutError, asyncpg.InterfaceError, OSError):
+            except (TimeoutError, self._pg.InterfaceError, OSError):
                 pool.terminate()
 
 
