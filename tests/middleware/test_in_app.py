@@ -111,7 +111,7 @@ async def test_the_store_closes_when_the_app_shuts_down(tmp_path: Path) -> None:
     store = RecordingStore()
 
     async def app(scope, receive, send):  # type: ignore[no-untyped-def]
-        while (message := await receive())["type"] != "lifespan.shutdown":
+        while (await receive())["type"] != "lifespan.shutdown":
             await send({"type": "lifespan.startup.complete"})
         await send({"type": "lifespan.shutdown.complete"})
 

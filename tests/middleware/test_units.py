@@ -44,7 +44,8 @@ def test_bad_rates(text: str, message: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("text", "seconds"), [("250ms", 0.25), ("30s", 30.0), ("5m", 300.0), ("1h", 3600.0), ("7d", 604800.0), (0, 0.0), ("0", 0.0)]
+    ("text", "seconds"),
+    [("250ms", 0.25), ("30s", 30.0), ("5m", 300.0), ("1h", 3600.0), ("7d", 604800.0), (0, 0.0), ("0", 0.0)],
 )
 def test_durations(text: object, seconds: float) -> None:
     assert parse_duration(text) == seconds
