@@ -14,7 +14,7 @@ from typing import Any, Literal
 from edgeway.middleware.store import StoreConfigurationError
 from edgeway.middleware.store.postgres import POSTGRES_EXTRA
 
-from .config import Policy
+from .config import Policy, Route
 from .errors import Problem
 
 Locate = Callable[[tuple[str | int, ...], bool], tuple[int, int]]
@@ -66,6 +66,8 @@ def route_problems(policy: Policy, locate: Locate) -> list[Problem]:
     seen: dict[str, int] = {}
     for i, route in enumerate(policy.routes):
         ident = route.route_id
+        if ident in seen and _same_match(policy.routes[seen[ident]], route):
+            continue  # already reported as a duplicate route
         if ident in seen:
             where = ("routes", i, "id") if route.id is not None else ("routes", i, "match")
             problems.append(Problem(*locate(where, False), f"duplicate route id '{ident}': routes[{seen[ident]}] "
@@ -73,6 +75,11 @@ def route_problems(policy: Policy, locate: Locate) -> list[Problem]:
         else:
             seen[ident] = i
     return problems
+
+
+def _same_match(first: Route, second: Route) -> bool:
+    return first.id is None and second.id is None and first.match.path == second.match.path and (
+        sorted(first.match.methods or ()) == sorted(second.match.methods or ()))
 
 
 def warnings(policy: Policy, data: Mapping[str, Any], locate: Locate,

@@ -24,14 +24,17 @@ ROOT = Path(__file__).resolve().parents[1]
 SOURCES = ("pyproject.toml", "README.md", "edgeway", "gateway", "middleware")
 
 PROJECT_MAIN = """\
+import importlib
+
 from fastapi import FastAPI
 
-import gateway  # the project's own modules, with the names Edgeway must not take
-import middleware
 from edgeway import EdgewayMiddleware
 from edgeway.middleware import Limit, RateLimitMiddleware
 from edgeway.middleware.store import open_store
 
+# the project's own modules, with the names Edgeway must not take (imported after edgeway on purpose)
+gateway = importlib.import_module("gateway")
+middleware = importlib.import_module("middleware")
 app = FastAPI()
 
 
