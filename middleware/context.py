@@ -22,14 +22,24 @@ Scope = MutableMapping[str, Any]
 class RequestContext:
     """Facts about one request, computed lazily and at most once."""
 
-    __slots__ = ("_client_ip", "_headers", "_query", "response_headers", "route", "scope", "trusted", "user")
+    __slots__ = ("_client_ip", "_headers", "_query", "body", "body_too_large", "outcomes", "response_headers",
+                 "route", "scope", "stale", "trusted", "user")
 
     def __init__(self, scope: Scope, trusted: TrustedProxies, route: str = "") -> None:
         self.scope = scope
         self.trusted = trusted
         self.route = route
         self.user: str | None = None
+        """The verified user id (set by the session policy, or the app's own authentication)."""
         self.response_headers: list[tuple[bytes, bytes]] = []
+        self.body: bytes | None = None
+        """The request body, when a policy asked the pipeline to read it and it fit the limit."""
+        self.body_too_large = False
+        """True when a policy asked for the body and it was larger than the limit (it is streamed on)."""
+        self.stale: Any = None
+        """A stale cached answer the cache found (``stale_if_error``): the breaker and upstream errors use it."""
+        self.outcomes: dict[str, str] = {}
+        """What each policy did (``{"cache": "hit"}``), for the access log and metrics."""
         self._client_ip: str | None = None
         self._headers: dict[str, list[str]] | None = None
         self._query: dict[str, list[str]] | None = None
@@ -65,6 +75,16 @@ class RequestContext:
             self._query = parse_qs(self.scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
         values = self._query.get(name)
         return values[0] if values else None
+
+    @property
+    def has_body(self) -> bool:
+        """Whether the request declares a body (a non-zero Content-Length, or Transfer-Encoding)."""
+        for name, value in self.scope["headers"]:
+            if name == b"content-length":
+                return value.strip() not in (b"0", b"")
+            if name == b"transfer-encoding":
+                return True
+        return False
 
     @property
     def peer(self) -> str:

@@ -4,8 +4,8 @@
 request's policy path is visible: prepare every policy -> one batched
 ``store.execute`` -> let each policy decide -> call the app with the policies'
 response headers added -> hand the deferred writes to the store in the
-background. Each policy's own middleware class (``RateLimitMiddleware``, ...)
-is this class with a single policy.
+background. docs/architecture.md draws the path. Each policy's own middleware
+class (``RateLimitMiddleware``, ...) is this class with a single policy.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 
 from .clientip import IPNetwork, TrustedProxies
 from .context import RequestContext, Scope
-from .policy import Completed, Policy, Prepared
+from .policy import Answer, Completed, Pending, Policy, Prepared
 from .responses import ErrorResponse, Message, Receive, Send
 from .store import Command, Store, StoreError
 
@@ -100,6 +100,7 @@ class PolicyPipeline:
         store: Store,
         trusted_proxies: TrustedProxies | Iterable[str | IPNetwork] = (),
         route: str = "",
+        body_timeout: float = 10.0,
         paths: Iterable[str] | None = None,
         exclude: Iterable[str] = (),
     ) -> None:
@@ -111,8 +112,11 @@ class PolicyPipeline:
             trusted_proxies
         )
         self.route = route
+        self.body_timeout = body_timeout
+        self._request_body_limit = max((policy.request_body_limit for policy in self.policies), default=0)
         self._body_limit = max((policy.response_body_limit for policy in self.policies), default=0)
-        self._track = any(policy.wants_finish for policy in self.policies)
+        self._respond = tuple(i for i, policy in enumerate(self.policies) if policy.wants_respond)
+        self._track = bool(self._respond) or any(policy.wants_finish for policy in self.policies)
         self._background: set[asyncio.Task[None]] = set()
         self._store_failures = Throttled()
 
@@ -121,13 +125,24 @@ class PolicyPipeline:
             await self.app(scope, receive, send)
             return
         ctx = RequestContext.of(scope, self.trusted, self.route)
+        if self._request_body_limit and ctx.has_body:
+            replay, refusal = await self._read_body(ctx, receive)
+            if refusal is not None:
+                await self._answer(refusal, ctx, scope, receive, send)
+                return
+            if replay is None:
+                return
+            receive = replay
         prepared: list[Prepared] = []
         batch: list[Command] = []
         for policy in self.policies:
-            outcome = policy.prepare(ctx)
-            if isinstance(outcome, ErrorResponse):
-                await self._answer(outcome, ctx, scope, receive, send)
-                return
+            step = policy.prepare(ctx)
+            outcome = await step.awaitable if isinstance(step, Pending) else step
+            if not isinstance(outcome, Prepared):
+                if outcome is not None:
+                    await self._answer(outcome, ctx, scope, receive, send)
+                    return
+                outcome = Prepared()
             prepared.append(outcome)
             batch.extend(outcome.commands)
 
@@ -138,16 +153,53 @@ class PolicyPipeline:
 
         await self._call_app(ctx, prepared, scope, receive, send)
 
-    async def _decide(
-        self, ctx: RequestContext, prepared: list[Prepared], batch: list[Command]
-    ) -> ErrorResponse | None:
+    async def _read_body(self, ctx: RequestContext, receive: Receive) -> tuple[Receive | None, Answer | None]:
+        """Read the body once, up to the policies' limit: a ``receive`` that replays it, or a refusal.
+
+        The refusal is a 408 when the client stalls; both are None when it left.
+        """
+        limit = self._request_body_limit
+        chunks: list[bytes] = []
+        size = 0
+        more = True
+        try:
+            async with asyncio.timeout(self.body_timeout):
+                while more and size <= limit:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return None, None
+                    chunk = message.get("body", b"")
+                    chunks.append(chunk)
+                    size += len(chunk)
+                    more = message.get("more_body", False)
+        except TimeoutError:
+            return None, ErrorResponse(408, "request_timeout",
+                                       f"the request body did not arrive within {self.body_timeout:g}s",
+                                       headers=[(b"connection", b"close")])
+        data = b"".join(chunks)
+        if more or size > limit:
+            ctx.body_too_large = True
+        else:
+            ctx.body = data
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": data, "more_body": more}
+
+        return replay, None
+
+    async def _decide(self, ctx: RequestContext, prepared: list[Prepared], batch: list[Command]) -> Answer | None:
         if batch:
             try:
                 results = await self.store.execute(batch)
             except StoreError as error:
                 self._store_failures.warning("store %s failed: %s", self.store.describe(), error)
                 for policy, prep in zip(self.policies, prepared, strict=True):
-                    answer = policy.store_failed(ctx, prep, error)
+                    answer = await _settled(policy.store_failed(ctx, prep, error))
                     if answer is not None:
                         return answer
                 return None
@@ -156,13 +208,13 @@ class PolicyPipeline:
         offset = 0
         for policy, prep in zip(self.policies, prepared, strict=True):
             count = len(prep.commands)
-            answer = policy.decide(ctx, prep, results[offset : offset + count])
+            answer = await _settled(policy.decide(ctx, prep, results[offset : offset + count] if count else ()))
             offset += count
             if answer is not None:
                 return answer
         return None
 
-    async def _answer(self, response: ErrorResponse, ctx: RequestContext, scope: Scope, receive: Receive,
+    async def _answer(self, response: Answer, ctx: RequestContext, scope: Scope, receive: Receive,
                       send: Send) -> None:
         if ctx.response_headers:
             response.headers.extend(ctx.response_headers)
@@ -183,36 +235,17 @@ class PolicyPipeline:
 
             await self.app(scope, receive, send_adding_headers)
             return
-        limit = self._body_limit
-        state: dict[str, Any] = {}
-        chunks: list[bytes] = []
-
-        async def send_with_headers(message: Message) -> None:
-            kind = message["type"]
-            if kind == "http.response.start":
-                if extra:
-                    message["headers"] = [*message.get("headers", ()), *extra]
-                state["start"] = message
-                state["size"] = 0
-            elif kind == "http.response.body" and limit:
-                body = message.get("body", b"")
-                state["size"] += len(body)
-                if state["size"] <= limit:
-                    chunks.append(body)
-            await send(message)
-            if kind == "http.response.body" and not message.get("more_body", False):
-                state["done"] = True
-
-        await self.app(scope, receive, send_with_headers)
-        if state.get("done"):
-            start = state["start"]
-            body = b"".join(chunks) if limit and state["size"] <= limit else None
-            self._finish(ctx, prepared, Completed(start["status"], start.get("headers", ()), body))
+        tracked = _Tracked(self, ctx, prepared, scope, receive, send)
+        try:
+            await self.app(scope, receive, tracked.send)
+        finally:
+            self._finish(ctx, prepared, tracked.completed())
 
     def _finish(self, ctx: RequestContext, prepared: list[Prepared], response: Completed) -> None:
         writes: list[Command] = []
         for policy, prep in zip(self.policies, prepared, strict=True):
-            writes.extend(policy.finish(ctx, prep, response))
+            if policy.wants_finish:
+                writes.extend(policy.finish(ctx, prep, response))
         if writes:
             task = asyncio.get_running_loop().create_task(self._write(writes))
             self._background.add(task)
@@ -223,3 +256,79 @@ class PolicyPipeline:
             await self.store.execute(writes)
         except StoreError as error:
             self._store_failures.warning("deferred store write to %s failed: %s", self.store.describe(), error)
+
+
+async def _settled(outcome: Answer | Pending | None) -> Answer | None:
+    """A decision, once any wait it asked for is over."""
+    if isinstance(outcome, Pending):
+        result = await outcome.awaitable
+        return None if result is None or isinstance(result, Prepared) else result
+    return outcome
+
+
+class _Tracked:
+    """One response watched for the policies: headers added, ``respond`` hooks, body kept up to the limit."""
+
+    __slots__ = ("chunks", "complete", "ctx", "elapsed", "limit", "pipeline", "prepared", "receive", "replaced",
+                 "scope", "size", "start", "started", "upstream_send")
+
+    def __init__(self, pipeline: PolicyPipeline, ctx: RequestContext, prepared: list[Prepared], scope: Scope,
+                 receive: Receive, send: Send) -> None:
+        self.pipeline = pipeline
+        self.ctx = ctx
+        self.prepared = prepared
+        self.scope = scope
+        self.receive = receive
+        self.upstream_send = send
+        self.limit = pipeline._body_limit
+        self.chunks: list[bytes] | None = [] if self.limit else None
+        self.size = 0
+        self.start: Message | None = None
+        self.replaced = False
+        self.complete = False
+        self.started = time.monotonic()
+        self.elapsed = 0.0
+
+    async def send(self, message: Message) -> None:
+        kind = message["type"]
+        if kind == "http.response.start":
+            self.elapsed = time.monotonic() - self.started
+            extra = self.ctx.response_headers
+            if extra:
+                message["headers"] = [*message.get("headers", ()), *extra]
+            self.start = message
+            policies = self.pipeline.policies
+            for index in self.pipeline._respond:
+                answer = policies[index].respond(self.ctx, self.prepared[index], message)
+                if answer is not None:
+                    # the policy answers instead (a stale entry for a 502); the app's own body is dropped
+                    self.replaced = True
+                    self.chunks = None
+                    await answer(self.scope, self.receive, self.upstream_send)
+                    return
+        elif kind == "http.response.body":
+            if self.replaced:
+                if not message.get("more_body", False):
+                    self.complete = True
+                return
+            chunks = self.chunks
+            if chunks is not None:
+                body = message.get("body", b"")
+                self.size += len(body)
+                if self.size <= self.limit:
+                    if body:
+                        chunks.append(body)
+                else:
+                    self.chunks = None
+            await self.upstream_send(message)
+            if not message.get("more_body", False):
+                self.complete = True
+            return
+        await self.upstream_send(message)
+
+    def completed(self) -> Completed:
+        start = self.start
+        if start is None:
+            return Completed(0, (), None, complete=False, elapsed=time.monotonic() - self.started)
+        return Completed(start["status"], start.get("headers", ()), self.chunks if self.complete else None,
+                         complete=self.complete, elapsed=self.elapsed)

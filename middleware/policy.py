@@ -1,22 +1,39 @@
 """The interface every policy (rate limit, cache, breaker, session) implements.
 
-A policy never calls the store itself. For each request it:
+A policy never calls the store itself. For each request the pipeline
+(:mod:`edgeway.middleware.pipeline`) drives it through these steps:
 
-1. ``prepare(ctx)``: returns the store commands it needs *before* the upstream
-   is called (limit check, cache lookup, session lookup, breaker state), or an
-   immediate answer (e.g. 400 for a missing rate-limit key with
-   ``on_missing: deny``). The pipeline sends the commands of ALL the route's
-   policies as one batch: one store round trip per request.
-2. ``decide(ctx, results)``: gets the results of its own commands, in order,
-   and either answers the request itself (429, cached hit, 401, 503) or lets
-   it through, adding response headers to ``ctx.response_headers``.
-   ``store_failed(ctx, error)`` replaces ``decide`` when the batch failed.
-3. ``finish(ctx, prepared, response)``: once the response is complete,
-   returns writes that can wait (cache fill, breaker result, post-response
-   cost); they go out together, off the request's critical path. A policy
-   that needs the response body sets ``response_body_limit`` (bytes); the
-   pipeline then keeps a copy of bodies up to the largest such limit while
-   streaming them on, never delaying them.
+0. When any policy sets ``request_body_limit`` and the request has a body,
+   the pipeline reads it once, up to the largest such limit, into
+   ``ctx.body`` (``None`` when it is larger: ``ctx.body_too_large``), and
+   replays it to the app byte for byte.
+1. ``prepare(ctx)``: returns the store commands it needs *before* the
+   upstream is called (limit check, cache lookup, revocation check, probe
+   token), or an immediate :class:`Answer` (400 for a missing rate-limit key,
+   401 for a token that fails local checks). The pipeline sends the commands
+   of ALL the route's policies as one batch: one store round trip per
+   request. A policy that cannot say what it needs without waiting (a token
+   only the auth provider can validate) returns :class:`Pending`; the
+   pipeline awaits it before preparing the next policy, which may depend on
+   what it found (``ctx.user``). That wait is off the common path.
+2. ``decide(ctx, prepared, results)``: gets the results of its own commands,
+   in order, and either answers the request itself (429, a cached response,
+   401, 503) or lets it through (None), adding response headers to
+   ``ctx.response_headers``. It may also return :class:`Pending` (waiting
+   for another instance's cache fill), resolved to an answer or None.
+   ``store_failed(ctx, prepared, error)`` replaces ``decide`` when the batch
+   failed: the policy's failure mode.
+3. ``respond(ctx, prepared, start)`` (policies with ``wants_respond``): sees
+   the app's ``http.response.start`` message before the client does; it may
+   edit its headers in place (``Cache-Status``), or return an answer that
+   replaces the whole response (a stale entry instead of a 502).
+4. ``finish(ctx, prepared, response)`` (policies with ``wants_finish``): once
+   the response ended — completely or not (``response.complete``) — returns
+   writes that can wait (cache fill, breaker result, post-response cost);
+   they go out together, off the request's critical path. A policy that
+   needs the response body sets ``response_body_limit`` (bytes); the
+   pipeline then keeps a copy of bodies up to the largest such limit, chunk
+   by chunk, while streaming them on, never delaying them.
 
 Per-request state lives in the context (``ctx``) or in the value ``prepare``
 returns, never on the policy object, which is shared by all requests.
@@ -24,14 +41,22 @@ returns, never on the policy object, which is shared by all requests.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import Awaitable, MutableMapping, Sequence
+from typing import Any, Protocol
 
 from .context import RequestContext
-from .responses import ErrorResponse
+from .responses import Message, Receive, Send
 from .store import Command, StoreError
 
 Headers = Sequence[tuple[bytes, bytes]]
+
+
+class Answer(Protocol):
+    """A response Edgeway sends itself (an error, a cached response): an ASGI app with editable headers."""
+
+    headers: list[tuple[bytes, bytes]]
+
+    async def __call__(self, scope: MutableMapping[str, Any], receive: Receive, send: Send) -> None: ...
 
 
 class Prepared:
@@ -44,15 +69,43 @@ class Prepared:
         self.state = state
 
 
+class Pending:
+    """A step that must wait (an auth provider call, another instance's cache fill) before it can say.
+
+    Returned by ``prepare`` it resolves to ``Prepared`` or an answer; returned
+    by ``decide``/``store_failed`` it resolves to an answer or None.
+    """
+
+    __slots__ = ("awaitable",)
+
+    def __init__(self, awaitable: Awaitable[Prepared | Answer | None]) -> None:
+        self.awaitable = awaitable
+
+
 class Completed:
-    """The response as the policies see it in ``finish``: body is None unless asked for, or when too large."""
+    """The response as the policies see it in ``finish``.
 
-    __slots__ = ("body", "headers", "status")
+    ``chunks`` holds the body as the app sent it (event boundaries kept) when a
+    policy asked for it and it fit the limit, else None. ``complete`` is False
+    when the response was cut short (the client left, the app failed);
+    ``status`` is 0 when it never started. ``elapsed`` is the seconds from the
+    request's arrival to the response start (time to first byte).
+    """
 
-    def __init__(self, status: int, headers: Headers, body: bytes | None) -> None:
+    __slots__ = ("chunks", "complete", "elapsed", "headers", "status")
+
+    def __init__(self, status: int, headers: Headers, chunks: list[bytes] | None, *, complete: bool = True,
+                 elapsed: float = 0.0) -> None:
         self.status = status
         self.headers = headers
-        self.body = body
+        self.chunks = chunks
+        self.complete = complete
+        self.elapsed = elapsed
+
+    @property
+    def body(self) -> bytes | None:
+        """The whole kept body, or None (not asked for, or over the limit)."""
+        return None if self.chunks is None else b"".join(self.chunks)
 
     def header(self, name: bytes) -> bytes | None:
         """First value of a response header (``name`` in lower case)."""
@@ -66,23 +119,50 @@ class Policy(Protocol):
     """A route policy; see the module docstring for the request protocol."""
 
     name: str
+    request_body_limit: int
+    """Bytes of the request body ``prepare`` wants in ``ctx.body`` (0: none)."""
     response_body_limit: int
     """Bytes of the response body ``finish`` wants to see (0: none)."""
+    wants_respond: bool
+    """True when ``respond`` must see the response start."""
     wants_finish: bool
-    """False when ``finish`` never returns writes, so the pipeline can skip tracking the response."""
+    """False when ``finish`` never returns writes nor needs to run, so the pipeline can skip tracking."""
 
-    def prepare(self, ctx: RequestContext) -> Prepared | ErrorResponse:
-        """Commands for the shared batch, or an immediate answer."""
+    def prepare(self, ctx: RequestContext) -> Prepared | Answer | Pending:
+        """Commands for the shared batch, an immediate answer, or a wait for one of those."""
         ...
 
-    def decide(self, ctx: RequestContext, prepared: Prepared, results: Sequence[object]) -> ErrorResponse | None:
+    def decide(self, ctx: RequestContext, prepared: Prepared, results: Sequence[object]) -> Answer | Pending | None:
         """Answer the request (returned response) or let it through (None)."""
         ...
 
-    def store_failed(self, ctx: RequestContext, prepared: Prepared, error: StoreError) -> ErrorResponse | None:
+    def store_failed(self, ctx: RequestContext, prepared: Prepared, error: StoreError) -> Answer | Pending | None:
         """Like ``decide`` when the store could not be reached: the policy's failure mode."""
         ...
 
-    def finish(self, ctx: RequestContext, prepared: Prepared, response: Completed) -> Sequence[Command]:
-        """Deferred writes once the upstream answered."""
+    def respond(self, ctx: RequestContext, prepared: Prepared, start: Message) -> Answer | None:
+        """Edit the response start in place, or return an answer that replaces the response."""
         ...
+
+    def finish(self, ctx: RequestContext, prepared: Prepared, response: Completed) -> Sequence[Command]:
+        """Deferred writes once the response ended."""
+        ...
+
+
+class BasePolicy:
+    """Defaults for the optional parts of :class:`Policy`; policies subclass it and override what they use."""
+
+    name = "policy"
+    request_body_limit = 0
+    response_body_limit = 0
+    wants_respond = False
+    wants_finish = False
+
+    def store_failed(self, ctx: RequestContext, prepared: Prepared, error: StoreError) -> Answer | Pending | None:
+        return None
+
+    def respond(self, ctx: RequestContext, prepared: Prepared, start: Message) -> Answer | None:
+        return None
+
+    def finish(self, ctx: RequestContext, prepared: Prepared, response: Completed) -> Sequence[Command]:
+        return ()

@@ -23,7 +23,7 @@ from .clientip import IPNetwork, TrustedProxies
 from .context import RequestContext
 from .metrics import RATELIMIT_DECISIONS, RATELIMIT_KEY_FALLBACKS, STORE_FAILURES
 from .pipeline import ASGIApp, PolicyPipeline, Throttled
-from .policy import Completed, Prepared
+from .policy import BasePolicy, Completed, Prepared
 from .ratelimit_headers import HeaderLimit, RateLimitFields, policy_name, seconds_ceil
 from .responses import ErrorResponse
 from .store import Algorithm, Command, LimitCheck, LimitState, RateLimit, RateLimitResult, Store, StoreError
@@ -236,7 +236,7 @@ class _Request:
         self.checks = checks
 
 
-class RateLimitPolicy:
+class RateLimitPolicy(BasePolicy):
     """The ``limits:`` of one route as a :class:`~edgeway.middleware.policy.Policy`."""
 
     name = "ratelimit"
@@ -373,7 +373,7 @@ class RateLimitPolicy:
     def finish(self, ctx: RequestContext, prepared: Prepared, response: Completed) -> Sequence[Command]:
         """Debit the rest of a ``cost_from`` limit's real cost; charged even past the quota (the work is done)."""
         request = prepared.state
-        if not self._post_cost or not isinstance(request, _Request):
+        if not self._post_cost or not isinstance(request, _Request) or not response.complete:
             return ()
         debits = []
         for compiled, check in zip(request.active, request.checks, strict=True):

@@ -1,13 +1,15 @@
-"""Responses Edgeway makes itself: JSON bodies with a stable ``error`` code.
+"""Responses Edgeway makes itself.
 
-Every one carries ``Edgeway-Error: <code>`` so clients and ops can tell a
-gateway 503 from an upstream 503.
+:class:`ErrorResponse` answers with a JSON body and a stable ``error`` code;
+every one carries ``Edgeway-Error: <code>`` so clients and ops can tell a
+gateway 503 from an upstream 503. :class:`Response` answers with stored bytes
+(a cached response, a static fallback), chunk by chunk as they were received.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Sequence
 from typing import Any
 
 Message = MutableMapping[str, Any]
@@ -47,6 +49,30 @@ class ErrorResponse:
     async def __call__(self, scope: MutableMapping[str, Any], receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": self.status, "headers": self.headers})
         await send({"type": "http.response.body", "body": self.body if scope.get("method") != "HEAD" else b""})
+
+
+class Response:
+    """An ASGI app sending a response Edgeway holds: status, headers and body chunks.
+
+    Chunks go out as separate body messages, so a stored event stream replays
+    with the event boundaries it had. A HEAD request gets the headers only.
+    """
+
+    __slots__ = ("chunks", "headers", "status")
+
+    def __init__(self, status: int, headers: Iterable[tuple[bytes, bytes]], chunks: Sequence[bytes] = ()) -> None:
+        self.status = status
+        self.headers = list(headers)
+        self.chunks = chunks
+
+    async def __call__(self, scope: MutableMapping[str, Any], receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status, "headers": self.headers})
+        if scope.get("method") == "HEAD" or not self.chunks:
+            await send({"type": "http.response.body", "body": b""})
+            return
+        last = len(self.chunks) - 1
+        for index, chunk in enumerate(self.chunks):
+            await send({"type": "http.response.body", "body": chunk, "more_body": index < last})
 
 
 def bad_request(message: str) -> ErrorResponse:

@@ -13,9 +13,12 @@ from .base import (
     Command,
     Delete,
     Get,
+    Handler,
     Heartbeat,
+    Incr,
     LimitCheck,
     LimitState,
+    Publish,
     RateLimit,
     RateLimitResult,
     Set,
@@ -23,6 +26,7 @@ from .base import (
     StoreConfigurationError,
     StoreError,
     StoreTimeout,
+    Subscription,
 )
 
 __all__ = [
@@ -31,9 +35,12 @@ __all__ = [
     "Command",
     "Delete",
     "Get",
+    "Handler",
     "Heartbeat",
+    "Incr",
     "LimitCheck",
     "LimitState",
+    "Publish",
     "RateLimit",
     "RateLimitResult",
     "Set",
@@ -41,6 +48,7 @@ __all__ = [
     "StoreConfigurationError",
     "StoreError",
     "StoreTimeout",
+    "Subscription",
     "connect_store",
     "open_store",
 ]
