@@ -265,7 +265,8 @@ async def _reset(connection: asyncpg.Connection) -> None:
 class _Listener:
     """LISTEN/NOTIFY on one dedicated connection per store, reopened with backoff when it is lost."""
 
-    def __init__(self, dsn: str, where: str) -> None:
+    def __init__(self, dsn: str, where: str, pg: ModuleType) -> None:
+        self._pg = pg  # asyncpg, imported by the store (an extra)
         self._dsn = dsn
         self._where = where
         self._fanout = Fanout(self._sync)
@@ -298,7 +299,7 @@ class _Listener:
             for channel in sorted(self._listening - wanted):
                 await connection.remove_listener(channel, self._notified)
                 self._listening.discard(channel)
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+        except (self._pg.PostgresError, self._pg.InterfaceError, OSError) as exc:
             logger.warning("PostgreSQL LISTEN on %s failed (%s); reconnecting", self._where, exc)
             connection.terminate()
 
@@ -308,7 +309,7 @@ class _Listener:
         while True:
             lost = asyncio.Event()
             try:
-                self._connection = await asyncpg.connect(
+                self._connection = await self._pg.connect(
                     self._dsn, timeout=_CONNECT_TIMEOUT, server_settings={"application_name": "edgeway-listen"}
                 )
                 self._connection.add_termination_listener(lambda _connection, lost=lost: lost.set())
@@ -320,7 +321,7 @@ class _Listener:
                     self._ready.set()
                     await lost.wait()
                 error: object = "connection closed"
-            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+            except (self._pg.PostgresError, self._pg.InterfaceError, OSError, TimeoutError) as exc:
                 error = exc
             finally:
                 if self._connection is not None and not self._connection.is_closed():
@@ -354,7 +355,7 @@ class PostgresStore(_BatchStore):
         self._dsn = dsn
         self._pool_size = pool_size
         self._pool: SharedOpen[asyncpg.Pool] = SharedOpen(self._open)
-        self._listener = _Listener(dsn, self.describe())
+        self._listener = _Listener(dsn, self.describe(), self._pg)
 
     async def subscribe(self, channel: str, handler: Handler) -> Subscription:
         """LISTEN on a dedicated connection (see the module docstring)."""
