@@ -49,6 +49,8 @@ def _serve(args: argparse.Namespace) -> int:
     except PolicyError as exc:
         print(exc, file=sys.stderr)
         return 1
+    from .server import uvicorn_options
+
     stores = asyncio.run(probe_stores(loaded))
     logger.info("starting\n%s", startup_block(loaded, stores, host=args.host, port=args.port, workers=args.workers))
     primary = next((reach for reach in stores if reach.role == "primary"), None)
@@ -63,12 +65,9 @@ def _serve(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         workers=args.workers,
-        lifespan="on",
-        proxy_headers=False,  # Edgeway's trusted_proxies decides who may set forwarding headers
-        server_header=False,
-        date_header=False,  # the upstream's Date passes through; no second one
         access_log=args.access_log,
         log_level=args.log_level,
+        **uvicorn_options(args.http),
     )
     return 0
 
@@ -110,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
     serve.add_argument("--port", type=int, default=8080, help="port to listen on")
     serve.add_argument("--workers", type=int, default=1, help="worker processes")
+    serve.add_argument("--http", default="httptools", choices=["httptools", "h11"],
+                       help="HTTP/1.1 parser (default: httptools; h11 is pure Python); the policy's server: block "
+                            "sets timeouts and limits")
     serve.add_argument("--access-log", action="store_true", help="log every request (costs throughput)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                        help="log level")
