@@ -73,8 +73,14 @@ class EdgewayMiddleware:
         self.trusted = edgeway.trusted
         self.routes = RouteTable(edgeway.loaded.policy, edgeway.store, edgeway.trusted, lambda route: app,
                                  user_from=edgeway.user_from)
+        self._started = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if not self._started:
+            # heartbeats from the app's startup (or, without lifespan, its first request of any route), so
+            # peers count this instance even before it serves a limited route
+            self._started = True
+            await self.edgeway.store.start()
         kind = scope["type"]
         if kind == "lifespan":
             await self.app(scope, receive, self._closing_store(send))
