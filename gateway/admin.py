@@ -207,8 +207,8 @@ async def status(request: AdminRequest) -> tuple[int, JSON]:
         for name, up in policy.upstreams.items()
     }
     routes = [
-        {"name": f"{index}:{route.match.path}", **route.model_dump(mode="json")}
-        for index, route in enumerate(policy.routes)
+        {"name": route.route_id, **route.model_dump(mode="json")}
+        for route in policy.routes
     ]
     return 200, {
         "instance": {"id": gateway.instance_id, "pid": os.getpid(), "version": gateway.loaded.version,

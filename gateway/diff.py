@@ -22,9 +22,9 @@ _SECRET_PARENTS = frozenset({"supabase"})  # {supabase: {url, key}}: its key is 
 
 
 def route_id(route: Route) -> str:
-    """How a route is known across two files: its path and methods."""
-    methods = ",".join(route.match.methods) if route.match.methods else "*"
-    return f"{route.match.path} [{methods}]"
+    """How a route is known across two files: its ``id``, else its path and methods (what its store keys and
+    metrics carry, so the same id means the same counters)."""
+    return route.route_id
 
 
 def show(value: object) -> str:

@@ -20,7 +20,7 @@ from edgeway.middleware.store.memory import MemoryStore
 
 from .config import Policy, Route
 from .diff import show
-from .routing import RouteTable
+from .routing import RouteTable, route_policies
 
 _WINDOWED = (Algorithm.SLIDING_WINDOW, Algorithm.FIXED_WINDOW)
 
@@ -37,7 +37,7 @@ def _scope(method: str, target: str, headers: Sequence[tuple[str, str]], client_
 
 
 def _limits(route: Route, name: str, policy: Policy, ctx: RequestContext) -> list[str]:
-    limiter = RateLimitPolicy(route.limits, route=name, key_prefix=policy.store.key_prefix)
+    (limiter,) = [p for p in route_policies(route, name, policy) if isinstance(p, RateLimitPolicy)]
     outcome = limiter.prepare(ctx)
     if isinstance(outcome, ErrorResponse):
         return [f"  -> answered at once: {outcome.status} {outcome.body.decode()}"]
@@ -83,9 +83,10 @@ def explain(policy: Policy, method: str, target: str, headers: Sequence[tuple[st
     route = policy.routes[index]
     ctx = RequestContext(scope, trusted, found.name)
     methods = ", ".join(route.match.methods) if route.match.methods else "any method"
-    upstream = policy.upstreams[route.upstream]
-    lines.append(f"route: routes[{index}] {route.match.path} ({methods}) -> upstream {route.upstream} "
-                 f"({show(upstream.url)})")
+    upstream = policy.upstreams[route.upstream] if route.upstream is not None else None
+    target_text = (f"upstream {route.upstream} ({show(upstream.url)})" if upstream is not None
+                   else "the wrapped app (in-app policy)")
+    lines.append(f"route: routes[{index}] {route.match.path} ({methods}), id {found.name} -> {target_text}")
     lines.append(f"client ip: {ctx.client_ip}" + (f" (peer {client_ip} is a trusted proxy)"
                                                   if ctx.client_ip != client_ip else ""))
     lines.append("limits:" if route.limits else "limits: none")
@@ -101,7 +102,7 @@ def explain(policy: Policy, method: str, target: str, headers: Sequence[tuple[st
         parts = [f"{part}={values.get(part, ctx.header(part.partition(':')[2]) or '(absent)')}"
                  for part in cache.key]
         lines.append("  key parts: " + ", ".join(parts))
-    breaker = upstream.breaker
+    breaker = upstream.breaker if upstream is not None else None
     if breaker is None:
         lines.append(f"breaker: none on upstream {route.upstream}")
     else:

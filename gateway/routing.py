@@ -17,10 +17,11 @@ from prometheus_client.metrics import Counter
 
 from edgeway.middleware.clientip import TrustedProxies
 from edgeway.middleware.metrics import REQUEST_SECONDS, REQUESTS
-from edgeway.middleware.pipeline import EdgewayMiddleware
+from edgeway.middleware.pipeline import PolicyPipeline
 from edgeway.middleware.policy import Policy as RoutePolicy
 from edgeway.middleware.ratelimit import RateLimitPolicy
 from edgeway.middleware.store import Store
+from edgeway.middleware.users import UserSource, user_source
 
 from .config import HTTP_METHODS, Policy, Route
 
@@ -64,7 +65,7 @@ class CompiledRoute:
     prefix: str | None
     methods: frozenset[str] | None
     app: Any
-    upstream: str
+    upstream: str | None
     meter: RouteMeter
     fold: bool = False  # match.case_insensitive: pattern and prefix are lower case, compared with the path's
     allow_semicolons: bool = False
@@ -79,11 +80,12 @@ class CompiledRoute:
         return path.startswith(self.prefix) or path == self.prefix.rstrip("/")
 
 
-def route_policies(route: Route, name: str, policy: Policy) -> list[RoutePolicy]:
+def route_policies(route: Route, name: str, policy: Policy, user_from: UserSource | None = None) -> list[RoutePolicy]:
     """The policy objects of one route, in the order they run."""
     policies: list[RoutePolicy] = []
     if route.limits:
-        policies.append(RateLimitPolicy(route.limits, route=name, key_prefix=policy.store.key_prefix))
+        policies.append(RateLimitPolicy(route.limits, route=name, key_prefix=policy.key_prefix,
+                                        user_from=user_from or user_source(policy.user_from)))
     return policies
 
 
@@ -91,14 +93,14 @@ class RouteTable:
     """Routes in file order; ``match`` returns the route or the methods other routes allow on the path."""
 
     def __init__(self, policy: Policy, store: Store, trusted: TrustedProxies,
-                 endpoint: Callable[[Route], Any]) -> None:
+                 endpoint: Callable[[Route], Any], *, user_from: UserSource | None = None) -> None:
         routes = []
-        for index, route in enumerate(policy.routes):
-            name = f"{index}:{route.match.path}"
+        for route in policy.routes:
+            name = route.route_id  # never the position in the file: inserting a route must not reset counters
             app = endpoint(route)
-            policies = route_policies(route, name, policy)
+            policies = route_policies(route, name, policy, user_from)
             if policies:
-                app = EdgewayMiddleware(app, policies=policies, store=store, trusted_proxies=trusted, route=name)
+                app = PolicyPipeline(app, policies=policies, store=store, trusted_proxies=trusted, route=name)
             match = route.match
             pattern = match.path.lower() if match.case_insensitive else match.path
             methods = frozenset(match.methods) if match.methods else None
