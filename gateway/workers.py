@@ -20,6 +20,8 @@ from uvicorn.supervisors import Multiprocess
 
 logger = logging.getLogger("edgeway")
 
+APP = "edgeway.gateway.asgi:app_from_env"
+
 
 class Workers(Multiprocess):
     """uvicorn's multiprocess supervisor, with SIGHUP forwarded to every worker (see the module docstring)."""
@@ -36,11 +38,8 @@ class Workers(Multiprocess):
 
 def run(workers: int, **options: Any) -> None:
     """Serve ``edgeway.gateway.asgi:app_from_env`` with ``options`` (uvicorn.Config keywords)."""
-    config = uvicorn.Config("edgeway.gateway.asgi:app_from_env", factory=True, workers=workers, **options)
-    if workers > 1:
-        Workers(config, sockets=[config.bind_socket()]).run()
-    else:
-        server = uvicorn.Server(config)
-        server.run()
-        if not server.started:
-            raise SystemExit(3)  # uvicorn's startup-failure exit code: the app or the socket could not start
+    if workers <= 1:
+        uvicorn.run(APP, factory=True, workers=1, **options)
+        return
+    config = uvicorn.Config(APP, factory=True, workers=workers, **options)
+    Workers(config, sockets=[config.bind_socket()]).run()

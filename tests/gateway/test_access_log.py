@@ -87,7 +87,7 @@ def test_one_json_line_with_every_field(logged: Logged, echo: EchoApp) -> None:
     entry = logged.entry(f"/api/{token}")
     assert set(entry) == {"time", "route", "method", "path", "status", "latency_ms", "upstream", "upstream_ms",
                           "limit", "cache", "breaker", "session", "user", "store", "request_id"}
-    assert entry["route"] == "1:/api/*"
+    assert entry["route"] == "/api/*"
     assert (entry["method"], entry["path"], entry["status"]) == ("GET", f"/api/{token}", 200)
     assert entry["upstream"] == "echo" and entry["store"] == "memory"
     assert 0 <= entry["upstream_ms"] <= entry["latency_ms"]
@@ -162,12 +162,12 @@ def test_text_format_is_one_readable_line() -> None:
     logger = logging.getLogger("tests.access.text")
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
-    ctx = RequestContext({"method": "GET", "path": "/api/x", "headers": []}, TrustedProxies(()), "1:/api/*")
+    ctx = RequestContext({"method": "GET", "path": "/api/x", "headers": []}, TrustedProxies(()), "/api/*")
     ctx.upstream, ctx.upstream_seconds, ctx.user, ctx.request_id = "echo", 0.004, "u-1", "r1"
     ctx.outcomes["limit"] = "allowed"
     AccessLog("text", logger=logger).record(ctx, 200, 0.0055, "redis")
     (line,) = handler.lines
-    assert '200 GET "/api/x" 5.5ms route=1:/api/* upstream=echo upstream_ms=4.0 limit=allowed' in line
+    assert '200 GET "/api/x" 5.5ms route=/api/* upstream=echo upstream_ms=4.0 limit=allowed' in line
     assert f"user={user_hash('u-1')}" in line and "u-1 " not in line and "store=redis request_id=r1" in line
 
 

@@ -122,7 +122,7 @@ def test_status_shows_policy_store_upstreams_and_routes(admin: Served) -> None:
     assert "secret-pass" not in echo["url"] and echo["url"].startswith("http://127.0.0.1:")
     assert echo["breaker"]["failures"] == 3
     (route,) = payload["routes"]
-    assert route["name"] == "0:/api/*" and route["upstream"] == "echo"
+    assert route["name"] == "/api/*@GET" and route["upstream"] == "echo"
     assert route["limits"][0]["key"] == ["ip"]
     (me,) = payload["instances"]  # a memory store is never shared: this instance alone
     assert (me["id"], me["version"]) == (payload["instance"]["id"], admin.app.loaded.version)

@@ -53,11 +53,11 @@ def test_diff_limits_upstreams_and_routes(capsys: pytest.CaptureFixture[str], tm
     assert lines[1:] == [
         "~ upstream api",
         "    timeout.read: 30 -> 60",
-        "~ route /api/ai/* [GET,POST]",
+        "~ route /api/ai/*@GET,POST",
         "    + limit hour: 5/hour by ip",
         "    limit day.mode: enforce -> shadow",
         "    limit minute.rate: 10/minute -> 20/minute",
-        "+ route /health [*] at routes[2]: upstream api",
+        "+ route /health at routes[2]: upstream api",
     ]
 
 
@@ -71,11 +71,11 @@ def test_diff_removed_and_reordered_routes(capsys: pytest.CaptureFixture[str], t
     new.write_text(moved)
     code, lines = run(capsys, "diff", str(EXAMPLE), str(new))
     assert code == 1
-    assert lines[1:] == ["~ route /api/* [*] (moved: routes[1] -> routes[0]; first match wins)",
-                         "~ route /api/ai/* [GET,POST] (moved: routes[0] -> routes[1]; first match wins)"]
+    assert lines[1:] == ["~ route /api/* (moved: routes[1] -> routes[0]; first match wins)",
+                         "~ route /api/ai/*@GET,POST (moved: routes[0] -> routes[1]; first match wins)"]
     gone = tmp_path / "gone.yaml"
     gone.write_text(text.replace(ai, ""))
-    assert run(capsys, "diff", str(EXAMPLE), str(gone))[1][1:] == ["- route /api/ai/* [GET,POST] (was routes[0])"]
+    assert run(capsys, "diff", str(EXAMPLE), str(gone))[1][1:] == ["- route /api/ai/*@GET,POST (was routes[0])"]
 
 
 def test_diff_never_prints_secrets(capsys: pytest.CaptureFixture[str], tmp_path: Path,
@@ -98,7 +98,7 @@ def test_diff_of_an_invalid_file_lists_its_problems(capsys: pytest.CaptureFixtur
     bad = variant(tmp_path, ("10/minute", "10/fortnight"))
     code, lines = run(capsys, "diff", str(EXAMPLE), str(bad))
     assert code == 2
-    assert lines and lines[0].startswith(f"{bad}:17:")
+    assert lines and lines[0].startswith(f"{bad}:18:17: routes.0.limits.0.rate: bad rate '10/fortnight'")
 
 
 def test_explain_limits_with_their_store_keys(capsys: pytest.CaptureFixture[str]) -> None:
@@ -106,14 +106,14 @@ def test_explain_limits_with_their_store_keys(capsys: pytest.CaptureFixture[str]
     assert code == 0
     assert lines == [
         "POST /api/ai/chat",
-        "route: routes[0] /api/ai/* (GET, POST) -> upstream api (http://127.0.0.1:9001)",
+        "route: routes[0] /api/ai/* (GET, POST), id /api/ai/*@GET,POST -> upstream api (http://127.0.0.1:9001)",
         "client ip: 203.0.113.5",
         "limits:",
         "  10/minute by ip (sliding-window, enforce, cost 1, policy name 'minute')",
-        "    store key: edgeway:rl:{0:/api/ai/*:ip=203.0.113.5}:minute:sw  (+ ':' + window index)",
+        "    store key: edgeway:api-gateway:rl:{/api/ai/*@GET,POST:ip=203.0.113.5}:minute:sw  (+ ':' + window index)",
         "    quota 10 per 60s",
         "  100/day by ip (sliding-window, enforce, cost 1, policy name 'day')",
-        "    store key: edgeway:rl:{0:/api/ai/*:ip=203.0.113.5}:day:sw  (+ ':' + window index)",
+        "    store key: edgeway:api-gateway:rl:{/api/ai/*@GET,POST:ip=203.0.113.5}:day:sw  (+ ':' + window index)",
         "    quota 100 per 86400s",
         "cache: none",
         "breaker: none on upstream api",
@@ -127,7 +127,7 @@ def test_explain_header_key_trusted_proxy_and_query(capsys: pytest.CaptureFixtur
     assert code == 0
     assert "client ip: 198.51.100.7 (peer 127.0.0.1 is a trusted proxy)" in lines
     (key,) = [line for line in lines if "store key" in line]
-    assert key.startswith("    store key: edgeway:rl:{1:/api/*:ip=198.51.100.7|h=")
+    assert key.startswith("    store key: edgeway:api-gateway:rl:{/api/*:ip=198.51.100.7|h=")
     assert "k-1" not in key  # header values are digested: they may be secrets
     other = run(capsys, "explain", str(EXAMPLE), "GET", "/api/items", "--header", "X-Api-Key: k-2",
                 "--header", "X-Forwarded-For: 198.51.100.7")[1]
