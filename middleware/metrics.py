@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter, Gauge, Histogram
 
 RATELIMIT_DECISIONS = Counter(
     "edgeway_ratelimit_decisions_total",
@@ -28,4 +28,29 @@ STORE_UP = Gauge("edgeway_store_up", "1 while the store answers readiness probes
 STORE_MODE = Gauge("edgeway_store_mode", "1 for the store currently serving shared state.", ["mode"])
 STORE_MODE_CHANGES = Counter(
     "edgeway_store_mode_changes_total", "Failovers and recoveries between stores.", ["from_mode", "to_mode"]
+)
+
+# -- session cache (names as issue 13 defines them) -----------------------------------------------
+
+_SLOW = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+SESSION_CACHE = Counter(
+    "edgeway_session_cache_total",
+    "Session lookups by cache result.",
+    ["result"],  # hit | miss | negative (a cached refusal)
+)
+SESSION_PROVIDER_CALLS = Counter(
+    "edgeway_session_provider_calls_total",
+    "Calls to the session provider (Supabase Auth /user, JWKS fetch), by outcome.",
+    ["outcome"],  # valid | invalid | error | timeout
+)
+SESSION_PROVIDER_SECONDS = Histogram(
+    "edgeway_session_provider_seconds",
+    "Latency of session provider calls.",
+    buckets=_SLOW,
+)
+SESSION_REVOCATIONS_UNCHECKED = Counter(
+    "edgeway_session_revocations_unchecked_total",
+    "Requests let through without a revocation check because no shared store could be read.",
+    ["route"],
 )

@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..metrics import STORE_MODE, STORE_MODE_CHANGES
-from .base import Command, Delete, Get, Heartbeat, LimitCheck, RateLimit, Set, Store, StoreError
+from .base import Command, Delete, Get, Heartbeat, LimitCheck, RateLimit, Revoke, Revoked, Set, Store, StoreError
 from .memory import MemoryStore
 
 logger = logging.getLogger("edgeway.store")
@@ -114,13 +114,18 @@ class FailoverStore(Store):
 
     async def execute(self, commands: Sequence[Command], *, timeout: float | None = None) -> list[object]:
         self._start_heartbeat()
+        if commands and isinstance(commands[0], Revoke):
+            return await self._everywhere(commands, timeout)
         shared: list[int] = []  # which commands are shared state: worked out only once the primary is passed
         for position, member in enumerate(self._members):
             if not member.healthy:
                 continue
             if not member.shared:  # memory, the last resort: per instance, limits divided by live instances
                 self._set_mode(member.store.kind)
-                return await member.store.execute(self._degrade(commands), timeout=timeout)
+                results = await member.store.execute(self._degrade(commands), timeout=timeout)
+                if position > 0:  # revocations live in the shared stores: this instance's memory cannot know
+                    results = [None if isinstance(c, Revoked) else r for c, r in zip(commands, results, strict=True)]
+                return results
             if position > 0:
                 shared = shared or [i for i, c in enumerate(commands) if not isinstance(c, Get | Set | Delete)]
                 if not shared:  # only caches: memory, without bothering the fallback
@@ -136,6 +141,27 @@ class FailoverStore(Store):
             self._succeeded(member)
             return results
         raise StoreError("no store left: every store in the chain failed (store.fallback: [] allows none)")
+
+    async def _everywhere(self, commands: Sequence[Command], timeout: float | None) -> list[object]:
+        """Revocations go to every healthy store, so they hold after a failover; one shared store must take them."""
+        results: list[object] | None = None
+        errors: list[StoreError] = []
+        taken = False
+        for member in self._members:
+            if not member.healthy:
+                continue
+            try:
+                answer = await member.store.execute(commands, timeout=timeout)
+            except StoreError as error:
+                self._failed(member, error)
+                errors.append(error)
+                continue
+            if member.shared or results is None:
+                results = answer
+            taken = taken or member.shared
+        if results is None or (not taken and any(m.shared for m in self._members)):
+            raise StoreError(f"no shared store took the revocation: {'; '.join(map(str, errors)) or 'none healthy'}")
+        return results
 
     async def _split(self, remote: Store, commands: Sequence[Command], shared: list[int],
                      timeout: float | None) -> list[object]:
@@ -176,8 +202,8 @@ class FailoverStore(Store):
         live = self.live_instances
         if live <= 1:
             return list(commands)
-        return [RateLimit(tuple(_share(check, live) for check in c.checks)) if isinstance(c, RateLimit) else c
-                for c in commands]
+        return [RateLimit(tuple(_share(check, live) for check in c.checks), c.guard) if isinstance(c, RateLimit)
+                else c for c in commands]
 
     # -- health -----------------------------------------------------------------
 

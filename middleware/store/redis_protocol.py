@@ -28,6 +28,8 @@ from .base import (
     Publish,
     RateLimit,
     RateLimitResult,
+    Revoke,
+    Revoked,
     Set,
     Store,
     StoreError,
@@ -175,8 +177,12 @@ class RedisProtocolStore(Store):
         if isinstance(command, Publish):
             return ("PUBLISH", command.channel, command.message)
         if isinstance(command, RateLimit):
-            args: list[RedisArg] = ["EVALSHA", RATE_LIMIT_SCRIPT.sha, len(command.checks)]
+            guard = command.guard
+            args: list[RedisArg] = ["EVALSHA", RATE_LIMIT_SCRIPT.sha,
+                                    len(command.checks) + (len(guard.keys) if guard else 0)]
             args.extend(check.key for check in command.checks)
+            if guard is not None:
+                args.extend(guard.keys)
             args.append("" if self._clock is None else math.floor(self._clock() * 1000))
             for check in command.checks:
                 args.extend(
@@ -189,7 +195,13 @@ class RedisProtocolStore(Store):
                         1 if check.enforced else 0,
                     )
                 )
+            if guard is not None:
+                args.extend((guard.issued_at_ms, len(guard.keys)))
             return tuple(args)
+        if isinstance(command, Revoked):
+            return ("MGET", *command.keys)
+        if isinstance(command, Revoke):
+            return ("SET", command.key, command.at_ms, "PX", max(1, command.ttl_ms))
         if isinstance(command, Heartbeat):
             now: RedisArg = "" if self._clock is None else math.floor(self._clock() * 1000)
             return ("EVALSHA", HEARTBEAT_SCRIPT.sha, 1, command.key, command.instance, command.ttl_ms, now)
@@ -218,10 +230,27 @@ def _decode(command: Command, reply: object) -> object:
     if isinstance(command, Delete | Incr | Publish):
         return int(reply)  # type: ignore[call-overload]
     if isinstance(command, RateLimit):
+        if command.guard is not None and reply == [2]:
+            return RateLimitResult(False, (), revoked=True)
         return _decode_rate_limit(reply, len(command.checks))
+    if isinstance(command, Revoked):
+        if not isinstance(reply, list):
+            raise StoreError(f"unexpected MGET reply {reply!r}")
+        return any(_revoked_after(value, command.issued_at_ms) for value in reply)
+    if isinstance(command, Revoke):
+        return None
     if isinstance(command, Heartbeat):
         return int(reply)  # type: ignore[call-overload]
     raise TypeError(f"unknown store command {command!r}")
+
+
+def _revoked_after(value: object, issued_at_ms: int) -> bool:
+    if value is None:
+        return False
+    try:
+        return int(value.decode() if isinstance(value, bytes) else value) > issued_at_ms  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        return False
 
 
 def _decode_rate_limit(reply: object, count: int) -> RateLimitResult:

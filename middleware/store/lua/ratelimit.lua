@@ -2,7 +2,7 @@
 -- KEYS[i]  the base key of limit i (all share one hash tag, so one Cluster slot)
 -- ARGV[1]  "now" in ms, or "" to use the server clock (TIME): instances with skewed clocks agree
 -- ARGV[2+6(i-1) ..]  algorithm, quota, window_ms, cost, burst, enforced (1|0) for limit i
--- Returns {allowed, then per limit: allowed, remaining, reset_ms, retry_after_ms}.
+-- Returns {allowed, then per limit: allowed, remaining, reset_ms, retry_after_ms}, or {2} (see the guard).
 -- Semantics mirror middleware/store/memory.py exactly; the shared store suite checks both.
 
 local SLACK = 1000
@@ -12,7 +12,18 @@ if not now then
   now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
+-- A revocation guard (the session's Revoked check) may follow: its keys after the limits' keys, and
+-- ARGV ends with issued_at_ms and the guard's key count. A revoked session is charged nothing: returns {2}.
 local n = #KEYS
+if (#ARGV - 1) % 6 == 2 then
+  local guards = tonumber(ARGV[#ARGV])
+  local issued = tonumber(ARGV[#ARGV - 1])
+  n = n - guards
+  for g = n + 1, n + guards do
+    local at = tonumber(redis.call('GET', KEYS[g]) or '')
+    if at and at > issued then return {2} end
+  end
+end
 local plans = {}
 local all_ok = true
 
