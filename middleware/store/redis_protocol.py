@@ -247,10 +247,8 @@ def _decode(command: Command, reply: object) -> object:
 def _revoked_after(value: object, issued_at_ms: int) -> bool:
     if value is None:
         return False
-    try:
-        return int(value.decode() if isinstance(value, bytes) else value) > issued_at_ms  # type: ignore[call-overload]
-    except (TypeError, ValueError):
-        return False
+    text = value.decode() if isinstance(value, bytes) else str(value)
+    return text.lstrip("-").isdigit() and int(text) > issued_at_ms
 
 
 def _decode_rate_limit(reply: object, count: int) -> RateLimitResult:
