@@ -13,6 +13,12 @@ exact. Both stores speak the same JSON (``encode_commands`` /
   ``POST {url}/rest/v1/rpc/edgeway_batch`` with the service role key, over one
   pooled ``httpx.AsyncClient`` that never stores cookies.
 
+Bytes travel as base64 in the JSON (``{"b64": ...}`` in answers) and are kept
+in a ``bytea`` column. ``Publish`` is ``pg_notify`` inside the batch;
+:meth:`PostgresStore.subscribe` LISTENs on a dedicated connection (reconnected
+with backoff). PostgREST cannot LISTEN, so :class:`SupabaseStore` publishes
+(to direct-connection listeners) but cannot subscribe.
+
 Every call is bounded by the store timeout: the work runs in its own task and
 the caller stops waiting at the deadline (the task is cancelled and left to
 unwind in the background), so a slow or dead database never holds a request.
@@ -24,8 +30,11 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import base64
+import binascii
 import contextlib
 import json
+import logging
 import math
 from collections.abc import Coroutine, Sequence
 from http.cookiejar import CookieJar, DefaultCookiePolicy
@@ -40,8 +49,11 @@ from .base import (
     Command,
     Delete,
     Get,
+    Handler,
     Heartbeat,
+    Incr,
     LimitState,
+    Publish,
     RateLimit,
     RateLimitResult,
     Revoke,
@@ -50,7 +62,9 @@ from .base import (
     Store,
     StoreError,
     StoreTimeout,
+    Subscription,
 )
+from .notify import Backoff, Fanout
 from .opening import SharedOpen
 
 __all__ = ["MIGRATION", "PostgresStore", "SupabaseStore", "decode_results", "encode_commands"]
@@ -61,6 +75,8 @@ _CONNECT_TIMEOUT = 5.0  # seconds; connecting continues in the background past a
 _BACKSTOP = 10.0  # seconds; the bound when a store is built with timeout=None
 
 T = TypeVar("T")
+
+logger = logging.getLogger("edgeway.store")
 
 
 # -- the JSON both transports carry ------------------------------------------------
@@ -73,9 +89,26 @@ def encode_commands(commands: Sequence[Command]) -> list[dict[str, object]]:
         if isinstance(command, Get):
             encoded.append({"op": "get", "key": command.key})
         elif isinstance(command, Set):
-            encoded.append({"op": "set", "key": command.key, "value": command.value, "ttl_ms": command.ttl_ms})
+            value = command.value
+            entry: dict[str, object] = {"op": "set", "key": command.key, "ttl_ms": command.ttl_ms}
+            if isinstance(value, bytes):
+                entry.update(value=base64.b64encode(value).decode(), b64=True)
+            else:
+                entry["value"] = value
+            if command.only_if_absent:
+                entry["nx"] = True
+            encoded.append(entry)
         elif isinstance(command, Delete):
-            encoded.append({"op": "del", "key": command.key})
+            if command.if_value is None:
+                encoded.append({"op": "del", "key": command.key})
+            else:
+                expected = command.if_value
+                raw = expected.encode() if isinstance(expected, str) else expected
+                encoded.append({"op": "cad", "key": command.key, "value": base64.b64encode(raw).decode()})
+        elif isinstance(command, Incr):
+            encoded.append({"op": "incr", "key": command.key, "amount": command.amount, "ttl_ms": command.ttl_ms})
+        elif isinstance(command, Publish):
+            encoded.append({"op": "publish", "channel": command.channel, "message": command.message})
         elif isinstance(command, RateLimit):
             checks = [
                 {
@@ -110,11 +143,24 @@ def decode_results(commands: Sequence[Command], results: object) -> list[object]
 
 def _decode(command: Command, result: object) -> object:
     if isinstance(command, Get):
-        if result is None or isinstance(result, str):
-            return result
+        if result is None:
+            return None
+        if isinstance(result, str):
+            return result.encode() if command.binary else result
+        if isinstance(result, dict) and isinstance(result.get("b64"), str):
+            try:
+                raw = base64.b64decode(result["b64"])
+            except (binascii.Error, ValueError):
+                raise StoreError(f"edgeway.batch sent a value that is not base64: {str(result)[:80]}") from None
+            return raw if command.binary else raw.decode(errors="replace")
     elif isinstance(command, Set):
+        if not command.only_if_absent:
+            return None
+        if isinstance(result, bool):
+            return result
+    elif isinstance(command, Publish):
         return None
-    elif isinstance(command, Delete | Heartbeat):
+    elif isinstance(command, Delete | Heartbeat | Incr):
         if type(result) is int:
             return result
     elif isinstance(command, Revoke):
@@ -212,10 +258,89 @@ async def _reset(connection: asyncpg.Connection) -> None:
         await connection.execute("ROLLBACK")
 
 
+class _Listener:
+    """LISTEN/NOTIFY on one dedicated connection per store, reopened with backoff when it is lost."""
+
+    def __init__(self, dsn: str, where: str) -> None:
+        self._dsn = dsn
+        self._where = where
+        self._fanout = Fanout(self._sync)
+        self._task: asyncio.Task[None] | None = None
+        self._connection: asyncpg.Connection | None = None
+        self._listening: set[str] = set()
+        self._ready = asyncio.Event()
+
+    async def subscribe(self, channel: str, handler: Handler) -> Subscription:
+        if self._task is None or self._task.done():
+            self._ready = asyncio.Event()
+            self._task = asyncio.get_running_loop().create_task(self._run())
+        subscription = await self._fanout.add(channel, handler)
+        with contextlib.suppress(TimeoutError):  # the first connection: LISTEN before returning
+            await asyncio.wait_for(self._ready.wait(), _CONNECT_TIMEOUT)
+        return subscription
+
+    def _notified(self, connection: object, pid: int, channel: str, payload: object) -> None:
+        self._fanout.dispatch(channel, str(payload))
+
+    async def _sync(self) -> None:
+        connection = self._connection
+        if connection is None or connection.is_closed():
+            return
+        wanted = set(self._fanout.channels)
+        try:
+            for channel in sorted(wanted - self._listening):
+                await connection.add_listener(channel, self._notified)
+                self._listening.add(channel)
+            for channel in sorted(self._listening - wanted):
+                await connection.remove_listener(channel, self._notified)
+                self._listening.discard(channel)
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+            logger.warning("PostgreSQL LISTEN on %s failed (%s); reconnecting", self._where, exc)
+            connection.terminate()
+
+    async def _run(self) -> None:
+        backoff = Backoff()
+        failing = False
+        while True:
+            lost = asyncio.Event()
+            try:
+                self._connection = await asyncpg.connect(
+                    self._dsn, timeout=_CONNECT_TIMEOUT, server_settings={"application_name": "edgeway-listen"}
+                )
+                self._connection.add_termination_listener(lambda _connection: lost.set())
+                self._listening = set()
+                await self._sync()
+                if not self._connection.is_closed():
+                    failing = False
+                    backoff.reset()
+                    self._ready.set()
+                    await lost.wait()
+                error: object = "connection closed"
+            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+                error = exc
+            finally:
+                if self._connection is not None and not self._connection.is_closed():
+                    self._connection.terminate()
+                self._connection = None
+            self._ready.set()  # nobody waits for a LISTEN that cannot happen now
+            if not failing:
+                logger.warning("PostgreSQL listener connection to %s lost (%s); reconnecting", self._where, error)
+                failing = True
+            await backoff.wait()
+
+    async def close(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
 class PostgresStore(_BatchStore):
     """A direct PostgreSQL connection (an asyncpg pool, created on first use)."""
 
     kind = "postgres"
+    notifies = True
 
     def __init__(
         self, dsn: str, *, timeout: float | None = 0.05, clock: Clock | None = None, pool_size: int = 10
@@ -224,6 +349,11 @@ class PostgresStore(_BatchStore):
         self._dsn = dsn
         self._pool_size = pool_size
         self._pool: SharedOpen[asyncpg.Pool] = SharedOpen(self._open)
+        self._listener = _Listener(dsn, self.describe())
+
+    async def subscribe(self, channel: str, handler: Handler) -> Subscription:
+        """LISTEN on a dedicated connection (see the module docstring)."""
+        return await self._listener.subscribe(channel, handler)
 
     def describe(self) -> str:
         parts = urlsplit(self._dsn)
@@ -257,6 +387,7 @@ class PostgresStore(_BatchStore):
         return pool
 
     async def close(self) -> None:
+        await self._listener.close()
         await self._bounded.drain()
         pool, connecting = self._pool.take()
         if connecting is not None:  # a pool still being built, or built for a caller that gave up

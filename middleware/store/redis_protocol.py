@@ -57,10 +57,9 @@ HEARTBEAT_SCRIPT = Script("heartbeat.lua")
 INCR_SCRIPT = Script("incr.lua")
 CAD_SCRIPT = Script("cad.lua")
 SETBIN_SCRIPT = Script("setbin.lua")
-_SOURCES = {
-    script.sha: script.source
-    for script in (RATE_LIMIT_SCRIPT, HEARTBEAT_SCRIPT, INCR_SCRIPT, CAD_SCRIPT, SETBIN_SCRIPT)
-}
+SCRIPTS = (RATE_LIMIT_SCRIPT, HEARTBEAT_SCRIPT, INCR_SCRIPT, CAD_SCRIPT, SETBIN_SCRIPT)
+"""Loaded by each new connection (TCP) or the first pipeline (REST) ahead of any command."""
+_SOURCES = {script.sha: script.source for script in SCRIPTS}
 
 
 class Transport(abc.ABC):
@@ -79,6 +78,12 @@ class Transport(abc.ABC):
     def value_bytes(self, reply: str | bytes) -> bytes:
         """A bulk-string reply (a value read by ``GET``) as the bytes Redis holds."""
         return reply if isinstance(reply, bytes) else reply.encode("utf-8", "surrogateescape")
+
+    def value_text(self, reply: str | bytes) -> str:
+        """A bulk-string reply as text; bytes that are not UTF-8 become U+FFFD."""
+        if isinstance(reply, str) and reply.isascii():
+            return reply  # the common case, without a round trip through bytes
+        return self.value_bytes(reply).decode(errors="replace")
 
     @abc.abstractmethod
     def submit(self, commands: Sequence[RedisCommand]) -> asyncio.Future[list[object]]:
@@ -146,12 +151,12 @@ class RedisProtocolStore(Store):
         return [self._decode(command, reply) for command, reply in zip(commands, replies, strict=True)]
 
     def _decode(self, command: Command, reply: object) -> object:
+        if isinstance(command, Revoked) and isinstance(reply, list):
+            value_bytes = self._transport.value_bytes
+            return any(isinstance(value, str | bytes) and _revoked_after(value_bytes(value), command.issued_at_ms)
+                       for value in reply)
         if isinstance(command, Get) and isinstance(reply, str | bytes):
-            if command.binary:
-                return self._transport.value_bytes(reply)
-            if isinstance(reply, str) and reply.isascii():
-                return reply
-            return self._transport.value_bytes(reply).decode(errors="replace")
+            return self._transport.value_bytes(reply) if command.binary else self._transport.value_text(reply)
         return _decode(command, reply)
 
     def _encode(self, command: Command) -> RedisCommand:
@@ -233,22 +238,17 @@ def _decode(command: Command, reply: object) -> object:
         if command.guard is not None and reply == [2]:
             return RateLimitResult(False, (), revoked=True)
         return _decode_rate_limit(reply, len(command.checks))
-    if isinstance(command, Revoked):
-        if not isinstance(reply, list):
-            raise StoreError(f"unexpected MGET reply {reply!r}")
-        return any(_revoked_after(value, command.issued_at_ms) for value in reply)
     if isinstance(command, Revoke):
         return None
+    if isinstance(command, Revoked):
+        raise StoreError(f"unexpected MGET reply {reply!r}")
     if isinstance(command, Heartbeat):
         return int(reply)  # type: ignore[call-overload]
     raise TypeError(f"unknown store command {command!r}")
 
 
-def _revoked_after(value: object, issued_at_ms: int) -> bool:
-    if value is None:
-        return False
-    text = value.decode() if isinstance(value, bytes) else str(value)
-    return text.lstrip("-").isdigit() and int(text) > issued_at_ms
+def _revoked_after(value: bytes, issued_at_ms: int) -> bool:
+    return value.lstrip(b"-").isdigit() and int(value) > issued_at_ms
 
 
 def _decode_rate_limit(reply: object, count: int) -> RateLimitResult:

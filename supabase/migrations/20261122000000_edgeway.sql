@@ -53,6 +53,8 @@ create unlogged table if not exists edgeway.entries (
   expires_at timestamptz not null
 );
 create index if not exists entries_expires_at_idx on edgeway.entries (expires_at);
+-- binary values (Set with bytes) live in `data`, text ones in `value`
+alter table edgeway.entries add column if not exists data bytea;
 
 -- Sliding-log entries: one row per unit charged (a Redis sorted set of (at_ms, seq) per key).
 create unlogged table if not exists edgeway.log_entries (
@@ -97,7 +99,7 @@ declare
   v_cmd jsonb;
   v_op text;
   v_key text;
-  v_text text;
+  v_val jsonb;
   v_lock bigint;
   v_n int;
   v_checks jsonb;
@@ -147,15 +149,55 @@ begin
     v_op := v_cmd ->> 'op';
     v_key := v_cmd ->> 'key';
     if v_op = 'get' then
-      select e.value into v_text from edgeway.entries e where e.key = v_key and e.expires_at > v_now_ts;
-      v_out := v_out || jsonb_build_array(v_text);
+      -- text as it is; bytes as {"b64": ...} (JSON carries no bytes): the client decodes either way
+      select case when e.data is not null then jsonb_build_object('b64', encode(e.data, 'base64'))
+                  else to_jsonb(e.value) end
+        into v_val from edgeway.entries e where e.key = v_key and e.expires_at > v_now_ts;
+      v_out := v_out || jsonb_build_array(coalesce(v_val, 'null'::jsonb));
+      v_val := null;
 
     elsif v_op = 'set' then
-      insert into edgeway.entries as e (key, value, counter, tokens, ts_ms, expires_at)
-      values (v_key, v_cmd ->> 'value', null, null, null,
+      -- `b64`: the value is base64 of bytes; `nx`: only if absent (or expired), answering whether it wrote
+      insert into edgeway.entries as e (key, value, data, counter, tokens, ts_ms, expires_at)
+      values (v_key,
+              case when (v_cmd ->> 'b64')::boolean then null else v_cmd ->> 'value' end,
+              case when (v_cmd ->> 'b64')::boolean then decode(v_cmd ->> 'value', 'base64') end,
+              null, null, null,
               edgeway.ms_to_ts(v_now + greatest(1, (v_cmd ->> 'ttl_ms')::bigint)))
       on conflict (key) do update
-        set value = excluded.value, counter = null, tokens = null, ts_ms = null, expires_at = excluded.expires_at;
+        set value = excluded.value, data = excluded.data, counter = null, tokens = null, ts_ms = null,
+            expires_at = excluded.expires_at
+        where not coalesce((v_cmd ->> 'nx')::boolean, false) or e.expires_at <= v_now_ts;
+      if coalesce((v_cmd ->> 'nx')::boolean, false) then
+        v_out := v_out || jsonb_build_array(found);
+      else
+        v_out := v_out || jsonb_build_array(null);
+      end if;
+
+    elsif v_op = 'cad' then
+      -- compare-and-delete: only while the key holds the value (base64 of its bytes)
+      delete from edgeway.entries e
+        where e.key = v_key and e.expires_at > v_now_ts
+          and coalesce(e.data, convert_to(e.value, 'UTF8')) = decode(v_cmd ->> 'value', 'base64');
+      get diagnostics v_n = row_count;
+      v_out := v_out || jsonb_build_array(v_n);
+
+    elsif v_op = 'incr' then
+      -- a live key keeps its expiry; an absent or expired one starts at 0 with the command's TTL
+      insert into edgeway.entries as e (key, value, data, counter, tokens, ts_ms, expires_at)
+      values (v_key, (v_cmd ->> 'amount')::bigint::text, null, null, null, null,
+              edgeway.ms_to_ts(v_now + greatest(1, (v_cmd ->> 'ttl_ms')::bigint)))
+      on conflict (key) do update
+        set value = case when e.expires_at > v_now_ts then (e.value::bigint + (v_cmd ->> 'amount')::bigint)::text
+                         else excluded.value end,
+            expires_at = case when e.expires_at > v_now_ts then e.expires_at else excluded.expires_at end,
+            data = null, counter = null, tokens = null, ts_ms = null
+      returning e.value::bigint into cnt;
+      v_out := v_out || jsonb_build_array(cnt);
+
+    elsif v_op = 'publish' then
+      -- delivered at commit to every session LISTENing on the channel (PostgresStore.subscribe)
+      perform pg_notify(v_cmd ->> 'channel', v_cmd ->> 'message');
       v_out := v_out || jsonb_build_array(null);
 
     elsif v_op = 'del' then
@@ -189,11 +231,12 @@ begin
 
     elsif v_op = 'revoked' or v_op = 'revoke' then
       if v_op = 'revoke' then
-        insert into edgeway.entries as e (key, value, counter, tokens, ts_ms, expires_at)
-        values (v_key, v_cmd ->> 'at_ms', null, null, null,
+        insert into edgeway.entries as e (key, value, data, counter, tokens, ts_ms, expires_at)
+        values (v_key, v_cmd ->> 'at_ms', null, null, null, null,
                 edgeway.ms_to_ts(v_now + greatest(1, (v_cmd ->> 'ttl_ms')::bigint)))
         on conflict (key) do update
-          set value = excluded.value, counter = null, tokens = null, ts_ms = null, expires_at = excluded.expires_at;
+          set value = excluded.value, data = null, counter = null, tokens = null, ts_ms = null,
+              expires_at = excluded.expires_at;
         v_out := v_out || jsonb_build_array(null);
       else
         -- a session is revoked when one of its keys holds a time (ms) after the session's issued_at_ms
