@@ -16,6 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from edgeway.middleware.context import Scope
 from edgeway.middleware.metrics import STORE_UP
 from edgeway.middleware.responses import ErrorResponse, Receive, Send
+from edgeway.middleware.session import revoke
 from edgeway.middleware.store import StoreError
 from edgeway.middleware.store.failover import FailoverStore
 
@@ -31,6 +32,30 @@ async def _json(send: Send, status: int, payload: dict[str, Any], scope: Scope) 
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             (b"cache-control", b"no-store")]})
     await send({"type": "http.response.body", "body": body if scope["method"] != "HEAD" else b""})
+
+
+_BAD = object()
+
+
+async def _read_json(receive: Receive, limit: int = 65_536) -> object:
+    """The request body as JSON, or ``_BAD`` (not JSON, or over ``limit`` bytes)."""
+    chunks: list[bytes] = []
+    size = 0
+    more = True
+    while more:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return _BAD
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return _BAD
+        chunks.append(chunk)
+        more = message.get("more_body", False)
+    try:
+        return json.loads(b"".join(chunks))
+    except ValueError:
+        return _BAD
 
 
 class AdminEndpoints:
@@ -51,10 +76,13 @@ class AdminEndpoints:
                 return
             await public[name](scope, send)
             return
-        if (method, name) in admin:
+        if (method, name) in admin or (method, name) == ("POST", "sessions/revoke"):
             refusal = self._refusal(scope)
             if refusal is not None:
                 await refusal(scope, receive, send)
+                return
+            if name == "sessions/revoke":
+                await self.revoke_session(scope, receive, send)
                 return
             await admin[(method, name)](scope, send)
             return
@@ -120,6 +148,22 @@ class AdminEndpoints:
                         "limits": [str(limit.rate) for limit in r.limits]} for r in policy.routes],
             "uptime_seconds": round(time.time() - _STARTED, 1),
         }, scope)
+
+    async def revoke_session(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """POST /_edgeway/sessions/revoke: see :func:`edgeway.middleware.session.revoke`."""
+        sessions = self.gateway.sessions
+        if sessions is None:
+            await ErrorResponse(404, "sessions_disabled", "no sessions: block in the policy")(scope, receive, send)
+            return
+        body = await _read_json(receive)
+        if body is _BAD:
+            await ErrorResponse(400, "bad_request", "the body must be JSON (at most 64 KB)")(scope, receive, send)
+            return
+        status, answer = await revoke(sessions, body)
+        if status != 200:
+            await ErrorResponse(status, answer.pop("error"), answer.pop("message", None))(scope, receive, send)
+            return
+        await _json(send, status, answer, scope)
 
     async def reload(self, scope: Scope, send: Send) -> None:
         before = self.gateway.loaded.version

@@ -22,6 +22,7 @@ from pathlib import Path
 from edgeway.middleware.clientip import TrustedProxies
 from edgeway.middleware.context import SCOPE_KEY, RequestContext, Scope
 from edgeway.middleware.responses import ErrorResponse, Receive, Send, bad_request
+from edgeway.middleware.session import SessionService
 from edgeway.middleware.store import Clock, Store
 
 from .admin import AdminEndpoints
@@ -77,6 +78,11 @@ class Gateway:
     def store(self) -> Store:
         return self._active.store
 
+    @property
+    def sessions(self) -> SessionService | None:
+        """The running policy's session service (revocations go through it), or None without sessions:."""
+        return self._active.routes.sessions
+
     async def apply(self, loaded: LoadedPolicy) -> None:
         """Switch to a new valid policy at once; requests already running finish on the old one, whose
         upstream sessions (and store, if it changed) close once their longest read timeout has passed."""
@@ -95,6 +101,7 @@ class Gateway:
         finally:  # also when cancelled by close(): the old sessions must not leak
             for proxy in old.proxies:
                 await proxy.close()
+            await old.routes.close()
             if close_store:
                 await old.store.close()
 
@@ -116,6 +123,7 @@ class Gateway:
         await asyncio.gather(*self._retiring, return_exceptions=True)
         for proxy in self._active.proxies:
             await proxy.close()
+        await self._active.routes.close()
         await self._active.store.close()
 
     # -- ASGI -----------------------------------------------------------------

@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from edgeway.middleware.ratelimit import Limit
+from edgeway.middleware.session_settings import SessionSettings
 from edgeway.middleware.units import Duration, Size
 
 HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
@@ -154,13 +155,13 @@ class Route(Model):
     upstream: str
     limits: tuple[Limit, ...] = ()
     cache: CacheConfig | None = None
-    session: Literal["required", "optional", "off"] = "off"
+    session: Literal["required", "optional", "off"] = Field(
+        "off", description="required: 401 without a valid token; optional: anonymous allowed (see sessions:).")
+    privileged: bool = Field(
+        False, description="With a session: 503 rather than open when revocations cannot be read from any store.")
 
 
-class Sessions(Model):
-    provider: Literal["supabase", "jwt"] = "supabase"
-    url: str | None = None
-    ttl: Duration = 86400.0
+Sessions = SessionSettings
 
 
 class Admin(Model):

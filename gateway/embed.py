@@ -49,6 +49,10 @@ class _Wrapped:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        headers = scope["headers"]
+        if any(name.startswith(b"x-edgeway-") for name, _ in headers):
+            # identity fields are Edgeway's alone: a client's copies never reach the app, on any route
+            scope["headers"] = [pair for pair in headers if not pair[0].startswith(b"x-edgeway-")]
         found = self.routes.match(scope["path"], scope["method"])
         if isinstance(found, set):
             await self.app(scope, receive, send)

@@ -15,6 +15,7 @@ from edgeway.middleware.clientip import TrustedProxies
 from edgeway.middleware.pipeline import EdgewayMiddleware
 from edgeway.middleware.policy import Policy as RoutePolicy
 from edgeway.middleware.ratelimit import RateLimitPolicy
+from edgeway.middleware.session import SessionPolicy, SessionService
 from edgeway.middleware.store import Store
 
 from .config import Policy, Route
@@ -37,9 +38,12 @@ class CompiledRoute:
         return path.startswith(self.prefix) or path == self.prefix.rstrip("/")
 
 
-def route_policies(route: Route, name: str, policy: Policy) -> list[RoutePolicy]:
-    """The policy objects of one route, in the order they run."""
+def route_policies(route: Route, name: str, policy: Policy, sessions: SessionService | None = None
+                   ) -> list[RoutePolicy]:
+    """The policy objects of one route, in the order they run: session -> rate limits -> ..."""
     policies: list[RoutePolicy] = []
+    if route.session != "off" and sessions is not None:
+        policies.append(SessionPolicy(sessions, mode=route.session, privileged=route.privileged, route=name))
     if route.limits:
         policies.append(RateLimitPolicy(route.limits, route=name, key_prefix=policy.store.key_prefix))
     return policies
@@ -51,16 +55,24 @@ class RouteTable:
     def __init__(self, policy: Policy, store: Store, trusted: TrustedProxies,
                  endpoint: Callable[[Route], Any]) -> None:
         routes = []
+        self.sessions = SessionService(policy.sessions, store, key_prefix=policy.store.key_prefix) if (
+            policy.sessions is not None) else None
+        """One session service (result caches, JWKS, provider client) for all the routes of the policy."""
         for index, route in enumerate(policy.routes):
             name = f"{index}:{route.match.path}"
             app = endpoint(route)
-            policies = route_policies(route, name, policy)
+            policies = route_policies(route, name, policy, self.sessions)
             if policies:
                 app = EdgewayMiddleware(app, policies=policies, store=store, trusted_proxies=trusted, route=name)
             pattern = route.match.path
             methods = frozenset(route.match.methods) if route.match.methods else None
             routes.append(CompiledRoute(name, pattern, pattern[:-1] if pattern.endswith("*") else None, methods, app))
         self.routes = tuple(routes)
+
+    async def close(self) -> None:
+        """Release what the routes hold beyond the store (the session provider's connections)."""
+        if self.sessions is not None:
+            await self.sessions.close()
 
     def match(self, path: str, method: str) -> CompiledRoute | set[str]:
         allowed: set[str] = set()

@@ -121,7 +121,7 @@ class SessionService:
         self._background: set[asyncio.Task[None]] = set()
         self._http = _Session(settings.timeout)
         jwks = settings.effective_jwks_url
-        self.jwks = JwksCache(jwks, self._http) if jwks and settings.verify != "remote" else None
+        self.jwks = JwksCache(jwks, self._http, clock=clock) if jwks and settings.verify != "remote" else None
         self._secret: tuple[VerificationKey, ...] = (secret_key(settings.jwt_secret),) if settings.jwt_secret else ()
         anon_key = settings.anon_key if settings.anon_key is not None else os.environ.get("SUPABASE_ANON_KEY")
         self.provider = AuthProvider(f"{settings.base_url}/auth/v1/user", anon_key, self._http, ProviderGuard()
