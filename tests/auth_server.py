@@ -93,7 +93,7 @@ class AuthServer:
         self.mode = "ok"
         self.publish_later = False
         self.sessions: dict[str, dict[str, Any]] = {}
-        self._thread = UvicornThread(self.app)
+        self._thread = UvicornThread(self.app, interface="asgi3")
 
     @property
     def url(self) -> str:
