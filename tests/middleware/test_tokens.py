@@ -179,7 +179,7 @@ def chunked(value: str, size: int) -> str:
     return "; ".join(f"{COOKIE}.{i}={part}" for i, part in enumerate(parts))
 
 
-SOURCES: list[tuple[str, str | None, list[str], str | None | type[Exception]]] = [
+SOURCES: list[tuple[str, str | None, list[str], str | type[Exception] | None]] = [
     ("bearer", "Bearer tok-abc", [], "tok-abc"),
     ("bearer, any case", "bearer tok-abc", [], "tok-abc"),
     ("basic auth is not a session", "Basic dXNlcjpwYXNz", [], None),
@@ -204,7 +204,7 @@ SOURCES: list[tuple[str, str | None, list[str], str | None | type[Exception]]] =
 
 @pytest.mark.parametrize(("case", "authorization", "cookies", "expected"), SOURCES, ids=[s[0] for s in SOURCES])
 def test_token_sources(case: str, authorization: str | None, cookies: list[str],
-                       expected: str | None | type[Exception]) -> None:
+                       expected: str | type[Exception] | None) -> None:
     if isinstance(expected, type):
         with pytest.raises(expected):
             request_token(authorization, cookies, COOKIE)
