@@ -74,10 +74,10 @@ class SessionSettings(BaseModel):
     @model_validator(mode="after")
     def _consistent(self) -> SessionSettings:
         if self.provider == "supabase" and not self.url:
-            raise ValueError("sessions with provider: supabase need url: (the project URL, e.g. ${SUPABASE_URL})")
+            raise ValueError("provider: supabase needs url: (the project URL, e.g. ${SUPABASE_URL})")
         if self.provider == "jwt":
             if not self.jwks_url and not self.jwt_secret:
-                raise ValueError("sessions with provider: jwt need jwks_url: or jwt_secret: to verify tokens")
+                raise ValueError("provider: jwt needs jwks_url: or jwt_secret: to verify tokens")
             if self.verify == "remote":
                 raise ValueError("verify: remote needs provider: supabase (a jwt issuer has no user endpoint)")
         if self.verify == "jwt" and not (self.url or self.jwks_url or self.jwt_secret):

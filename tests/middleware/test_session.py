@@ -377,9 +377,9 @@ async def test_fastapi_style_dependencies(auth: AuthServer) -> None:
 
 
 def test_settings_refuse_inconsistent_blocks() -> None:
-    with pytest.raises(ValueError, match="need url"):
+    with pytest.raises(ValueError, match="needs url"):
         SessionSettings()
-    with pytest.raises(ValueError, match="jwks_url: or jwt_secret"):
+    with pytest.raises(ValueError, match="needs jwks_url: or jwt_secret"):
         SessionSettings(provider="jwt")
     with pytest.raises(ValueError, match="X-Edgeway-User"):
         SessionSettings(url="https://a.supabase.co", headers={"X-Edgeway-User": "sub"})
