@@ -7,5 +7,7 @@
 from __future__ import annotations
 
 from .ratelimit import Limit, RateLimitMiddleware
+from .session import SessionMiddleware, SessionSettings, SessionUser, current_user, optional_user
 
-__all__ = ["Limit", "RateLimitMiddleware"]
+__all__ = ["Limit", "RateLimitMiddleware", "SessionMiddleware", "SessionSettings", "SessionUser", "current_user",
+           "optional_user"]
