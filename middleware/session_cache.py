@@ -144,9 +144,11 @@ class SessionService:
         """The token's known result, slid forward on a hit; None when unknown or expired."""
         known = self._known.get(digest)
         if known is None:
+            _MISS.inc()
             return None
         if known.until <= now:
             del self._known[digest]
+            _MISS.inc()
             return None
         if known.user is None:
             _NEGATIVE.inc()
@@ -264,11 +266,9 @@ class SessionService:
             return await self._ask(token)
         now = self.clock()
         if isinstance(found, str) and (known := Known.decode(found, now)) is not None:
-            (_HIT if known.user is not None else _NEGATIVE).inc()
             if locked:
                 self._later([Delete(lock_key, if_value=owner)])
             return known
-        _MISS.inc()
         if not locked:
             return await self._wait_for_other(token, store_key, lock_key)
         known = await self._ask(token)
@@ -295,8 +295,15 @@ class SessionService:
                 break
             if isinstance(found, str) and (known := Known.decode(found, self.clock())) is not None:
                 return known
-            if holder is None:  # the holder gave up without an answer: the provider is failing
-                return self.refused("auth_unavailable", self.clock())
+            if holder is None:
+                # the holder writes its answer before it releases the lock: read once more to be sure
+                try:
+                    (found,) = await self.store.execute([Get(store_key)])
+                except StoreError:
+                    break
+                if isinstance(found, str) and (known := Known.decode(found, self.clock())) is not None:
+                    return known
+                return self.refused("auth_unavailable", self.clock())  # it gave up: the provider is failing
         return await self._ask(token)
 
     async def _ask(self, token: str) -> Known:
