@@ -16,8 +16,10 @@ exact. Both stores speak the same JSON (``encode_commands`` /
 Bytes travel as base64 in the JSON (``{"b64": ...}`` in answers) and are kept
 in a ``bytea`` column. ``Publish`` is ``pg_notify`` inside the batch;
 :meth:`PostgresStore.subscribe` LISTENs on a dedicated connection (reconnected
-with backoff). PostgREST cannot LISTEN, so :class:`SupabaseStore` publishes
-(to direct-connection listeners) but cannot subscribe.
+with backoff). PostgREST cannot LISTEN, so ``Publish`` also records the message
+in ``edgeway.events`` (kept a minute) and :class:`SupabaseStore` polls
+``edgeway_events`` every 0.5 s while something is subscribed: one background
+task per store, never a call per request.
 
 Every call is bounded by the store timeout: the work runs in its own task and
 the caller stops waiting at the deadline (the task is cancelled and left to
@@ -36,7 +38,7 @@ import contextlib
 import json
 import logging
 import math
-from collections.abc import Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -73,6 +75,8 @@ MIGRATION = "supabase/migrations/20261122000000_edgeway.sql"
 _MISSING = f"the edgeway migration is not applied: run {MIGRATION} (psql -f, or supabase db push)"
 _CONNECT_TIMEOUT = 5.0  # seconds; connecting continues in the background past a caller's deadline
 _BACKSTOP = 10.0  # seconds; the bound when a store is built with timeout=None
+POLL_EVERY = 0.5  # seconds between SupabaseStore's reads of edgeway_events while subscribed
+_SEEN_FOR = 15.0  # seconds an event id is remembered: longer than the 5 s window edgeway_events returns
 
 T = TypeVar("T")
 
@@ -307,7 +311,7 @@ class _Listener:
                 self._connection = await asyncpg.connect(
                     self._dsn, timeout=_CONNECT_TIMEOUT, server_settings={"application_name": "edgeway-listen"}
                 )
-                self._connection.add_termination_listener(lambda _connection: lost.set())
+                self._connection.add_termination_listener(lambda _connection, lost=lost: lost.set())
                 self._listening = set()
                 await self._sync()
                 if not self._connection.is_closed():
@@ -404,17 +408,87 @@ class PostgresStore(_BatchStore):
 # -- Supabase (PostgREST RPC) -----------------------------------------------------
 
 
+class _Poller:
+    """Subscriptions over PostgREST: one task reading ``edgeway_events`` every POLL_EVERY seconds."""
+
+    def __init__(self, read: Callable[[list[str]], Awaitable[object]], where: str) -> None:
+        self._read = read
+        self._where = where
+        self._fanout = Fanout()
+        self._seen: dict[int, float] = {}  # event id -> when first read (monotonic)
+        self._task: asyncio.Task[None] | None = None
+
+    async def subscribe(self, channel: str, handler: Handler) -> Subscription:
+        if channel not in self._fanout.channels:
+            # what the window already holds is history, not news: mark it seen before delivering anything
+            with contextlib.suppress(StoreError):
+                self._events(await self._read([channel]))
+        subscription = await self._fanout.add(channel, handler)
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run())
+        return subscription
+
+    def _events(self, answer: object) -> list[tuple[str, str]]:
+        """The events not seen before, marking them seen."""
+        if not isinstance(answer, list):
+            raise StoreError(f"unexpected edgeway_events answer: {str(answer)[:200]}")
+        now = asyncio.get_running_loop().time()
+        fresh = []
+        for event in answer:
+            if isinstance(event, list) and len(event) == 3 and type(event[0]) is int and event[0] not in self._seen:
+                self._seen[event[0]] = now
+                fresh.append((str(event[1]), str(event[2])))
+        for old in [i for i, at in self._seen.items() if at < now - _SEEN_FOR]:
+            del self._seen[old]
+        return fresh
+
+    async def _run(self) -> None:
+        backoff = Backoff(POLL_EVERY)
+        failing = False
+        while self._fanout.channels:
+            try:
+                for channel, message in self._events(await self._read(self._fanout.channels)):
+                    self._fanout.dispatch(channel, message)
+            except StoreError as exc:
+                if not failing:
+                    logger.warning("reading notifications from %s failed (%s); retrying", self._where, exc)
+                failing = True
+                await backoff.wait()
+                continue
+            failing = False
+            backoff.reset()
+            await asyncio.sleep(POLL_EVERY)
+
+    async def close(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
 class SupabaseStore(_BatchStore):
     """Supabase over HTTPS: ``POST {url}/rest/v1/rpc/edgeway_batch`` with the service role key."""
 
     kind = "supabase"
+    notifies = True
 
     def __init__(self, url: str, key: str, *, timeout: float | None = 0.05, clock: Clock | None = None) -> None:
         super().__init__(timeout=timeout, clock=clock)
         self._url = url.rstrip("/")
         self._endpoint = f"{self._url}/rest/v1/rpc/edgeway_batch"
+        self._events_endpoint = f"{self._url}/rest/v1/rpc/edgeway_events"
         self._headers = {"apikey": key, "Authorization": f"Bearer {key}", "Content-Type": "application/json"}
         self._client: httpx.AsyncClient | None = None
+        self._poller = _Poller(self._read_events, self.describe())
+
+    async def subscribe(self, channel: str, handler: Handler) -> Subscription:
+        """Polls ``edgeway_events`` every 0.5 s while subscribed (see the module docstring)."""
+        return await self._poller.subscribe(channel, handler)
+
+    async def _read_events(self, channels: list[str]) -> object:
+        body = json.dumps({"channels": channels}).encode()
+        return await self._bounded.run(self._post(self._events_endpoint, body), max(self._timeout or 0.0, 2.0))
 
     def describe(self) -> str:
         parts = urlsplit(self._url)
@@ -432,8 +506,11 @@ class SupabaseStore(_BatchStore):
 
     async def _call(self, payload: str, now_ms: int | None) -> object:
         body = f'{{"commands":{payload},"now_ms":{"null" if now_ms is None else now_ms}}}'
+        return await self._post(self._endpoint, body.encode())
+
+    async def _post(self, endpoint: str, body: bytes) -> object:
         try:
-            response = await self._http().post(self._endpoint, content=body.encode(), headers=self._headers)
+            response = await self._http().post(endpoint, content=body, headers=self._headers)
         except httpx.TimeoutException as exc:
             raise StoreTimeout(f"Supabase did not answer: {type(exc).__name__}") from exc
         except httpx.HTTPError as exc:
@@ -449,6 +526,7 @@ class SupabaseStore(_BatchStore):
         raise StoreError(f"Supabase answered HTTP {status}: {detail}")
 
     async def close(self) -> None:
+        await self._poller.close()
         await self._bounded.drain()
         client, self._client = self._client, None
         if client is not None:

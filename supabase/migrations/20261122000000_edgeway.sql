@@ -76,10 +76,21 @@ create unlogged table if not exists edgeway.heartbeats (
 );
 create index if not exists heartbeats_expires_at_idx on edgeway.heartbeats (expires_at);
 
+-- Published messages, kept a minute, for subscribers that cannot LISTEN (Supabase over PostgREST poll
+-- edgeway_events); direct connections hear pg_notify instead.
+create unlogged table if not exists edgeway.events (
+  id         bigint generated always as identity primary key,
+  channel    text not null,
+  message    text not null,
+  at         timestamptz not null default clock_timestamp()
+);
+create index if not exists events_at_idx on edgeway.events (at);
+
+alter table edgeway.events enable row level security;
 alter table edgeway.entries enable row level security;
 alter table edgeway.log_entries enable row level security;
 alter table edgeway.heartbeats enable row level security;
-revoke all on edgeway.entries, edgeway.log_entries, edgeway.heartbeats from public;
+revoke all on edgeway.entries, edgeway.log_entries, edgeway.heartbeats, edgeway.events from public;
 
 -- ms since the Unix epoch -> timestamptz, exactly (integer microseconds)
 create or replace function edgeway.ms_to_ts(ms bigint) returns timestamptz
@@ -198,6 +209,8 @@ begin
     elsif v_op = 'publish' then
       -- delivered at commit to every session LISTENing on the channel (PostgresStore.subscribe)
       perform pg_notify(v_cmd ->> 'channel', v_cmd ->> 'message');
+      insert into edgeway.events (channel, message) values (v_cmd ->> 'channel', v_cmd ->> 'message');
+      delete from edgeway.events e where e.at < clock_timestamp() - interval '1 minute';
       v_out := v_out || jsonb_build_array(null);
 
     elsif v_op = 'del' then
@@ -444,6 +457,19 @@ begin
 end
 $fn$;
 
+-- What pollers read (POST /rest/v1/rpc/edgeway_events): the last 5 s of messages on `channels`
+-- (a JSON array of names) as [[id, channel, message], ...]. Pollers remember the ids they delivered, so
+-- re-reading a window never delivers twice, and a publisher committing late is still seen.
+create or replace function public.edgeway_events(channels jsonb) returns jsonb
+language sql stable security definer
+set search_path = edgeway, pg_catalog, pg_temp
+as $fn$
+  select coalesce(jsonb_agg(jsonb_build_array(e.id, e.channel, e.message) order by e.id), '[]'::jsonb)
+  from edgeway.events e
+  where e.at > clock_timestamp() - interval '5 seconds'
+    and e.channel in (select jsonb_array_elements_text(channels))
+$fn$;
+
 -- The PostgREST entry point (POST /rest/v1/rpc/edgeway_batch): PostgREST serves only exposed schemas.
 -- VOLATILE (the default) matters: PostgREST runs stable functions in read-only transactions.
 create or replace function public.edgeway_batch(commands jsonb, now_ms bigint default null) returns jsonb
@@ -457,6 +483,7 @@ revoke all on function edgeway.ms_to_ts(bigint) from public;
 revoke all on function edgeway.batch(jsonb, bigint) from public;
 revoke all on function edgeway.cleanup(bigint) from public;
 revoke all on function public.edgeway_batch(jsonb, bigint) from public;
+revoke all on function public.edgeway_events(jsonb) from public;
 
 do $$
 declare
@@ -465,11 +492,13 @@ begin
   foreach r in array array['anon', 'authenticated'] loop
     if exists (select 1 from pg_catalog.pg_roles where rolname = r) then
       execute format('revoke all on schema edgeway from %I', r);
-      execute format('revoke all on edgeway.entries, edgeway.log_entries, edgeway.heartbeats from %I', r);
+      execute format('revoke all on edgeway.entries, edgeway.log_entries, edgeway.heartbeats, edgeway.events from %I',
+                     r);
       execute format('revoke all on function edgeway.ms_to_ts(bigint) from %I', r);
       execute format('revoke all on function edgeway.batch(jsonb, bigint) from %I', r);
       execute format('revoke all on function edgeway.cleanup(bigint) from %I', r);
       execute format('revoke all on function public.edgeway_batch(jsonb, bigint) from %I', r);
+      execute format('revoke all on function public.edgeway_events(jsonb) from %I', r);
     end if;
   end loop;
 end
@@ -478,3 +507,4 @@ $$;
 grant execute on function edgeway.batch(jsonb, bigint) to service_role;
 grant execute on function edgeway.cleanup(bigint) to service_role;
 grant execute on function public.edgeway_batch(jsonb, bigint) to service_role;
+grant execute on function public.edgeway_events(jsonb) to service_role;
