@@ -36,7 +36,7 @@ import random
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..metrics import STORE_MODE, STORE_MODE_CHANGES
 from .base import (
@@ -73,6 +73,7 @@ class _Member:
     failures: int = 0
     first_failure: float = 0.0
     probing: bool = False
+    missed: list[Command] = field(default_factory=list)  # revocations it did not take: replayed on recovery
 
 
 class FailoverStore(Store):
@@ -169,12 +170,16 @@ class FailoverStore(Store):
         taken = False
         for member in self._members:
             if not member.healthy:
+                if member.shared:
+                    member.missed.extend(commands)
                 continue
             try:
                 answer = await member.store.execute(commands, timeout=timeout)
             except StoreError as error:
                 self._failed(member, error)
                 errors.append(error)
+                if member.shared:
+                    member.missed.extend(commands)
                 continue
             if member.shared or results is None:
                 results = answer
@@ -276,6 +281,9 @@ class FailoverStore(Store):
                 await asyncio.sleep(delay * random.uniform(0.8, 1.2))
                 try:
                     await member.store.ping()
+                    if member.missed:  # revocations made while it was down, so it refuses those sessions too
+                        await member.store.execute(member.missed)
+                        member.missed = []
                 except StoreError:
                     delay = min(delay * 2, self._probe_max)
                     continue
