@@ -383,3 +383,35 @@ def test_settings_refuse_inconsistent_blocks() -> None:
         SessionSettings(provider="jwt")
     with pytest.raises(ValueError, match="X-Edgeway-User"):
         SessionSettings(url="https://a.supabase.co", headers={"X-Edgeway-User": "sub"})
+
+
+async def test_tokens_never_reach_the_logs_or_the_store_keys(make: Any, auth: AuthServer,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("DEBUG")
+    store = MemoryStore()
+    session = make(store=store)
+    tokens = [auth.issue("logged", "HS256"), "opaque-token-value", auth.issue("other", "HS256")]
+    await session.get(tokens[0])
+    await session.get(tokens[1])
+    auth.mode = "down"
+    await session.get(tokens[2])
+    await revoke(session.service, {"token": tokens[0]})
+    text = caplog.text + " ".join(store._data)
+    assert "session provider failed" in caplog.text
+    assert not [token for token in tokens if token in text or token.split(".")[-1] in text]
+
+
+async def test_the_shared_copy_of_a_remote_result_slides_too(make: Any, auth: AuthServer) -> None:
+    clock = Clock()
+    store = MemoryStore(clock=clock)
+    session = make(store=store, clock=clock, ttl=100)
+    token = auth.issue("slider", "HS256")
+    assert (await session.get(token)).status_code == 200
+    key = next(k for k in store._data if ":session:" in k)
+    first_expiry = store._data[key].expires_ms
+    clock.offset = 60  # past half the TTL: the next request's batch carries a refresh of the shared copy
+    assert (await session.get(token)).status_code == 200
+    assert store._data[key].expires_ms > first_expiry + 50_000
+    clock.offset = 150  # past the first expiry: still known here and in the store, without asking again
+    other = make(store=store, clock=clock, ttl=100)
+    assert (await other.get(token)).status_code == 200 and auth.calls[USER_PATH] == 1
