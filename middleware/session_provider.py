@@ -9,8 +9,8 @@
   jar and no redirects, and sorts the answer into valid / invalid / failed.
 - :class:`ProviderGuard` keeps a dead provider from being hammered: after
   ``failures`` consecutive failures calls fail at once for ``open_for``
-  seconds, then one call probes. It is the minimal stand-in for the gateway's
-  circuit breaker (same contract: ``allow()``, ``record(ok)``).
+  seconds, then one call probes. It has the shape of the gateway's circuit
+  breaker (``async with``, ``fail()``), which can take its place.
 
 Tokens are never logged: log lines name a token by its digest.
 """
@@ -18,11 +18,13 @@ Tokens are never logged: log lines name a token by its digest.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from types import TracebackType
 from typing import Any
 
 import aiohttp
@@ -42,8 +44,17 @@ _ERROR = SESSION_PROVIDER_CALLS.labels("error")
 _TIMEOUT = SESSION_PROVIDER_CALLS.labels("timeout")
 
 
+class GuardOpen(Exception):
+    """The provider guard is open: calls are paused after repeated failures."""
+
+
 class ProviderGuard:
-    """Fail fast while the provider is down; see the module docstring."""
+    """Fail fast while the provider is down; see the module docstring.
+
+    Used like the gateway's circuit breaker (``async with guard:`` raising while
+    open, ``guard.fail()`` for a failure that raised nothing, an exception in the
+    block counting as one), so either can guard the provider.
+    """
 
     def __init__(self, *, failures: int = 3, open_for: float = 10.0, clock: Callable[[], float] = time.monotonic):
         self._failures = failures
@@ -52,25 +63,30 @@ class ProviderGuard:
         self._count = 0
         self._open_until = 0.0
         self._probing = False
+        self._failed: contextvars.ContextVar[list[bool]] = contextvars.ContextVar("provider_call_failed")
 
-    def allow(self) -> bool:
-        """Whether a call may go out now (while open: none; then one probe at a time)."""
-        if self._count < self._failures:
-            return True
-        if self._clock() < self._open_until or self._probing:
-            return False
-        self._probing = True
-        return True
+    async def __aenter__(self) -> ProviderGuard:
+        if self._count >= self._failures:
+            if self._clock() < self._open_until or self._probing:
+                raise GuardOpen("the auth provider is failing; calls are paused")
+            self._probing = True  # open_for has passed: this call probes
+        self._failed.set([False])
+        return self
 
-    def record(self, ok: bool) -> None:
-        """The outcome of an allowed call."""
+    async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                        traceback: TracebackType | None) -> None:
+        failed = kind is not None or self._failed.get([False])[0]
         self._probing = False
-        if ok:
+        if not failed:
             self._count = 0
             return
         self._count += 1
         if self._count >= self._failures:
             self._open_until = self._clock() + self._open_for
+
+    def fail(self) -> None:
+        """Count the call in progress as failed (it raised nothing, but its answer was bad)."""
+        self._failed.get([False])[0] = True
 
 
 class _Session:
@@ -183,9 +199,17 @@ class AuthProvider:
 
     async def get_user(self, token: str) -> ProviderAnswer:
         """Ask the provider about ``token``; never raises (failures are answers without user nor invalid)."""
-        if not self.guard.allow():
+        try:
+            async with self.guard:
+                answer = await self._call(token)
+                if answer.user is None and not answer.invalid:
+                    self.guard.fail()
+                return answer
+        except GuardOpen as error:
             _ERROR.inc()
-            return ProviderAnswer(detail="the auth provider is failing; calls are paused (breaker open)")
+            return ProviderAnswer(detail=str(error))
+
+    async def _call(self, token: str) -> ProviderAnswer:
         self.calls += 1
         headers = {"authorization": f"Bearer {token}", "accept": "application/json"}
         if self._anon_key:
@@ -196,17 +220,14 @@ class AuthProvider:
                 status = response.status
                 body = await response.content.read(MAX_ANSWER_BYTES)
         except TimeoutError:
-            self.guard.record(False)
             _TIMEOUT.inc()
             return ProviderAnswer(detail="the auth provider did not answer in time")
         except aiohttp.ClientError as error:
-            self.guard.record(False)
             _ERROR.inc()
             return ProviderAnswer(detail=f"the auth provider could not be reached ({type(error).__name__})")
         finally:
             SESSION_PROVIDER_SECONDS.observe(time.perf_counter() - started)
         if status in (400, 401, 403, 404):
-            self.guard.record(True)
             _INVALID.inc()
             return ProviderAnswer(invalid=True, detail=f"the auth provider refused the token ({status})")
         try:
@@ -214,9 +235,7 @@ class AuthProvider:
         except ValueError:
             user = None
         if not isinstance(user, dict) or not isinstance(user.get("id"), str) or not user["id"]:
-            self.guard.record(False)
             _ERROR.inc()
             return ProviderAnswer(detail=f"the auth provider answered HTTP {status} without a user")
-        self.guard.record(True)
         _VALID.inc()
         return ProviderAnswer(user=user)
