@@ -214,7 +214,9 @@ async def revoke(service: SessionService, body: object) -> tuple[int, dict[str, 
                      "message": 'send exactly one of {"token": ...}, {"jti": ...}, {"session_id": ...} or '
                                 '{"user": "<user id>", "before": <epoch seconds, optional>}'}
     unknown = set(body) - {*kinds, "before"}
-    if unknown or ("before" in body and ("user" not in body or not isinstance(body["before"], int | float))):
+    before = body.get("before")
+    if unknown or ("before" in body and ("user" not in body or isinstance(before, bool)
+                                         or not isinstance(before, int | float))):
         return 400, {"error": "bad_request", "message": f"unexpected fields: {', '.join(sorted(map(str, body)))}"}
     now = service.clock()
     prefix = service.key_prefix

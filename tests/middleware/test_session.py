@@ -281,7 +281,8 @@ async def test_revoked_by_token_session_and_user(make: Any, auth: AuthServer) ->
 
 
 @pytest.mark.parametrize("body", [{}, {"token": ""}, {"token": "a", "user": "b"}, {"jti": 5}, [],
-                                  {"token": "a", "before": 3}, {"user": "u", "extra": 1}])
+                                  {"token": "a", "before": 3}, {"user": "u", "extra": 1},
+                                  {"user": "u", "before": True}])
 async def test_bad_revocation_bodies(make: Any, body: Any) -> None:
     status, answer = await revoke(make().service, body)
     assert status == 400 and answer["error"] == "bad_request"
