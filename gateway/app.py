@@ -99,6 +99,8 @@ class Gateway:
         old = self._active
         same_store = self._fixed_store is not None or old.loaded.policy.store == loaded.policy.store
         self._active = self._compile(loaded, old.store if same_store else None)
+        if not same_store:
+            await self._active.store.start()
         grace = max((up.timeout.read for up in old.loaded.policy.upstreams.values()), default=0.0) + 1.0
         task = asyncio.get_running_loop().create_task(self._retire(old, not same_store, min(grace, 300.0)))
         self._retiring.add(task)
@@ -203,6 +205,7 @@ class Gateway:
             message = await receive()
             if message["type"] == "lifespan.startup":
                 self._install_reload_signal()
+                await self.store.start()  # heartbeats from now: peers count this instance before it serves
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 await self.close()

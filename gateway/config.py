@@ -14,6 +14,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 
 from edgeway.middleware.ratelimit import Limit
 from edgeway.middleware.session_settings import SessionSettings
+from edgeway.middleware.store.failover import MIN_PROBE_INTERVAL
 from edgeway.middleware.units import Duration, Size
 
 HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
@@ -68,7 +69,10 @@ class StoreConfig(Model):
     )
     failures: int = Field(3, ge=1, description="Consecutive failures within failure_window that mark a store down.")
     failure_window: Duration = Field(10.0, description="Window for counting those failures.")
-    probe_interval: Duration = Field(0.5, description="First wait before probing a down store (then doubles).")
+    probe_interval: Duration = Field(
+        0.5, description="First wait before probing a down store (then doubles); at least 50ms.",
+        json_schema_extra={"minimum": MIN_PROBE_INTERVAL},
+    )
     instances: int | None = Field(
         None, ge=1, description="Static instance count for degraded limits (default: counted by heartbeats)."
     )
@@ -78,6 +82,14 @@ class StoreConfig(Model):
     @classmethod
     def _fallback(cls, value: object) -> object:
         return _fallback_list(value)
+
+    @field_validator("probe_interval")
+    @classmethod
+    def _probe_floor(cls, value: float) -> float:
+        if value < MIN_PROBE_INTERVAL:
+            raise ValueError(f"probe_interval must be at least {MIN_PROBE_INTERVAL * 1000:.0f}ms (a down store "
+                             f"would be probed in a busy loop); got {value * 1000:g}ms")
+        return value
 
     @field_validator("url")
     @classmethod
