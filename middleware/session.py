@@ -38,7 +38,7 @@ from .policy import BasePolicy, Pending, Prepared
 from .responses import ErrorResponse
 from .session_cache import Known, NeedKeys, NeedRemote, ProviderFailure, SessionService
 from .session_settings import SessionSettings, SessionUser
-from .store import Revoke, Revoked, Store, StoreError
+from .store import CommandError, Revoke, Revoked, Store, StoreError
 from .tokens import TokenError, request_token, token_digest, unverified_claims
 
 __all__ = ["SessionMiddleware", "SessionPolicy", "SessionService", "SessionSettings", "SessionUser",
@@ -185,7 +185,8 @@ class SessionPolicy(BasePolicy):
             return self._unchecked_revocations("no shared store answered")
         return None
 
-    def store_failed(self, ctx: RequestContext, prepared: Prepared, error: StoreError) -> ErrorResponse | None:
+    def store_failed(self, ctx: RequestContext, prepared: Prepared,
+                     error: StoreError | CommandError) -> ErrorResponse | None:
         if not isinstance(prepared.state, _Request):
             return None
         return self._unchecked_revocations(str(error))
@@ -234,9 +235,11 @@ async def revoke(service: SessionService, body: object) -> tuple[int, dict[str, 
         sid = body.get("jti") or body["session_id"]
         command = Revoke(f"{prefix}rv:s:{_digest(sid)}", ALWAYS, int(settings.revocation_ttl * 1000))
     try:
-        await service.store.execute([command])
+        (result,) = await service.store.execute([command])
     except StoreError as error:
-        return 503, {"error": "store_unavailable", "message": f"the revocation could not be stored: {error}"}
+        result = error
+    if isinstance(result, StoreError | CommandError):
+        return 503, {"error": "store_unavailable", "message": f"the revocation could not be stored: {result}"}
     return 200, {"revoked": True}
 
 

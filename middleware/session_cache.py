@@ -259,12 +259,13 @@ class SessionService:
         lock_key = f"{self.key_prefix}session-lock:{digest}"
         owner = uuid.uuid4().hex
         try:
-            found, locked = await self.store.execute(
+            found, taken = await self.store.execute(
                 [Get(store_key), Set(lock_key, owner, self._lock_ms, only_if_absent=True)])
         except StoreError as error:
             logger.warning("session cache unreadable (%s): asking the provider without single-flight", error)
             return await self._ask(token)
         now = self.clock()
+        locked = taken is True  # False when another instance holds it; a CommandError is no lock either
         if isinstance(found, str) and (known := Known.decode(found, now)) is not None:
             if locked:
                 self._later([Delete(lock_key, if_value=owner)])
