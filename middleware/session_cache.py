@@ -30,7 +30,7 @@ from typing import Any
 from .metrics import SESSION_CACHE
 from .session_provider import AuthProvider, JwksCache, ProviderAnswer, ProviderGuard, _Session
 from .session_settings import SessionSettings, SessionUser
-from .store import Delete, Get, Set, Store, StoreError
+from .store import CommandError, Delete, Get, Set, Store, StoreError
 from .tokens import (
     NeedsKey,
     TokenError,
@@ -270,6 +270,8 @@ class SessionService:
             if locked:
                 self._later([Delete(lock_key, if_value=owner)])
             return known
+        if isinstance(taken, CommandError):  # the store refused the lock: ask without single-flight
+            return await self._ask(token)
         if not locked:
             return await self._wait_for_other(token, store_key, lock_key)
         known = await self._ask(token)
