@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
+from edgeway.middleware.cache_settings import CacheSettings
 from edgeway.middleware.ratelimit import Limit
 from edgeway.middleware.units import Duration, Size
 
@@ -143,17 +144,11 @@ class Match(Model):
         return value
 
 
-class CacheConfig(Model):
-    ttl: Duration = Field(300.0, description="How long a stored response stays fresh.")
-    key: tuple[Literal["method", "path", "query", "body", "user"], ...] = ("method", "path", "query")
-    max_body: Size = Field(2_000_000, description="Larger responses are passed through, not stored.")
-
-
 class Route(Model):
     match: Match
     upstream: str
     limits: tuple[Limit, ...] = ()
-    cache: CacheConfig | None = None
+    cache: CacheSettings | None = None
     session: Literal["required", "optional", "off"] = "off"
 
 

@@ -234,6 +234,7 @@ def _cross_checks(data: dict[str, Any], built: _Built) -> None:
             line, col = _locate(built, ("routes", i, "upstream"), key=False)
             built.problems.append(Problem(line, col, f"unknown upstream '{name}'{hint}"))
         match = route.get("match")
+        _check_cache_methods(route, i, match, built)
         if isinstance(match, dict) and isinstance(match.get("path"), str):
             methods = match.get("methods")
             signature = (match["path"], tuple(sorted(str(m).upper() for m in methods)) if isinstance(methods, list)
@@ -246,6 +247,18 @@ def _cross_checks(data: dict[str, Any], built: _Built) -> None:
                 )
             else:
                 seen[signature] = i
+
+
+def _check_cache_methods(route: dict[str, Any], index: int, match: object, built: _Built) -> None:
+    """A body-keyed cache is for POST answers: a route that admits no POST would store nothing by its body."""
+    cache = route.get("cache")
+    if not isinstance(cache, dict) or not isinstance(cache.get("key"), list) or "body" not in cache["key"]:
+        return
+    methods = match.get("methods") if isinstance(match, dict) else None
+    if isinstance(methods, list) and "POST" not in {str(m).upper() for m in methods}:
+        line, col = _locate(built, ("routes", index, "cache", "key"), key=False)
+        built.problems.append(Problem(line, col, f"routes.{index}.cache.key: `body` keys POST answers, but this "
+                                                 "route's match.methods excludes POST"))
 
 
 @dataclass(frozen=True)

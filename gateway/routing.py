@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from edgeway.middleware.cache import CachePolicy
 from edgeway.middleware.clientip import TrustedProxies
 from edgeway.middleware.pipeline import EdgewayMiddleware
 from edgeway.middleware.policy import Policy as RoutePolicy
@@ -37,11 +38,13 @@ class CompiledRoute:
         return path.startswith(self.prefix) or path == self.prefix.rstrip("/")
 
 
-def route_policies(route: Route, name: str, policy: Policy) -> list[RoutePolicy]:
+def route_policies(route: Route, name: str, policy: Policy, store: Store) -> list[RoutePolicy]:
     """The policy objects of one route, in the order they run."""
     policies: list[RoutePolicy] = []
     if route.limits:
         policies.append(RateLimitPolicy(route.limits, route=name, key_prefix=policy.store.key_prefix))
+    if route.cache is not None:
+        policies.append(CachePolicy(route.cache, store=store, route=name, key_prefix=policy.store.key_prefix))
     return policies
 
 
@@ -54,7 +57,7 @@ class RouteTable:
         for index, route in enumerate(policy.routes):
             name = f"{index}:{route.match.path}"
             app = endpoint(route)
-            policies = route_policies(route, name, policy)
+            policies = route_policies(route, name, policy, store)
             if policies:
                 app = EdgewayMiddleware(app, policies=policies, store=store, trusted_proxies=trusted, route=name)
             pattern = route.match.path

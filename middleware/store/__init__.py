@@ -6,6 +6,7 @@ Backends are imported lazily so a deployment only loads what it uses.
 from __future__ import annotations
 
 from .base import (
+    CACHE_COMMANDS,
     Algorithm,
     Clock,
     Command,
@@ -14,6 +15,8 @@ from .base import (
     Handler,
     Heartbeat,
     Incr,
+    IndexAdd,
+    IndexPurge,
     LimitCheck,
     LimitState,
     Publish,
@@ -28,6 +31,7 @@ from .base import (
 )
 
 __all__ = [
+    "CACHE_COMMANDS",
     "Algorithm",
     "Clock",
     "Command",
@@ -36,6 +40,8 @@ __all__ = [
     "Handler",
     "Heartbeat",
     "Incr",
+    "IndexAdd",
+    "IndexPurge",
     "LimitCheck",
     "LimitState",
     "Publish",

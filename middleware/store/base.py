@@ -36,6 +36,8 @@ __all__ = [
     "Handler",
     "Heartbeat",
     "Incr",
+    "IndexAdd",
+    "IndexPurge",
     "LimitCheck",
     "LimitState",
     "Publish",
@@ -146,6 +148,32 @@ class Publish:
     message: str
 
 
+@dataclass(frozen=True, slots=True)
+class IndexAdd:
+    """Record ``member`` (a key) in the index ``index`` for ``ttl_ms``; the result is ``None``.
+
+    An index names the keys to delete together later (a cache route, tag or
+    URL): :class:`IndexPurge` deletes them. Members leave the index once their
+    TTL passed; the index itself expires with its longest-lived member.
+    """
+
+    index: str
+    member: str
+    ttl_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class IndexPurge:
+    """Delete every key recorded in ``index``, then the index; the result is how many keys existed (``int``)."""
+
+    index: str
+
+
+CACHE_COMMANDS = (Get, Set, Delete, IndexAdd, IndexPurge)
+"""Commands on per-instance caches: when the primary store is down they go to memory, never to a
+shared fallback (a cache miss is acceptable, an error is not)."""
+
+
 # LimitCheck, LimitState and RateLimitResult are NamedTuples: built for every request on the hot path,
 # where a tuple is several times cheaper to create than a frozen dataclass.
 class LimitCheck(NamedTuple):
@@ -201,7 +229,7 @@ class Heartbeat:
     ttl_ms: int
 
 
-Command = Get | Set | Delete | Incr | Publish | RateLimit | Heartbeat
+Command = Get | Set | Delete | Incr | Publish | IndexAdd | IndexPurge | RateLimit | Heartbeat
 """Every operation a policy may put in a request's batch."""
 
 Clock = Callable[[], float]

@@ -5,7 +5,7 @@ Commands come in two kinds, which fall back differently:
 - shared state that must hold across instances (``RateLimit``, ``Heartbeat``;
   breaker state later) goes to the first healthy store of the chain: the
   primary (Redis), then each fallback in order (Supabase/Postgres, then memory);
-- per-instance caches (``Get``/``Set``/``Delete``: response and session cache)
+- per-instance caches (``Get``/``Set``/``Delete``/``IndexAdd``/``IndexPurge``: response and session cache)
   go to the primary while it is healthy, else to memory: a cache miss is
   acceptable, an error is not.
 
@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..metrics import STORE_MODE, STORE_MODE_CHANGES
-from .base import Command, Delete, Get, Heartbeat, LimitCheck, RateLimit, Set, Store, StoreError
+from .base import CACHE_COMMANDS, Command, Heartbeat, LimitCheck, RateLimit, Store, StoreError
 from .memory import MemoryStore
 
 logger = logging.getLogger("edgeway.store")
@@ -122,7 +122,7 @@ class FailoverStore(Store):
                 self._set_mode(member.store.kind)
                 return await member.store.execute(self._degrade(commands), timeout=timeout)
             if position > 0:
-                shared = shared or [i for i, c in enumerate(commands) if not isinstance(c, Get | Set | Delete)]
+                shared = shared or [i for i, c in enumerate(commands) if not isinstance(c, CACHE_COMMANDS)]
                 if not shared:  # only caches: memory, without bothering the fallback
                     return await self._cache.execute(commands, timeout=timeout)
             try:

@@ -24,6 +24,8 @@ from .base import (
     Handler,
     Heartbeat,
     Incr,
+    IndexAdd,
+    IndexPurge,
     LimitCheck,
     LimitState,
     Publish,
@@ -109,6 +111,11 @@ class MemoryStore(Store):
             if count:  # after this batch, like a message arriving over the network
                 asyncio.get_running_loop().call_soon(self._fanout.dispatch, command.channel, command.message)
             return count
+        if isinstance(command, IndexAdd):
+            self._index_add(command, now)
+            return None
+        if isinstance(command, IndexPurge):
+            return self._index_purge(command, now)
         if isinstance(command, RateLimit):
             return self._rate_limit(command, now)
         if isinstance(command, Heartbeat):
@@ -134,6 +141,25 @@ class MemoryStore(Store):
             expires = entry.expires_ms
         self._put(command.key, str(value), expires)
         return value
+
+    def _index_add(self, command: IndexAdd, now: float) -> None:
+        found = self._get(command.index, now)
+        members: dict[str, float] = found if isinstance(found, dict) else {}
+        members[command.member] = now + command.ttl_ms
+        live = {member: until for member, until in members.items() if until > now}
+        self._put(command.index, live, max(live.values()))
+
+    def _index_purge(self, command: IndexPurge, now: float) -> int:
+        found = self._get(command.index, now)
+        self._data.pop(command.index, None)
+        if not isinstance(found, dict):
+            return 0
+        deleted = 0
+        for member in found:
+            if self._get(member, now) is not None:
+                del self._data[member]
+                deleted += 1
+        return deleted
 
     def _get(self, key: str, now: float) -> object:
         entry = self._data.get(key)

@@ -1,0 +1,516 @@
+"""The response cache: AI answers served once, safe by default, no stampedes across instances.
+
+``CacheMiddleware(app, ttl=60, key=["method", "path", "query", "body"], store=...)``
+works on its own; the gateway builds the same :class:`CachePolicy` from a
+route's ``cache:`` block and runs it in the route's one store round trip.
+
+One request's path (pure rules in :mod:`.cache_rules`, keys in :mod:`.cache_key`,
+the stored value in :mod:`.cache_entry`):
+
+- ``prepare``: a request that must not use the cache (``Authorization``,
+  ``Cookie``, unkeyed overrides, ...) bypasses it; otherwise the entry's
+  ``Get`` joins the batch.
+- ``decide``: fresh -> the stored answer (or 304 for a matching conditional
+  request); a vary marker -> one more read for the variant; stale within
+  ``stale_while_revalidate`` -> stale at once, unless this request wins the
+  refresh lock; stale within ``stale_if_error`` -> kept in ``ctx.stale``;
+  a miss -> ``Set(lock, NX)``: the winner goes upstream, the others wait for its
+  fill (a store notification, else a bounded backoff) up to ``lock_timeout``
+  and answer ``collapsed`` from it, or go upstream themselves.
+- ``respond``: ``Cache-Status`` on the response start; a stale entry instead
+  of a 502/504; a stored entry refreshed by the upstream's 304.
+- ``finish``: the entry (only a complete response within ``max_body``), its
+  purge indexes, the lock release and the "filled" notification, all deferred.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+import weakref
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+from .cache_entry import PASS, RESPONSE, VARY, Entry, decode, encode, vary_marker
+from .cache_key import body_part, canonical_query, digest, vary_digest, vary_names
+from .cache_rules import (
+    UNKEYED_OVERRIDES,
+    RequestFacts,
+    bypass,
+    cdn_cache_control,
+    first,
+    freshness,
+    not_modified,
+    not_storable,
+    refreshed,
+    stored_headers,
+    validators,
+)
+from .cache_settings import CacheSettings
+from .clientip import IPNetwork
+from .context import RequestContext
+from .metrics import CACHE_REQUESTS, CACHE_STORED_BYTES
+from .pipeline import ASGIApp, EdgewayMiddleware
+from .policy import Answer, BasePolicy, Completed, Pending, Prepared
+from .responses import Message, Response
+from .store import Command, Delete, Get, IndexAdd, IndexPurge, Publish, Set, Store, StoreError
+
+logger = logging.getLogger("edgeway.cache")
+
+WAIT_INITIAL, WAIT_MAX = 0.01, 0.25  # seconds: backoff between re-reads while another request fills
+_MIN_TTL_MS = 1000
+
+
+@dataclass(slots=True)
+class _Request:
+    """One request's cache state, from prepare to finish."""
+
+    key: str = ""
+    primary: str = ""
+    url_index: str = ""
+    detail: str | None = None  # bypass reason
+    status: str = "miss"  # hit | miss | stale | bypass | collapsed (metrics and ctx.outcomes)
+    lock: str | None = None  # the fill lock's token while this request holds it
+    vary: tuple[str, ...] = ()
+    stale: Entry | None = None  # being refreshed or revalidated by this request
+    revalidating: bool = False
+    cache_status: bytes = b""
+    replaced_by: Entry | None = None  # the entry refreshed by a 304
+    conditional_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+
+
+class _Fills:
+    """Wakes this process's waiters when any instance announces a fill (one subscription per store)."""
+
+    def __init__(self, store: Store, channel: str) -> None:
+        self.store = store
+        self.channel = channel
+        self.waiters: dict[str, asyncio.Future[None]] = {}
+        self.subscribed: asyncio.Task[bool] | None = None
+
+    def _heard(self, key: str) -> None:
+        future = self.waiters.pop(key, None)
+        if future is not None and not future.done():
+            future.set_result(None)
+
+    async def _subscribe(self) -> bool:
+        try:
+            await self.store.subscribe(self.channel, self._heard)
+        except StoreError:
+            return False
+        return True
+
+    async def ready(self) -> bool:
+        """Whether fills are announced (subscribing on first use); False: re-read with backoff only."""
+        if not self.store.notifies:
+            return False
+        if self.subscribed is None:
+            self.subscribed = asyncio.get_running_loop().create_task(self._subscribe())
+        return await asyncio.shield(self.subscribed)
+
+    def future(self, key: str) -> asyncio.Future[None]:
+        future = self.waiters.get(key)
+        if future is None or future.done():
+            future = self.waiters[key] = asyncio.get_running_loop().create_future()
+        return future
+
+
+_FILLS: weakref.WeakKeyDictionary[Store, dict[str, _Fills]] = weakref.WeakKeyDictionary()
+
+
+def _fills(store: Store, channel: str) -> _Fills:
+    per_store = _FILLS.setdefault(store, {})
+    fills = per_store.get(channel)
+    if fills is None:
+        fills = per_store[channel] = _Fills(store, channel)
+    return fills
+
+
+def _status(*parts: str) -> bytes:
+    return "; ".join(("edgeway", *parts)).encode()
+
+
+class CachePolicy(BasePolicy):
+    """A route's response cache; shared by all requests (per-request state lives in :class:`_Request`)."""
+
+    name = "cache"
+    wants_respond = True
+    wants_finish = True
+
+    def __init__(self, settings: CacheSettings, *, store: Store, route: str = "default",
+                 key_prefix: str = "edgeway:", clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self.rules = settings.rules()
+        self.store = store
+        self.route = route
+        self.clock = clock
+        self.methods = settings.methods
+        self.parts = settings.key
+        self.key_has_body = "body" in settings.key
+        self.key_has_user = "user" in settings.key
+        self.request_body_limit = settings.max_request_body if self.key_has_body else 0
+        self.response_body_limit = settings.max_body
+        self.prefix = f"{key_prefix}cache:"
+        self.route_index = f"{self.prefix}ix:route:{route}"
+        self.lock_ms = max(1, int(settings.lock_age * 1000))
+        self.channel = f"{self.prefix}filled"
+        self._counters = {s: CACHE_REQUESTS.labels(route, s) for s in ("hit", "miss", "stale", "bypass", "collapsed")}
+        self._stored_bytes = CACHE_STORED_BYTES.labels(route)
+        self._tag_header = settings.tag_header.lower().encode() if settings.tag_header else None
+
+    # -- keys ---------------------------------------------------------------------
+
+    def tag_index(self, tag: str) -> str:
+        """The index of every entry carrying ``tag`` (shared by all routes)."""
+        return f"{self.prefix}ix:tag:{tag}"
+
+    def url_index(self, method: str, path: str, query_string: bytes) -> str:
+        """The index of every entry of one request target (all its users, bodies and variants)."""
+        method = "GET" if method == "HEAD" else method
+        query = canonical_query(query_string, self.settings.ignore_query)
+        return f"{self.prefix}ix:url:{digest((method.encode(), path.encode(), query))}"
+
+    def _primary(self, ctx: RequestContext, method: str) -> str:
+        scope = ctx.scope
+        parts: list[bytes] = []
+        for part in self.parts:
+            if part == "method":
+                parts.append(method.encode())
+            elif part == "path":
+                parts.append(scope["path"].encode("utf-8", "surrogateescape"))
+            elif part == "query":
+                parts.append(canonical_query(scope.get("query_string", b""), self.settings.ignore_query))
+            elif part == "body":
+                parts.append(body_part(ctx.body or b"", ctx.header("content-type"), self.settings.body_include,
+                                       self.settings.body_exclude))
+            elif part == "user":
+                parts.append((ctx.user or "").encode())
+            else:
+                parts.append(",".join(ctx.headers.get(part[7:], ())).encode("utf-8", "surrogateescape"))
+        return f"{self.prefix}{self.route}:{digest(parts)}"
+
+    # -- the protocol -------------------------------------------------------------------
+
+    def prepare(self, ctx: RequestContext) -> Prepared:
+        method = ctx.scope["method"]
+        headers = ctx.headers
+        facts = RequestFacts(
+            method=method,
+            authorization="authorization" in headers,
+            cookie="cookie" in headers,
+            user=ctx.user is not None,
+            body=ctx.has_body,
+            body_too_large=ctx.body_too_large,
+            override_header=any(name in headers for name in UNKEYED_OVERRIDES),
+        )
+        detail = bypass(facts, key_has_body=self.key_has_body, key_has_user=self.key_has_user,
+                        cookies_ignored=self.settings.cookies == "ignore", methods=self.methods)
+        if detail is not None:
+            return Prepared((), _Request(detail=detail, status="bypass",
+                                         cache_status=_status("fwd=bypass", f"detail={detail}")))
+        key_method = "GET" if method == "HEAD" else method
+        primary = self._primary(ctx, key_method)
+        state = _Request(key=primary, primary=primary,
+                         url_index=self.url_index(key_method, ctx.scope["path"], ctx.scope.get("query_string", b"")))
+        return Prepared((Get(primary, binary=True),), state)
+
+    def decide(self, ctx: RequestContext, prepared: Prepared, results: Sequence[object]) -> Answer | Pending | None:
+        state: _Request = prepared.state  # type: ignore[assignment]
+        if state.detail is not None:
+            return None
+        found = results[0]
+        entry = decode(found if isinstance(found, bytes) else None)
+        if entry is not None and entry.kind == VARY:
+            return Pending(self._variant(ctx, state, entry))
+        return self._lookup(ctx, state, entry)
+
+    def store_failed(self, ctx: RequestContext, prepared: Prepared, error: StoreError) -> None:
+        state: _Request = prepared.state  # type: ignore[assignment]
+        if state.detail is None:  # no store: a miss that goes upstream and tries to fill later
+            state.cache_status = _status("fwd=miss", "detail=store-unavailable")
+        return None
+
+    async def _variant(self, ctx: RequestContext, state: _Request, marker: Entry) -> Answer | None:
+        state.vary = marker.vary
+        state.key = f"{state.primary}:{vary_digest(marker.vary, ctx.headers)}"
+        try:
+            (found,) = await self.store.execute([Get(state.key, binary=True)])
+        except StoreError:
+            return None
+        outcome = self._lookup(ctx, state, decode(found if isinstance(found, bytes) else None))
+        return await outcome.awaitable if isinstance(outcome, Pending) else outcome  # type: ignore[return-value]
+
+    def _lookup(self, ctx: RequestContext, state: _Request, entry: Entry | None) -> Answer | Pending | None:
+        now = self.clock()
+        if entry is not None and entry.kind == PASS:
+            state.cache_status = _status("fwd=miss")
+            return None  # the last answer was not storable: no waiting for a fill that will not come
+        if entry is not None:
+            ttl = entry.ttl(now)
+            if ttl > 0:
+                return self._hit(ctx, state, entry, now, _status("hit", f"ttl={int(ttl)}"), "hit")
+            stale_for = -ttl
+            if stale_for < entry.stale_while_revalidate:
+                return Pending(self._revalidate_or_stale(ctx, state, entry, now))
+            if stale_for < entry.stale_if_error:
+                ctx.stale = self._hit(ctx, state, entry, now, _status("hit", "stale"), "stale", count=False)
+            if validators(entry.headers) and ctx.scope["method"] != "HEAD":
+                self._conditional(ctx, state, entry)
+        return Pending(self._fill_or_wait(ctx, state))
+
+    def _hit(self, ctx: RequestContext, state: _Request, entry: Entry, now: float, cache_status: bytes,
+             status: str, *, count: bool = True) -> Response:
+        headers = [*entry.headers, (b"age", str(int(entry.age(now))).encode()), (b"cache-status", cache_status)]
+        if self.settings.cdn_ttl is not None:
+            headers = cdn_cache_control(headers, int(self.settings.cdn_ttl))
+        if count:
+            self._count(ctx, status)
+        if entry.status == 200 and not_modified(ctx.headers, entry.headers):
+            kept = [(k, v) for k, v in headers if k not in (b"content-length", b"content-type", b"content-encoding")]
+            return Response(304, kept)
+        return Response(entry.status, headers, entry.chunks)
+
+    def _count(self, ctx: RequestContext, status: str) -> None:
+        ctx.outcomes["cache"] = status
+        self._counters[status].inc()
+
+    def _conditional(self, ctx: RequestContext, state: _Request, entry: Entry) -> None:
+        """Ask the upstream whether the stale entry still holds, when the client sent no conditions of its own."""
+        headers = ctx.headers
+        if "if-none-match" in headers or "if-modified-since" in headers:
+            return
+        state.stale = entry
+        state.revalidating = True
+        ctx.scope["headers"] = [*ctx.scope["headers"], *validators(entry.headers)]
+
+    async def _take_lock(self, key: str) -> str | None:
+        token = uuid.uuid4().hex
+        (taken,) = await self.store.execute([Set(f"{key}:lock", token, self.lock_ms, only_if_absent=True)])
+        return token if taken else None
+
+    async def _revalidate_or_stale(self, ctx: RequestContext, state: _Request, entry: Entry,
+                                   now: float) -> Answer | None:
+        """Within stale_while_revalidate: one request (across instances) refreshes, the others get stale at once."""
+        try:
+            state.lock = await self._take_lock(state.key)
+        except StoreError:
+            state.lock = None
+        if state.lock is None:
+            return self._hit(ctx, state, entry, now, _status("hit", "stale"), "stale")
+        ctx.stale = self._hit(ctx, state, entry, now, _status("hit", "stale"), "stale", count=False)
+        if validators(entry.headers) and ctx.scope["method"] != "HEAD":
+            self._conditional(ctx, state, entry)
+        state.status = "stale"
+        state.cache_status = _status("fwd=stale")
+        return None
+
+    async def _fill_or_wait(self, ctx: RequestContext, state: _Request) -> Answer | None:
+        """A miss: fill it (holding the lock), or wait for the request that does."""
+        if ctx.scope["method"] == "HEAD":
+            return None  # a HEAD answer has no body to store: never the filler, never waiting
+        fills = _fills(self.store, self.channel)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.lock_timeout
+        notified = await fills.ready()
+        delay = WAIT_INITIAL
+        while True:
+            future = fills.future(state.key) if notified else None
+            try:
+                state.lock = await self._take_lock(state.key)
+                if state.lock is not None:
+                    return None
+                (found,) = await self.store.execute([Get(state.key, binary=True)])
+            except StoreError:
+                return None
+            entry = decode(found if isinstance(found, bytes) else None)
+            now = self.clock()
+            if entry is not None and entry.kind == VARY and not state.vary:
+                # the fill varies on request fields: wait for (or fill) this request's own variant
+                state.vary = entry.vary
+                state.key = f"{state.primary}:{vary_digest(entry.vary, ctx.headers)}"
+                continue
+            if entry is not None and entry.kind == RESPONSE and entry.ttl(now) > 0:
+                return self._hit(ctx, state, entry, now, _status("hit", "collapsed"), "collapsed")
+            if entry is not None and entry.kind == PASS:
+                return None
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                state.cache_status = _status("fwd=miss", "detail=lock-timeout")
+                return None
+            wait = min(remaining, delay * 10 if notified else delay)
+            if future is not None:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(future), wait)
+            else:
+                await asyncio.sleep(wait)
+            delay = min(delay * 2, WAIT_MAX)
+
+    def respond(self, ctx: RequestContext, prepared: Prepared, start: Message) -> Answer | None:
+        state: _Request = prepared.state  # type: ignore[assignment]
+        status = start["status"]
+        headers = start.setdefault("headers", [])
+        if state.detail is not None:
+            self._count(ctx, "bypass")
+            headers.append((b"cache-status", state.cache_status))
+            return None
+        if ctx.stale is not None and status in (502, 504):
+            stale: Response = ctx.stale
+            self._count(ctx, "stale")
+            return stale
+        if state.revalidating and status == 304 and state.stale is not None:
+            entry = state.stale
+            now = self.clock()
+            fresh = freshness(refreshed(entry.headers, headers), self.rules, now)
+            if fresh is not None:
+                state.replaced_by = Entry(entry.status, refreshed(entry.headers, headers), entry.chunks, now,
+                                          fresh.fresh, fresh.stale_while_revalidate, fresh.stale_if_error)
+                self._count(ctx, "stale")
+                return self._hit(ctx, state, state.replaced_by, now, _status("fwd=stale", "fwd-status=304"),
+                                 "stale", count=False)
+        self._count(ctx, "stale" if state.status == "stale" else "miss")
+        if not state.cache_status:
+            detail = self._refusal(ctx, status, headers)
+            state.cache_status = _status("fwd=stale" if state.status == "stale" else "fwd=miss",
+                                         "stored" if detail is None else f"detail={detail}")
+        headers.append((b"cache-status", state.cache_status))
+        if self.settings.cdn_ttl is not None:
+            start["headers"] = cdn_cache_control(headers, int(self.settings.cdn_ttl))
+        return None
+
+    def _refusal(self, ctx: RequestContext, status: int, headers: Sequence[tuple[bytes, bytes]]) -> str | None:
+        if ctx.scope["method"] == "HEAD":
+            return "head"
+        detail = not_storable(status, headers, self.rules)
+        if detail is not None:
+            return detail
+        length = first(headers, b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.rules.max_body:
+            return "too-large"
+        return None
+
+    def finish(self, ctx: RequestContext, prepared: Prepared, response: Completed) -> Sequence[Command]:
+        state: _Request = prepared.state  # type: ignore[assignment]
+        if state.detail is not None or not state.key:
+            return ()
+        lock_key = state.key
+        writes: list[Command] = []
+        if state.replaced_by is not None:
+            writes.extend(self._entry_writes(state, state.replaced_by, response.headers))
+        else:
+            writes.extend(self._fill(ctx, state, response))
+        if state.lock is not None:
+            writes.append(Delete(f"{lock_key}:lock", if_value=state.lock))
+            writes.append(Publish(self.channel, lock_key))
+        return writes
+
+    def _fill(self, ctx: RequestContext, state: _Request, response: Completed) -> list[Command]:
+        if not response.complete or response.status in (0, 304) or ctx.scope["method"] == "HEAD":
+            return []  # an interrupted response is never stored; the next request fills
+        detail = not_storable(response.status, response.headers, self.rules)
+        now = self.clock()
+        fresh = None if detail is not None else freshness(response.headers, self.rules, now)
+        names = vary_names(value for name, value in response.headers if name.lower() == b"vary")
+        if fresh is None or response.chunks is None or names is None:
+            if state.lock is None or state.stale is not None or ctx.stale is not None:
+                return []  # never overwrite an entry kept for stale serving
+            # hit-for-miss: the waiters and the next requests go upstream at once instead of queueing on the lock
+            return [Set(state.key, encode(Entry(0, [], [], now, 0.0, kind=PASS)), self.lock_ms)]
+        entry = Entry(response.status, stored_headers(response.headers), list(response.chunks), now,
+                      fresh.fresh, fresh.stale_while_revalidate, fresh.stale_if_error)
+        writes: list[Command] = []
+        if names:
+            keep_ms = max(_MIN_TTL_MS, int(fresh.keep * 1000))
+            state.key = f"{state.primary}:{vary_digest(names, ctx.headers)}"
+            writes.append(Set(state.primary, encode(vary_marker(names, now, fresh.keep)), keep_ms))
+            writes.append(IndexAdd(self.route_index, state.primary, keep_ms))
+            writes.append(IndexAdd(state.url_index, state.primary, keep_ms))
+        else:
+            state.key = state.primary
+        writes.extend(self._entry_writes(state, entry, response.headers))
+        return writes
+
+    def _entry_writes(self, state: _Request, entry: Entry,
+                      headers: Sequence[tuple[bytes, bytes]]) -> list[Command]:
+        value = encode(entry)
+        keep_ms = max(_MIN_TTL_MS, int((entry.fresh + max(entry.stale_while_revalidate, entry.stale_if_error))
+                                       * 1000))
+        self._stored_bytes.inc(entry.size)
+        writes: list[Command] = [Set(state.key, value, keep_ms), IndexAdd(self.route_index, state.key, keep_ms),
+                                 IndexAdd(state.url_index, state.key, keep_ms)]
+        for tag in self._tags(headers):
+            writes.append(IndexAdd(self.tag_index(tag), state.key, keep_ms))
+        return writes
+
+    def _tags(self, headers: Sequence[tuple[bytes, bytes]]) -> Iterable[str]:
+        yield from self.settings.tags
+        if self._tag_header is not None:
+            for name, value in headers:
+                if name.lower() == self._tag_header:
+                    yield from (tag.strip() for tag in value.decode("latin-1").split(",") if tag.strip())
+
+    # -- purge ----------------------------------------------------------------------------
+
+    def purge_commands(self, *, everything: bool = False, tag: str | None = None,
+                       url: tuple[str, str, bytes] | None = None) -> list[Command]:
+        """The store commands of one purge on this route (see :func:`purge`)."""
+        if everything:
+            return [IndexPurge(self.route_index)]
+        if tag is not None:
+            return [IndexPurge(self.tag_index(tag))]
+        if url is not None:
+            return [IndexPurge(self.url_index(*url))]
+        return []
+
+
+async def purge(store: Store, policies: Sequence[CachePolicy], body: object) -> dict[str, object]:
+    """Run ``POST /_edgeway/cache/purge``: ``{"all": true}``, ``{"route": PATH}``, ``{"tag": T}`` or
+    ``{"url": "/path?query", "method": "GET"}`` against the route policies given (those the body names:
+    every cached route for ``all``/``tag``, the matching ones for ``route``/``url``).
+
+    Entries live in the shared store, so one purge takes effect in every instance at once.
+    Raises ValueError (a 400 for the admin API) for a body that names nothing to purge.
+    """
+    commands: list[Command] = []
+    if not isinstance(body, dict):
+        raise ValueError('expected a JSON object: {"all": true}, {"route": ...}, {"tag": ...} or {"url": ...}')
+    if body.get("all") is True or isinstance(body.get("route"), str):
+        for policy in policies:
+            commands.extend(policy.purge_commands(everything=True))
+    elif isinstance(body.get("tag"), str) and body["tag"]:
+        if policies:
+            commands.extend(policies[0].purge_commands(tag=body["tag"]))
+    elif isinstance(body.get("url"), str) and body["url"].startswith("/"):
+        method = body.get("method", "GET")
+        if not isinstance(method, str):
+            raise ValueError("method must be a string such as GET")
+        path, _, query = body["url"].partition("?")
+        for policy in policies:
+            commands.extend(policy.purge_commands(url=(method.upper(), path, query.encode())))
+    else:
+        raise ValueError('expected {"all": true}, {"route": "/api/*"}, {"tag": "ai"} or '
+                         '{"url": "/path?query", "method": "GET"}')
+    if not commands:
+        return {"purged": 0}
+    results = await store.execute(commands)
+    return {"purged": sum(r for r in results if isinstance(r, int))}
+
+
+class CacheMiddleware(EdgewayMiddleware):
+    """The response cache as ASGI middleware, without a policy file.
+
+    >>> app = CacheMiddleware(app, ttl=60, key=["method", "path", "query", "body"],
+    ...                       store=open_store("redis://localhost:6379"))
+
+    Keyword options are the ``cache:`` block's (:class:`CacheSettings`): ``max_body``,
+    ``stale_if_error``, ``tags``, ``tag_header``, ``cdn_ttl``, ...
+    """
+
+    def __init__(self, app: ASGIApp, *, store: Store, ttl: float | str = 300.0,
+                 key: Sequence[str] = ("method", "path", "query"), trusted_proxies: Iterable[str | IPNetwork] = (),
+                 route: str = "default", key_prefix: str = "edgeway:", **options: object) -> None:
+        settings = CacheSettings.model_validate({"ttl": ttl, "key": list(key), **options})
+        self.cache = CachePolicy(settings, store=store, route=route, key_prefix=key_prefix)
+        super().__init__(app, policies=[self.cache], store=store, trusted_proxies=trusted_proxies, route=route)
