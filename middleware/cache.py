@@ -304,7 +304,6 @@ class CachePolicy(BasePolicy):
         if validators(entry.headers) and ctx.scope["method"] != "HEAD":
             self._conditional(ctx, state, entry)
         state.status = "stale"
-        state.cache_status = _status("fwd=stale")
         return None
 
     async def _fill_or_wait(self, ctx: RequestContext, state: _Request) -> Answer | None:
@@ -510,7 +509,8 @@ class CacheMiddleware(EdgewayMiddleware):
 
     def __init__(self, app: ASGIApp, *, store: Store, ttl: float | str = 300.0,
                  key: Sequence[str] = ("method", "path", "query"), trusted_proxies: Iterable[str | IPNetwork] = (),
-                 route: str = "default", key_prefix: str = "edgeway:", **options: object) -> None:
+                 route: str = "default", key_prefix: str = "edgeway:", clock: Callable[[], float] = time.time,
+                 **options: object) -> None:
         settings = CacheSettings.model_validate({"ttl": ttl, "key": list(key), **options})
-        self.cache = CachePolicy(settings, store=store, route=route, key_prefix=key_prefix)
+        self.cache = CachePolicy(settings, store=store, route=route, key_prefix=key_prefix, clock=clock)
         super().__init__(app, policies=[self.cache], store=store, trusted_proxies=trusted_proxies, route=route)
