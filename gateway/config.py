@@ -14,7 +14,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 
 from edgeway.middleware.cache_settings import CacheSettings
 from edgeway.middleware.ratelimit import Limit
-from edgeway.middleware.units import Duration, Size
+from edgeway.middleware.units import Duration
 
 HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 

@@ -169,7 +169,7 @@ class IndexPurge:
     index: str
 
 
-CACHE_COMMANDS = (Get, Set, Delete, IndexAdd, IndexPurge)
+CACHE_COMMANDS = (Get, Set, Delete, Incr, IndexAdd, IndexPurge)
 """Commands on per-instance caches: when the primary store is down they go to memory, never to a
 shared fallback (a cache miss is acceptable, an error is not)."""
 

@@ -28,7 +28,7 @@ import hiredis
 from .base import Clock, Handler, StoreConfigurationError, StoreError, Subscription
 from .notify import Backoff, Fanout
 from .opening import SharedOpen
-from .redis_protocol import RedisCommand, RedisProtocolStore, ReplyError, Transport
+from .redis_protocol import SCRIPTS, RedisCommand, RedisProtocolStore, ReplyError, Transport
 
 _CONNECT_TIMEOUT = 5.0
 _CONFIRM_WAIT = 1.0  # seconds subscribe() waits for Redis to confirm, while Redis answers at all
@@ -193,6 +193,8 @@ class RespTransport(Transport):
             setup.append(("AUTH", address.username, address.password) if address.username else auth)
         if address.db:
             setup.append(("SELECT", address.db))
+        # scripts loaded before any command: a NOSCRIPT retry would run after the batch's later commands
+        setup.extend(("SCRIPT", "LOAD", script.source) for script in SCRIPTS)
         if setup:
             replies = await asyncio.wait_for(protocol.submit(setup, loop), _CONNECT_TIMEOUT)
             errors = [r for r in replies if isinstance(r, ReplyError)]
@@ -240,9 +242,9 @@ class _PubSub:
             return  # the next connection subscribes to whatever is wanted then
         added, removed = wanted - self._sent, self._sent - wanted
         if added:
-            self._writer.write(hiredis.pack_command(("SUBSCRIBE", *sorted(added))))
+            self._writer.write(hiredis.pack_command(("SUBSCRIBE", *sorted(added))))  # type: ignore[arg-type]
         if removed:
-            self._writer.write(hiredis.pack_command(("UNSUBSCRIBE", *sorted(removed))))
+            self._writer.write(hiredis.pack_command(("UNSUBSCRIBE", *sorted(removed))))  # type: ignore[arg-type]
             self._confirmed -= removed
         self._sent = wanted
 

@@ -4,8 +4,8 @@
 (``GET``, ``SET .. PX [NX]``, ``DEL``, ``PUBLISH``, ``EVALSHA``), hands them to a
 transport as ONE batch, and decodes the replies. TCP Redis and Upstash REST
 differ only in the transport: both implement :class:`Transport`, which also
-says how bytes travel (RESP carries them as they are; Upstash's JSON cannot, see
-``lua/setbin.lua``).
+says how bytes travel (RESP carries them anywhere; Upstash's raw-body form only as
+the last argument, see ``lua/setbin.lua``).
 """
 
 from __future__ import annotations
@@ -59,11 +59,10 @@ CAD_SCRIPT = Script("cad.lua")
 SETBIN_SCRIPT = Script("setbin.lua")
 INDEX_ADD_SCRIPT = Script("index_add.lua")
 INDEX_PURGE_SCRIPT = Script("index_purge.lua")
-_SOURCES = {
-    script.sha: script.source
-    for script in (RATE_LIMIT_SCRIPT, HEARTBEAT_SCRIPT, INCR_SCRIPT, CAD_SCRIPT, SETBIN_SCRIPT, INDEX_ADD_SCRIPT,
-                   INDEX_PURGE_SCRIPT)
-}
+SCRIPTS = (RATE_LIMIT_SCRIPT, HEARTBEAT_SCRIPT, INCR_SCRIPT, CAD_SCRIPT, SETBIN_SCRIPT, INDEX_ADD_SCRIPT,
+           INDEX_PURGE_SCRIPT)
+"""Loaded by each new connection (TCP) or the first pipeline (REST) ahead of any command."""
+_SOURCES = {script.sha: script.source for script in SCRIPTS}
 
 
 class Transport(abc.ABC):
@@ -77,11 +76,17 @@ class Transport(abc.ABC):
     """
 
     binary_safe: bool = True
-    """Whether ``bytes`` arguments travel as they are; False: the store sends them as Latin-1 text."""
+    """Whether any argument may be ``bytes``; False: only the last one (see ``lua/setbin.lua``)."""
 
     def value_bytes(self, reply: str | bytes) -> bytes:
         """A bulk-string reply (a value read by ``GET``) as the bytes Redis holds."""
         return reply if isinstance(reply, bytes) else reply.encode("utf-8", "surrogateescape")
+
+    def value_text(self, reply: str | bytes) -> str:
+        """A bulk-string reply as text; bytes that are not UTF-8 become U+FFFD."""
+        if isinstance(reply, str) and reply.isascii():
+            return reply  # the common case, without a round trip through bytes
+        return self.value_bytes(reply).decode(errors="replace")
 
     @abc.abstractmethod
     def submit(self, commands: Sequence[RedisCommand]) -> asyncio.Future[list[object]]:
@@ -150,11 +155,7 @@ class RedisProtocolStore(Store):
 
     def _decode(self, command: Command, reply: object) -> object:
         if isinstance(command, Get) and isinstance(reply, str | bytes):
-            if command.binary:
-                return self._transport.value_bytes(reply)
-            if isinstance(reply, str) and reply.isascii():
-                return reply
-            return self._transport.value_bytes(reply).decode(errors="replace")
+            return self._transport.value_bytes(reply) if command.binary else self._transport.value_text(reply)
         return _decode(command, reply)
 
     def _encode(self, command: Command) -> RedisCommand:
@@ -163,18 +164,15 @@ class RedisProtocolStore(Store):
         if isinstance(command, Set):
             ttl = max(1, command.ttl_ms)
             if isinstance(command.value, bytes) and not self._transport.binary_safe:
-                nx = "1" if command.only_if_absent else ""
-                return ("EVALSHA", SETBIN_SCRIPT.sha, 1, command.key, command.value.decode("latin-1"), ttl, nx)
+                nx = 1 if command.only_if_absent else 0
+                return ("EVALSHA", SETBIN_SCRIPT.sha, 1, command.key, ttl, nx, command.value)
             if command.only_if_absent:
                 return ("SET", command.key, command.value, "PX", ttl, "NX")
             return ("SET", command.key, command.value, "PX", ttl)
         if isinstance(command, Delete):
             if command.if_value is None:
                 return ("DEL", command.key)
-            expected, latin1 = command.if_value, ""
-            if isinstance(expected, bytes) and not self._transport.binary_safe:
-                expected, latin1 = expected.decode("latin-1"), "1"
-            return ("EVALSHA", CAD_SCRIPT.sha, 1, command.key, expected, latin1)
+            return ("EVALSHA", CAD_SCRIPT.sha, 1, command.key, command.if_value)
         if isinstance(command, Incr):
             return ("EVALSHA", INCR_SCRIPT.sha, 1, command.key, command.amount, max(1, command.ttl_ms))
         if isinstance(command, Publish):

@@ -214,7 +214,8 @@ async def test_json_body_key_ignores_order_whitespace_and_number_spelling(make: 
     again = await cached.post(content=b'{"messages":[{"content":"hi","role":"user"}],"temperature":1,"model":"m"}',
                               headers={"content-type": "application/json; charset=utf-8"})
     assert call(again) == 1 and again.headers["cache-status"].startswith("edgeway; hit")
-    other = await cached.post(content=b'{"model": "m", "temperature": 0.5}', headers={"content-type": "application/json"})
+    other = await cached.post(content=b'{"model": "m", "temperature": 0.5}',
+                              headers={"content-type": "application/json"})
     assert call(other) == 2
 
 
