@@ -178,8 +178,8 @@ class RedisProtocolStore(Store):
         if isinstance(command, Publish):
             return ("PUBLISH", command.channel, command.message)
         if isinstance(command, IndexAdd):
-            now_ms: RedisArg = "" if self._clock is None else math.floor(self._clock() * 1000)
-            return ("EVALSHA", INDEX_ADD_SCRIPT.sha, 1, command.index, command.member, max(1, command.ttl_ms), now_ms)
+            # the server's clock, as for the member keys' own TTLs
+            return ("EVALSHA", INDEX_ADD_SCRIPT.sha, 1, command.index, command.member, max(1, command.ttl_ms))
         if isinstance(command, IndexPurge):
             return ("EVALSHA", INDEX_PURGE_SCRIPT.sha, 1, command.index)
         if isinstance(command, RateLimit):

@@ -1,11 +1,8 @@
 -- Edgeway: record a key in an index (a cache route, tag or URL) so a purge can find it.
 -- KEYS[1]  the index: sorted set, member = key, score = when the member expires (ms)
--- ARGV[1]  the member key; ARGV[2] its ttl_ms; ARGV[3] "now" in ms, or "" for the server clock
-local now = tonumber(ARGV[3])
-if not now then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
+-- ARGV[1]  the member key; ARGV[2] its ttl_ms (on the server's clock, like the key's own TTL)
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
 -- members whose key expired would only grow the index
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
