@@ -65,6 +65,18 @@ class RouteTable:
             routes.append(CompiledRoute(name, pattern, pattern[:-1] if pattern.endswith("*") else None, methods, app))
         self.routes = tuple(routes)
 
+    def cache_policies(self, *, pattern: str | None = None, path: str | None = None,
+                       method: str = "GET") -> list[CachePolicy]:
+        """The cache policies of every route, of the routes whose ``match.path`` is ``pattern``, or of the
+        route a request for ``path`` reaches (for purges)."""
+        if path is not None:
+            found = self.match(path, method)
+            routes: tuple[CompiledRoute, ...] = (found,) if isinstance(found, CompiledRoute) else ()
+        else:
+            routes = tuple(r for r in self.routes if pattern is None or r.pattern == pattern)
+        return [policy for route in routes for policy in getattr(route.app, "policies", ())
+                if isinstance(policy, CachePolicy)]
+
     def match(self, path: str, method: str) -> CompiledRoute | set[str]:
         allowed: set[str] = set()
         for route in self.routes:

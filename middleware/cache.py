@@ -180,7 +180,10 @@ class CachePolicy(BasePolicy):
             if part == "method":
                 parts.append(method.encode())
             elif part == "path":
-                parts.append(scope["path"].encode("utf-8", "surrogateescape"))
+                # the target URI, authority included (RFC 9111's key): a client's own Host never selects
+                # another host's entry, so an upstream that echoes it cannot poison anyone else's answer
+                host = (ctx.header("host") or "").lower().encode("latin-1")
+                parts.append(host + b" " + scope["path"].encode("utf-8", "surrogateescape"))
             elif part == "query":
                 parts.append(canonical_query(scope.get("query_string", b""), self.settings.ignore_query))
             elif part == "body":

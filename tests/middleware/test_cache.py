@@ -400,7 +400,7 @@ async def test_event_stream_is_stored_and_replayed_with_its_boundaries(make: Mak
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    scope = {"type": "http", "method": "GET", "path": "/q", "query_string": b"", "headers": [],
+    scope = {"type": "http", "method": "GET", "path": "/q", "query_string": b"", "headers": [(b"host", b"cache.test")],
              "client": ("127.0.0.1", 1)}
     await cached.app(scope, receive, send)
     assert dict(sent[0]["headers"])[b"cache-status"].startswith(b"edgeway; hit")
@@ -460,7 +460,7 @@ async def test_stale_while_revalidate_others_get_stale_at_once(make: Make) -> No
     from edgeway.middleware.context import RequestContext
     from edgeway.middleware.store import Set
 
-    scope = {"type": "http", "method": "GET", "path": "/q", "query_string": b"", "headers": []}
+    scope = {"type": "http", "method": "GET", "path": "/q", "query_string": b"", "headers": [(b"host", b"cache.test")]}
     primary = key(RequestContext(scope, cached.app.trusted), "GET")
     await cached.store.execute([Set(f"{primary}:lock", "someone-else", 5000)])
     stale = await cached.get()
