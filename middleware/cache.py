@@ -289,6 +289,11 @@ class CachePolicy(BasePolicy):
         state.revalidating = True
         ctx.scope["headers"] = [*ctx.scope["headers"], *validators(entry.headers)]
 
+    async def _release(self, key: str, token: str, taken: object) -> None:
+        if taken:
+            with contextlib.suppress(StoreError):
+                await self.store.execute([Delete(key, if_value=token)])
+
     async def _take_lock(self, key: str) -> str | None:
         token = uuid.uuid4().hex
         (taken,) = await self.store.execute([Set(f"{key}:lock", token, self.lock_ms, only_if_absent=True)])
@@ -320,22 +325,27 @@ class CachePolicy(BasePolicy):
         delay = WAIT_INITIAL
         while True:
             future = fills.future(state.key) if notified else None
+            token = uuid.uuid4().hex
+            lock = Set(f"{state.key}:lock", token, self.lock_ms, only_if_absent=True)
             try:
-                state.lock = await self._take_lock(state.key)
-                if state.lock is not None:
-                    return None
-                (found,) = await self.store.execute([Get(state.key, binary=True)])
+                # read and lock in one round trip: a fill that landed since the last look is used, not redone
+                found, taken = await self.store.execute([Get(state.key, binary=True), lock])
             except StoreError:
                 return None
             entry = decode(found if isinstance(found, bytes) else None)
             now = self.clock()
             if entry is not None and entry.kind == VARY and not state.vary:
                 # the fill varies on request fields: wait for (or fill) this request's own variant
+                await self._release(lock.key, token, taken)
                 state.vary = entry.vary
                 state.key = f"{state.primary}:{vary_digest(entry.vary, ctx.headers)}"
                 continue
             if entry is not None and entry.kind == RESPONSE and entry.ttl(now) > 0:
+                await self._release(lock.key, token, taken)
                 return self._hit(ctx, state, entry, now, _status("hit", "collapsed"), "collapsed")
+            if taken:
+                state.lock = token
+                return None
             if entry is not None and entry.kind == PASS:
                 return None
             remaining = deadline - loop.time()
