@@ -70,7 +70,7 @@ class _Request:
 
     key: str = ""
     primary: str = ""
-    url_index: str = ""
+    url: str = ""  # label of this request's target in the route index (purge by URL)
     detail: str | None = None  # bypass reason
     status: str = "miss"  # hit | miss | stale | bypass | collapsed (metrics and ctx.outcomes)
     lock: str | None = None  # the fill lock's token while this request holds it
@@ -167,11 +167,12 @@ class CachePolicy(BasePolicy):
         """The index of every entry carrying ``tag`` (shared by all routes)."""
         return f"{self.prefix}ix:tag:{tag}"
 
-    def url_index(self, method: str, path: str, query_string: bytes) -> str:
-        """The index of every entry of one request target (all its users, bodies and variants)."""
+    def url_label(self, method: str, path: str, query_string: bytes) -> str:
+        """The label, in the route index, of every entry of one request target (all its hosts, users,
+        bodies and variants): what a purge by URL deletes."""
         method = "GET" if method == "HEAD" else method
         query = canonical_query(query_string, self.settings.ignore_query)
-        return f"{self.prefix}ix:url:{digest((method.encode(), path.encode(), query))}"
+        return digest((method.encode(), path.encode("utf-8", "surrogateescape"), query))[:32]
 
     def _primary(self, ctx: RequestContext, method: str) -> str:
         scope = ctx.scope
@@ -217,7 +218,7 @@ class CachePolicy(BasePolicy):
         key_method = "GET" if method == "HEAD" else method
         primary = self._primary(ctx, key_method)
         state = _Request(key=primary, primary=primary,
-                         url_index=self.url_index(key_method, ctx.scope["path"], ctx.scope.get("query_string", b"")))
+                         url=self.url_label(key_method, ctx.scope["path"], ctx.scope.get("query_string", b"")))
         return Prepared((Get(primary, binary=True),), state)
 
     def decide(self, ctx: RequestContext, prepared: Prepared, results: Sequence[object]) -> Answer | Pending | None:
@@ -437,8 +438,7 @@ class CachePolicy(BasePolicy):
             keep_ms = max(_MIN_TTL_MS, int(fresh.keep * 1000))
             state.key = f"{state.primary}:{vary_digest(names, ctx.headers)}"
             writes.append(Set(state.primary, encode(vary_marker(names, now, fresh.keep)), keep_ms))
-            writes.append(IndexAdd(self.route_index, state.primary, keep_ms))
-            writes.append(IndexAdd(state.url_index, state.primary, keep_ms))
+            writes.append(IndexAdd(self.route_index, state.primary, keep_ms, state.url))
         else:
             state.key = state.primary
         writes.extend(self._entry_writes(state, entry, response.headers))
@@ -450,8 +450,8 @@ class CachePolicy(BasePolicy):
         keep_ms = max(_MIN_TTL_MS, int((entry.fresh + max(entry.stale_while_revalidate, entry.stale_if_error))
                                        * 1000))
         self._stored_bytes.inc(entry.size)
-        writes: list[Command] = [Set(state.key, value, keep_ms), IndexAdd(self.route_index, state.key, keep_ms),
-                                 IndexAdd(state.url_index, state.key, keep_ms)]
+        writes: list[Command] = [Set(state.key, value, keep_ms),
+                                 IndexAdd(self.route_index, state.key, keep_ms, state.url)]
         for tag in self._tags(headers):
             writes.append(IndexAdd(self.tag_index(tag), state.key, keep_ms))
         return writes
@@ -473,7 +473,7 @@ class CachePolicy(BasePolicy):
         if tag is not None:
             return [IndexPurge(self.tag_index(tag))]
         if url is not None:
-            return [IndexPurge(self.url_index(*url))]
+            return [IndexPurge(self.route_index, self.url_label(*url))]
         return []
 
 

@@ -152,21 +152,26 @@ class Publish:
 class IndexAdd:
     """Record ``member`` (a key) in the index ``index`` for ``ttl_ms``; the result is ``None``.
 
-    An index names the keys to delete together later (a cache route, tag or
-    URL): :class:`IndexPurge` deletes them. Members leave the index once their
-    TTL passed; the index itself expires with its longest-lived member.
+    An index names keys to delete together later (a cache route, a tag):
+    :class:`IndexPurge` deletes them, all of them or those recorded with one
+    ``label`` (the entries of one URL within a route's index, say). A label
+    never contains ``|``. Members leave the index once their TTL passed; the
+    index itself expires with its longest-lived member.
     """
 
     index: str
     member: str
     ttl_ms: int
+    label: str = ""
 
 
 @dataclass(frozen=True, slots=True)
 class IndexPurge:
-    """Delete every key recorded in ``index``, then the index; the result is how many keys existed (``int``)."""
+    """Delete every key recorded in ``index`` (only those recorded with ``label`` when it is given), and
+    forget them; the result is how many of those keys existed (``int``)."""
 
     index: str
+    label: str | None = None
 
 
 CACHE_COMMANDS = (Get, Set, Delete, Incr, IndexAdd, IndexPurge)

@@ -144,20 +144,24 @@ class MemoryStore(Store):
 
     def _index_add(self, command: IndexAdd, now: float) -> None:
         found = self._get(command.index, now)
-        members: dict[str, float] = found if isinstance(found, dict) else {}
-        members[command.member] = now + command.ttl_ms
+        members: dict[tuple[str, str], float] = found if isinstance(found, dict) else {}
+        members[(command.label, command.member)] = now + command.ttl_ms
         live = {member: until for member, until in members.items() if until > now}
         self._put(command.index, live, max(live.values()))
 
     def _index_purge(self, command: IndexPurge, now: float) -> int:
         found = self._get(command.index, now)
-        self._data.pop(command.index, None)
         if not isinstance(found, dict):
             return 0
+        chosen = [m for m in found if command.label is None or m[0] == command.label]
+        for member in chosen:
+            del found[member]
+        if not found or command.label is None:
+            self._data.pop(command.index, None)
         deleted = 0
-        for member in found:
-            if self._get(member, now) is not None:
-                del self._data[member]
+        for _, key in chosen:
+            if self._get(key, now) is not None:
+                del self._data[key]
                 deleted += 1
         return deleted
 

@@ -179,9 +179,12 @@ class RedisProtocolStore(Store):
             return ("PUBLISH", command.channel, command.message)
         if isinstance(command, IndexAdd):
             # the server's clock, as for the member keys' own TTLs
-            return ("EVALSHA", INDEX_ADD_SCRIPT.sha, 1, command.index, command.member, max(1, command.ttl_ms))
+            return ("EVALSHA", INDEX_ADD_SCRIPT.sha, 1, command.index, f"{command.label}|{command.member}",
+                    max(1, command.ttl_ms))
         if isinstance(command, IndexPurge):
-            return ("EVALSHA", INDEX_PURGE_SCRIPT.sha, 1, command.index)
+            if command.label is None:
+                return ("EVALSHA", INDEX_PURGE_SCRIPT.sha, 1, command.index, "")
+            return ("EVALSHA", INDEX_PURGE_SCRIPT.sha, 1, command.index, "1", command.label)
         if isinstance(command, RateLimit):
             args: list[RedisArg] = ["EVALSHA", RATE_LIMIT_SCRIPT.sha, len(command.checks)]
             args.extend(check.key for check in command.checks)

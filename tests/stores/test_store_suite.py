@@ -197,6 +197,19 @@ async def test_index_purge_deletes_every_recorded_key(store: Store, key: str) ->
 
 
 @caches_only
+async def test_index_purge_by_label_deletes_only_that_labels_keys(store: Store, key: str) -> None:
+    await store.execute([
+        *(Set(key + name, name, 60_000) for name in ("a1", "a2", "b1")),
+        IndexAdd(key + "index", key + "a1", 60_000, "a"),
+        IndexAdd(key + "index", key + "a2", 60_000, "a"),
+        IndexAdd(key + "index", key + "b1", 60_000, "b"),
+    ])
+    assert await store.execute([IndexPurge(key + "index", "a")]) == [2]
+    assert await store.execute([Get(key + "a1"), Get(key + "b1"), IndexPurge(key + "index", "a")]) == [None, "b1", 0]
+    assert await store.execute([IndexPurge(key + "index")]) == [1]
+
+
+@caches_only
 async def test_index_forgets_expired_members(backend: Backend, store: Store, clock: FakeClock, key: str) -> None:
     await store.execute([Set(key + "short", "1", 100), IndexAdd(key + "index", key + "short", 100),
                          Set(key + "long", "2", 60_000), IndexAdd(key + "index", key + "long", 60_000)])

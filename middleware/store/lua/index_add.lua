@@ -1,6 +1,7 @@
--- Edgeway: record a key in an index (a cache route, tag or URL) so a purge can find it.
--- KEYS[1]  the index: sorted set, member = key, score = when the member expires (ms)
--- ARGV[1]  the member key; ARGV[2] its ttl_ms (on the server's clock, like the key's own TTL)
+-- Edgeway: record a key in an index (a cache route or tag) so a purge can find it.
+-- KEYS[1]  the index: sorted set, member = "LABEL|KEY", score = when the key expires (ms)
+-- ARGV[1]  "LABEL|KEY" (the label never holds "|"); ARGV[2] the key's ttl_ms (on the server's clock,
+--          like the key's own TTL)
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
