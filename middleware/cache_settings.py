@@ -2,15 +2,28 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import re
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 
 from .cache_key import check_json_path, check_key_part
 from .cache_rules import DEFAULT_STATUSES, Rules
 from .units import Duration, Size, parse_duration
 
-HEADER_NAME = r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$"
+_HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
+
+
+def _ttl(value: object) -> object:
+    return value if value == "origin" else parse_duration(value)
+
+
+Ttl = Annotated[
+    float | Literal["origin"],
+    BeforeValidator(_ttl),
+    WithJsonSchema({"type": ["string", "number"], "pattern": r"^(origin|\d+(\.\d+)?(ms|s|m|h|d)?)$",
+                    "description": "a duration such as 1h, or origin"}),
+]
 
 
 class CacheSettings(BaseModel):
@@ -18,7 +31,7 @@ class CacheSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    ttl: float | Literal["origin"] = Field(
+    ttl: Ttl = Field(
         300.0, description="How long a stored response stays fresh (Kong's default 300s), or `origin`: "
         "freshness from the upstream's s-maxage/max-age/Expires only.")
     default_ttl: Duration | None = Field(
@@ -47,15 +60,9 @@ class CacheSettings(BaseModel):
     lock_age: Duration = Field(
         5.0, description="TTL of the fill lock, so a crashed filler never blocks a key (NGINX's 5s).")
     tags: tuple[str, ...] = Field((), description="Purge tags of every entry of this route.")
-    tag_header: str | None = Field(
-        None, pattern=HEADER_NAME, description="Response header listing more purge tags (Cache-Tag).")
+    tag_header: str | None = Field(None, description="Response header listing more purge tags (Cache-Tag).")
     cdn_ttl: Duration | None = Field(
         None, description="Rewrite Cache-Control (s-maxage) and CDN-Cache-Control for a CDN in front.")
-
-    @field_validator("ttl", mode="before")
-    @classmethod
-    def _ttl(cls, value: object) -> object:
-        return value if value == "origin" else parse_duration(value)
 
     @field_validator("key", mode="before")
     @classmethod
@@ -69,6 +76,13 @@ class CacheSettings(BaseModel):
     @classmethod
     def _paths(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         return tuple(check_json_path(path) for path in value)
+
+    @field_validator("tag_header")
+    @classmethod
+    def _header_name(cls, value: str | None) -> str | None:
+        if value is not None and not _HEADER_NAME.match(value):
+            raise ValueError(f"not a header name: {value!r}")
+        return value
 
     @field_validator("max_body", "max_request_body")
     @classmethod
