@@ -561,3 +561,25 @@ async def test_store_down_is_a_miss_never_an_error() -> None:
     assert response.status_code == again.status_code == 200
     assert response.headers["cache-status"] == "edgeway; fwd=miss; detail=store-unavailable"
     assert origin.calls == 2
+
+
+async def test_store_down_falls_back_to_memory_per_instance() -> None:
+    from edgeway.middleware.store.failover import FailoverStore
+    from tests.servers import free_port
+
+    dead = RedisStore(f"redis://127.0.0.1:{free_port()}", timeout=0.2)
+    chain = FailoverStore(dead, [MemoryStore()], failures=1)
+    origin = Origin()
+    app = CacheMiddleware(origin, store=chain, ttl=60)
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://cache.test") as client:
+            statuses = []
+            for _ in range(3):
+                response = await client.get("/q")
+                while app._background:
+                    await asyncio.gather(*app._background)
+                statuses.append((response.status_code, response.headers["cache-status"].split(";")[1].strip()))
+    finally:
+        await chain.close()
+    assert statuses == [(200, "fwd=miss"), (200, "hit"), (200, "hit")]
+    assert origin.calls == 1
