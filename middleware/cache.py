@@ -30,7 +30,6 @@ import contextlib
 import logging
 import time
 import uuid
-import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -50,6 +49,7 @@ from .cache_rules import (
     validators,
 )
 from .cache_settings import CacheSettings
+from .cache_signals import fills, purges
 from .clientip import IPNetwork
 from .context import RequestContext
 from .metrics import CACHE_REQUESTS, CACHE_STORED_BYTES
@@ -82,53 +82,6 @@ class _Request:
     conditional_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
 
 
-class _Fills:
-    """Wakes this process's waiters when any instance announces a fill (one subscription per store)."""
-
-    def __init__(self, store: Store, channel: str) -> None:
-        self.store = store
-        self.channel = channel
-        self.waiters: dict[str, asyncio.Future[None]] = {}
-        self.subscribed: asyncio.Task[bool] | None = None
-
-    def _heard(self, key: str) -> None:
-        future = self.waiters.pop(key, None)
-        if future is not None and not future.done():
-            future.set_result(None)
-
-    async def _subscribe(self) -> bool:
-        try:
-            await self.store.subscribe(self.channel, self._heard)
-        except StoreError:
-            return False
-        return True
-
-    async def ready(self) -> bool:
-        """Whether fills are announced (subscribing on first use); False: re-read with backoff only."""
-        if not self.store.notifies:
-            return False
-        if self.subscribed is None:
-            self.subscribed = asyncio.get_running_loop().create_task(self._subscribe())
-        return await asyncio.shield(self.subscribed)
-
-    def future(self, key: str) -> asyncio.Future[None]:
-        future = self.waiters.get(key)
-        if future is None or future.done():
-            future = self.waiters[key] = asyncio.get_running_loop().create_future()
-        return future
-
-
-_FILLS: weakref.WeakKeyDictionary[Store, dict[str, _Fills]] = weakref.WeakKeyDictionary()
-
-
-def _fills(store: Store, channel: str) -> _Fills:
-    per_store = _FILLS.setdefault(store, {})
-    fills = per_store.get(channel)
-    if fills is None:
-        fills = per_store[channel] = _Fills(store, channel)
-    return fills
-
-
 def _status(*parts: str) -> bytes:
     return "; ".join(("edgeway", *parts)).encode()
 
@@ -157,6 +110,8 @@ class CachePolicy(BasePolicy):
         self.route_index = f"{self.prefix}ix:route:{route}"
         self.lock_ms = max(1, int(settings.lock_age * 1000))
         self.channel = f"{self.prefix}filled"
+        self.purge_channel = f"{self.prefix}purged"
+        self._purges = purges(store, self.purge_channel)
         self._counters = {s: CACHE_REQUESTS.labels(route, s) for s in ("hit", "miss", "stale", "bypass", "collapsed")}
         self._stored_bytes = CACHE_STORED_BYTES.labels(route)
         self._tag_header = settings.tag_header.lower().encode() if settings.tag_header else None
@@ -199,6 +154,8 @@ class CachePolicy(BasePolicy):
     # -- the protocol -------------------------------------------------------------------
 
     def prepare(self, ctx: RequestContext) -> Prepared:
+        if not self._purges.listening:
+            self._purges.listen()
         method = ctx.scope["method"]
         headers = ctx.headers
         facts = RequestFacts(
@@ -319,13 +276,13 @@ class CachePolicy(BasePolicy):
         """A miss: fill it (holding the lock), or wait for the request that does."""
         if ctx.scope["method"] == "HEAD":
             return None  # a HEAD answer has no body to store: never the filler, never waiting
-        fills = _fills(self.store, self.channel)
+        waits = fills(self.store, self.channel)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.lock_timeout
-        notified = await fills.ready()
+        notified = await waits.ready()
         delay = WAIT_INITIAL
         while True:
-            future = fills.future(state.key) if notified else None
+            future = waits.future(state.key) if notified else None
             token = uuid.uuid4().hex
             lock = Set(f"{state.key}:lock", token, self.lock_ms, only_if_absent=True)
             try:
@@ -466,8 +423,8 @@ class CachePolicy(BasePolicy):
     # -- purge ----------------------------------------------------------------------------
 
     def purge_commands(self, *, everything: bool = False, tag: str | None = None,
-                       url: tuple[str, str, bytes] | None = None) -> list[Command]:
-        """The store commands of one purge on this route (see :func:`purge`)."""
+                       url: tuple[str, str, bytes] | None = None) -> list[IndexPurge]:
+        """The store commands of one purge on this route (see :func:`.cache_signals.purge`)."""
         if everything:
             return [IndexPurge(self.route_index)]
         if tag is not None:
@@ -475,39 +432,6 @@ class CachePolicy(BasePolicy):
         if url is not None:
             return [IndexPurge(self.route_index, self.url_label(*url))]
         return []
-
-
-async def purge(store: Store, policies: Sequence[CachePolicy], body: object) -> dict[str, object]:
-    """Run ``POST /_edgeway/cache/purge``: ``{"all": true}``, ``{"route": PATH}``, ``{"tag": T}`` or
-    ``{"url": "/path?query", "method": "GET"}`` against the route policies given (those the body names:
-    every cached route for ``all``/``tag``, the matching ones for ``route``/``url``).
-
-    Entries live in the shared store, so one purge takes effect in every instance at once.
-    Raises ValueError (a 400 for the admin API) for a body that names nothing to purge.
-    """
-    commands: list[Command] = []
-    if not isinstance(body, dict):
-        raise ValueError('expected a JSON object: {"all": true}, {"route": ...}, {"tag": ...} or {"url": ...}')
-    if body.get("all") is True or isinstance(body.get("route"), str):
-        for policy in policies:
-            commands.extend(policy.purge_commands(everything=True))
-    elif isinstance(body.get("tag"), str) and body["tag"]:
-        if policies:
-            commands.extend(policies[0].purge_commands(tag=body["tag"]))
-    elif isinstance(body.get("url"), str) and body["url"].startswith("/"):
-        method = body.get("method", "GET")
-        if not isinstance(method, str):
-            raise ValueError("method must be a string such as GET")
-        path, _, query = body["url"].partition("?")
-        for policy in policies:
-            commands.extend(policy.purge_commands(url=(method.upper(), path, query.encode())))
-    else:
-        raise ValueError('expected {"all": true}, {"route": "/api/*"}, {"tag": "ai"} or '
-                         '{"url": "/path?query", "method": "GET"}')
-    if not commands:
-        return {"purged": 0}
-    results = await store.execute(commands)
-    return {"purged": sum(r for r in results if isinstance(r, int))}
 
 
 class CacheMiddleware(EdgewayMiddleware):

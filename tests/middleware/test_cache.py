@@ -17,9 +17,10 @@ from typing import Any
 
 import httpx
 import pytest
+import redis.asyncio as aioredis
 
 from edgeway.middleware import CacheMiddleware
-from edgeway.middleware.cache import purge
+from edgeway.middleware.cache_signals import purge
 from edgeway.middleware.store import Store, StoreError
 from edgeway.middleware.store.memory import MemoryStore
 from edgeway.middleware.store.redis import RedisStore
@@ -583,3 +584,53 @@ async def test_store_down_falls_back_to_memory_per_instance() -> None:
         await chain.close()
     assert statuses == [(200, "fwd=miss"), (200, "hit"), (200, "hit")]
     assert origin.calls == 1
+
+
+class Recording(Store):
+    """Another instance's store: a RedisStore whose batches are recorded."""
+
+    def __init__(self, inner: Store) -> None:
+        self.inner = inner
+        self.notifies = inner.notifies
+        self.batches: list[list[object]] = []
+
+    async def execute(self, commands: Any, *, timeout: float | None = None) -> list[object]:
+        self.batches.append(list(commands))
+        return await self.inner.execute(commands, timeout=timeout)
+
+    async def ping(self) -> None:
+        await self.inner.ping()
+
+    async def subscribe(self, channel: str, handler: Any) -> Any:
+        return await self.inner.subscribe(channel, handler)
+
+
+async def test_a_purge_is_broadcast_to_other_instances(redis_url: str) -> None:
+    from edgeway.middleware.store import IndexPurge
+
+    prefix = f"b{uuid.uuid4().hex[:8]}:"
+    here, there = RedisStore(redis_url, timeout=5.0), Recording(RedisStore(redis_url, timeout=5.0))
+    apps = [CacheMiddleware(Origin(), store=store, ttl=60, key_prefix=prefix) for store in (here, there)]
+    try:
+        for app in apps:  # each instance listens once it served a request
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://c.test") as client:
+                await client.get("/q")
+        channel = apps[0].cache.purge_channel
+        redis = aioredis.Redis.from_url(redis_url)
+        try:
+            for _ in range(100):  # the subscriptions are made in the background; bounded: 5 s
+                if dict(await redis.pubsub_numsub(channel)).get(channel.encode(), 0) >= 2:
+                    break
+                await asyncio.sleep(0.05)
+        finally:
+            await redis.aclose()
+        assert await purge(here, [apps[0].cache], {"all": True}) == {"purged": 1}
+        for _ in range(100):  # bounded: 5 s
+            if any(isinstance(c, IndexPurge) for batch in there.batches for c in batch):
+                break
+            await asyncio.sleep(0.05)
+        ran = [c for batch in there.batches for c in batch if isinstance(c, IndexPurge)]
+        assert ran == [IndexPurge(apps[1].cache.route_index)]
+    finally:
+        await here.close()
+        await there.inner.close()
