@@ -634,3 +634,31 @@ async def test_a_purge_is_broadcast_to_other_instances(redis_url: str) -> None:
     finally:
         await here.close()
         await there.inner.close()
+
+
+async def test_a_later_policy_answering_releases_the_fill_lock(store: Store) -> None:
+    from edgeway.middleware.context import RequestContext
+    from edgeway.middleware.pipeline import EdgewayMiddleware
+    from edgeway.middleware.policy import BasePolicy, Prepared
+    from edgeway.middleware.responses import ErrorResponse
+    from edgeway.middleware.store import Get
+
+    class OpenBreaker(BasePolicy):
+        def prepare(self, ctx: RequestContext) -> Prepared:
+            return Prepared()
+
+        def decide(self, ctx: RequestContext, prepared: Prepared, results: Any) -> ErrorResponse:
+            return ErrorResponse(503, "upstream_unavailable")
+
+    from edgeway.middleware.cache import CachePolicy
+    from edgeway.middleware.cache_settings import CacheSettings
+
+    cache = CachePolicy(CacheSettings(ttl=60), store=store, key_prefix=f"l{uuid.uuid4().hex[:8]}:")
+    app = EdgewayMiddleware(Origin(), policies=[cache, OpenBreaker()], store=store)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://cache.test") as client:
+        assert (await client.get("/q")).status_code == 503
+        while app._background:
+            await asyncio.gather(*app._background)
+    scope = {"type": "http", "method": "GET", "path": "/q", "query_string": b"", "headers": [(b"host", b"cache.test")]}
+    primary = cache._primary(RequestContext(scope, app.trusted), "GET")
+    assert await store.execute([Get(f"{primary}:lock"), Get(primary)]) == [None, None]
