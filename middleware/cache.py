@@ -62,6 +62,10 @@ logger = logging.getLogger("edgeway.cache")
 
 WAIT_INITIAL, WAIT_MAX = 0.01, 0.25  # seconds: backoff between re-reads while another request fills
 _MIN_TTL_MS = 1000
+_MEMO_ENTRIES, _MEMO_MAX_VALUE = 256, 16_384  # decoded entries kept per route: at most 4 MB
+_CONDITIONAL = frozenset({b"if-none-match", b"if-modified-since"})
+_WATCHED = frozenset({b"host", b"authorization", b"cookie", b"content-length", b"transfer-encoding", *_CONDITIONAL,
+                      *(name.encode() for name in UNKEYED_OVERRIDES)})
 
 
 @dataclass(slots=True)
@@ -70,7 +74,8 @@ class _Request:
 
     key: str = ""
     primary: str = ""
-    url: str = ""  # label of this request's target in the route index (purge by URL)
+    url: str = ""  # label of this request's target in the route index (purge by URL), set when filling
+    conditional: bool = False  # the client sent If-None-Match / If-Modified-Since
     detail: str | None = None  # bypass reason
     status: str = "miss"  # hit | miss | stale | bypass | collapsed (metrics and ctx.outcomes)
     lock: str | None = None  # the fill lock's token while this request holds it
@@ -104,6 +109,8 @@ class CachePolicy(BasePolicy):
         self.parts = settings.key
         self.key_has_body = "body" in settings.key
         self.key_has_user = "user" in settings.key
+        self.cookies_ignored = settings.cookies == "ignore"
+        self._decoded: dict[str, tuple[bytes, Entry]] = {}
         self.request_body_limit = settings.max_request_body if self.key_has_body else 0
         self.response_body_limit = settings.max_body
         self.prefix = f"{key_prefix}cache:"
@@ -129,7 +136,7 @@ class CachePolicy(BasePolicy):
         query = canonical_query(query_string, self.settings.ignore_query)
         return digest((method.encode(), path.encode("utf-8", "surrogateescape"), query))[:32]
 
-    def _primary(self, ctx: RequestContext, method: str) -> str:
+    def _primary(self, ctx: RequestContext, method: str, host: bytes) -> str:
         scope = ctx.scope
         parts: list[bytes] = []
         for part in self.parts:
@@ -138,8 +145,7 @@ class CachePolicy(BasePolicy):
             elif part == "path":
                 # the target URI, authority included (RFC 9111's key): a client's own Host never selects
                 # another host's entry, so an upstream that echoes it cannot poison anyone else's answer
-                host = (ctx.header("host") or "").lower().encode("latin-1")
-                parts.append(host + b" " + scope["path"].encode("utf-8", "surrogateescape"))
+                parts.append(host.lower() + b" " + scope["path"].encode("utf-8", "surrogateescape"))
             elif part == "query":
                 parts.append(canonical_query(scope.get("query_string", b""), self.settings.ignore_query))
             elif part == "body":
@@ -156,37 +162,58 @@ class CachePolicy(BasePolicy):
     def prepare(self, ctx: RequestContext) -> Prepared:
         if not self._purges.listening:
             self._purges.listen()
-        method = ctx.scope["method"]
-        headers = ctx.headers
-        facts = RequestFacts(
-            method=method,
-            authorization="authorization" in headers,
-            cookie="cookie" in headers,
-            user=ctx.user is not None,
-            body=ctx.has_body,
-            body_too_large=ctx.body_too_large,
-            override_header=any(name in headers for name in UNKEYED_OVERRIDES),
-        )
+        scope = ctx.scope
+        method = scope["method"]
+        host = b""
+        authorization = cookie = override = body = conditional = False
+        for name, value in scope["headers"]:  # one pass over the raw fields: this runs on every hit
+            if name in _WATCHED:
+                if name == b"host":
+                    host = value
+                elif name == b"authorization":
+                    authorization = True
+                elif name == b"cookie":
+                    cookie = True
+                elif name == b"content-length":
+                    body = body or value.strip() not in (b"0", b"")
+                elif name == b"transfer-encoding":
+                    body = True
+                elif name in _CONDITIONAL:
+                    conditional = True
+                else:
+                    override = True
+        facts = RequestFacts(method, authorization, cookie, ctx.user is not None, body, ctx.body_too_large, override)
         detail = bypass(facts, key_has_body=self.key_has_body, key_has_user=self.key_has_user,
-                        cookies_ignored=self.settings.cookies == "ignore", methods=self.methods)
+                        cookies_ignored=self.cookies_ignored, methods=self.methods)
         if detail is not None:
             return Prepared((), _Request(detail=detail, status="bypass",
                                          cache_status=_status("fwd=bypass", f"detail={detail}")))
-        key_method = "GET" if method == "HEAD" else method
-        primary = self._primary(ctx, key_method)
-        state = _Request(key=primary, primary=primary,
-                         url=self.url_label(key_method, ctx.scope["path"], ctx.scope.get("query_string", b"")))
-        return Prepared((Get(primary, binary=True),), state)
+        primary = self._primary(ctx, "GET" if method == "HEAD" else method, host)
+        return Prepared((Get(primary, binary=True),), _Request(key=primary, primary=primary, conditional=conditional))
 
     def decide(self, ctx: RequestContext, prepared: Prepared, results: Sequence[object]) -> Answer | Pending | None:
         state: _Request = prepared.state  # type: ignore[assignment]
         if state.detail is not None:
             return None
         found = results[0]
-        entry = decode(found if isinstance(found, bytes) else None)
+        entry = self._decode(state.key, found if isinstance(found, bytes) else None)
         if entry is not None and entry.kind == VARY:
             return Pending(self._variant(ctx, state, entry))
         return self._lookup(ctx, state, entry)
+
+    def _decode(self, key: str, found: bytes | None) -> Entry | None:
+        """The entry a stored value holds; the last few decoded are kept, so a hot entry decodes once."""
+        if found is None:
+            return None
+        memo = self._decoded.get(key)
+        if memo is not None and memo[0] == found:
+            return memo[1]
+        entry = decode(found)
+        if entry is not None and len(found) <= _MEMO_MAX_VALUE:
+            if len(self._decoded) >= _MEMO_ENTRIES:
+                del self._decoded[next(iter(self._decoded))]
+            self._decoded[key] = (found, entry)
+        return entry
 
     def store_failed(self, ctx: RequestContext, prepared: Prepared, error: StoreError) -> None:
         state: _Request = prepared.state  # type: ignore[assignment]
@@ -229,7 +256,7 @@ class CachePolicy(BasePolicy):
             headers = cdn_cache_control(headers, int(self.settings.cdn_ttl))
         if count:
             self._count(ctx, status)
-        if entry.status == 200 and not_modified(ctx.headers, entry.headers):
+        if state.conditional and entry.status == 200 and not_modified(ctx.headers, entry.headers):
             kept = [(k, v) for k, v in headers if k not in (b"content-length", b"content-type", b"content-encoding")]
             return Response(304, kept)
         return Response(entry.status, headers, entry.chunks)
@@ -240,8 +267,7 @@ class CachePolicy(BasePolicy):
 
     def _conditional(self, ctx: RequestContext, state: _Request, entry: Entry) -> None:
         """Ask the upstream whether the stale entry still holds, when the client sent no conditions of its own."""
-        headers = ctx.headers
-        if "if-none-match" in headers or "if-modified-since" in headers:
+        if state.conditional:
             return
         state.stale = entry
         state.revalidating = True
@@ -366,6 +392,8 @@ class CachePolicy(BasePolicy):
         if state.detail is not None or not state.key:
             return ()
         lock_key = state.key
+        scope = ctx.scope
+        state.url = self.url_label(scope["method"], scope["path"], scope.get("query_string", b""))
         writes: list[Command] = []
         if state.replaced_by is not None:
             writes.extend(self._entry_writes(state, state.replaced_by, response.headers))

@@ -462,7 +462,7 @@ async def test_stale_while_revalidate_others_get_stale_at_once(make: Make) -> No
     from edgeway.middleware.store import Set
 
     scope = {"type": "http", "method": "GET", "path": "/q", "query_string": b"", "headers": [(b"host", b"cache.test")]}
-    primary = key(RequestContext(scope, cached.app.trusted), "GET")
+    primary = key(RequestContext(scope, cached.app.trusted), "GET", b"cache.test")
     await cached.store.execute([Set(f"{primary}:lock", "someone-else", 5000)])
     stale = await cached.get()
     assert stale.headers["cache-status"] == "edgeway; hit; stale" and call(stale) == 1
@@ -660,5 +660,5 @@ async def test_a_later_policy_answering_releases_the_fill_lock(store: Store) -> 
         while app._background:
             await asyncio.gather(*app._background)
     scope = {"type": "http", "method": "GET", "path": "/q", "query_string": b"", "headers": [(b"host", b"cache.test")]}
-    primary = cache._primary(RequestContext(scope, app.trusted), "GET")
+    primary = cache._primary(RequestContext(scope, app.trusted), "GET", b"cache.test")
     assert await store.execute([Get(f"{primary}:lock"), Get(primary)]) == [None, None]
