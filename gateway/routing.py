@@ -38,13 +38,15 @@ class CompiledRoute:
         return path.startswith(self.prefix) or path == self.prefix.rstrip("/")
 
 
-def route_policies(route: Route, name: str, policy: Policy, store: Store) -> list[RoutePolicy]:
-    """The policy objects of one route, in the order they run."""
+def route_policies(route: Route, name: str, policy: Policy, store: Store, app: Any = None) -> list[RoutePolicy]:
+    """The policy objects of one route, in the order they run; ``app`` is what they guard (the upstream's proxy,
+    or the wrapped app), which the cache calls to refresh stale entries in the background."""
     policies: list[RoutePolicy] = []
     if route.limits:
         policies.append(RateLimitPolicy(route.limits, route=name, key_prefix=policy.store.key_prefix))
     if route.cache is not None:
-        policies.append(CachePolicy(route.cache, store=store, route=name, key_prefix=policy.store.key_prefix))
+        policies.append(CachePolicy(route.cache, store=store, route=name, key_prefix=policy.store.key_prefix,
+                                    upstream=app))
     return policies
 
 
@@ -57,7 +59,7 @@ class RouteTable:
         for index, route in enumerate(policy.routes):
             name = f"{index}:{route.match.path}"
             app = endpoint(route)
-            policies = route_policies(route, name, policy, store)
+            policies = route_policies(route, name, policy, store, app)
             if policies:
                 app = EdgewayMiddleware(app, policies=policies, store=store, trusted_proxies=trusted, route=name)
             pattern = route.match.path

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 
 from .cache_entry import PASS, RESPONSE, VARY, Entry, decode, encode, vary_marker
 from .cache_key import body_part, canonical_query, digest, vary_digest, vary_names
+from .cache_refresh import collect
 from .cache_rules import (
     UNKEYED_OVERRIDES,
     RequestFacts,
@@ -99,8 +100,13 @@ class CachePolicy(BasePolicy):
     wants_finish = True
 
     def __init__(self, settings: CacheSettings, *, store: Store, route: str = "default",
-                 key_prefix: str = "edgeway:", clock: Callable[[], float] = time.time) -> None:
+                 key_prefix: str = "edgeway:", clock: Callable[[], float] = time.time,
+                 upstream: ASGIApp | None = None) -> None:
+        """``upstream`` is the app behind the route's policies: stale_while_revalidate refreshes through it
+        in the background (without it, the request that wins the refresh goes upstream itself)."""
         self.settings = settings
+        self.upstream = upstream
+        self._refreshes: set[asyncio.Task[None]] = set()
         self.rules = settings.rules()
         self.store = store
         self.route = route
@@ -285,18 +291,51 @@ class CachePolicy(BasePolicy):
 
     async def _revalidate_or_stale(self, ctx: RequestContext, state: _Request, entry: Entry,
                                    now: float) -> Answer | None:
-        """Within stale_while_revalidate: one request (across instances) refreshes, the others get stale at once."""
+        """Within stale_while_revalidate: stale at once; one request across instances refreshes the entry."""
         try:
-            state.lock = await self._take_lock(state.key)
+            token = await self._take_lock(state.key)
         except StoreError:
-            state.lock = None
-        if state.lock is None:
-            return self._hit(ctx, state, entry, now, _status("hit", "stale"), "stale")
+            token = None
+        stale = self._hit(ctx, state, entry, now, _status("hit", "stale"), "stale")
+        if token is None:
+            return stale  # another request (here or in another instance) is refreshing it
+        if self.upstream is not None:
+            task = asyncio.get_running_loop().create_task(self._refresh(ctx, state, entry, token))
+            self._refreshes.add(task)
+            task.add_done_callback(self._refreshes.discard)
+            return stale
+        # no app to call in the background: this request refreshes in the foreground
+        state.lock = token
         ctx.stale = self._hit(ctx, state, entry, now, _status("hit", "stale"), "stale", count=False)
         if validators(entry.headers) and ctx.scope["method"] != "HEAD":
             self._conditional(ctx, state, entry)
         state.status = "stale"
         return None
+
+    async def _refresh(self, ctx: RequestContext, state: _Request, entry: Entry, token: str) -> None:
+        """Ask the app again for a stale entry (conditionally when it has validators) and store the answer."""
+        lock_key = state.key
+        response = await collect(self.upstream, ctx.scope, ctx.body or b"", validators(entry.headers),
+                                 limit=self.rules.max_body, timeout=self.settings.lock_age)
+        scope = ctx.scope
+        state.url = self.url_label(scope["method"], scope["path"], scope.get("query_string", b""))
+        writes: list[Command] = []
+        if response.status == 304 and response.complete:
+            now = self.clock()
+            headers = refreshed(entry.headers, response.headers)
+            fresh = freshness(headers, self.rules, now)
+            if fresh is not None:
+                renewed = Entry(entry.status, headers, entry.chunks, now, fresh.fresh, fresh.stale_while_revalidate,
+                                fresh.stale_if_error)
+                writes.extend(self._entry_writes(state, renewed, response.headers))
+        else:
+            writes.extend(self._fill(state, response, "GET", ctx.headers, keep=True))
+        writes.append(Delete(f"{lock_key}:lock", if_value=token))
+        writes.append(Publish(self.channel, lock_key))
+        try:
+            await self.store.execute(writes)
+        except StoreError as error:
+            logger.warning("storing the refreshed entry of %s failed: %s", scope["path"], error)
 
     async def _fill_or_wait(self, ctx: RequestContext, state: _Request) -> Answer | None:
         """A miss: fill it (holding the lock), or wait for the request that does."""
@@ -398,21 +437,25 @@ class CachePolicy(BasePolicy):
         if state.replaced_by is not None:
             writes.extend(self._entry_writes(state, state.replaced_by, response.headers))
         else:
-            writes.extend(self._fill(ctx, state, response))
+            writes.extend(self._fill(state, response, scope["method"], ctx.headers,
+                                     keep=state.stale is not None or ctx.stale is not None))
         if state.lock is not None:
             writes.append(Delete(f"{lock_key}:lock", if_value=state.lock))
             writes.append(Publish(self.channel, lock_key))
         return writes
 
-    def _fill(self, ctx: RequestContext, state: _Request, response: Completed) -> list[Command]:
-        if not response.complete or response.status in (0, 304) or ctx.scope["method"] == "HEAD":
+    def _fill(self, state: _Request, response: Completed, method: str, request_headers: dict[str, list[str]], *,
+              keep: bool) -> list[Command]:
+        """The writes storing a response (``keep``: an entry kept for stale serving must not be replaced by a
+        hit-for-miss marker)."""
+        if not response.complete or response.status in (0, 304) or method == "HEAD":
             return []  # an interrupted response is never stored; the next request fills
         detail = not_storable(response.status, response.headers, self.rules)
         now = self.clock()
         fresh = None if detail is not None else freshness(response.headers, self.rules, now)
         names = vary_names(value for name, value in response.headers if name.lower() == b"vary")
         if fresh is None or response.chunks is None or names is None:
-            if state.lock is None or state.stale is not None or ctx.stale is not None:
+            if state.lock is None or keep:
                 return []  # never overwrite an entry kept for stale serving
             # hit-for-miss: the waiters and the next requests go upstream at once instead of queueing on the lock
             return [Set(state.key, encode(Entry(0, [], [], now, 0.0, kind=PASS)), self.lock_ms)]
@@ -421,7 +464,7 @@ class CachePolicy(BasePolicy):
         writes: list[Command] = []
         if names:
             keep_ms = max(_MIN_TTL_MS, int(fresh.keep * 1000))
-            state.key = f"{state.primary}:{vary_digest(names, ctx.headers)}"
+            state.key = f"{state.primary}:{vary_digest(names, request_headers)}"
             writes.append(Set(state.primary, encode(vary_marker(names, now, fresh.keep)), keep_ms))
             writes.append(IndexAdd(self.route_index, state.primary, keep_ms, state.url))
         else:
@@ -477,5 +520,5 @@ class CacheMiddleware(EdgewayMiddleware):
                  route: str = "default", key_prefix: str = "edgeway:", clock: Callable[[], float] = time.time,
                  **options: object) -> None:
         settings = CacheSettings.model_validate({"ttl": ttl, "key": list(key), **options})
-        self.cache = CachePolicy(settings, store=store, route=route, key_prefix=key_prefix, clock=clock)
+        self.cache = CachePolicy(settings, store=store, route=route, key_prefix=key_prefix, clock=clock, upstream=app)
         super().__init__(app, policies=[self.cache], store=store, trusted_proxies=trusted_proxies, route=route)

@@ -89,6 +89,9 @@ routes:
   - match: {{ path: /ai/*, methods: [POST] }}
     upstream: up
     cache: {{ ttl: 1h, key: [method, path, body], tags: [ai] }}
+  - match: {{ path: /swr/* }}
+    upstream: up
+    cache: {{ ttl: 1h, stale_while_revalidate: 1h }}
   - match: {{ path: /* }}
     upstream: up
     cache: {{ ttl: 1h, stale_if_error: 1h, tag_header: Cache-Tag }}
@@ -117,9 +120,15 @@ def client(gateway: Served) -> Iterator[httpx.Client]:
 
 
 def settle(gateway: Served) -> None:
-    """Wait until the gateway's deferred writes (fills) are done."""
+    """Wait until the gateway's requests, deferred writes (fills) and background refreshes are done (bounded: 5 s).
+
+    A client can have the whole response before the server's request task reaches its deferred writes.
+    """
     for _ in range(500):
-        if not any(route.app._background for route in gateway.app.routes.routes if hasattr(route.app, "_background")):
+        pending = [gateway.server.server.server_state.tasks]
+        pending += [route.app._background for route in gateway.app.routes.routes if hasattr(route.app, "_background")]
+        pending += [policy._refreshes for policy in gateway.app.routes.cache_policies()]
+        if not any(pending):
             return
         threading.Event().wait(0.01)
 
@@ -255,3 +264,22 @@ def test_cache_status_on_every_response_of_a_cached_route(client: httpx.Client, 
     assert client.get("/x", headers={"authorization": "Bearer t"}).headers["cache-status"] == (
         "edgeway; fwd=bypass; detail=authorization")
     assert client.post("/x").headers["cache-status"] == "edgeway; fwd=bypass; detail=method"
+
+
+def test_stale_while_revalidate_refreshes_through_the_upstream_in_the_background(
+    client: httpx.Client, gateway: Served, upstream: tuple[Upstream, UvicornThread]
+) -> None:
+    app, _ = upstream
+    first = fetch(client, gateway, "/swr/item")
+    policy = gateway.app.routes.cache_policies(path="/swr/item")[0]
+    real_clock = policy.clock
+    policy.clock = lambda: real_clock() + 4000  # stale (ttl 1h), within stale_while_revalidate (1h more)
+    try:
+        calls = app.calls
+        stale = fetch(client, gateway, "/swr/item")
+        assert stale.headers["cache-status"] == "edgeway; hit; stale" and stale.json() == first.json()
+        assert app.calls == calls + 1  # the refresh, after the stale answer
+    finally:
+        policy.clock = real_clock
+    fresh = fetch(client, gateway, "/swr/item")
+    assert fresh.json()["call"] == app.calls and fresh.headers["cache-status"].startswith("edgeway; hit; ttl=")

@@ -108,9 +108,9 @@ class Cached:
         return response
 
     async def settle(self) -> None:
-        """Let the deferred writes (fills, lock releases) reach the store."""
-        while self.app._background:
-            await asyncio.gather(*self.app._background)
+        """Let the deferred writes (fills, lock releases) and background refreshes reach the store."""
+        while self.app._background or self.app.cache._refreshes:
+            await asyncio.gather(*self.app._background, *self.app.cache._refreshes)
 
 
 Make = Callable[..., Cached]
@@ -442,14 +442,47 @@ async def test_stale_if_error_window_ends(make: Make) -> None:
     assert (await cached.get()).status_code == 502
 
 
-async def test_stale_while_revalidate_serves_stale_while_one_request_refreshes(make: Make) -> None:
+async def test_stale_while_revalidate_serves_stale_and_refreshes_in_the_background(make: Make) -> None:
     cached = make(ttl=10, stale_while_revalidate=30)
     await cached.get()
     cached.clock.now += 15
-    refresher = await cached.client.get("/q")  # wins the refresh lock, goes upstream, stores
+    stale = await cached.client.get("/q")  # answered at once; the refresh runs after it
+    assert stale.headers["cache-status"] == "edgeway; hit; stale" and call(stale) == 1
     await cached.settle()
+    assert cached.origin.calls == 2
+    fresh = await cached.get()
+    assert call(fresh) == 2 and fresh.headers["cache-status"].startswith("edgeway; hit; ttl=")
+
+
+async def test_background_refresh_revalidates_with_the_entrys_validators(make: Make) -> None:
+    cached = make(ttl=10, stale_while_revalidate=30)
+    cached.origin.reply = Reply(headers=[(b"etag", b'"v1"'), (b"x-version", b"1")])
+    await cached.get()
+    cached.clock.now += 15
+    cached.origin.reply = Reply(status=304, headers=[(b"etag", b'"v1"'), (b"x-version", b"2")], chunks=[])
+    await cached.get()
+    assert cached.origin.seen[-1]["headers"][b"if-none-match"] == b'"v1"'
+    renewed = await cached.get()
+    assert renewed.headers["cache-status"].startswith("edgeway; hit; ttl=") and call(renewed) == 1
+    assert renewed.headers["x-version"] == "2"
+
+
+async def test_without_an_app_to_call_the_refresh_runs_in_the_foreground(store: Store) -> None:
+    from edgeway.middleware.cache import CachePolicy
+    from edgeway.middleware.cache_settings import CacheSettings
+    from edgeway.middleware.pipeline import EdgewayMiddleware
+
+    clock, origin = Clock(), Origin()
+    policy = CachePolicy(CacheSettings(ttl=10, stale_while_revalidate=30), store=store, clock=clock,
+                         key_prefix=f"f{uuid.uuid4().hex[:8]}:")
+    app = EdgewayMiddleware(origin, policies=[policy], store=store)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://cache.test") as client:
+        await client.get("/q")
+        while app._background:
+            await asyncio.gather(*app._background)
+        clock.now += 15
+        refresher = await client.get("/q")
     assert refresher.headers["cache-status"] == "edgeway; fwd=stale; stored" and call(refresher) == 2
-    assert call(await cached.get()) == 2
 
 
 async def test_stale_while_revalidate_others_get_stale_at_once(make: Make) -> None:
