@@ -12,8 +12,9 @@ the stored value in :mod:`.cache_entry`):
   ``Get`` joins the batch.
 - ``decide``: fresh -> the stored answer (or 304 for a matching conditional
   request); a vary marker -> one more read for the variant; stale within
-  ``stale_while_revalidate`` -> stale at once, unless this request wins the
-  refresh lock; stale within ``stale_if_error`` -> kept in ``ctx.stale``;
+  ``stale_while_revalidate`` -> stale at once, and the request that wins the
+  refresh lock refreshes it in the background (:mod:`.cache_refresh`); stale
+  within ``stale_if_error`` -> kept in ``ctx.stale``;
   a miss -> ``Set(lock, NX)``: the winner goes upstream, the others wait for its
   fill (a store notification, else a bounded backoff) up to ``lock_timeout``
   and answer ``collapsed`` from it, or go upstream themselves.
