@@ -58,7 +58,7 @@ from .metrics import CACHE_REQUESTS, CACHE_STORED_BYTES
 from .pipeline import ASGIApp, EdgewayMiddleware
 from .policy import Answer, BasePolicy, Completed, Pending, Prepared
 from .responses import Message, Response
-from .store import Command, Delete, Get, IndexAdd, IndexPurge, Publish, Set, Store, StoreError
+from .store import Command, CommandError, Delete, Get, IndexAdd, IndexPurge, Publish, Set, Store, StoreError
 
 logger = logging.getLogger("edgeway.cache")
 
@@ -222,7 +222,7 @@ class CachePolicy(BasePolicy):
             self._decoded[key] = (found, entry)
         return entry
 
-    def store_failed(self, ctx: RequestContext, prepared: Prepared, error: StoreError) -> None:
+    def store_failed(self, ctx: RequestContext, prepared: Prepared, error: StoreError | CommandError) -> None:
         state: _Request = prepared.state  # type: ignore[assignment]
         if state.detail is None:  # no store: a miss that goes upstream and tries to fill later
             state.cache_status = _status("fwd=miss", "detail=store-unavailable")
@@ -281,14 +281,14 @@ class CachePolicy(BasePolicy):
         ctx.scope["headers"] = [*ctx.scope["headers"], *validators(entry.headers)]
 
     async def _release(self, key: str, token: str, taken: object) -> None:
-        if taken:
+        if taken is True:
             with contextlib.suppress(StoreError):
                 await self.store.execute([Delete(key, if_value=token)])
 
     async def _take_lock(self, key: str) -> str | None:
         token = uuid.uuid4().hex
         (taken,) = await self.store.execute([Set(f"{key}:lock", token, self.lock_ms, only_if_absent=True)])
-        return token if taken else None
+        return token if taken is True else None  # a refused command (CommandError) holds no lock
 
     async def _revalidate_or_stale(self, ctx: RequestContext, state: _Request, entry: Entry,
                                    now: float) -> Answer | None:
@@ -367,7 +367,7 @@ class CachePolicy(BasePolicy):
             if entry is not None and entry.kind == RESPONSE and entry.ttl(now) > 0:
                 await self._release(lock.key, token, taken)
                 return self._hit(ctx, state, entry, now, _status("hit", "collapsed"), "collapsed")
-            if taken:
+            if taken is True:
                 state.lock = token
                 return None
             if entry is not None and entry.kind == PASS:

@@ -39,3 +39,8 @@ CACHE_STORED_BYTES = Counter(
     "Bytes of response bodies written to the cache, by route (exported as _total).",
     ["route"],
 )
+DROPPED_HEADERS = Counter(
+    "edgeway_dropped_headers_total",
+    "Request header fields the gateway dropped instead of forwarding, by reason.",
+    ["reason"],  # underscore: a name with '_' (headers_with_underscores: drop)
+)

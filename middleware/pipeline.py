@@ -20,7 +20,7 @@ from .clientip import IPNetwork, TrustedProxies
 from .context import RequestContext, Scope
 from .policy import Answer, Completed, Pending, Policy, Prepared
 from .responses import ErrorResponse, Message, Receive, Send
-from .store import Command, Store, StoreError
+from .store import Command, CommandError, Store, StoreError
 
 logger = logging.getLogger("edgeway")
 
@@ -169,8 +169,18 @@ class EdgewayMiddleware:
         offset = 0
         for policy, prep in zip(self.policies, prepared, strict=True):
             count = len(prep.commands)
-            answer = await _settled(policy.decide(ctx, prep, results[offset : offset + count] if count else ()))
+            own = results[offset : offset + count] if count else ()
             offset += count
+            refused = None
+            for result in own:
+                if type(result) is CommandError:
+                    refused = result
+                    break
+            if refused is not None:  # this request's error, not an outage: the policy's failure mode decides
+                self._store_failures.warning("store %s refused a command: %s", self.store.describe(), refused)
+                answer = await _settled(policy.store_failed(ctx, prep, refused))
+            else:
+                answer = await _settled(policy.decide(ctx, prep, own))
             if answer is not None:
                 return answer
         return None
@@ -207,16 +217,27 @@ class EdgewayMiddleware:
         for policy, prep in zip(self.policies, prepared, strict=True):
             if policy.wants_finish:
                 writes.extend(policy.finish(ctx, prep, response))
+        if ctx.deferred:
+            writes.extend(ctx.deferred)
+            ctx.deferred = None
         if writes:
-            task = asyncio.get_running_loop().create_task(self._write(writes))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self._write_soon(writes)
+
+    def _write_soon(self, writes: list[Command]) -> None:
+        """Send ``writes`` in the background, off the request's critical path."""
+        task = asyncio.get_running_loop().create_task(self._write(writes))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _write(self, writes: list[Command]) -> None:
         try:
-            await self.store.execute(writes)
+            results = await self.store.execute(writes)
         except StoreError as error:
             self._store_failures.warning("deferred store write to %s failed: %s", self.store.describe(), error)
+            return
+        refused = next((r for r in results if type(r) is CommandError), None)
+        if refused is not None:
+            self._store_failures.warning("store %s refused a deferred write: %s", self.store.describe(), refused)
 
 
 async def _settled(outcome: Answer | Pending | None) -> Answer | None:
@@ -267,6 +288,9 @@ class _Tracked:
                     self.chunks = None
                     await answer(self.scope, self.receive, self.upstream_send)
                     return
+            if self.ctx.deferred:
+                self.pipeline._write_soon(self.ctx.deferred)
+                self.ctx.deferred = None
         elif kind == "http.response.body":
             if self.replaced:
                 if not message.get("more_body", False):
