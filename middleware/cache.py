@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
@@ -66,6 +67,7 @@ WAIT_INITIAL, WAIT_MAX = 0.01, 0.25  # seconds: backoff between re-reads while a
 _MIN_TTL_MS = 1000
 _MEMO_ENTRIES, _MEMO_MAX_VALUE = 256, 16_384  # decoded entries kept per route: at most 4 MB
 _CONDITIONAL = frozenset({b"if-none-match", b"if-modified-since"})
+_SESSION_COOKIE = re.compile(rb"(?:^|;)\s*sb-[^=;]*-auth-token")
 _WATCHED = frozenset({b"host", b"authorization", b"cookie", b"content-length", b"transfer-encoding", *_CONDITIONAL,
                       *(name.encode() for name in UNKEYED_OVERRIDES)})
 
@@ -172,7 +174,7 @@ class CachePolicy(BasePolicy):
         scope = ctx.scope
         method = scope["method"]
         host = b""
-        authorization = cookie = override = body = conditional = False
+        authorization = cookie = session = override = body = conditional = False
         for name, value in scope["headers"]:  # one pass over the raw fields: this runs on every hit
             if name in _WATCHED:
                 if name == b"host":
@@ -181,6 +183,7 @@ class CachePolicy(BasePolicy):
                     authorization = True
                 elif name == b"cookie":
                     cookie = True
+                    session = session or (self.cookies_ignored and _SESSION_COOKIE.search(value) is not None)
                 elif name == b"content-length":
                     body = body or value.strip() not in (b"0", b"")
                 elif name == b"transfer-encoding":
@@ -189,7 +192,8 @@ class CachePolicy(BasePolicy):
                     conditional = True
                 else:
                     override = True
-        facts = RequestFacts(method, authorization, cookie, ctx.user is not None, body, ctx.body_too_large, override)
+        facts = RequestFacts(method, authorization, cookie, ctx.user is not None, body, ctx.body_too_large, override,
+                             session)
         detail = bypass(facts, key_has_body=self.key_has_body, key_has_user=self.key_has_user,
                         cookies_ignored=self.cookies_ignored, methods=self.methods)
         if detail is not None:

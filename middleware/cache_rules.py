@@ -70,6 +70,9 @@ class RequestFacts:
     body: bool = False
     body_too_large: bool = False
     override_header: bool = False
+    session_cookie: bool = False
+    """A session cookie (Supabase's ``sb-<ref>-auth-token``): it says who the client is, so even
+    ``cookies: ignore`` does not ignore it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,14 +129,15 @@ def bypass(request: RequestFacts, *, key_has_body: bool, key_has_user: bool, coo
         return "method"
     if request.override_header:
         return "unkeyed-header"
+    personal_cookie = request.cookie and (not cookies_ignored or request.session_cookie)
     if not key_has_user:
         if request.authorization:
             return "authorization"
-        if request.cookie and not cookies_ignored:
+        if personal_cookie:
             return "cookie"
         if request.user:
             return "session"
-    elif not request.user and (request.authorization or (request.cookie and not cookies_ignored)):
+    elif not request.user and (request.authorization or personal_cookie):
         # keyed by user, but nobody verified who this is: never file it under "anonymous"
         return "authorization" if request.authorization else "cookie"
     if request.body_too_large:

@@ -314,6 +314,9 @@ async def test_cookie_requests_bypass_unless_cookies_are_ignored(make: Make) -> 
     ignoring = make(cookies="ignore")
     await ignoring.get(headers={"cookie": "a=1"})
     assert call(await ignoring.get()) == 1
+    # a session cookie says who the client is: it bypasses even so
+    session = await ignoring.get(headers={"cookie": "theme=dark; sb-abcd-auth-token.0=base64-eyJ"})
+    assert session.headers["cache-status"] == "edgeway; fwd=bypass; detail=cookie"
 
 
 async def test_per_user_entries_never_cross_users(make: Make) -> None:

@@ -33,6 +33,8 @@ BYPASS = [
     (RequestFacts("GET", authorization=True), False, False, False, "authorization"),
     (RequestFacts("GET", cookie=True), False, False, False, "cookie"),
     (RequestFacts("GET", cookie=True), False, False, True, None),
+    (RequestFacts("GET", cookie=True, session_cookie=True), False, False, True, "cookie"),
+    (RequestFacts("GET", cookie=True, session_cookie=True), False, True, True, "cookie"),
     (RequestFacts("GET", user=True), False, False, False, "session"),
     (RequestFacts("GET", user=True, authorization=True), False, True, False, None),
     (RequestFacts("GET", authorization=True), False, True, False, "authorization"),
