@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import pytest
 import redis.asyncio as aioredis
+from prometheus_client import REGISTRY
 
 from edgeway.middleware import CacheMiddleware
 from edgeway.middleware.cache_signals import purge
@@ -140,8 +141,13 @@ def call(response: httpx.Response) -> int:
 # -- hits and misses ----------------------------------------------------------------------
 
 
+def counted(status: str) -> float:
+    return REGISTRY.get_sample_value("edgeway_cache_requests_total", {"route": "default", "status": status}) or 0.0
+
+
 async def test_miss_then_hit_with_cache_status_and_age(make: Make) -> None:
     cached = make(ttl=60)
+    hits, misses = counted("hit"), counted("miss")
     first = await cached.get()
     assert first.headers["cache-status"] == "edgeway; fwd=miss; stored"
     cached.clock.now += 12
@@ -150,6 +156,7 @@ async def test_miss_then_hit_with_cache_status_and_age(make: Make) -> None:
     assert second.headers["cache-status"] == "edgeway; hit; ttl=48"
     assert second.headers["age"] == "12"
     assert second.headers["content-type"] == "application/json"
+    assert (counted("hit") - hits, counted("miss") - misses) == (1, 1)
 
 
 async def test_expired_entry_is_a_miss(make: Make) -> None:
