@@ -113,7 +113,7 @@ async def test_fifty_concurrent_misses_on_two_gateways_make_one_upstream_call(
     assert statuses["edgeway; hit; collapsed"] == CLIENTS - 1, statuses
 
 
-async def test_redis_memory_of_one_1kb_json_entry(redis_url: str) -> None:
+async def test_redis_memory_and_ttls_of_1kb_json_entries(redis_url: str) -> None:
     rng = random.Random(7)  # text-like, so compression saves what it would on a real answer, not more
     words = " ".join("".join(rng.choice("etaoinshrdlucmfw") for _ in range(rng.randint(2, 9))) for _ in range(200))
     body = json.dumps({"id": "chatcmpl-1", "model": "m", "choices": [{"message": {"content": words}}]}).encode()
@@ -145,8 +145,10 @@ async def test_redis_memory_of_one_1kb_json_entry(redis_url: str) -> None:
         usage = await redis.memory_usage(keys[0])
         (index,) = [key async for key in redis.scan_iter(f"{prefix}cache:ix:*")]
         index_usage = await redis.memory_usage(index, samples=0)
+        ttls = [await redis.pttl(key) async for key in redis.scan_iter(f"{prefix}*")]
     finally:
         await redis.aclose()
     assert usage is not None and index_usage is not None and stored < len(body) + 200
+    assert len(ttls) == ENTRIES + 1 and all(0 < ttl <= 3_600_000 for ttl in ttls)  # every key expires
     print(f"\nMEMORY USAGE of one {len(body)} B JSON entry: value {stored} B (compressed), key+value {usage} B; "
           f"plus {index_usage / ENTRIES:.0f} B in the route's purge index (its {index_usage} B / {ENTRIES} entries)")
