@@ -245,7 +245,6 @@ class CachePolicy(BasePolicy):
     def _lookup(self, ctx: RequestContext, state: _Request, entry: Entry | None) -> Answer | Pending | None:
         now = self.clock()
         if entry is not None and entry.kind == PASS:
-            state.cache_status = _status("fwd=miss")
             return None  # the last answer was not storable: no waiting for a fill that will not come
         if entry is not None:
             ttl = entry.ttl(now)
@@ -426,6 +425,8 @@ class CachePolicy(BasePolicy):
         detail = not_storable(status, headers, self.rules)
         if detail is not None:
             return detail
+        if freshness(headers, self.rules, self.clock()) is None:
+            return "no-freshness"  # ttl: origin without freshness, or max-age=0 and no stale window
         length = first(headers, b"content-length")
         if length is not None and length.isdigit() and int(length) > self.rules.max_body:
             return "too-large"
