@@ -87,6 +87,10 @@ class Gateway:
     def store(self) -> Store:
         return self._active.store
 
+    @property
+    def routes(self) -> RouteTable:
+        return self._active.routes
+
     async def apply(self, loaded: LoadedPolicy) -> None:
         """Switch to a new valid policy at once; requests already running finish on the old one, whose
         upstream sessions (and store, if it changed) close once their longest read timeout has passed."""

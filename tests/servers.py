@@ -12,6 +12,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -21,7 +22,10 @@ from typing import Any
 
 import uvicorn
 
-__all__ = ["BRIDGE_TOKEN", "FakeRedisThread", "RedisServer", "UvicornThread", "free_port", "ok_app", "wait_for_port"]
+__all__ = [
+    "BRIDGE_TOKEN", "FakeRedisThread", "Gateways", "RedisServer", "UvicornThread", "free_port", "ok_app",
+    "wait_for_port",
+]
 
 HOST = "127.0.0.1"
 BRIDGE_TOKEN = "test-bridge-token"
@@ -427,3 +431,30 @@ async def ok_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         return
     await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
     await send({"type": "http.response.body", "body": b"ok"})
+
+
+class Gateways:
+    """`edgeway serve` processes (two by default) on one policy, on free ports; logs in ``log_dir``."""
+
+    def __init__(self, policy: Path, log_dir: Path, count: int = 2) -> None:
+        self.ports = [free_port() for _ in range(count)]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.processes = [
+            subprocess.Popen(
+                [sys.executable, "-m", "edgeway.gateway.cli", "serve", "--policy", str(policy), "--port", str(port),
+                 "--log-level", "warning"],
+                stdout=open(log_dir / f"gateway-{port}.log", "wb"), stderr=subprocess.STDOUT, env=env,  # noqa: SIM115
+            )
+            for port in self.ports
+        ]
+        for port, process in zip(self.ports, self.processes, strict=True):
+            wait_for_port(port, timeout=20, alive=lambda p=process: p.poll() is None)
+
+    def close(self) -> None:
+        for process in self.processes:
+            process.terminate()
+        for process in self.processes:
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()

@@ -57,7 +57,7 @@ def client(app: object) -> httpx.AsyncClient:
 
 
 def test_the_readme_has_the_python_blocks_this_test_runs() -> None:
-    assert len(blocks("python")) == 3
+    assert len(blocks("python")) == 4
     assert {"policy.yaml", "users.yaml"} <= set(policy_files())
 
 
@@ -83,3 +83,14 @@ async def test_one_middleware_without_a_file(project: Path) -> None:
         docs = [(await http.get("/openapi.json")).status_code for _ in range(12)]
         items = [(await http.get("/api/items")).status_code for _ in range(11)]
     assert docs == [200] * 12 and items == [200] * 10 + [429]
+
+
+async def test_the_cache_middleware_answers_a_repeated_question_from_the_store(project: Path) -> None:
+    app = run_block(3)
+    async with client(app) as http:
+        first = await http.post("/api/ai/chat", json={"q": "tides", "stream": False})
+        again = await http.post("/api/ai/chat", content=b'{ "stream": true, "q": "tides" }',
+                                headers={"content-type": "application/json"})
+    assert first.json() == again.json() == {"answer": "about tides"}
+    assert first.headers["cache-status"] == "edgeway; fwd=miss; stored"
+    assert again.headers["cache-status"].startswith("edgeway; hit")

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from .base import (
+    CACHE_COMMANDS,
     Algorithm,
     Clock,
     Command,
@@ -17,6 +18,8 @@ from .base import (
     Handler,
     Heartbeat,
     Incr,
+    IndexAdd,
+    IndexPurge,
     LimitCheck,
     LimitState,
     Publish,
@@ -31,6 +34,7 @@ from .base import (
 )
 
 __all__ = [
+    "CACHE_COMMANDS",
     "Algorithm",
     "Clock",
     "Command",
@@ -40,6 +44,8 @@ __all__ = [
     "Handler",
     "Heartbeat",
     "Incr",
+    "IndexAdd",
+    "IndexPurge",
     "LimitCheck",
     "LimitState",
     "Publish",
