@@ -6,13 +6,16 @@ in constant time. Health and metrics never need it.
 
 from __future__ import annotations
 
+import functools
 import hmac
 import json
 import time
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from edgeway.middleware.cache_signals import purge
 from edgeway.middleware.context import Scope
 from edgeway.middleware.metrics import STORE_UP
 from edgeway.middleware.responses import ErrorResponse, Receive, Send
@@ -24,6 +27,21 @@ if TYPE_CHECKING:
     from .app import Gateway
 
 _STARTED = time.time()
+_MAX_ADMIN_BODY = 64 * 1024
+
+
+async def _read_body(receive: Receive) -> bytes:
+    body = b""
+    more = True
+    while more:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            break
+        body += message.get("body", b"")
+        if len(body) > _MAX_ADMIN_BODY:
+            raise ValueError(f"the request body is larger than {_MAX_ADMIN_BODY} bytes")
+        more = message.get("more_body", False)
+    return body
 
 
 async def _json(send: Send, status: int, payload: dict[str, Any], scope: Scope) -> None:
@@ -32,30 +50,6 @@ async def _json(send: Send, status: int, payload: dict[str, Any], scope: Scope) 
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             (b"cache-control", b"no-store")]})
     await send({"type": "http.response.body", "body": body if scope["method"] != "HEAD" else b""})
-
-
-_BAD = object()
-
-
-async def _read_json(receive: Receive, limit: int = 65_536) -> object:
-    """The request body as JSON, or ``_BAD`` (not JSON, or over ``limit`` bytes)."""
-    chunks: list[bytes] = []
-    size = 0
-    more = True
-    while more:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return _BAD
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            return _BAD
-        chunks.append(chunk)
-        more = message.get("more_body", False)
-    try:
-        return json.loads(b"".join(chunks))
-    except ValueError:
-        return _BAD
 
 
 class AdminEndpoints:
@@ -68,7 +62,11 @@ class AdminEndpoints:
         name = scope["path"].removeprefix("/_edgeway/").rstrip("/")
         method = scope["method"]
         public = {"healthz": self.healthz, "readyz": self.readyz, "metrics": self.metrics}
-        admin = {("GET", "status"): self.status, ("POST", "reload"): self.reload}
+        admin: dict[tuple[str, str], Callable[[Scope, Send], Awaitable[None]]] = {
+            ("GET", "status"): self.status, ("POST", "reload"): self.reload,
+            ("POST", "cache/purge"): functools.partial(self.cache_purge, receive=receive),
+            ("POST", "sessions/revoke"): functools.partial(self.revoke_session, receive=receive),
+        }
         if name in public:
             if method not in ("GET", "HEAD"):
                 await ErrorResponse(405, "method_not_allowed", "use GET",
@@ -76,13 +74,10 @@ class AdminEndpoints:
                 return
             await public[name](scope, send)
             return
-        if (method, name) in admin or (method, name) == ("POST", "sessions/revoke"):
+        if (method, name) in admin:
             refusal = self._refusal(scope)
             if refusal is not None:
                 await refusal(scope, receive, send)
-                return
-            if name == "sessions/revoke":
-                await self.revoke_session(scope, receive, send)
                 return
             await admin[(method, name)](scope, send)
             return
@@ -152,21 +147,47 @@ class AdminEndpoints:
             "uptime_seconds": round(time.time() - _STARTED, 1),
         }, scope)
 
-    async def revoke_session(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """POST /_edgeway/sessions/revoke: see :func:`edgeway.middleware.session.revoke`."""
+    async def revoke_session(self, scope: Scope, send: Send, *, receive: Receive) -> None:
+        """``POST /_edgeway/sessions/revoke``: see :func:`edgeway.middleware.session.revoke`."""
         sessions = self.gateway.sessions
         if sessions is None:
             await ErrorResponse(404, "sessions_disabled", "no sessions: block in the policy")(scope, receive, send)
             return
-        body = await _read_json(receive)
-        if body is _BAD:
-            await ErrorResponse(400, "bad_request", "the body must be JSON (at most 64 KB)")(scope, receive, send)
+        try:
+            body = json.loads(await _read_body(receive))
+        except ValueError as error:  # not JSON, or too large
+            await ErrorResponse(400, "bad_request", f"the body must be JSON: {error}")(scope, receive, send)
             return
         status, answer = await revoke(sessions, body)
         if status != 200:
             await ErrorResponse(status, answer.pop("error"), answer.pop("message", None))(scope, receive, send)
             return
         await _json(send, status, answer, scope)
+
+    async def cache_purge(self, scope: Scope, send: Send, *, receive: Receive) -> None:
+        """``POST /_edgeway/cache/purge``: the body names what (see :func:`edgeway.middleware.cache.purge`)."""
+        try:
+            body = json.loads(await _read_body(receive))
+            routes = self.gateway.routes
+            if isinstance(body, dict) and isinstance(body.get("route"), str):
+                policies = routes.cache_policies(pattern=body["route"])
+                if not policies:
+                    raise ValueError(f"no route with a cache has match.path {body['route']!r}")
+            elif isinstance(body, dict) and isinstance(body.get("url"), str):
+                method = body.get("method", "GET")
+                policies = routes.cache_policies(path=body["url"].partition("?")[0],
+                                                 method=method.upper() if isinstance(method, str) else "GET")
+            else:
+                policies = routes.cache_policies()
+            answer = await purge(self.gateway.store, policies, body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            await ErrorResponse(400, "bad_request", str(exc))(scope, receive, send)
+            return
+        except StoreError as exc:
+            await ErrorResponse(503, "store_unavailable", f"the purge did not reach the store: {exc}")(
+                scope, receive, send)
+            return
+        await _json(send, 200, answer, scope)
 
     async def reload(self, scope: Scope, send: Send) -> None:
         before = self.gateway.loaded.version

@@ -41,12 +41,18 @@ routes:
   - match: {{ path: /api/me }}                       # signed-in users only (Supabase Auth session)
     upstream: sample
     session: required
+  - match: {{ path: /api/ask, methods: [POST] }}      # an AI answer: computed once, then served from the cache
+    upstream: sample
+    cache: {{ ttl: 1h, key: [method, path, body], body_exclude: [user] }}
   - match: {{ path: /* }}
     upstream: sample
 sessions:
   url: "http://127.0.0.1:{upstream_port}"            # the sample also plays Supabase Auth (/auth/v1/user)
   anon_key: demo-anon-key
 """
+
+UPSTREAM_CALLS: Counter[str] = Counter()
+"""Requests the sample upstream served, by path (the cache demo shows how few reached it)."""
 
 
 async def sample_upstream(scope: dict[str, Any], receive: Callable[[], Awaitable[Any]],
@@ -57,6 +63,7 @@ async def sample_upstream(scope: dict[str, Any], receive: Callable[[], Awaitable
             await send({"type": "lifespan.startup.complete"})
         await send({"type": "lifespan.shutdown.complete"})
         return
+    UPSTREAM_CALLS[scope["path"]] += 1
     body = b'{"answer": 42, "path": "' + scope["path"].encode() + b'"}'
     await send({"type": "http.response.start", "status": 200,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
@@ -97,7 +104,7 @@ class _SampleAuth:
 
 async def _demo_sessions(client: httpx.AsyncClient, auth: _SampleAuth, requests: int, out: Any) -> int:
     """Step 4: a protected route; returns the number of problems seen."""
-    out.write("\n4. GET /api/me (session: required; the token is validated by the auth provider, then cached)\n")
+    out.write("\n5. GET /api/me (session: required; the token is validated by the auth provider, then cached)\n")
     anonymous = await client.get("/api/me")
     out.write(f"  without a token: {anonymous.status_code} {anonymous.json().get('error')} "
               f"(WWW-Authenticate: {anonymous.headers.get('www-authenticate', '')})\n")
@@ -153,6 +160,21 @@ async def _drive(client: httpx.AsyncClient, step: Step, out: Any) -> None:
         out.write("\r" + " " * 60 + "\r")
 
 
+async def _cache_demo(client: httpx.AsyncClient, out: Any) -> bool:
+    """The same AI question asked five times (keys reordered, another user): one upstream call."""
+    out.write("\n4. POST /api/ask: one question, asked 5 times (JSON keys reordered, `user` excluded from the key)\n")
+    before = UPSTREAM_CALLS["/api/ask"]
+    questions = [b'{"model": "m", "messages": [{"role": "user", "content": "What is 6 x 7?"}], "user": "ann"}',
+                 b'{"messages":[{"content":"What is 6 x 7?","role":"user"}],"model":"m","user":"bob"}']
+    for i in range(5):
+        response = await client.post("/api/ask", content=questions[i % 2],
+                                     headers={"content-type": "application/json"})
+        out.write(f"  ask {i + 1}: {response.status_code}  Cache-Status: {response.headers.get('cache-status')}\n")
+    calls = UPSTREAM_CALLS["/api/ask"] - before
+    out.write(f"  the upstream answered {calls} of 5 asks; the cache answered the rest\n")
+    return calls == 1
+
+
 def _report(step: Step, out: Any) -> None:
     out.write(f"\n{step.title}\n")
     for group, counts in step.outcomes.items():
@@ -205,10 +227,14 @@ async def _run(requests: int, out: Any) -> int:
                 for step in steps:
                     await _drive(client, step, out)
                     _report(step, out)
+                cached = await _cache_demo(client, out)
                 session_problems = await _demo_sessions(client, auth, requests // 4, out)
                 ready = (await client.get("/_edgeway/readyz")).json()
             out.write(f"\nreadyz: status={ready['status']} store={ready['store']['kind']} "
                       f"policy version={ready['policy']['version']}\n")
+            if not cached:
+                out.write("PROBLEM: the repeated question reached the upstream more than once\n")
+                return 1
             missing = sum(step.missing_fields for step in steps)
             if session_problems:
                 out.write("PROBLEM: the protected route did not answer 401 / 200 with one provider call\n")

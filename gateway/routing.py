@@ -13,12 +13,14 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
+from edgeway.middleware.cache import CachePolicy
 from edgeway.middleware.clientip import TrustedProxies
-from edgeway.middleware.pipeline import EdgewayMiddleware
+from edgeway.middleware.pipeline import PolicyPipeline
 from edgeway.middleware.policy import Policy as RoutePolicy
 from edgeway.middleware.ratelimit import RateLimitPolicy
 from edgeway.middleware.session import SessionPolicy, SessionService
 from edgeway.middleware.store import Store
+from edgeway.middleware.users import UserSource, user_source
 
 from .config import Policy, Route
 
@@ -45,14 +47,20 @@ class CompiledRoute:
         return path.startswith(self.prefix) or path == self.prefix.rstrip("/")
 
 
-def route_policies(route: Route, name: str, policy: Policy, sessions: SessionService | None = None
-                   ) -> list[RoutePolicy]:
-    """The policy objects of one route, in the order they run: session -> rate limits -> ..."""
+def route_policies(route: Route, name: str, policy: Policy, store: Store, app: Any = None,
+                   user_from: UserSource | None = None, sessions: SessionService | None = None) -> list[RoutePolicy]:
+    """The policy objects of one route, in the order they run (session -> rate limits -> cache); ``app`` is what
+    they guard (the upstream's proxy, or the wrapped app), which the cache calls to refresh stale entries in the
+    background; ``sessions`` is the policy's one session service."""
     policies: list[RoutePolicy] = []
     if route.session != "off" and sessions is not None:
         policies.append(SessionPolicy(sessions, mode=route.session, privileged=route.privileged, route=name))
     if route.limits:
-        policies.append(RateLimitPolicy(route.limits, route=name, key_prefix=policy.store.key_prefix))
+        policies.append(RateLimitPolicy(route.limits, route=name, key_prefix=policy.key_prefix,
+                                        user_from=user_from or user_source(policy.user_from)))
+    if route.cache is not None:
+        policies.append(CachePolicy(route.cache, store=store, route=name, key_prefix=policy.key_prefix,
+                                    upstream=app))
     return policies
 
 
@@ -60,17 +68,17 @@ class RouteTable:
     """Routes in file order; ``match`` returns the route or the methods other routes allow on the path."""
 
     def __init__(self, policy: Policy, store: Store, trusted: TrustedProxies,
-                 endpoint: Callable[[Route], Any]) -> None:
+                 endpoint: Callable[[Route], Any], *, user_from: UserSource | None = None) -> None:
         routes = []
-        self.sessions = SessionService(policy.sessions, store, key_prefix=policy.store.key_prefix) if (
+        self.sessions = SessionService(policy.sessions, store, key_prefix=policy.key_prefix) if (
             policy.sessions is not None) else None
         """One session service (result caches, JWKS, provider client) for all the routes of the policy."""
-        for index, route in enumerate(policy.routes):
-            name = f"{index}:{route.match.path}"
+        for route in policy.routes:
+            name = route.route_id  # never the position in the file: inserting a route must not reset counters
             app = endpoint(route)
-            policies = route_policies(route, name, policy, self.sessions)
+            policies = route_policies(route, name, policy, store, app, user_from, self.sessions)
             if policies:
-                app = EdgewayMiddleware(app, policies=policies, store=store, trusted_proxies=trusted, route=name)
+                app = PolicyPipeline(app, policies=policies, store=store, trusted_proxies=trusted, route=name)
             match = route.match
             pattern = match.path.lower() if match.case_insensitive else match.path
             methods = frozenset(match.methods) if match.methods else None
@@ -82,6 +90,18 @@ class RouteTable:
         """Release what the routes hold beyond the store (the session provider's connections)."""
         if self.sessions is not None:
             await self.sessions.close()
+
+    def cache_policies(self, *, pattern: str | None = None, path: str | None = None,
+                       method: str = "GET") -> list[CachePolicy]:
+        """The cache policies of every route, of the routes whose ``match.path`` is ``pattern``, or of the
+        route a request for ``path`` reaches (for purges)."""
+        if path is not None:
+            found = self.match(path, method)
+            routes: tuple[CompiledRoute, ...] = (found,) if isinstance(found, CompiledRoute) else ()
+        else:
+            routes = tuple(r for r in self.routes if pattern is None or r.pattern == pattern)
+        return [policy for route in routes for policy in getattr(route.app, "policies", ())
+                if isinstance(policy, CachePolicy)]
 
     def match(self, path: str, method: str) -> CompiledRoute | set[str]:
         allowed: set[str] = set()

@@ -33,7 +33,7 @@ from starlette.requests import Request
 from .clientip import IPNetwork
 from .context import RequestContext
 from .metrics import SESSION_REVOCATIONS_UNCHECKED
-from .pipeline import ASGIApp, EdgewayMiddleware, Throttled
+from .pipeline import ASGIApp, PolicyPipeline, Throttled
 from .policy import BasePolicy, Pending, Prepared
 from .responses import ErrorResponse
 from .session_cache import Known, NeedKeys, NeedRemote, ProviderFailure, SessionService
@@ -246,7 +246,7 @@ async def revoke(service: SessionService, body: object) -> tuple[int, dict[str, 
 # -- in-app use -------------------------------------------------------------------------------------------
 
 
-class SessionMiddleware(EdgewayMiddleware):
+class SessionMiddleware(PolicyPipeline):
     """Sessions as ASGI middleware, without a policy file.
 
     >>> app = SessionMiddleware(app, store=open_store("memory://"), url="https://abc.supabase.co")

@@ -22,7 +22,10 @@ from typing import Any
 
 import uvicorn
 
-__all__ = ["BRIDGE_TOKEN", "FakeRedisThread", "RedisServer", "UvicornThread", "free_port", "ok_app", "wait_for_port"]
+__all__ = [
+    "BRIDGE_TOKEN", "FakeRedisThread", "Gateways", "RedisServer", "UvicornThread", "free_port", "ok_app",
+    "wait_for_port",
+]
 
 HOST = "127.0.0.1"
 BRIDGE_TOKEN = "test-bridge-token"
@@ -431,7 +434,7 @@ async def ok_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
 
 
 class Gateways:
-    """`edgeway serve` processes (two by default) on one policy, logging to ``log_dir``."""
+    """`edgeway serve` processes (two by default) on one policy, on free ports; logs in ``log_dir``."""
 
     def __init__(self, policy: Path, log_dir: Path, count: int = 2) -> None:
         self.ports = [free_port() for _ in range(count)]

@@ -34,6 +34,8 @@ from .base import (
     Get,
     Heartbeat,
     Incr,
+    IndexAdd,
+    IndexPurge,
     LimitState,
     Publish,
     RateLimit,
@@ -84,7 +86,10 @@ HEARTBEAT_SCRIPT = Script("heartbeat.lua")
 INCR_SCRIPT = Script("incr.lua")
 CAD_SCRIPT = Script("cad.lua")
 SETBIN_SCRIPT = Script("setbin.lua")
-SCRIPTS = (RATE_LIMIT_SCRIPT, HEARTBEAT_SCRIPT, INCR_SCRIPT, CAD_SCRIPT, SETBIN_SCRIPT)
+INDEX_ADD_SCRIPT = Script("index_add.lua")
+INDEX_PURGE_SCRIPT = Script("index_purge.lua")
+SCRIPTS = (RATE_LIMIT_SCRIPT, HEARTBEAT_SCRIPT, INCR_SCRIPT, CAD_SCRIPT, SETBIN_SCRIPT, INDEX_ADD_SCRIPT,
+           INDEX_PURGE_SCRIPT)
 """Loaded by each new connection (TCP) or the first pipeline (REST) ahead of any command."""
 _SOURCES = {script.sha: script.source for script in SCRIPTS}
 
@@ -221,6 +226,14 @@ class RedisProtocolStore(Store):
             return ("EVALSHA", INCR_SCRIPT.sha, 1, command.key, command.amount, max(1, command.ttl_ms))
         if isinstance(command, Publish):
             return ("PUBLISH", command.channel, command.message)
+        if isinstance(command, IndexAdd):
+            # the server's clock, as for the member keys' own TTLs
+            return ("EVALSHA", INDEX_ADD_SCRIPT.sha, 1, command.index, f"{command.label}|{command.member}",
+                    max(1, command.ttl_ms))
+        if isinstance(command, IndexPurge):
+            if command.label is None:
+                return ("EVALSHA", INDEX_PURGE_SCRIPT.sha, 1, command.index, "")
+            return ("EVALSHA", INDEX_PURGE_SCRIPT.sha, 1, command.index, "1", command.label)
         if isinstance(command, RateLimit):
             guard = command.guard
             args: list[RedisArg] = ["EVALSHA", RATE_LIMIT_SCRIPT.sha,
@@ -272,7 +285,9 @@ def _decode(command: Command, reply: object) -> object:
         raise StoreError(f"unexpected GET reply {reply!r}")
     if isinstance(command, Set):
         return reply is not None if command.only_if_absent else None
-    if isinstance(command, Delete | Incr | Publish):
+    if isinstance(command, IndexAdd):
+        return None
+    if isinstance(command, Delete | Incr | Publish | IndexPurge):
         return int(reply)  # type: ignore[call-overload]
     if isinstance(command, RateLimit):
         if command.guard is not None and reply == [2]:

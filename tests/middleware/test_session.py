@@ -23,7 +23,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from edgeway.middleware.metrics import SESSION_REVOCATIONS_UNCHECKED
-from edgeway.middleware.pipeline import EdgewayMiddleware
+from edgeway.middleware.pipeline import PolicyPipeline
 from edgeway.middleware.ratelimit import Limit, RateLimitPolicy
 from edgeway.middleware.session import (
     SessionMiddleware,
@@ -108,7 +108,7 @@ async def make(auth: AuthServer) -> AsyncIterator[Any]:
         policies: list[Any] = [SessionPolicy(service, mode=mode, privileged=privileged)]  # type: ignore[arg-type]
         if limits:
             policies.append(RateLimitPolicy(limits))
-        harness = Harness(EdgewayMiddleware(echo, policies=policies, store=store), service)
+        harness = Harness(PolicyPipeline(echo, policies=policies, store=store), service)
         made.append(harness)
         return harness
 
