@@ -43,6 +43,11 @@ routes:
     upstream: up
     session: required
     limits: [{{ rate: 1000/minute, key: user }}]
+  - match: {{ path: /cached }}
+    upstream: up
+    session: required
+    limits: [{{ rate: 1000/minute, key: user }}]
+    cache: {{ ttl: 1h, key: [method, path, user] }}
   - match: {{ path: /maybe }}
     upstream: up
     session: optional
@@ -173,31 +178,44 @@ def own_redis() -> Iterator[RedisServer]:
         yield server
 
 
-async def test_one_store_round_trip_per_request_with_session_and_user_limit(
-        auth: AuthServer, upstream: UvicornThread, own_redis: RedisServer) -> None:
-    """session: required + key: user limit, token verified locally: one batch, two commands per request."""
+# per route: the batch of one warm request, and the Redis commands it runs (commandstats counts a script's own
+# calls too): the revocation read (MGET), the guarded rate-limit script (EVALSHA: TIME, the three revocation keys
+# and the two sliding-window counters read, the current window written), and on /cached the entry's GET
+ROUND_TRIP = {
+    "/private": (["Revoked", "RateLimit"], {"mget": 1, "evalsha": 1, "time": 1, "get": 5, "set": 1}),
+    "/cached": (["Revoked", "RateLimit", "Get"], {"mget": 1, "evalsha": 1, "time": 1, "get": 6, "set": 1}),
+}
+
+
+@pytest.mark.parametrize("path", list(ROUND_TRIP))
+async def test_one_store_round_trip_per_request_with_session_user_limit_and_cache(
+        auth: AuthServer, upstream: UvicornThread, own_redis: RedisServer, path: str) -> None:
+    """session: required + key: user limit (+ cache), token verified locally: one batch per request."""
     store = CountingStore(RedisStore(own_redis.url, timeout=5))
     gateway = create_app(load_text(policy_text(own_redis.url, upstream, auth)), store=store)
     bearer = {"authorization": f"Bearer {auth.issue('dave')}"}
     requests = 25
     admin = redis.Redis.from_url(own_redis.url)
     async with client(gateway) as http:
-        assert (await http.get("/private", headers=bearer)).status_code == 200  # warm: JWKS, scripts
+        first = await http.get(path, headers=bearer)  # warm: JWKS, scripts, the cache entry
+        for _ in range(200):  # the cache fill is a deferred write: wait (bounded) until it has landed
+            if path != "/cached" or admin.keys("*cache:*"):
+                break
+            await asyncio.sleep(0.01)
         admin.config_resetstat()
         store.batches.clear()
-        statuses = [(await http.get("/private", headers=bearer)).status_code for _ in range(requests)]
+        responses = [await http.get(path, headers=bearer) for _ in range(requests)]
     stats = admin.info("commandstats")
     await gateway.close()
     admin.close()
-    assert statuses == [200] * requests
-    assert store.batches == [["Revoked", "RateLimit"]] * requests  # one round trip per request
+    assert first.status_code == 200 and [r.status_code for r in responses] == [200] * requests
+    batch, per_request = ROUND_TRIP[path]
+    assert store.batches == [batch] * requests  # ONE round trip per request
     calls = {name.removeprefix("cmdstat_"): value["calls"] for name, value in stats.items()}
     calls.pop("config|resetstat", None)
-    # sent by Edgeway: the revocation read and the guarded rate-limit script, once per request ...
-    assert (calls.pop("mget"), calls.pop("evalsha")) == (requests, requests)
-    # ... and inside that script only (commandstats counts a script's own calls too): TIME, the three revocation
-    # keys (token, session, user) and the two sliding-window counters read, the current window written
-    assert calls == {"time": requests, "get": 5 * requests, "set": requests}
+    assert calls == {name: count * requests for name, count in per_request.items()}
+    if path == "/cached":
+        assert all(r.headers["cache-status"].startswith("edgeway; hit") for r in responses)
 
 
 async def test_two_gateways_ask_the_provider_once_for_a_burst(auth: AuthServer, upstream: UvicornThread,
