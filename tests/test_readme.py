@@ -57,7 +57,7 @@ def client(app: object) -> httpx.AsyncClient:
 
 
 def test_the_readme_has_the_python_blocks_this_test_runs() -> None:
-    assert len(blocks("python")) == 4
+    assert len(blocks("python")) == 5
     assert {"policy.yaml", "users.yaml"} <= set(policy_files())
 
 
@@ -94,3 +94,11 @@ async def test_the_cache_middleware_answers_a_repeated_question_from_the_store(p
     assert first.json() == again.json() == {"answer": "about tides"}
     assert first.headers["cache-status"] == "edgeway; fwd=miss; stored"
     assert again.headers["cache-status"].startswith("edgeway; hit")
+
+
+async def test_the_session_middleware_refuses_a_request_without_a_token(project: Path) -> None:
+    app = run_block(4)
+    async with client(app) as http:
+        forged = await http.get("/me", headers={"x-edgeway-user": "admin"})
+    assert forged.status_code == 401 and forged.json()["error"] == "unauthorized"
+    assert forged.headers["www-authenticate"].startswith("Bearer")
