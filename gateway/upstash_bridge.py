@@ -13,20 +13,26 @@ The API subset it speaks, as Upstash does:
 - ``POST /pipeline`` with an array of commands -> an array of ``{"result": ...}`` or
   ``{"error": ...}`` entries, sent to Redis as ONE pipeline (one round trip);
 - ``POST /multi-exec``: the same inside MULTI/EXEC;
-- ``GET /COMMAND/arg1/arg2`` (URL-decoded path segments), handy with curl.
+- ``GET /COMMAND/arg1/arg2`` (URL-decoded path segments), handy with curl;
+- ``POST`` (or ``GET``) ``/subscribe/CHANNEL``: a server-sent-event stream, as
+  Upstash's: ``data: subscribe,CHANNEL,1`` once subscribed, then
+  ``data: message,CHANNEL,MESSAGE`` per message published to the channel.
 
 Every request needs ``Authorization: Bearer <token>`` (or ``?_token=<token>``).
 Replies are Redis's raw ones (RESP2 shapes, strings decoded as UTF-8), never
-redis-py's conveniences: ``SET`` answers ``"OK"``, not ``True``.
+redis-py's conveniences: ``SET`` answers ``"OK"``, not ``True``. With the
+request header ``Upstash-Encoding: base64`` every string of the answer except
+the status ``"OK"`` is base64 of Redis's bytes instead (binary-safe), as Upstash does.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import hmac
 import json
 import os
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 from urllib.parse import unquote
@@ -35,7 +41,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
@@ -74,9 +80,8 @@ class _Bridge:
 
     def client(self) -> aioredis.Redis:
         if self._client is None:
-            client = aioredis.Redis.from_url(
-                self._redis_url, decode_responses=True, encoding_errors="replace", protocol=2
-            )
+            # bytes, decoded per request: as UTF-8 text, or as base64 when the client asks for it
+            client = aioredis.Redis.from_url(self._redis_url, protocol=2)
             client.response_callbacks.clear()  # raw replies, as Upstash returns them
             self._client = client
         return self._client
@@ -93,7 +98,9 @@ class _Bridge:
             supplied = request.query_params.get("_token", "")
         return hmac.compare_digest(supplied.strip().encode(), self._token)
 
-    async def run(self, commands: Sequence[list[Arg]], *, transaction: bool) -> list[dict[str, Any]]:
+    async def run(
+        self, commands: Sequence[list[Arg]], *, transaction: bool, encode: Callable[[bytes], str]
+    ) -> list[dict[str, Any]]:
         """Send ``commands`` in one pipeline; one ``{"result"}``/``{"error"}`` entry per command."""
         if not commands:
             return []
@@ -102,9 +109,44 @@ class _Bridge:
             pipe.execute_command(*command)
         replies = await pipe.execute(raise_on_error=False)
         return [
-            {"error": _error_text(reply)} if isinstance(reply, RedisError) else {"result": reply}
+            {"error": _error_text(reply)} if isinstance(reply, RedisError) else {"result": _strings(reply, encode)}
             for reply in replies
         ]
+
+    async def events(self, channel: str) -> AsyncIterator[bytes]:
+        """Server-sent events for one channel, on a pub/sub connection of its own."""
+        pubsub = self.client().pubsub()
+        try:
+            await pubsub.subscribe(channel)
+            yield _event(f"subscribe,{channel},1")
+            while True:
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                if message is None:
+                    continue
+                if message["type"] == "message":
+                    yield _event(f"message,{channel},{_text(message['data'])}")
+        finally:
+            await pubsub.aclose()
+
+
+def _text(value: bytes) -> str:
+    return value.decode(errors="replace")
+
+
+def _base64(value: bytes) -> str:
+    return "OK" if value == b"OK" else base64.b64encode(value).decode()
+
+
+def _strings(reply: object, encode: Callable[[bytes], str]) -> object:
+    if isinstance(reply, bytes):
+        return encode(reply)
+    if isinstance(reply, list):
+        return [_strings(item, encode) for item in reply]
+    return reply
+
+
+def _event(data: str) -> bytes:
+    return "".join(f"data: {line}\n" for line in data.split("\n")).encode() + b"\n"
 
 
 def _json(content: object, status: int = 200) -> JSONResponse:
@@ -141,7 +183,10 @@ def create_bridge_app(redis_url: str, token: str) -> ASGIApp:
                 single, commands = False, [_command(item) for item in body]
             else:
                 single, commands = True, [_command(await _body(request))]
-            entries = await bridge.run(commands, transaction=path == "/multi-exec")
+            base64_wanted = request.headers.get("upstash-encoding", "").lower() == "base64"
+            entries = await bridge.run(
+                commands, transaction=path == "/multi-exec", encode=_base64 if base64_wanted else _text
+            )
         except _BadRequest as exc:
             return _json({"error": str(exc)}, 400)
         except ResponseError as exc:  # a MULTI/EXEC aborted as a whole (EXECABORT)
@@ -152,6 +197,14 @@ def create_bridge_app(redis_url: str, token: str) -> ASGIApp:
         if single:
             return _json(entries[0], 400 if "error" in entries[0] else 200)
         return _json(entries)
+
+    async def subscribe(request: Request) -> Response:
+        if not bridge.authorized(request):
+            return _json({"error": "Unauthorized"}, 401)
+        channel = request.path_params["channel"]  # already percent-decoded
+        return StreamingResponse(
+            bridge.events(channel), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -164,6 +217,7 @@ def create_bridge_app(redis_url: str, token: str) -> ASGIApp:
         Route("/", handle, methods=["POST"]),
         Route("/pipeline", handle, methods=["POST"]),
         Route("/multi-exec", handle, methods=["POST"]),
+        Route("/subscribe/{channel:path}", subscribe, methods=["GET", "POST"]),
         Route("/{command:path}", handle, methods=["GET"]),
     ]
     return Starlette(routes=routes, lifespan=lifespan)

@@ -11,9 +11,12 @@ from .base import (
     Command,
     Delete,
     Get,
+    Handler,
     Heartbeat,
+    Incr,
     LimitCheck,
     LimitState,
+    Publish,
     RateLimit,
     RateLimitResult,
     Set,
@@ -21,6 +24,7 @@ from .base import (
     StoreConfigurationError,
     StoreError,
     StoreTimeout,
+    Subscription,
 )
 
 __all__ = [
@@ -29,9 +33,12 @@ __all__ = [
     "Command",
     "Delete",
     "Get",
+    "Handler",
     "Heartbeat",
+    "Incr",
     "LimitCheck",
     "LimitState",
+    "Publish",
     "RateLimit",
     "RateLimitResult",
     "Set",
@@ -39,6 +46,7 @@ __all__ = [
     "StoreConfigurationError",
     "StoreError",
     "StoreTimeout",
+    "Subscription",
     "open_store",
 ]
 

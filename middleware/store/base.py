@@ -9,6 +9,10 @@ the remote backends. Backends differ only in how they carry the commands:
 - :class:`~edgeway.middleware.store.redis.RedisStore` sends them over RESP, pipelined;
 - :class:`~edgeway.middleware.store.upstash.UpstashStore` posts them to ``/pipeline``.
 
+Besides the batch, a store may carry notifications between instances
+(:class:`Publish` in a batch, :meth:`Store.subscribe` to receive): "a cache
+entry was purged", "a breaker opened", "reload the policy".
+
 Exceptions::
 
     StoreError                 a call failed: the policy's failure mode decides
@@ -21,7 +25,7 @@ from __future__ import annotations
 import abc
 import enum
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from typing import NamedTuple
 
 __all__ = [
@@ -29,9 +33,12 @@ __all__ = [
     "Command",
     "Delete",
     "Get",
+    "Handler",
     "Heartbeat",
+    "Incr",
     "LimitCheck",
     "LimitState",
+    "Publish",
     "RateLimit",
     "RateLimitResult",
     "Set",
@@ -39,6 +46,7 @@ __all__ = [
     "StoreConfigurationError",
     "StoreError",
     "StoreTimeout",
+    "Subscription",
 ]
 
 
@@ -69,25 +77,73 @@ class Algorithm(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Get:
-    """Read a text value; the result is ``str | None``."""
+    """Read a value; the result is ``str | None``, or ``bytes | None`` with ``binary=True``.
+
+    Values are bytes in every store: a text read of a value written as bytes
+    decodes it as UTF-8 (invalid sequences become U+FFFD); a binary read of a
+    value written as text returns its UTF-8 encoding.
+    """
 
     key: str
+    binary: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class Set:
-    """Write a text value with a TTL (every key Edgeway writes expires); the result is ``None``."""
+    """Write a text or binary value with a TTL (every key Edgeway writes expires).
+
+    The result is ``None``; with ``only_if_absent=True`` (a lock: ``SET NX PX``)
+    it is ``True`` when the value was written and ``False`` when the key
+    already existed (and was left untouched). Binary-safe on every backend,
+    values up to several MB.
+    """
 
     key: str
-    value: str
+    value: str | bytes
     ttl_ms: int
+    only_if_absent: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class Delete:
-    """Delete a key; the result is the number of keys removed (0 or 1)."""
+    """Delete a key; the result is the number of keys removed (0 or 1).
+
+    With ``if_value``, delete only if the current value equals it, atomically
+    (compare-and-delete: releasing a lock only its holder may release); text
+    and bytes compare by their UTF-8 bytes.
+    """
 
     key: str
+    if_value: str | bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Incr:
+    """Add ``amount`` to the integer at ``key`` (0 when absent); the result is the new value (``int``).
+
+    ``ttl_ms`` is set when the increment creates the key; an existing key keeps
+    its expiry. A key holding a non-integer is a :class:`StoreError`. ``Get``
+    reads the counter as its decimal text.
+    """
+
+    key: str
+    amount: int = 1
+    _: KW_ONLY
+    ttl_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Publish:
+    """Send ``message`` to every current subscriber of ``channel`` (see :meth:`Store.subscribe`).
+
+    The result is the number of subscribers it reached where the backend
+    knows it (memory, Redis), else ``None`` (Upstash, PostgreSQL). Delivery is
+    at most once and only to subscribers connected at the time: use it to say
+    "something changed, re-read the store", never to carry state.
+    """
+
+    channel: str
+    message: str
 
 
 # LimitCheck, LimitState and RateLimitResult are NamedTuples: built for every request on the hot path,
@@ -145,11 +201,25 @@ class Heartbeat:
     ttl_ms: int
 
 
-Command = Get | Set | Delete | RateLimit | Heartbeat
+Command = Get | Set | Delete | Incr | Publish | RateLimit | Heartbeat
 """Every operation a policy may put in a request's batch."""
 
 Clock = Callable[[], float]
 """Seconds since the epoch; injectable so tests can walk window edges without sleeping."""
+
+Handler = Callable[[str], None]
+"""Called with each message of a subscribed channel, on the event loop: it must return quickly
+(schedule real work with ``asyncio.create_task``). An exception it raises is logged and dropped."""
+
+
+class Subscription(abc.ABC):
+    """A live subscription to one channel; ``await close()`` ends it (idempotent)."""
+
+    channel: str
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Stop delivering messages and release what the subscription holds."""
 
 
 class Store(abc.ABC):
@@ -170,6 +240,21 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def ping(self) -> None:
         """Raise :class:`StoreError` unless the store answers."""
+
+    notifies: bool = False
+    """Whether :meth:`subscribe` works on this backend (``False``: it raises :class:`StoreError`)."""
+
+    async def subscribe(self, channel: str, handler: Handler) -> Subscription:
+        """Call ``handler`` with every message later published to ``channel``.
+
+        Messages published through any store object on the same backend (another
+        instance) arrive within 1 s. The subscription survives the backend's
+        failures: it reconnects and resubscribes in the background with backoff
+        (messages published meanwhile are lost), so a store being down when
+        subscribing is no error. Backends without notifications
+        (``notifies = False``) raise :class:`StoreError`.
+        """
+        raise StoreError(f"the {self.kind} store carries no notifications")
 
     async def close(self) -> None:
         """Release connections; the store may be used again afterwards (it reconnects)."""

@@ -8,6 +8,7 @@ process: two instances on memory each enforce their own counters.
 from __future__ import annotations
 
 import abc
+import asyncio
 import bisect
 import math
 import time
@@ -20,14 +21,20 @@ from .base import (
     Command,
     Delete,
     Get,
+    Handler,
     Heartbeat,
+    Incr,
     LimitCheck,
     LimitState,
+    Publish,
     RateLimit,
     RateLimitResult,
     Set,
     Store,
+    StoreError,
+    Subscription,
 )
+from .notify import Fanout
 
 _SLACK_MS = 1000  # keys outlive their window a little so a late reader still sees them
 
@@ -53,11 +60,17 @@ class MemoryStore(Store):
     """In-process store with the full command set; ``clock`` is injectable for tests."""
 
     kind = "memory"
+    notifies = True
 
     def __init__(self, *, clock: Clock | None = None, max_keys: int = 100_000) -> None:
         self._clock = clock or time.time
         self._data: dict[str, _Entry] = {}
         self._max_keys = max_keys
+        self._fanout = Fanout()
+
+    async def subscribe(self, channel: str, handler: Handler) -> Subscription:
+        """In-process fan-out: only subscribers of this same MemoryStore object hear a Publish."""
+        return await self._fanout.add(channel, handler)
 
     def _now_ms(self) -> float:
         return math.floor(self._clock() * 1000)
@@ -74,17 +87,53 @@ class MemoryStore(Store):
     def _run(self, command: Command, now: float) -> object:
         if isinstance(command, Get):
             value = self._get(command.key, now)
-            return value if isinstance(value, str) else None
+            if isinstance(value, str):
+                return value.encode() if command.binary else value
+            if isinstance(value, bytes):
+                return value if command.binary else value.decode(errors="replace")
+            return None
         if isinstance(command, Set):
+            if command.only_if_absent:
+                if self._get(command.key, now) is not None:
+                    return False
+                self._put(command.key, command.value, now + command.ttl_ms)
+                return True
             self._put(command.key, command.value, now + command.ttl_ms)
             return None
         if isinstance(command, Delete):
-            return 1 if self._data.pop(command.key, None) is not None else 0
+            return self._delete(command, now)
+        if isinstance(command, Incr):
+            return self._incr(command, now)
+        if isinstance(command, Publish):
+            count = self._fanout.count(command.channel)
+            if count:  # after this batch, like a message arriving over the network
+                asyncio.get_running_loop().call_soon(self._fanout.dispatch, command.channel, command.message)
+            return count
         if isinstance(command, RateLimit):
             return self._rate_limit(command, now)
         if isinstance(command, Heartbeat):
             return self._heartbeat(command, now)
         raise TypeError(f"unknown store command {command!r}")
+
+    def _delete(self, command: Delete, now: float) -> int:
+        if command.if_value is not None:
+            current = self._get(command.key, now)
+            if not isinstance(current, str | bytes) or _as_bytes(current) != _as_bytes(command.if_value):
+                return 0
+        return 1 if self._data.pop(command.key, None) is not None else 0
+
+    def _incr(self, command: Incr, now: float) -> int:
+        entry = self._data.get(command.key)
+        if entry is None or entry.expires_ms <= now:
+            value, expires = command.amount, now + command.ttl_ms
+        else:
+            try:
+                value = int(entry.value) + command.amount  # type: ignore[call-overload]
+            except (TypeError, ValueError):
+                raise StoreError(f"Incr: the value at {command.key!r} is not an integer") from None
+            expires = entry.expires_ms
+        self._put(command.key, str(value), expires)
+        return value
 
     def _get(self, key: str, now: float) -> object:
         entry = self._data.get(key)
@@ -151,6 +200,10 @@ class _Plan(abc.ABC):
     @abc.abstractmethod
     def state(self, check: LimitCheck) -> LimitState:
         """What the limit reports after the decision."""
+
+
+def _as_bytes(value: str | bytes) -> bytes:
+    return value.encode() if isinstance(value, str) else value
 
 
 def _int_value(value: object) -> int:

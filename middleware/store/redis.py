@@ -5,12 +5,18 @@ call, more than Redis itself spends. Here every batch submitted during one
 event-loop turn goes out in a single write on one connection, and replies are
 matched to batches in order (Redis answers a connection strictly in order), so
 N concurrent requests cost one syscall each way instead of N. hiredis parses.
+
+Notifications use Redis pub/sub on one more, dedicated connection per store
+(a subscribed RESP2 connection can do nothing else), shared by every channel
+subscribed through that store; it reconnects with backoff and resubscribes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import logging
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,11 +25,15 @@ from urllib.parse import unquote, urlsplit
 
 import hiredis
 
-from .base import Clock, StoreConfigurationError, StoreError
+from .base import Clock, Handler, StoreConfigurationError, StoreError, Subscription
+from .notify import Backoff, Fanout
 from .opening import SharedOpen
-from .redis_protocol import RedisCommand, RedisProtocolStore, ReplyError, Transport
+from .redis_protocol import SCRIPTS, RedisCommand, RedisProtocolStore, ReplyError, Transport
 
 _CONNECT_TIMEOUT = 5.0
+_CONFIRM_WAIT = 1.0  # seconds subscribe() waits for Redis to confirm, while Redis answers at all
+
+logger = logging.getLogger("edgeway.store")
 
 
 @dataclass(slots=True)
@@ -37,7 +47,7 @@ class _RespProtocol(asyncio.Protocol):
     """One Redis connection: writes are coalesced per loop turn, replies matched FIFO."""
 
     def __init__(self) -> None:
-        self._reader = hiredis.Reader(encoding="utf-8", replyError=ReplyError)
+        self._reader = hiredis.Reader(encoding="utf-8", errors="surrogateescape", replyError=ReplyError)
         self._waiting: collections.deque[_Batch] = collections.deque()
         self._out: list[bytes] = []
         self._transport: asyncio.Transport | None = None
@@ -183,6 +193,8 @@ class RespTransport(Transport):
             setup.append(("AUTH", address.username, address.password) if address.username else auth)
         if address.db:
             setup.append(("SELECT", address.db))
+        # scripts loaded before any command: a NOSCRIPT retry would run after the batch's later commands
+        setup.extend(("SCRIPT", "LOAD", script.source) for script in SCRIPTS)
         if setup:
             replies = await asyncio.wait_for(protocol.submit(setup, loop), _CONNECT_TIMEOUT)
             errors = [r for r in replies if isinstance(r, ReplyError)]
@@ -197,10 +209,131 @@ class RespTransport(Transport):
             protocol.close()
 
 
+class _PubSub:
+    """The dedicated subscriber connection: one background task, started by the first subscribe."""
+
+    def __init__(self, address: RedisAddress, where: str) -> None:
+        self._address = address
+        self._where = where
+        self._fanout = Fanout(self._sync)
+        self._task: asyncio.Task[None] | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._sent: set[str] = set()  # channels SUBSCRIBEd on the current connection
+        self._confirmed: set[str] = set()
+        self._waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self._up = False
+
+    async def subscribe(self, channel: str, handler: Handler) -> Subscription:
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run())
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if channel not in self._confirmed:
+            self._waiters.setdefault(channel, []).append(waiter)
+        subscription = await self._fanout.add(channel, handler)
+        if channel not in self._confirmed:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(waiter), _CONFIRM_WAIT)
+        return subscription
+
+    async def _sync(self) -> None:
+        """Bring the connection's subscriptions in line with the channels wanted."""
+        wanted = set(self._fanout.channels)
+        if self._writer is None:
+            return  # the next connection subscribes to whatever is wanted then
+        added, removed = wanted - self._sent, self._sent - wanted
+        if added:
+            self._writer.write(hiredis.pack_command(("SUBSCRIBE", *sorted(added))))
+        if removed:
+            self._writer.write(hiredis.pack_command(("UNSUBSCRIBE", *sorted(removed))))
+            self._confirmed -= removed
+        self._sent = wanted
+
+    def _release(self, channel: str | None = None) -> None:
+        channels = [channel] if channel is not None else list(self._waiters)
+        for name in channels:
+            for waiter in self._waiters.pop(name, []):
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    async def _run(self) -> None:
+        backoff = Backoff()
+        failing = False
+        while True:
+            try:
+                await self._listen(backoff)
+                error: BaseException = StoreError("closed by server")
+            except (OSError, TimeoutError, StoreError) as exc:
+                error = exc
+            finally:
+                if self._writer is not None:
+                    self._writer.close()
+                self._writer, self._sent = None, set()
+                self._confirmed.clear()
+            self._release()  # nobody waits for a confirmation that cannot come now
+            if self._up or not failing:  # once per outage, not once per retry
+                logger.warning("Redis subscriber connection to %s lost (%s); reconnecting", self._where, error)
+            failing, self._up = True, False
+            await backoff.wait()
+
+    async def _listen(self, backoff: Backoff) -> None:
+        address = self._address
+        context = ssl.create_default_context() if address.tls else None
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(address.host, address.port, ssl=context), _CONNECT_TIMEOUT
+        )
+        self._writer = writer
+        if address.password is not None:
+            auth = ("AUTH", address.username, address.password) if address.username else ("AUTH", address.password)
+            writer.write(hiredis.pack_command(auth))  # type: ignore[arg-type]
+        await self._sync()
+        parser = hiredis.Reader(encoding="utf-8", errors="replace", replyError=ReplyError)
+        while True:
+            data = await reader.read(65536)
+            if not data:
+                return
+            parser.feed(data)
+            while (reply := parser.gets()) is not False:
+                if isinstance(reply, ReplyError):
+                    raise StoreError(f"Redis refused the subscriber connection: {reply}")
+                if not isinstance(reply, list) or len(reply) < 3:
+                    continue  # +OK of AUTH
+                kind, channel = reply[0], str(reply[1])
+                if kind == "message":
+                    self._fanout.dispatch(channel, str(reply[2]))
+                elif kind == "subscribe":
+                    self._confirmed.add(channel)
+                    self._up = True
+                    backoff.reset()
+                    self._release(channel)
+
+    async def close(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        self._release()
+
+
 class RedisStore(RedisProtocolStore):
     """TCP Redis; ``timeout`` (seconds) bounds each call, ``clock`` overrides the server clock in tests."""
 
     kind = "redis"
+    notifies = True
 
     def __init__(self, url: str, *, timeout: float | None = 0.05, clock: Clock | None = None) -> None:
-        super().__init__(RespTransport(RedisAddress.parse(url)), timeout=timeout, clock=clock)
+        address = RedisAddress.parse(url)
+        transport = RespTransport(address)
+        super().__init__(transport, timeout=timeout, clock=clock)
+        self._pubsub = _PubSub(address, transport.describe())
+
+    async def subscribe(self, channel: str, handler: Handler) -> Subscription:
+        """Redis pub/sub on this store's dedicated subscriber connection (see the module docstring)."""
+        return await self._pubsub.subscribe(channel, handler)
+
+    async def close(self) -> None:
+        await self._pubsub.close()
+        await super().close()

@@ -1,9 +1,11 @@
 """Commands as Redis sees them, shared by every Redis-speaking backend.
 
 :class:`RedisProtocolStore` turns a request's commands into Redis commands
-(``GET``, ``SET .. PX``, ``DEL``, ``EVALSHA``), hands them to a transport as ONE
-batch, and decodes the replies. TCP Redis and Upstash REST differ only in the
-transport: both implement :class:`Transport`.
+(``GET``, ``SET .. PX [NX]``, ``DEL``, ``PUBLISH``, ``EVALSHA``), hands them to a
+transport as ONE batch, and decodes the replies. TCP Redis and Upstash REST
+differ only in the transport: both implement :class:`Transport`, which also
+says how bytes travel (RESP carries them as they are; Upstash's JSON cannot, see
+``lua/setbin.lua``).
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ from .base import (
     Delete,
     Get,
     Heartbeat,
+    Incr,
     LimitState,
+    Publish,
     RateLimit,
     RateLimitResult,
     Set,
@@ -30,7 +34,7 @@ from .base import (
     StoreTimeout,
 )
 
-RedisArg = str | int | float
+RedisArg = str | bytes | int | float
 RedisCommand = tuple[RedisArg, ...]
 
 
@@ -48,7 +52,12 @@ class Script:
 
 RATE_LIMIT_SCRIPT = Script("ratelimit.lua")
 HEARTBEAT_SCRIPT = Script("heartbeat.lua")
-_SOURCES = {script.sha: script.source for script in (RATE_LIMIT_SCRIPT, HEARTBEAT_SCRIPT)}
+INCR_SCRIPT = Script("incr.lua")
+CAD_SCRIPT = Script("cad.lua")
+SETBIN_SCRIPT = Script("setbin.lua")
+SCRIPTS = (RATE_LIMIT_SCRIPT, HEARTBEAT_SCRIPT, INCR_SCRIPT, CAD_SCRIPT, SETBIN_SCRIPT)
+"""Loaded by each new connection (TCP) or the first pipeline (REST) ahead of any command."""
+_SOURCES = {script.sha: script.source for script in SCRIPTS}
 
 
 class Transport(abc.ABC):
@@ -60,6 +69,19 @@ class Transport(abc.ABC):
     (auto-pipelining). The future fails with :class:`StoreError` when the
     whole batch is lost.
     """
+
+    binary_safe: bool = True
+    """Whether ``bytes`` arguments travel as they are; False: the store sends them as Latin-1 text."""
+
+    def value_bytes(self, reply: str | bytes) -> bytes:
+        """A bulk-string reply (a value read by ``GET``) as the bytes Redis holds."""
+        return reply if isinstance(reply, bytes) else reply.encode("utf-8", "surrogateescape")
+
+    def value_text(self, reply: str | bytes) -> str:
+        """A bulk-string reply as text; bytes that are not UTF-8 become U+FFFD."""
+        if isinstance(reply, str) and reply.isascii():
+            return reply  # the common case, without a round trip through bytes
+        return self.value_bytes(reply).decode(errors="replace")
 
     @abc.abstractmethod
     def submit(self, commands: Sequence[RedisCommand]) -> asyncio.Future[list[object]]:
@@ -124,15 +146,35 @@ class RedisProtocolStore(Store):
             again = await wait_for_batch(self._transport.submit(retry), deadline)
             for i, reply in zip(missing, again, strict=True):
                 replies[i] = reply
-        return [_decode(command, reply) for command, reply in zip(commands, replies, strict=True)]
+        return [self._decode(command, reply) for command, reply in zip(commands, replies, strict=True)]
+
+    def _decode(self, command: Command, reply: object) -> object:
+        if isinstance(command, Get) and isinstance(reply, str | bytes):
+            return self._transport.value_bytes(reply) if command.binary else self._transport.value_text(reply)
+        return _decode(command, reply)
 
     def _encode(self, command: Command) -> RedisCommand:
         if isinstance(command, Get):
             return ("GET", command.key)
         if isinstance(command, Set):
-            return ("SET", command.key, command.value, "PX", max(1, command.ttl_ms))
+            ttl = max(1, command.ttl_ms)
+            if isinstance(command.value, bytes) and not self._transport.binary_safe:
+                nx = "1" if command.only_if_absent else ""
+                return ("EVALSHA", SETBIN_SCRIPT.sha, 1, command.key, command.value.decode("latin-1"), ttl, nx)
+            if command.only_if_absent:
+                return ("SET", command.key, command.value, "PX", ttl, "NX")
+            return ("SET", command.key, command.value, "PX", ttl)
         if isinstance(command, Delete):
-            return ("DEL", command.key)
+            if command.if_value is None:
+                return ("DEL", command.key)
+            expected, latin1 = command.if_value, ""
+            if isinstance(expected, bytes) and not self._transport.binary_safe:
+                expected, latin1 = expected.decode("latin-1"), "1"
+            return ("EVALSHA", CAD_SCRIPT.sha, 1, command.key, expected, latin1)
+        if isinstance(command, Incr):
+            return ("EVALSHA", INCR_SCRIPT.sha, 1, command.key, command.amount, max(1, command.ttl_ms))
+        if isinstance(command, Publish):
+            return ("PUBLISH", command.channel, command.message)
         if isinstance(command, RateLimit):
             args: list[RedisArg] = ["EVALSHA", RATE_LIMIT_SCRIPT.sha, len(command.checks)]
             args.extend(check.key for check in command.checks)
@@ -173,8 +215,8 @@ def _decode(command: Command, reply: object) -> object:
             return reply.decode()
         raise StoreError(f"unexpected GET reply {reply!r}")
     if isinstance(command, Set):
-        return None
-    if isinstance(command, Delete):
+        return reply is not None if command.only_if_absent else None
+    if isinstance(command, Delete | Incr | Publish):
         return int(reply)  # type: ignore[call-overload]
     if isinstance(command, RateLimit):
         return _decode_rate_limit(reply, len(command.checks))

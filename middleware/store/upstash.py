@@ -5,36 +5,68 @@ client has no timeout (``httpx.AsyncClient(timeout=None)``) and sends one HTTP
 request per pipeline object, while here every batch submitted during one
 event-loop turn shares ONE HTTP request. Requests go through a pooled aiohttp
 session (keep-alive), with a hard deadline so nothing can hang.
+
+Bytes: every request asks for ``Upstash-Encoding: base64``, so values read come
+back base64-encoded (binary-safe in JSON); binary values are written through
+``lua/setbin.lua`` (JSON carries text only). Notifications: ``PUBLISH`` rides in
+the pipeline; a subscription is Upstash's streaming ``POST /subscribe/CHANNEL``
+(server-sent events), one long-lived response per subscribed channel and store,
+reopened with backoff when it breaks.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
+import contextlib
 import json
+import logging
 import os
 from collections.abc import Sequence
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import aiohttp
 
-from .base import Clock, StoreConfigurationError, StoreError
-from .redis_protocol import RedisCommand, RedisProtocolStore, ReplyError, Transport
+from .base import Clock, Handler, StoreConfigurationError, StoreError, Subscription
+from .notify import Backoff, Fanout
+from .redis_protocol import SCRIPTS, RedisCommand, RedisProtocolStore, ReplyError, Transport
 
 _HTTP_DEADLINE = 10.0  # seconds; the store timeout answers callers long before this
+_CONFIRM_WAIT = 1.0  # seconds subscribe() waits for the stream to confirm, while Upstash answers at all
+
+logger = logging.getLogger("edgeway.store")
 
 
 class UpstashTransport(Transport):
     """Batches commands per event-loop turn into one ``/pipeline`` request."""
 
+    binary_safe = False
+
     def __init__(self, url: str, token: str) -> None:
         self._url = url.rstrip("/")
-        self._headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+        self._headers = {
+            "Authorization": f"Bearer {token}", "Content-Type": "application/json", "Upstash-Encoding": "base64",
+        }
         self._session: aiohttp.ClientSession | None = None
         self._pending: list[tuple[Sequence[RedisCommand], asyncio.Future[list[object]]]] = []
         self._tasks: set[asyncio.Task[None]] = set()
+        self._scripts_loaded = False
 
     def describe(self) -> str:
         return f"upstash+{self._url}"
+
+    def value_bytes(self, reply: str | bytes) -> bytes:
+        # Upstash leaves the status reply "OK" as it is; base64 text never has length 2
+        if reply == "OK" or isinstance(reply, bytes):
+            return reply.encode() if isinstance(reply, str) else reply
+        try:
+            return base64.b64decode(reply, validate=True)
+        except (binascii.Error, ValueError):
+            raise StoreError(f"Upstash sent a value that is not base64: {reply[:40]!r}") from None
+
+    def value_text(self, reply: str | bytes) -> str:
+        return self.value_bytes(reply).decode(errors="replace")
 
     def submit(self, commands: Sequence[RedisCommand]) -> asyncio.Future[list[object]]:
         loop = asyncio.get_running_loop()
@@ -52,8 +84,11 @@ class UpstashTransport(Transport):
 
     async def _send(self, batches: list[tuple[Sequence[RedisCommand], asyncio.Future[list[object]]]]) -> None:
         body: list[list[object]] = [list(command) for commands, _ in batches for command in commands]
+        # the first pipeline loads the scripts ahead of the commands, so a script missing on the server
+        # is not retried after the batch's later commands (which would reorder a batch like Incr, Get)
+        loads = [] if self._scripts_loaded else [["SCRIPT", "LOAD", script.source] for script in SCRIPTS]
         try:
-            replies = await self._post(body)
+            replies = await self._post(loads + body)
         except (StoreError, asyncio.CancelledError) as exc:
             closed = StoreError("Upstash store closed before answering")
             error = exc if isinstance(exc, StoreError) else closed
@@ -63,6 +98,10 @@ class UpstashTransport(Transport):
             if isinstance(exc, asyncio.CancelledError):
                 raise
             return
+        self._scripts_loaded = not any(isinstance(reply, ReplyError) for reply in replies[: len(loads)])
+        replies = replies[len(loads):]
+        if any(type(reply) is ReplyError and str(reply).startswith("NOSCRIPT") for reply in replies):
+            self._scripts_loaded = False  # flushed or a new server: load them again with the next pipeline
         offset = 0
         for commands, future in batches:
             part = replies[offset : offset + len(commands)]
@@ -77,9 +116,8 @@ class UpstashTransport(Transport):
                 cookie_jar=aiohttp.DummyCookieJar(),
             )
         try:
-            async with self._session.post(
-                f"{self._url}/pipeline", data=json.dumps(body), headers=self._headers
-            ) as response:
+            payload = json.dumps(body, ensure_ascii=False).encode()
+            async with self._session.post(f"{self._url}/pipeline", data=payload, headers=self._headers) as response:
                 text = await response.text()
                 status = response.status
         except (TimeoutError, aiohttp.ClientError) as exc:
@@ -153,10 +191,95 @@ def upstash_location(url: str | None) -> tuple[str, str]:
     return urlunsplit((parts.scheme, netloc, parts.path, "", "")), token
 
 
+class _Streams:
+    """Subscriptions as server-sent-event streams: one reconnecting task per channel of this store."""
+
+    def __init__(self, url: str, token: str) -> None:
+        self._url = url.rstrip("/")
+        self._headers = {"Authorization": f"Bearer {token}", "Accept": "text/event-stream"}
+        self._fanout = Fanout(self._sync)
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._confirmed: dict[str, asyncio.Event] = {}
+        self._session: aiohttp.ClientSession | None = None
+
+    async def subscribe(self, channel: str, handler: Handler) -> Subscription:
+        subscription = await self._fanout.add(channel, handler)
+        confirmed = self._confirmed.get(channel)
+        if confirmed is not None and not confirmed.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(confirmed.wait(), _CONFIRM_WAIT)
+        return subscription
+
+    async def _sync(self) -> None:
+        wanted = set(self._fanout.channels)
+        for channel in wanted - set(self._tasks):
+            self._confirmed[channel] = asyncio.Event()
+            self._tasks[channel] = asyncio.get_running_loop().create_task(self._run(channel))
+        for channel in set(self._tasks) - wanted:
+            self._tasks.pop(channel).cancel()
+            self._confirmed.pop(channel, None)
+
+    async def _run(self, channel: str) -> None:
+        backoff = Backoff()
+        up, failing = False, False
+        while True:
+            confirmed = self._confirmed[channel]
+            try:
+                await self._listen(channel, confirmed, backoff)
+                error: BaseException = StoreError("stream ended")
+            except (TimeoutError, aiohttp.ClientError, StoreError) as exc:
+                error = exc
+            up = up or confirmed.is_set()
+            confirmed.set()  # release waiters: no confirmation can come now
+            if up or not failing:
+                logger.warning("Upstash subscription to %r lost (%s); reconnecting", channel, error)
+            failing, up = True, False
+            await backoff.wait()
+            self._confirmed[channel] = asyncio.Event()
+
+    async def _listen(self, channel: str, confirmed: asyncio.Event, backoff: Backoff) -> None:
+        if self._session is None or self._session.closed:
+            # no total deadline: the stream is meant to stay open; connect and reads are bounded
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=None, connect=_HTTP_DEADLINE),
+                cookie_jar=aiohttp.DummyCookieJar(),
+            )
+        url = f"{self._url}/subscribe/{quote(channel, safe='')}"
+        async with self._session.post(url, headers=self._headers) as response:
+            if response.status != 200:
+                raise StoreError(f"Upstash refused the subscription (HTTP {response.status})")
+            data: list[str] = []
+            message_prefix, subscribe_prefix = f"message,{channel},", f"subscribe,{channel},"
+            async for raw in response.content:
+                line = raw.decode(errors="replace").rstrip("\r\n")
+                if line.startswith("data:"):
+                    data.append(line[5:].removeprefix(" "))
+                elif not line and data:
+                    event, data = "\n".join(data), []
+                    # the stream is for one channel, which may itself hold commas: match it whole
+                    if event.startswith(message_prefix):
+                        self._fanout.dispatch(channel, event[len(message_prefix):])
+                    elif event.startswith(subscribe_prefix):
+                        confirmed.set()
+                        backoff.reset()
+
+    async def close(self) -> None:
+        tasks = list(self._tasks.values())
+        self._tasks.clear()
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
 class UpstashStore(RedisProtocolStore):
     """Upstash REST; same commands and scripts as :class:`~edgeway.middleware.store.redis.RedisStore`."""
 
     kind = "upstash"
+    notifies = True
 
     def __init__(
         self, url: str | None = None, *, token: str | None = None, timeout: float | None = 0.05,
@@ -167,3 +290,12 @@ class UpstashStore(RedisProtocolStore):
         else:
             rest, token = upstash_location(url)
         super().__init__(UpstashTransport(rest, token), timeout=timeout, clock=clock)
+        self._streams = _Streams(rest, token)
+
+    async def subscribe(self, channel: str, handler: Handler) -> Subscription:
+        """Upstash's streaming subscribe endpoint (see the module docstring)."""
+        return await self._streams.subscribe(channel, handler)
+
+    async def close(self) -> None:
+        await self._streams.close()
+        await super().close()
