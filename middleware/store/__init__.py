@@ -7,6 +7,10 @@ from __future__ import annotations
 
 from .base import (
     Algorithm,
+    BreakerEvent,
+    BreakerResult,
+    BreakerRule,
+    BreakerUpdate,
     Clock,
     Command,
     Delete,
@@ -29,6 +33,10 @@ from .base import (
 
 __all__ = [
     "Algorithm",
+    "BreakerEvent",
+    "BreakerResult",
+    "BreakerRule",
+    "BreakerUpdate",
     "Clock",
     "Command",
     "Delete",

@@ -15,8 +15,11 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from ..breaker_state import State, apply, ttl_ms
 from .base import (
     Algorithm,
+    BreakerResult,
+    BreakerUpdate,
     Clock,
     Command,
     Delete,
@@ -113,7 +116,17 @@ class MemoryStore(Store):
             return self._rate_limit(command, now)
         if isinstance(command, Heartbeat):
             return self._heartbeat(command, now)
+        if isinstance(command, BreakerUpdate):
+            return self._breaker(command, int(now))
         raise TypeError(f"unknown store command {command!r}")
+
+    def _breaker(self, command: BreakerUpdate, now: int) -> BreakerResult:
+        current = self._get(command.key, now)
+        if current is not None and not isinstance(current, State):
+            raise StoreError(f"WRONGTYPE: {command.key} holds no breaker state")
+        state, result = apply(current, command.rule, command.event, now)
+        self._put(command.key, state, now + ttl_ms(command.rule))
+        return result
 
     def _delete(self, command: Delete, now: float) -> int:
         if command.if_value is not None:

@@ -36,6 +36,8 @@ import asyncpg
 import httpx
 
 from .base import (
+    BreakerResult,
+    BreakerUpdate,
     Clock,
     Command,
     Delete,
@@ -86,6 +88,12 @@ def encode_commands(commands: Sequence[Command]) -> list[dict[str, object]]:
         elif isinstance(command, Heartbeat):
             encoded.append({"op": "heartbeat", "key": command.key, "instance": command.instance,
                             "ttl_ms": command.ttl_ms})
+        elif isinstance(command, BreakerUpdate):
+            event = command.event
+            encoded.append({"op": "breaker", "key": command.key, "rule": list(command.rule),
+                            "event": [event.successes, event.failures, int(event.probe), int(event.acquire),
+                                      int(event.reset), event.seed_phase, event.seed_remaining_ms,
+                                      event.seed_streak, event.jitter]})
         else:
             raise TypeError(f"unknown store command {command!r}")
     return encoded
@@ -107,6 +115,9 @@ def _decode(command: Command, result: object) -> object:
     elif isinstance(command, Delete | Heartbeat):
         if type(result) is int:
             return result
+    elif isinstance(command, BreakerUpdate):
+        if isinstance(result, list) and len(result) == 6 and all(type(v) is int for v in result):
+            return BreakerResult(result[0], result[1], result[2], result[3] == 1, result[4], result[5])
     elif isinstance(command, RateLimit):
         count = len(command.checks)
         if isinstance(result, list) and len(result) == 1 + 4 * count and all(type(v) is int for v in result):

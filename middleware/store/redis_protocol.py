@@ -18,6 +18,8 @@ from collections.abc import Sequence
 from importlib import resources
 
 from .base import (
+    BreakerResult,
+    BreakerUpdate,
     Clock,
     Command,
     Delete,
@@ -55,7 +57,8 @@ HEARTBEAT_SCRIPT = Script("heartbeat.lua")
 INCR_SCRIPT = Script("incr.lua")
 CAD_SCRIPT = Script("cad.lua")
 SETBIN_SCRIPT = Script("setbin.lua")
-SCRIPTS = (RATE_LIMIT_SCRIPT, HEARTBEAT_SCRIPT, INCR_SCRIPT, CAD_SCRIPT, SETBIN_SCRIPT)
+BREAKER_SCRIPT = Script("breaker.lua")
+SCRIPTS = (RATE_LIMIT_SCRIPT, HEARTBEAT_SCRIPT, INCR_SCRIPT, CAD_SCRIPT, SETBIN_SCRIPT, BREAKER_SCRIPT)
 """Loaded by each new connection (TCP) or the first pipeline (REST) ahead of any command."""
 _SOURCES = {script.sha: script.source for script in SCRIPTS}
 
@@ -194,6 +197,12 @@ class RedisProtocolStore(Store):
         if isinstance(command, Heartbeat):
             now: RedisArg = "" if self._clock is None else math.floor(self._clock() * 1000)
             return ("EVALSHA", HEARTBEAT_SCRIPT.sha, 1, command.key, command.instance, command.ttl_ms, now)
+        if isinstance(command, BreakerUpdate):
+            at: RedisArg = "" if self._clock is None else math.floor(self._clock() * 1000)
+            event = command.event
+            return ("EVALSHA", BREAKER_SCRIPT.sha, 1, command.key, at, *command.rule, event.successes,
+                    event.failures, int(event.probe), int(event.acquire), int(event.reset), event.seed_phase,
+                    event.seed_remaining_ms, event.seed_streak, event.jitter)
         raise TypeError(f"unknown store command {command!r}")
 
     @staticmethod
@@ -222,7 +231,20 @@ def _decode(command: Command, reply: object) -> object:
         return _decode_rate_limit(reply, len(command.checks))
     if isinstance(command, Heartbeat):
         return int(reply)  # type: ignore[call-overload]
+    if isinstance(command, BreakerUpdate):
+        return decode_breaker(reply)
     raise TypeError(f"unknown store command {command!r}")
+
+
+def decode_breaker(reply: object) -> BreakerResult:
+    """A breaker update's six integers; StoreError when the reply is anything else."""
+    if not isinstance(reply, list) or len(reply) != 6:
+        raise StoreError(f"unexpected breaker reply {reply!r}")
+    try:
+        phase, remaining, failures, granted, reason, streak = (int(value) for value in reply)
+    except (TypeError, ValueError):
+        raise StoreError(f"unexpected breaker reply {reply!r}") from None
+    return BreakerResult(phase, remaining, failures, granted == 1, reason, streak)
 
 
 def _decode_rate_limit(reply: object, count: int) -> RateLimitResult:
