@@ -19,6 +19,7 @@ import signal
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgeway.middleware.breaker import CircuitBreaker
 from edgeway.middleware.clientip import TrustedProxies
 from edgeway.middleware.context import SCOPE_KEY, RequestContext, Scope
 from edgeway.middleware.responses import ErrorResponse, Receive, Send, bad_request
@@ -30,7 +31,7 @@ from .errors import PolicyError
 from .headers import request_problem
 from .loader import LoadedPolicy, load_policy
 from .proxy import UpstreamProxy
-from .routing import RouteTable
+from .routing import RouteTable, build_breakers
 from .stores import build_store
 
 logger = logging.getLogger("edgeway")
@@ -43,6 +44,7 @@ class _Active:
     loaded: LoadedPolicy
     routes: RouteTable
     proxies: tuple[UpstreamProxy, ...]
+    breakers: dict[str, CircuitBreaker]
     store: Store
     trusted: TrustedProxies
 
@@ -65,9 +67,11 @@ class Gateway:
         policy = loaded.policy
         trusted = TrustedProxies(policy.trusted_proxies)
         store = store or build_store(policy.store, self._clock)
-        proxies = {name: UpstreamProxy(name, upstream, trusted) for name, upstream in policy.upstreams.items()}
-        routes = RouteTable(policy, store, trusted, lambda route: proxies[route.upstream])
-        return _Active(loaded, routes, tuple(proxies.values()), store, trusted)
+        breakers = build_breakers(policy, store, self._clock)
+        proxies = {name: UpstreamProxy(name, upstream, trusted, breakers.get(name))
+                   for name, upstream in policy.upstreams.items()}
+        routes = RouteTable(policy, store, trusted, lambda route: proxies[route.upstream], breakers)
+        return _Active(loaded, routes, tuple(proxies.values()), breakers, store, trusted)
 
     @property
     def loaded(self) -> LoadedPolicy:
@@ -76,6 +80,11 @@ class Gateway:
     @property
     def store(self) -> Store:
         return self._active.store
+
+    @property
+    def breakers(self) -> dict[str, CircuitBreaker]:
+        """The running policy's circuit breakers by upstream name."""
+        return self._active.breakers
 
     async def apply(self, loaded: LoadedPolicy) -> None:
         """Switch to a new valid policy at once; requests already running finish on the old one, whose
@@ -95,6 +104,8 @@ class Gateway:
         finally:  # also when cancelled by close(): the old sessions must not leak
             for proxy in old.proxies:
                 await proxy.close()
+            for breaker in old.breakers.values():
+                await breaker.close()
             if close_store:
                 await old.store.close()
 
@@ -116,6 +127,8 @@ class Gateway:
         await asyncio.gather(*self._retiring, return_exceptions=True)
         for proxy in self._active.proxies:
             await proxy.close()
+        for breaker in self._active.breakers.values():
+            await breaker.close()
         await self._active.store.close()
 
     # -- ASGI -----------------------------------------------------------------

@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
+from edgeway.middleware.breaker_config import BreakerSettings
 from edgeway.middleware.ratelimit import Limit
 from edgeway.middleware.units import Duration, Size
 
@@ -96,19 +97,11 @@ class UpstreamTimeout(Model):
     read: Duration = Field(30.0, description="Longest wait for the next bytes of the response.")
 
 
-class BreakerConfig(Model):
-    failures: int = Field(5, ge=1, description="Consecutive failures that open the breaker.")
-    open_for: Duration = Field(30.0, description="How long it stays open before a trial request.")
-    on: tuple[int | Literal["timeout", "connect"], ...] = Field(
-        (502, 503, 504, "timeout", "connect"), description="What counts as a failure."
-    )
-
-
 class Upstream(Model):
     url: str = Field(description="Base URL: http(s)://host[:port][/base-path]")
     timeout: UpstreamTimeout = UpstreamTimeout()
     max_connections: int = Field(256, ge=1, description="Pooled connections kept to this upstream.")
-    breaker: BreakerConfig | None = None
+    breaker: BreakerSettings | None = Field(None, description="A circuit breaker shared by every instance.")
 
     @field_validator("url")
     @classmethod

@@ -1,7 +1,8 @@
 """The policy file inside any ASGI app: ``app = Edgeway.from_policy("policy.yaml").wrap(app)``.
 
 Routes match exactly as in the gateway; a matching route's policies run in
-front of the wrapped app (upstreams are ignored: the app is the upstream), and
+front of the wrapped app (the app is the upstream: upstream URLs are ignored, their
+``breaker:`` guards the app, one breaker per upstream name, retries are the gateway's only), and
 requests no route matches go straight to the app.
 """
 
@@ -25,6 +26,7 @@ class Edgeway:
 
     def __init__(self, loaded: LoadedPolicy, *, store: Store | None = None, clock: Clock | None = None) -> None:
         self.loaded = loaded
+        self.clock = clock
         self.store = store or build_store(loaded.policy.store, clock)
         self.trusted = TrustedProxies(loaded.policy.trusted_proxies)
 
@@ -35,8 +37,8 @@ class Edgeway:
 
     def wrap(self, app: Any) -> Any:
         """``app`` with the policy's routes in front of it."""
-        return _Wrapped(app, RouteTable(self.loaded.policy, self.store, self.trusted, lambda route: app),
-                        self.trusted)
+        return _Wrapped(app, RouteTable(self.loaded.policy, self.store, self.trusted, lambda route: app,
+                                        clock=self.clock), self.trusted)
 
 
 class _Wrapped:

@@ -26,6 +26,7 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
+from edgeway.middleware.breaker import CircuitBreaker
 from edgeway.middleware.clientip import TrustedProxies
 from edgeway.middleware.context import RequestContext, Scope
 from edgeway.middleware.metrics import UPSTREAM_ERRORS
@@ -34,6 +35,7 @@ from edgeway.middleware.responses import ErrorResponse, Receive, Send
 
 from .config import Upstream
 from .headers import downstream_response_headers, request_has_body, upstream_request_headers
+from .retry import Retrier
 
 logger = logging.getLogger("edgeway.proxy")
 
@@ -98,7 +100,8 @@ class _Watch:
 class UpstreamProxy:
     """An ASGI app forwarding every request to one upstream."""
 
-    def __init__(self, name: str, upstream: Upstream, trusted: TrustedProxies) -> None:
+    def __init__(self, name: str, upstream: Upstream, trusted: TrustedProxies,
+                 breaker: CircuitBreaker | None = None) -> None:
         self.name = name
         self.base = upstream.url
         self.upstream = upstream
@@ -110,6 +113,8 @@ class UpstreamProxy:
         self._errors = Throttled()
         self._bad_gateway = UPSTREAM_ERRORS.labels(name, "bad_gateway")
         self._timeouts = UPSTREAM_ERRORS.labels(name, "upstream_timeout")
+        retry = upstream.breaker.retry if upstream.breaker is not None else None
+        self._retry = Retrier(retry, breaker) if retry is not None and breaker is not None else None
 
     def _open(self) -> aiohttp.ClientSession:
         connector = aiohttp.TCPConnector(limit=self.upstream.max_connections, ttl_dns_cache=60,
@@ -135,31 +140,50 @@ class UpstreamProxy:
         if scope.get("query_string"):
             target += "?" + scope["query_string"].decode("latin-1")
         watch = _Watch(receive)
-        if request_has_body(scope):
+        has_body = request_has_body(scope)
+        retry = self._retry if self._retry is not None and self._retry.replayable(ctx, scope["method"], has_body) \
+            else None
+        if has_body and retry is None:
             body: Any = self._body(receive, watch)
         else:
-            body = None
+            body = ctx.body  # None, or the whole body the pipeline read: sent again as is
             watch.arm()
         session = self._session or self._open()
         started = False
+        attempt = 0
         try:
-            async with session.request(
-                scope["method"], URL(target, encoded=True), headers=headers, data=body,
-                allow_redirects=False, compress=None, chunked=None,
-            ) as response:
-                await send({"type": "http.response.start", "status": response.status,
-                            "headers": downstream_response_headers(response.raw_headers)})
-                started = True
-                content = response.content
-                while True:
-                    chunk = await content.readany()
-                    if not chunk:
-                        await send({"type": "http.response.body", "body": b"", "more_body": False})
-                        break
-                    last = content.at_eof()
-                    await send({"type": "http.response.body", "body": chunk, "more_body": not last})
-                    if last:
-                        break
+            while True:
+                try:
+                    async with session.request(
+                        scope["method"], URL(target, encoded=True), headers=headers, data=body,
+                        allow_redirects=False, compress=None, chunked=None,
+                    ) as response:
+                        if retry is not None and response.status in retry.statuses:
+                            wait = retry.again(attempt)
+                            if wait is not None:
+                                attempt += 1
+                                await asyncio.sleep(wait)
+                                continue
+                        await send({"type": "http.response.start", "status": response.status,
+                                    "headers": downstream_response_headers(response.raw_headers)})
+                        started = True
+                        content = response.content
+                        while True:
+                            chunk = await content.readany()
+                            if not chunk:
+                                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                                break
+                            last = content.at_eof()
+                            await send({"type": "http.response.body", "body": chunk, "more_body": not last})
+                            if last:
+                                break
+                    return
+                except (TimeoutError, aiohttp.ClientError, OSError):
+                    wait = None if retry is None or started or watch.gone else retry.again(attempt)
+                    if wait is None:
+                        raise
+                    attempt += 1
+                    await asyncio.sleep(wait)
         except asyncio.CancelledError:
             if not watch.gone:
                 raise

@@ -7,15 +7,17 @@ means the same thing in both.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from edgeway.middleware.breaker import CircuitBreaker
+from edgeway.middleware.breaker_policy import BreakerPolicy
 from edgeway.middleware.clientip import TrustedProxies
 from edgeway.middleware.pipeline import EdgewayMiddleware
 from edgeway.middleware.policy import Policy as RoutePolicy
 from edgeway.middleware.ratelimit import RateLimitPolicy
-from edgeway.middleware.store import Store
+from edgeway.middleware.store import Clock, Store
 
 from .config import Policy, Route
 
@@ -37,11 +39,29 @@ class CompiledRoute:
         return path.startswith(self.prefix) or path == self.prefix.rstrip("/")
 
 
-def route_policies(route: Route, name: str, policy: Policy) -> list[RoutePolicy]:
-    """The policy objects of one route, in the order they run."""
+def build_breakers(policy: Policy, store: Store, clock: Clock | None = None) -> dict[str, CircuitBreaker]:
+    """One breaker per upstream with a ``breaker:`` block, shared by every route (and retry) using it."""
+    instance = getattr(store, "instance_id", None)  # the failover chain's id, so logs name one instance
+    return {
+        name: CircuitBreaker(
+            name, upstream.breaker, store=store, key_prefix=policy.store.key_prefix, clock=clock,
+            probe_timeout=upstream.timeout.connect + upstream.timeout.read + 1.0,
+            instance_id=instance if isinstance(instance, str) else None,
+        )
+        for name, upstream in policy.upstreams.items()
+        if upstream.breaker is not None
+    }
+
+
+def route_policies(route: Route, name: str, policy: Policy,
+                   breakers: Mapping[str, CircuitBreaker] | None = None) -> list[RoutePolicy]:
+    """The policy objects of one route, in the order they run (the breaker last, before the upstream)."""
     policies: list[RoutePolicy] = []
     if route.limits:
         policies.append(RateLimitPolicy(route.limits, route=name, key_prefix=policy.store.key_prefix))
+    breaker = (breakers or {}).get(route.upstream)
+    if breaker is not None:
+        policies.append(BreakerPolicy(breaker))
     return policies
 
 
@@ -49,12 +69,14 @@ class RouteTable:
     """Routes in file order; ``match`` returns the route or the methods other routes allow on the path."""
 
     def __init__(self, policy: Policy, store: Store, trusted: TrustedProxies,
-                 endpoint: Callable[[Route], Any]) -> None:
+                 endpoint: Callable[[Route], Any], breakers: Mapping[str, CircuitBreaker] | None = None,
+                 clock: Clock | None = None) -> None:
+        self.breakers = dict(breakers) if breakers is not None else build_breakers(policy, store, clock)
         routes = []
         for index, route in enumerate(policy.routes):
             name = f"{index}:{route.match.path}"
             app = endpoint(route)
-            policies = route_policies(route, name, policy)
+            policies = route_policies(route, name, policy, self.breakers)
             if policies:
                 app = EdgewayMiddleware(app, policies=policies, store=store, trusted_proxies=trusted, route=name)
             pattern = route.match.path

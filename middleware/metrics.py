@@ -29,3 +29,22 @@ STORE_MODE = Gauge("edgeway_store_mode", "1 for the store currently serving shar
 STORE_MODE_CHANGES = Counter(
     "edgeway_store_mode_changes_total", "Failovers and recoveries between stores.", ["from_mode", "to_mode"]
 )
+
+# -- circuit breaker --------------------------------------------------------------------------------
+
+BREAKER_STATE = Gauge(
+    "edgeway_breaker_state",
+    "Breaker state per upstream as this instance last saw it: 0 closed, 1 open, 2 half-open.",
+    ["upstream"],
+    multiprocess_mode="livemostrecent",  # shared through the store: the latest observation wins
+)
+BREAKER_TRANSITIONS = Counter(
+    "edgeway_breaker_transitions_total",
+    "Breaker state changes made by this gateway, by upstream and new state.",
+    ["upstream", "to"],  # closed | open | half_open
+)
+BREAKER_SHORT_CIRCUITED = Counter(
+    "edgeway_breaker_short_circuited_total",
+    "Requests answered without calling the upstream because its breaker was open (or past max_in_flight).",
+    ["upstream"],
+)

@@ -198,19 +198,31 @@ class EdgewayMiddleware:
 
     def _finish(self, ctx: RequestContext, prepared: list[Prepared], response: Completed) -> None:
         writes: list[Command] = []
+        shares: list[tuple[Policy, Prepared, int]] = []
         for policy, prep in zip(self.policies, prepared, strict=True):
             if policy.wants_finish:
-                writes.extend(policy.finish(ctx, prep, response))
+                mine = policy.finish(ctx, prep, response)
+                if mine:
+                    writes.extend(mine)
+                    shares.append((policy, prep, len(mine)))
         if writes:
-            task = asyncio.get_running_loop().create_task(self._write(writes))
+            task = asyncio.get_running_loop().create_task(self._write(ctx, writes, shares))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
 
-    async def _write(self, writes: list[Command]) -> None:
+    async def _write(self, ctx: RequestContext, writes: list[Command],
+                     shares: list[tuple[Policy, Prepared, int]]) -> None:
         try:
-            await self.store.execute(writes)
+            results = await self.store.execute(writes)
         except StoreError as error:
             self._store_failures.warning("deferred store write to %s failed: %s", self.store.describe(), error)
+            for policy, prep, _ in shares:
+                policy.written(ctx, prep, error)
+            return
+        offset = 0
+        for policy, prep, count in shares:
+            policy.written(ctx, prep, results[offset : offset + count])
+            offset += count
 
 
 async def _settled(outcome: Answer | Pending | None) -> Answer | None:
