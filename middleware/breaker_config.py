@@ -93,30 +93,30 @@ class BreakerSettings(_Model):
     @classmethod
     def _rate(cls, value: float | None) -> float | None:
         if value is not None and not 1 <= value <= 100:  # NaN fails the comparison too
-            raise ValueError(f"failure_rate must be between 1% and 100%, got {value:g}%")
+            raise ValueError(f"must be between 1% and 100%, got {value:g}%")
         return value
 
     @field_validator("min_requests")
     @classmethod
     def _min_requests(cls, value: int) -> int:
         if value < 1:
-            raise ValueError(f"min_requests must be at least 1, got {value}")
+            raise ValueError(f"must be at least 1, got {value}")
         return value
 
     @field_validator("on", mode="before")
     @classmethod
     def _on(cls, value: object) -> object:
         if not isinstance(value, list | tuple):
-            raise ValueError("on must be a list such as [502, 503, 504, timeout, connect]")
+            raise ValueError("expected a list such as [502, 503, 504, timeout, connect]")
         kinds: list[int | str] = []
         for item in value:
             status = item if isinstance(item, int) and not isinstance(item, bool) else None
             if item in ("timeout", "connect") or (status is not None and 500 <= status <= 599):
                 kinds.append(item)
             elif status is not None and 400 <= status <= 499:
-                raise ValueError(f"on: {item} is a client error; 4xx answers never count as upstream failures")
+                raise ValueError(f"{item} is a client error; 4xx answers never count as upstream failures")
             else:
-                raise ValueError(f"on: unknown entry {item!r}; expected 5xx status codes, timeout or connect")
+                raise ValueError(f"unknown entry {item!r}; expected 5xx status codes, timeout or connect")
         return tuple(kinds)
 
     @model_validator(mode="after")
