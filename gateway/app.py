@@ -68,7 +68,7 @@ class Gateway:
         trusted = TrustedProxies(policy.trusted_proxies)
         store = store or build_store(policy.store, self._clock)
         breakers = build_breakers(policy, store, self._clock)
-        proxies = {name: UpstreamProxy(name, upstream, trusted, breakers.get(name))
+        proxies = {name: UpstreamProxy(name, upstream, trusted, breakers.get(name), self._clock)
                    for name, upstream in policy.upstreams.items()}
         routes = RouteTable(policy, store, trusted, lambda route: proxies[route.upstream], breakers)
         return _Active(loaded, routes, tuple(proxies.values()), breakers, store, trusted)

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -101,7 +103,7 @@ class UpstreamProxy:
     """An ASGI app forwarding every request to one upstream."""
 
     def __init__(self, name: str, upstream: Upstream, trusted: TrustedProxies,
-                 breaker: CircuitBreaker | None = None) -> None:
+                 breaker: CircuitBreaker | None = None, clock: Callable[[], float] | None = None) -> None:
         self.name = name
         self.base = upstream.url
         self.upstream = upstream
@@ -114,7 +116,8 @@ class UpstreamProxy:
         self._bad_gateway = UPSTREAM_ERRORS.labels(name, "bad_gateway")
         self._timeouts = UPSTREAM_ERRORS.labels(name, "upstream_timeout")
         retry = upstream.breaker.retry if upstream.breaker is not None else None
-        self._retry = Retrier(retry, breaker) if retry is not None and breaker is not None else None
+        self._retry = Retrier(retry, breaker, clock=clock or time.monotonic) \
+            if retry is not None and breaker is not None else None
 
     def _open(self) -> aiohttp.ClientSession:
         connector = aiohttp.TCPConnector(limit=self.upstream.max_connections, ttl_dns_cache=60,

@@ -425,3 +425,52 @@ async def ok_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         return
     await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
     await send({"type": "http.response.body", "body": b"ok"})
+
+
+class FlakyUpstream:
+    """An upstream the test makes fail, hang and recover; it counts the requests it got, by method.
+
+    ``status``: what it answers; ``hang``: seconds it waits before answering (past the gateway's read
+    timeout: a 504 upstream_timeout); ``gate``: when set, requests wait until it is released. Serve it
+    with :class:`UvicornThread`; the counters are read from the test's thread.
+    """
+
+    def __init__(self) -> None:
+        self.status = 200
+        self.hang = 0.0
+        self.calls: dict[str, int] = {}
+        self.in_flight = 0
+        self.gate: threading.Event | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def total(self) -> int:
+        with self._lock:
+            return sum(self.calls.values())
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        import asyncio
+
+        if scope["type"] == "lifespan":
+            await ok_app(scope, receive, send)
+            return
+        with self._lock:
+            self.calls[scope["method"]] = self.calls.get(scope["method"], 0) + 1
+            self.in_flight += 1
+        try:
+            if self.gate is not None:
+                gate = self.gate
+                while not gate.is_set():
+                    await asyncio.sleep(0.005)
+            if self.hang:
+                await asyncio.sleep(self.hang)
+            body = f"status {self.status}".encode()
+            await send({"type": "http.response.start", "status": self.status,
+                        "headers": [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+
+
+__all__ += ["FlakyUpstream"]

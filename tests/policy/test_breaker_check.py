@@ -52,16 +52,20 @@ def test_every_key_of_the_spec_loads() -> None:
     assert settings.fallback is not None and settings.fallback.status == 200
 
 
+AT = "p.yaml:6:{col}: upstreams.api.breaker."
+
+
 @pytest.mark.parametrize(("breaker", "expected"), [
-    ("failure_rate: 150%", "p.yaml:6:21: upstreams.api.breaker.failure_rate: must be between 1% and 100%, got 150%"),
-    ("failure_rate: 0.5%", "p.yaml:6:21: upstreams.api.breaker.failure_rate: must be between 1% and 100%, got 0.5%"),
-    ("failure_rate: lots", "p.yaml:6:21: upstreams.api.breaker.failure_rate: expected a percentage such as 50%, got 'lots'"),
-    ("min_requests: 0", "p.yaml:6:21: upstreams.api.breaker.min_requests: must be at least 1, got 0"),
+    ("failure_rate: 150%", AT.format(col=21) + "failure_rate: must be between 1% and 100%, got 150%"),
+    ("failure_rate: 0.5%", AT.format(col=21) + "failure_rate: must be between 1% and 100%, got 0.5%"),
+    ("failure_rate: lots", AT.format(col=21) + "failure_rate: expected a percentage such as 50%, got 'lots'"),
+    ("min_requests: 0", AT.format(col=21) + "min_requests: must be at least 1, got 0"),
     ('"on": [502, teapot]',
-     "p.yaml:6:13: upstreams.api.breaker.on: unknown entry 'teapot'; expected 5xx status codes, timeout or connect"),
-    ('"on": [404]', "p.yaml:6:13: upstreams.api.breaker.on: 404 is a client error; 4xx answers never count as upstream failures"),
-    ("fallback: { status: 700 }", "p.yaml:6:27: upstreams.api.breaker.fallback.status: Input should be less than or equal to 599"),
-    ("fallback: { status: 99 }", "p.yaml:6:27: upstreams.api.breaker.fallback.status: Input should be greater than or equal to 100"),
+     AT.format(col=13) + "on: unknown entry 'teapot'; expected 5xx status codes, timeout or connect"),
+    ('"on": [404]', AT.format(col=13) + "on: 404 is a client error; 4xx answers never count as upstream failures"),
+    ("fallback: { status: 700 }", AT.format(col=27) + "fallback.status: Input should be less than or equal to 599"),
+    ("fallback: { status: 99 }",
+     AT.format(col=27) + "fallback.status: Input should be greater than or equal to 100"),
 ])
 def test_bad_breaker_values_are_reported_at_their_position(breaker: str, expected: str) -> None:
     assert problems(breaker) == [expected]
