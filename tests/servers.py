@@ -12,6 +12,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -474,3 +475,44 @@ class FlakyUpstream:
 
 
 __all__ += ["FlakyUpstream"]
+
+
+class GatewayProcesses:
+    """``edgeway serve`` processes (two by default) on one policy file, each on its own port.
+
+    Their output goes to ``gateway-PORT.log`` in ``log_dir`` (:meth:`log` reads it).
+    """
+
+    def __init__(self, policy: Path, log_dir: Path, count: int = 2) -> None:
+        self.ports = [free_port() for _ in range(count)]
+        self.log_dir = log_dir
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.processes = [
+            subprocess.Popen(
+                [sys.executable, "-m", "edgeway.gateway.cli", "serve", "--policy", str(policy), "--port", str(port),
+                 "--log-level", "warning"],
+                stdout=open(log_dir / f"gateway-{port}.log", "wb"), stderr=subprocess.STDOUT, env=env,  # noqa: SIM115
+            )
+            for port in self.ports
+        ]
+        for port, process in zip(self.ports, self.processes, strict=True):
+            wait_for_port(port, timeout=20, alive=lambda p=process: p.poll() is None)
+
+    @property
+    def urls(self) -> list[str]:
+        return [f"http://{HOST}:{port}" for port in self.ports]
+
+    def log(self, index: int) -> str:
+        return (self.log_dir / f"gateway-{self.ports[index]}.log").read_text(errors="replace")
+
+    def close(self) -> None:
+        for process in self.processes:
+            process.terminate()
+        for process in self.processes:
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+__all__ += ["GatewayProcesses"]

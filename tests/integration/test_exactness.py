@@ -9,9 +9,6 @@ inflate the count (it would show as 503s, which the test forbids).
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 import time
 import uuid
 from collections import Counter
@@ -21,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.servers import BRIDGE_TOKEN, UvicornThread, free_port, ok_app, wait_for_port
+from tests.servers import BRIDGE_TOKEN, GatewayProcesses, UvicornThread, ok_app
 
 REQUESTS = 500
 QUOTA = 100
@@ -53,36 +50,9 @@ def upstream() -> Iterator[UvicornThread]:
         yield server
 
 
-class Gateways:
-    """Two `edgeway serve` processes on one policy."""
-
-    def __init__(self, policy: Path, log_dir: Path) -> None:
-        self.ports = [free_port(), free_port()]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.processes = [
-            subprocess.Popen(
-                [sys.executable, "-m", "edgeway.gateway.cli", "serve", "--policy", str(policy), "--port", str(port),
-                 "--log-level", "warning"],
-                stdout=open(log_dir / f"gateway-{port}.log", "wb"), stderr=subprocess.STDOUT, env=env,  # noqa: SIM115
-            )
-            for port in self.ports
-        ]
-        for port, process in zip(self.ports, self.processes, strict=True):
-            wait_for_port(port, timeout=20, alive=lambda p=process: p.poll() is None)
-
-    def close(self) -> None:
-        for process in self.processes:
-            process.terminate()
-        for process in self.processes:
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-
-
 @pytest.fixture(params=["redis", "upstash"])
 def gateways(request: pytest.FixtureRequest, upstream: UvicornThread, redis_url: str,
-             tmp_path: Path) -> Iterator[Gateways]:
+             tmp_path: Path) -> Iterator[GatewayProcesses]:
     if request.param == "redis":
         store = redis_url
     else:
@@ -91,7 +61,7 @@ def gateways(request: pytest.FixtureRequest, upstream: UvicornThread, redis_url:
     policy = tmp_path / "policy.yaml"
     policy.write_text(POLICY.format(store=store, prefix=f"exact-{uuid.uuid4().hex[:8]}:", upstream=upstream.url,
                                     quota=QUOTA))
-    pair = Gateways(policy, tmp_path)
+    pair = GatewayProcesses(policy, tmp_path)
     try:
         yield pair
     finally:
@@ -124,7 +94,7 @@ async def burst(ports: list[int], path: str) -> tuple[Counter[int], float]:
 
 
 @pytest.mark.parametrize("algorithm", ["fixed-window", "sliding-log", "token-bucket", "sliding-window"])
-async def test_two_gateways_admit_exactly_the_quota(gateways: Gateways, algorithm: str) -> None:
+async def test_two_gateways_admit_exactly_the_quota(gateways: GatewayProcesses, algorithm: str) -> None:
     counts, elapsed = await burst(gateways.ports, f"/{algorithm}")
     assert set(counts) <= {200, 429}, counts
     allowed = counts[200]
