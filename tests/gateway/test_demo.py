@@ -1,0 +1,15 @@
+"""`edgeway demo` runs end to end and reports what each policy did."""
+
+from __future__ import annotations
+
+import io
+
+from edgeway.gateway.demo import run_demo
+
+
+def test_demo_shows_the_breaker_opening_short_circuiting_probing_and_closing() -> None:
+    out = io.StringIO()
+    assert run_demo(requests=8, out=out) == 0
+    text = out.getvalue()
+    assert "3 reached the upstream (503), then the breaker opened: 3 answered by Edgeway without calling it" in text
+    assert "one probe went through (200) and closed the breaker: the next 3 requests got 200, 200, 200" in text
