@@ -439,3 +439,42 @@ async def test_one_log_line_per_transition_names_upstream_reason_and_instance(
     ]
 
 
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+async def test_where_the_store_notifies_other_instances_re_read_at_once(kind: str,
+                                                                        request: pytest.FixtureRequest) -> None:
+    clock = Clock()
+    if kind == "memory":
+        shared = MemoryStore(clock=clock)
+        stores: list[Store] = [shared, shared]
+    else:
+        url = request.getfixturevalue("redis_url")
+        stores = [RedisStore(url, clock=clock), RedisStore(url, clock=clock)]
+    prefix = f"edgeway-test-notify-{kind}:"
+    a, b = (CircuitBreaker("api", BreakerSettings(failures=1), store=s, clock=clock, key_prefix=prefix,
+                           rng=NoJitter()) for s in stores)
+    try:
+        for breaker in (a, b):
+            async with breaker:
+                pass
+        for _ in range(200):  # both subscribed (in the background)
+            if a._subscription is not None and b._subscription is not None:
+                break
+            await asyncio.sleep(0.01)
+        assert b.before() is None  # B's copy is fresh: no re-read due for a while
+        async with a:
+            a.fail()
+        for _ in range(200):
+            command = b.before()
+            if command is not None:
+                break
+            await asyncio.sleep(0.01)
+        assert command is not None  # told by the notification, not by the clock (which has not moved)
+        (result,) = await b.store.execute([command])
+        assert isinstance(b.admit(command, result), CircuitOpen)
+    finally:
+        await a.close()
+        await b.close()
+        for store in {id(s): s for s in stores}.values():
+            await store.close()
