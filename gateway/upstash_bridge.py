@@ -14,6 +14,7 @@ The API subset it speaks, as Upstash does:
   ``{"error": ...}`` entries, sent to Redis as ONE pipeline (one round trip);
 - ``POST /multi-exec``: the same inside MULTI/EXEC;
 - ``GET /COMMAND/arg1/arg2`` (URL-decoded path segments), handy with curl;
+- ``POST /COMMAND/arg1`` with a raw body: the body (bytes as they are) is the last argument;
 - ``POST`` (or ``GET``) ``/subscribe/CHANNEL``: a server-sent-event stream, as
   Upstash's: ``data: subscribe,CHANNEL,1`` once subscribed, then
   ``data: message,CHANNEL,MESSAGE`` per message published to the channel.
@@ -47,7 +48,7 @@ from starlette.types import ASGIApp
 
 __all__ = ["create_bridge_app", "main"]
 
-Arg = str | int | float
+Arg = str | bytes | int | float
 
 
 class _BadRequest(Exception):
@@ -65,7 +66,7 @@ def _command(value: object) -> list[Arg]:
     if not isinstance(value, list) or not value:
         raise _BadRequest("ERR a command must be a non-empty JSON array, like [\"GET\", \"key\"]")
     for arg in value:
-        if isinstance(arg, bool) or not isinstance(arg, str | int | float):
+        if isinstance(arg, bool) or not isinstance(arg, str | bytes | int | float):
             raise _BadRequest(f"ERR command arguments must be strings or numbers, not {arg!r}")
     return value
 
@@ -126,7 +127,7 @@ class _Bridge:
                 if message["type"] == "message":
                     yield _event(f"message,{channel},{_text(message['data'])}")
         finally:
-            await pubsub.aclose()
+            await pubsub.aclose()  # type: ignore[no-untyped-call]
 
 
 def _text(value: bytes) -> str:
@@ -171,10 +172,12 @@ def create_bridge_app(redis_url: str, token: str) -> ASGIApp:
             return _json({"error": "Unauthorized"}, 401)
         path = request.url.path.rstrip("/")
         try:
-            if request.method == "GET":
+            if request.method == "GET" or path not in ("", "/pipeline", "/multi-exec"):
                 raw = request.scope.get("raw_path") or path.encode()  # still percent-encoded: "/" may be data
                 parts = raw.decode(errors="replace").split("?", 1)[0].rstrip("/").split("/")[1:]
-                args = [unquote(part) for part in parts] if parts != [""] else []
+                args: list[Arg] = [unquote(part) for part in parts] if parts != [""] else []
+                if request.method == "POST":
+                    args.append(await request.body())  # the raw body is the last argument, bytes as they are
                 single, commands = True, [_command(args)]
             elif path in ("/pipeline", "/multi-exec"):
                 body = await _body(request)
@@ -218,7 +221,7 @@ def create_bridge_app(redis_url: str, token: str) -> ASGIApp:
         Route("/pipeline", handle, methods=["POST"]),
         Route("/multi-exec", handle, methods=["POST"]),
         Route("/subscribe/{channel:path}", subscribe, methods=["GET", "POST"]),
-        Route("/{command:path}", handle, methods=["GET"]),
+        Route("/{command:path}", handle, methods=["GET", "POST"]),
     ]
     return Starlette(routes=routes, lifespan=lifespan)
 

@@ -5,9 +5,14 @@ Commands come in two kinds, which fall back differently:
 - shared state that must hold across instances (``RateLimit``, ``Heartbeat``,
   ``BreakerUpdate``) goes to the first healthy store of the chain: the
   primary (Redis), then each fallback in order (Supabase/Postgres, then memory);
-- per-instance caches (``Get``/``Set``/``Delete``: response and session cache)
-  go to the primary while it is healthy, else to memory: a cache miss is
-  acceptable, an error is not.
+- per-instance caches (``Get``/``Set``/``Delete``/``Incr``, locks included:
+  response and session cache) go to the primary while it is healthy, else to
+  memory: a cache miss is acceptable, an error is not.
+
+Notifications: ``Publish`` travels like shared state (the current mode's store,
+then along the chain); :meth:`FailoverStore.subscribe` subscribes to every store
+of the chain that carries notifications, so a message published while the
+chain runs on a fallback still reaches every instance.
 
 Health: ``failures`` consecutive failures (errors or timeouts) within
 ``window`` seconds mark a store unhealthy; calls then skip it without paying
@@ -34,7 +39,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..metrics import STORE_MODE, STORE_MODE_CHANGES
-from .base import Command, Delete, Get, Heartbeat, LimitCheck, RateLimit, Set, Store, StoreError
+from .base import (
+    Command,
+    Delete,
+    Get,
+    Handler,
+    Heartbeat,
+    Incr,
+    LimitCheck,
+    RateLimit,
+    Set,
+    Store,
+    StoreError,
+    Subscription,
+)
 from .memory import MemoryStore
 
 logger = logging.getLogger("edgeway.store")
@@ -122,7 +140,7 @@ class FailoverStore(Store):
                 self._set_mode(member.store.kind)
                 return await member.store.execute(self._degrade(commands), timeout=timeout)
             if position > 0:
-                shared = shared or [i for i, c in enumerate(commands) if not isinstance(c, Get | Set | Delete)]
+                shared = shared or [i for i, c in enumerate(commands) if not isinstance(c, Get | Set | Delete | Incr)]
                 if not shared:  # only caches: memory, without bothering the fallback
                     return await self._cache.execute(commands, timeout=timeout)
             try:
@@ -150,6 +168,17 @@ class FailoverStore(Store):
         for i, value in zip(local, local_results, strict=True):
             results[i] = value
         return results
+
+    @property
+    def notifies(self) -> bool:  # type: ignore[override]
+        return any(member.store.notifies for member in self._members)
+
+    async def subscribe(self, channel: str, handler: Handler) -> Subscription:
+        """Subscribe on every store of the chain that carries notifications (see the module docstring)."""
+        subscriptions = [await m.store.subscribe(channel, handler) for m in self._members if m.store.notifies]
+        if not subscriptions:
+            raise StoreError(f"no store of the chain {self.describe()} carries notifications")
+        return _Subscriptions(channel, subscriptions)
 
     async def ping(self) -> None:
         for member in self._members:
@@ -247,6 +276,19 @@ class FailoverStore(Store):
                     self._live = int(live)  # type: ignore[call-overload]
                     break
             await asyncio.sleep(HEARTBEAT_EVERY)
+
+
+class _Subscriptions(Subscription):
+    """One subscription per store of the chain, closed together."""
+
+    def __init__(self, channel: str, parts: list[Subscription]) -> None:
+        self.channel = channel
+        self._parts = parts
+
+    async def close(self) -> None:
+        parts, self._parts = self._parts, []
+        for part in parts:
+            await part.close()
 
 
 def _share(check: LimitCheck, live: int) -> LimitCheck:

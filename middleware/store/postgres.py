@@ -13,6 +13,14 @@ exact. Both stores speak the same JSON (``encode_commands`` /
   ``POST {url}/rest/v1/rpc/edgeway_batch`` with the service role key, over one
   pooled ``httpx.AsyncClient`` that never stores cookies.
 
+Bytes travel as base64 in the JSON (``{"b64": ...}`` in answers) and are kept
+in a ``bytea`` column. ``Publish`` is ``pg_notify`` inside the batch;
+:meth:`PostgresStore.subscribe` LISTENs on a dedicated connection (reconnected
+with backoff). PostgREST cannot LISTEN, so ``Publish`` also records the message
+in ``edgeway.events`` (kept a minute) and :class:`SupabaseStore` polls
+``edgeway_events`` every 0.5 s while something is subscribed: one background
+task per store, never a call per request.
+
 Every call is bounded by the store timeout: the work runs in its own task and
 the caller stops waiting at the deadline (the task is cancelled and left to
 unwind in the background), so a slow or dead database never holds a request.
@@ -24,10 +32,13 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import base64
+import binascii
 import contextlib
 import json
+import logging
 import math
-from collections.abc import Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -42,15 +53,20 @@ from .base import (
     Command,
     Delete,
     Get,
+    Handler,
     Heartbeat,
+    Incr,
     LimitState,
+    Publish,
     RateLimit,
     RateLimitResult,
     Set,
     Store,
     StoreError,
     StoreTimeout,
+    Subscription,
 )
+from .notify import Backoff, Fanout
 from .opening import SharedOpen
 
 __all__ = ["MIGRATION", "PostgresStore", "SupabaseStore", "decode_results", "encode_commands"]
@@ -59,8 +75,12 @@ MIGRATION = "supabase/migrations/20261122000000_edgeway.sql"
 _MISSING = f"the edgeway migration is not applied: run {MIGRATION} (psql -f, or supabase db push)"
 _CONNECT_TIMEOUT = 5.0  # seconds; connecting continues in the background past a caller's deadline
 _BACKSTOP = 10.0  # seconds; the bound when a store is built with timeout=None
+POLL_EVERY = 0.5  # seconds between SupabaseStore's reads of edgeway_events while subscribed
+_SEEN_FOR = 15.0  # seconds an event id is remembered: longer than the 5 s window edgeway_events returns
 
 T = TypeVar("T")
+
+logger = logging.getLogger("edgeway.store")
 
 
 # -- the JSON both transports carry ------------------------------------------------
@@ -73,9 +93,26 @@ def encode_commands(commands: Sequence[Command]) -> list[dict[str, object]]:
         if isinstance(command, Get):
             encoded.append({"op": "get", "key": command.key})
         elif isinstance(command, Set):
-            encoded.append({"op": "set", "key": command.key, "value": command.value, "ttl_ms": command.ttl_ms})
+            value = command.value
+            entry: dict[str, object] = {"op": "set", "key": command.key, "ttl_ms": command.ttl_ms}
+            if isinstance(value, bytes):
+                entry.update(value=base64.b64encode(value).decode(), b64=True)
+            else:
+                entry["value"] = value
+            if command.only_if_absent:
+                entry["nx"] = True
+            encoded.append(entry)
         elif isinstance(command, Delete):
-            encoded.append({"op": "del", "key": command.key})
+            if command.if_value is None:
+                encoded.append({"op": "del", "key": command.key})
+            else:
+                expected = command.if_value
+                raw = expected.encode() if isinstance(expected, str) else expected
+                encoded.append({"op": "cad", "key": command.key, "value": base64.b64encode(raw).decode()})
+        elif isinstance(command, Incr):
+            encoded.append({"op": "incr", "key": command.key, "amount": command.amount, "ttl_ms": command.ttl_ms})
+        elif isinstance(command, Publish):
+            encoded.append({"op": "publish", "channel": command.channel, "message": command.message})
         elif isinstance(command, RateLimit):
             checks = [
                 {
@@ -108,11 +145,24 @@ def decode_results(commands: Sequence[Command], results: object) -> list[object]
 
 def _decode(command: Command, result: object) -> object:
     if isinstance(command, Get):
-        if result is None or isinstance(result, str):
-            return result
+        if result is None:
+            return None
+        if isinstance(result, str):
+            return result.encode() if command.binary else result
+        if isinstance(result, dict) and isinstance(result.get("b64"), str):
+            try:
+                raw = base64.b64decode(result["b64"])
+            except (binascii.Error, ValueError):
+                raise StoreError(f"edgeway.batch sent a value that is not base64: {str(result)[:80]}") from None
+            return raw if command.binary else raw.decode(errors="replace")
     elif isinstance(command, Set):
+        if not command.only_if_absent:
+            return None
+        if isinstance(result, bool):
+            return result
+    elif isinstance(command, Publish):
         return None
-    elif isinstance(command, Delete | Heartbeat):
+    elif isinstance(command, Delete | Heartbeat | Incr):
         if type(result) is int:
             return result
     elif isinstance(command, BreakerUpdate):
@@ -206,10 +256,89 @@ async def _reset(connection: asyncpg.Connection) -> None:
         await connection.execute("ROLLBACK")
 
 
+class _Listener:
+    """LISTEN/NOTIFY on one dedicated connection per store, reopened with backoff when it is lost."""
+
+    def __init__(self, dsn: str, where: str) -> None:
+        self._dsn = dsn
+        self._where = where
+        self._fanout = Fanout(self._sync)
+        self._task: asyncio.Task[None] | None = None
+        self._connection: asyncpg.Connection | None = None
+        self._listening: set[str] = set()
+        self._ready = asyncio.Event()
+
+    async def subscribe(self, channel: str, handler: Handler) -> Subscription:
+        if self._task is None or self._task.done():
+            self._ready = asyncio.Event()
+            self._task = asyncio.get_running_loop().create_task(self._run())
+        subscription = await self._fanout.add(channel, handler)
+        with contextlib.suppress(TimeoutError):  # the first connection: LISTEN before returning
+            await asyncio.wait_for(self._ready.wait(), _CONNECT_TIMEOUT)
+        return subscription
+
+    def _notified(self, connection: object, pid: int, channel: str, payload: object) -> None:
+        self._fanout.dispatch(channel, str(payload))
+
+    async def _sync(self) -> None:
+        connection = self._connection
+        if connection is None or connection.is_closed():
+            return
+        wanted = set(self._fanout.channels)
+        try:
+            for channel in sorted(wanted - self._listening):
+                await connection.add_listener(channel, self._notified)
+                self._listening.add(channel)
+            for channel in sorted(self._listening - wanted):
+                await connection.remove_listener(channel, self._notified)
+                self._listening.discard(channel)
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+            logger.warning("PostgreSQL LISTEN on %s failed (%s); reconnecting", self._where, exc)
+            connection.terminate()
+
+    async def _run(self) -> None:
+        backoff = Backoff()
+        failing = False
+        while True:
+            lost = asyncio.Event()
+            try:
+                self._connection = await asyncpg.connect(
+                    self._dsn, timeout=_CONNECT_TIMEOUT, server_settings={"application_name": "edgeway-listen"}
+                )
+                self._connection.add_termination_listener(lambda _connection, lost=lost: lost.set())
+                self._listening = set()
+                await self._sync()
+                if not self._connection.is_closed():
+                    failing = False
+                    backoff.reset()
+                    self._ready.set()
+                    await lost.wait()
+                error: object = "connection closed"
+            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+                error = exc
+            finally:
+                if self._connection is not None and not self._connection.is_closed():
+                    self._connection.terminate()
+                self._connection = None
+            self._ready.set()  # nobody waits for a LISTEN that cannot happen now
+            if not failing:
+                logger.warning("PostgreSQL listener connection to %s lost (%s); reconnecting", self._where, error)
+                failing = True
+            await backoff.wait()
+
+    async def close(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
 class PostgresStore(_BatchStore):
     """A direct PostgreSQL connection (an asyncpg pool, created on first use)."""
 
     kind = "postgres"
+    notifies = True
 
     def __init__(
         self, dsn: str, *, timeout: float | None = 0.05, clock: Clock | None = None, pool_size: int = 10
@@ -218,6 +347,11 @@ class PostgresStore(_BatchStore):
         self._dsn = dsn
         self._pool_size = pool_size
         self._pool: SharedOpen[asyncpg.Pool] = SharedOpen(self._open)
+        self._listener = _Listener(dsn, self.describe())
+
+    async def subscribe(self, channel: str, handler: Handler) -> Subscription:
+        """LISTEN on a dedicated connection (see the module docstring)."""
+        return await self._listener.subscribe(channel, handler)
 
     def describe(self) -> str:
         parts = urlsplit(self._dsn)
@@ -251,6 +385,7 @@ class PostgresStore(_BatchStore):
         return pool
 
     async def close(self) -> None:
+        await self._listener.close()
         await self._bounded.drain()
         pool, connecting = self._pool.take()
         if connecting is not None:  # a pool still being built, or built for a caller that gave up
@@ -267,17 +402,87 @@ class PostgresStore(_BatchStore):
 # -- Supabase (PostgREST RPC) -----------------------------------------------------
 
 
+class _Poller:
+    """Subscriptions over PostgREST: one task reading ``edgeway_events`` every POLL_EVERY seconds."""
+
+    def __init__(self, read: Callable[[list[str]], Awaitable[object]], where: str) -> None:
+        self._read = read
+        self._where = where
+        self._fanout = Fanout()
+        self._seen: dict[int, float] = {}  # event id -> when first read (monotonic)
+        self._task: asyncio.Task[None] | None = None
+
+    async def subscribe(self, channel: str, handler: Handler) -> Subscription:
+        if channel not in self._fanout.channels:
+            # what the window already holds is history, not news: mark it seen before delivering anything
+            with contextlib.suppress(StoreError):
+                self._events(await self._read([channel]))
+        subscription = await self._fanout.add(channel, handler)
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run())
+        return subscription
+
+    def _events(self, answer: object) -> list[tuple[str, str]]:
+        """The events not seen before, marking them seen."""
+        if not isinstance(answer, list):
+            raise StoreError(f"unexpected edgeway_events answer: {str(answer)[:200]}")
+        now = asyncio.get_running_loop().time()
+        fresh = []
+        for event in answer:
+            if isinstance(event, list) and len(event) == 3 and type(event[0]) is int and event[0] not in self._seen:
+                self._seen[event[0]] = now
+                fresh.append((str(event[1]), str(event[2])))
+        for old in [i for i, at in self._seen.items() if at < now - _SEEN_FOR]:
+            del self._seen[old]
+        return fresh
+
+    async def _run(self) -> None:
+        backoff = Backoff(POLL_EVERY)
+        failing = False
+        while self._fanout.channels:
+            try:
+                for channel, message in self._events(await self._read(self._fanout.channels)):
+                    self._fanout.dispatch(channel, message)
+            except StoreError as exc:
+                if not failing:
+                    logger.warning("reading notifications from %s failed (%s); retrying", self._where, exc)
+                failing = True
+                await backoff.wait()
+                continue
+            failing = False
+            backoff.reset()
+            await asyncio.sleep(POLL_EVERY)
+
+    async def close(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
 class SupabaseStore(_BatchStore):
     """Supabase over HTTPS: ``POST {url}/rest/v1/rpc/edgeway_batch`` with the service role key."""
 
     kind = "supabase"
+    notifies = True
 
     def __init__(self, url: str, key: str, *, timeout: float | None = 0.05, clock: Clock | None = None) -> None:
         super().__init__(timeout=timeout, clock=clock)
         self._url = url.rstrip("/")
         self._endpoint = f"{self._url}/rest/v1/rpc/edgeway_batch"
+        self._events_endpoint = f"{self._url}/rest/v1/rpc/edgeway_events"
         self._headers = {"apikey": key, "Authorization": f"Bearer {key}", "Content-Type": "application/json"}
         self._client: httpx.AsyncClient | None = None
+        self._poller = _Poller(self._read_events, self.describe())
+
+    async def subscribe(self, channel: str, handler: Handler) -> Subscription:
+        """Polls ``edgeway_events`` every 0.5 s while subscribed (see the module docstring)."""
+        return await self._poller.subscribe(channel, handler)
+
+    async def _read_events(self, channels: list[str]) -> object:
+        body = json.dumps({"channels": channels}).encode()
+        return await self._bounded.run(self._post(self._events_endpoint, body), max(self._timeout or 0.0, 2.0))
 
     def describe(self) -> str:
         parts = urlsplit(self._url)
@@ -295,8 +500,11 @@ class SupabaseStore(_BatchStore):
 
     async def _call(self, payload: str, now_ms: int | None) -> object:
         body = f'{{"commands":{payload},"now_ms":{"null" if now_ms is None else now_ms}}}'
+        return await self._post(self._endpoint, body.encode())
+
+    async def _post(self, endpoint: str, body: bytes) -> object:
         try:
-            response = await self._http().post(self._endpoint, content=body.encode(), headers=self._headers)
+            response = await self._http().post(endpoint, content=body, headers=self._headers)
         except httpx.TimeoutException as exc:
             raise StoreTimeout(f"Supabase did not answer: {type(exc).__name__}") from exc
         except httpx.HTTPError as exc:
@@ -312,6 +520,7 @@ class SupabaseStore(_BatchStore):
         raise StoreError(f"Supabase answered HTTP {status}: {detail}")
 
     async def close(self) -> None:
+        await self._poller.close()
         await self._bounded.drain()
         client, self._client = self._client, None
         if client is not None:

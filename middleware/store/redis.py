@@ -242,9 +242,9 @@ class _PubSub:
             return  # the next connection subscribes to whatever is wanted then
         added, removed = wanted - self._sent, self._sent - wanted
         if added:
-            self._writer.write(hiredis.pack_command(("SUBSCRIBE", *sorted(added))))
+            self._writer.write(hiredis.pack_command(("SUBSCRIBE", *sorted(added))))  # type: ignore[arg-type]
         if removed:
-            self._writer.write(hiredis.pack_command(("UNSUBSCRIBE", *sorted(removed))))
+            self._writer.write(hiredis.pack_command(("UNSUBSCRIBE", *sorted(removed))))  # type: ignore[arg-type]
             self._confirmed -= removed
         self._sent = wanted
 

@@ -4,8 +4,8 @@
 (``GET``, ``SET .. PX [NX]``, ``DEL``, ``PUBLISH``, ``EVALSHA``), hands them to a
 transport as ONE batch, and decodes the replies. TCP Redis and Upstash REST
 differ only in the transport: both implement :class:`Transport`, which also
-says how bytes travel (RESP carries them as they are; Upstash's JSON cannot, see
-``lua/setbin.lua``).
+says how bytes travel (RESP carries them anywhere; Upstash's raw-body form only as
+the last argument, see ``lua/setbin.lua``).
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ class Transport(abc.ABC):
     """
 
     binary_safe: bool = True
-    """Whether ``bytes`` arguments travel as they are; False: the store sends them as Latin-1 text."""
+    """Whether any argument may be ``bytes``; False: only the last one (see ``lua/setbin.lua``)."""
 
     def value_bytes(self, reply: str | bytes) -> bytes:
         """A bulk-string reply (a value read by ``GET``) as the bytes Redis holds."""
@@ -162,18 +162,15 @@ class RedisProtocolStore(Store):
         if isinstance(command, Set):
             ttl = max(1, command.ttl_ms)
             if isinstance(command.value, bytes) and not self._transport.binary_safe:
-                nx = "1" if command.only_if_absent else ""
-                return ("EVALSHA", SETBIN_SCRIPT.sha, 1, command.key, command.value.decode("latin-1"), ttl, nx)
+                nx = 1 if command.only_if_absent else 0
+                return ("EVALSHA", SETBIN_SCRIPT.sha, 1, command.key, ttl, nx, command.value)
             if command.only_if_absent:
                 return ("SET", command.key, command.value, "PX", ttl, "NX")
             return ("SET", command.key, command.value, "PX", ttl)
         if isinstance(command, Delete):
             if command.if_value is None:
                 return ("DEL", command.key)
-            expected, latin1 = command.if_value, ""
-            if isinstance(expected, bytes) and not self._transport.binary_safe:
-                expected, latin1 = expected.decode("latin-1"), "1"
-            return ("EVALSHA", CAD_SCRIPT.sha, 1, command.key, expected, latin1)
+            return ("EVALSHA", CAD_SCRIPT.sha, 1, command.key, command.if_value)
         if isinstance(command, Incr):
             return ("EVALSHA", INCR_SCRIPT.sha, 1, command.key, command.amount, max(1, command.ttl_ms))
         if isinstance(command, Publish):

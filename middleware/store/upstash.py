@@ -7,8 +7,11 @@ event-loop turn shares ONE HTTP request. Requests go through a pooled aiohttp
 session (keep-alive), with a hard deadline so nothing can hang.
 
 Bytes: every request asks for ``Upstash-Encoding: base64``, so values read come
-back base64-encoded (binary-safe in JSON); binary values are written through
-``lua/setbin.lua`` (JSON carries text only). Notifications: ``PUBLISH`` rides in
+back base64-encoded (binary-safe in JSON). JSON cannot carry bytes the other
+way, so a command with a bytes argument (a binary ``Set``, a compare-and-delete
+of bytes) goes in Upstash's raw-body form, the POST body being its last
+argument, in order with the rest of its batch (which then costs one more round
+trip per binary command; such batches are deferred cache fills). Notifications: ``PUBLISH`` rides in
 the pipeline; a subscription is Upstash's streaming ``POST /subscribe/CHANNEL``
 (server-sent events), one long-lived response per subscribed channel and store,
 reopened with backoff when it breaks.
@@ -78,30 +81,25 @@ class UpstashTransport(Transport):
 
     def _flush(self) -> None:
         batches, self._pending = self._pending, []
-        task = asyncio.get_running_loop().create_task(self._send(batches))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        # JSON carries no bytes: a batch holding bytes goes alone, its binary commands in Upstash's
+        # raw-body form (the POST body is the command's last argument), in order with the rest
+        plain = [batch for batch in batches if not _has_bytes(batch[0])]
+        sends = [self._send(plain)] if plain else []
+        sends.extend(self._send_ordered(*batch) for batch in batches if _has_bytes(batch[0]))
+        for send in sends:
+            task = asyncio.get_running_loop().create_task(send)
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     async def _send(self, batches: list[tuple[Sequence[RedisCommand], asyncio.Future[list[object]]]]) -> None:
         body: list[list[object]] = [list(command) for commands, _ in batches for command in commands]
-        # the first pipeline loads the scripts ahead of the commands, so a script missing on the server
-        # is not retried after the batch's later commands (which would reorder a batch like Incr, Get)
-        loads = [] if self._scripts_loaded else [["SCRIPT", "LOAD", script.source] for script in SCRIPTS]
         try:
-            replies = await self._post(loads + body)
+            replies = await self._pipeline(body)
         except (StoreError, asyncio.CancelledError) as exc:
-            closed = StoreError("Upstash store closed before answering")
-            error = exc if isinstance(exc, StoreError) else closed
-            for _, future in batches:
-                if not future.done():
-                    future.set_exception(error)
+            _fail([future for _, future in batches], exc)
             if isinstance(exc, asyncio.CancelledError):
                 raise
             return
-        self._scripts_loaded = not any(isinstance(reply, ReplyError) for reply in replies[: len(loads)])
-        replies = replies[len(loads):]
-        if any(type(reply) is ReplyError and str(reply).startswith("NOSCRIPT") for reply in replies):
-            self._scripts_loaded = False  # flushed or a new server: load them again with the next pipeline
         offset = 0
         for commands, future in batches:
             part = replies[offset : offset + len(commands)]
@@ -109,30 +107,75 @@ class UpstashTransport(Transport):
             if not future.done():
                 future.set_result(part)
 
-    async def _post(self, body: list[list[object]]) -> list[object]:
+    async def _send_ordered(self, commands: Sequence[RedisCommand], future: asyncio.Future[list[object]]) -> None:
+        replies: list[object] = []
+        try:
+            run: list[list[object]] = []
+            for command in commands:
+                if not _has_bytes([command]):
+                    run.append(list(command))
+                    continue
+                if run:
+                    replies.extend(await self._pipeline(run))
+                    run = []
+                replies.append(await self._raw(command))
+            if run:
+                replies.extend(await self._pipeline(run))
+        except (StoreError, asyncio.CancelledError) as exc:
+            _fail([future], exc)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return
+        if not future.done():
+            future.set_result(replies)
+
+    async def _pipeline(self, body: list[list[object]]) -> list[object]:
+        # the first pipeline loads the scripts ahead of the commands, so a script missing on the server
+        # is not retried after the batch's later commands (which would reorder a batch like Incr, Get)
+        loads: list[list[object]] = []
+        if not self._scripts_loaded:
+            loads = [["SCRIPT", "LOAD", script.source] for script in SCRIPTS]
+        replies = await self._post(loads + body)
+        self._scripts_loaded = not any(isinstance(reply, ReplyError) for reply in replies[: len(loads)])
+        replies = replies[len(loads):]
+        if any(type(reply) is ReplyError and str(reply).startswith("NOSCRIPT") for reply in replies):
+            self._scripts_loaded = False  # flushed or a new server: load them again with the next pipeline
+        return replies
+
+    def _http(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=_HTTP_DEADLINE),
                 cookie_jar=aiohttp.DummyCookieJar(),
             )
+        return self._session
+
+    async def _request(self, path: str, payload: bytes, headers: dict[str, str]) -> tuple[int, str]:
         try:
-            payload = json.dumps(body, ensure_ascii=False).encode()
-            async with self._session.post(f"{self._url}/pipeline", data=payload, headers=self._headers) as response:
-                text = await response.text()
-                status = response.status
+            async with self._http().post(f"{self._url}/{path}", data=payload, headers=headers) as response:
+                return response.status, await response.text()
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise StoreError(f"Upstash request failed: {type(exc).__name__}: {exc}") from exc
-        if status == 401:
-            raise StoreError("Upstash rejected the token (401): check UPSTASH_REDIS_REST_TOKEN")
-        if status != 200:
-            raise StoreError(f"Upstash answered HTTP {status}: {_error_text(text)}")
-        try:
-            entries = json.loads(text)
-        except ValueError:
-            raise StoreError(f"Upstash answered with invalid JSON: {text[:200]!r}") from None
+
+    async def _post(self, body: list[list[object]]) -> list[object]:
+        payload = json.dumps(body, ensure_ascii=False).encode()
+        status, text = await self._request("pipeline", payload, self._headers)
+        _check_status(status, text)
+        entries = _json(text)
         if not isinstance(entries, list) or len(entries) != len(body):
             raise StoreError(f"Upstash pipeline answer has {_length(entries)} entries for {len(body)} commands")
         return [_reply(entry) for entry in entries]
+
+    async def _raw(self, command: RedisCommand) -> object:
+        """One command whose last argument (and only that one) is bytes, sent as the request body."""
+        *args, value = command
+        assert isinstance(value, bytes) and not _has_bytes([tuple(args)]), "bytes go last, once"
+        path = "/".join(quote(str(arg), safe="") for arg in args)
+        headers = {**self._headers, "Content-Type": "application/octet-stream"}
+        status, text = await self._request(path, value, headers)
+        if status != 400:  # 400 is this command's own error, in its {"error": ...} entry
+            _check_status(status, text)
+        return _reply(_json(text))
 
     async def close(self) -> None:
         # like a closed TCP connection: requests still in flight fail now rather than hold
@@ -144,6 +187,31 @@ class UpstashTransport(Transport):
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+def _has_bytes(commands: Sequence[RedisCommand]) -> bool:
+    return any(type(arg) is bytes for command in commands for arg in command)
+
+
+def _fail(futures: list[asyncio.Future[list[object]]], exc: BaseException) -> None:
+    error = exc if isinstance(exc, StoreError) else StoreError("Upstash store closed before answering")
+    for future in futures:
+        if not future.done():
+            future.set_exception(error)
+
+
+def _check_status(status: int, text: str) -> None:
+    if status == 401:
+        raise StoreError("Upstash rejected the token (401): check UPSTASH_REDIS_REST_TOKEN")
+    if status != 200:
+        raise StoreError(f"Upstash answered HTTP {status}: {_error_text(text)}")
+
+
+def _json(text: str) -> object:
+    try:
+        return json.loads(text)
+    except ValueError:
+        raise StoreError(f"Upstash answered with invalid JSON: {text[:200]!r}") from None
 
 
 def _reply(entry: object) -> object:
@@ -216,7 +284,10 @@ class _Streams:
             self._confirmed[channel] = asyncio.Event()
             self._tasks[channel] = asyncio.get_running_loop().create_task(self._run(channel))
         for channel in set(self._tasks) - wanted:
-            self._tasks.pop(channel).cancel()
+            task = self._tasks.pop(channel)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task  # its response is closed before the subscription counts as closed
             self._confirmed.pop(channel, None)
 
     async def _run(self, channel: str) -> None:

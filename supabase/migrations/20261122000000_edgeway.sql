@@ -53,6 +53,8 @@ create unlogged table if not exists edgeway.entries (
   expires_at timestamptz not null
 );
 create index if not exists entries_expires_at_idx on edgeway.entries (expires_at);
+-- binary values (Set with bytes) live in `data`, text ones in `value`
+alter table edgeway.entries add column if not exists data bytea;
 
 -- Sliding-log entries: one row per unit charged (a Redis sorted set of (at_ms, seq) per key).
 create unlogged table if not exists edgeway.log_entries (
@@ -74,10 +76,21 @@ create unlogged table if not exists edgeway.heartbeats (
 );
 create index if not exists heartbeats_expires_at_idx on edgeway.heartbeats (expires_at);
 
+-- Published messages, kept a minute, for subscribers that cannot LISTEN (Supabase over PostgREST poll
+-- edgeway_events); direct connections hear pg_notify instead.
+create unlogged table if not exists edgeway.events (
+  id         bigint generated always as identity primary key,
+  channel    text not null,
+  message    text not null,
+  at         timestamptz not null default clock_timestamp()
+);
+create index if not exists events_at_idx on edgeway.events (at);
+
+alter table edgeway.events enable row level security;
 alter table edgeway.entries enable row level security;
 alter table edgeway.log_entries enable row level security;
 alter table edgeway.heartbeats enable row level security;
-revoke all on edgeway.entries, edgeway.log_entries, edgeway.heartbeats from public;
+revoke all on edgeway.entries, edgeway.log_entries, edgeway.heartbeats, edgeway.events from public;
 
 -- ms since the Unix epoch -> timestamptz, exactly (integer microseconds)
 create or replace function edgeway.ms_to_ts(ms bigint) returns timestamptz
@@ -228,7 +241,7 @@ declare
   v_cmd jsonb;
   v_op text;
   v_key text;
-  v_text text;
+  v_val jsonb;
   v_lock bigint;
   v_n int;
   v_checks jsonb;
@@ -277,15 +290,57 @@ begin
     v_op := v_cmd ->> 'op';
     v_key := v_cmd ->> 'key';
     if v_op = 'get' then
-      select e.value into v_text from edgeway.entries e where e.key = v_key and e.expires_at > v_now_ts;
-      v_out := v_out || jsonb_build_array(v_text);
+      -- text as it is; bytes as {"b64": ...} (JSON carries no bytes): the client decodes either way
+      select case when e.data is not null then jsonb_build_object('b64', encode(e.data, 'base64'))
+                  else to_jsonb(e.value) end
+        into v_val from edgeway.entries e where e.key = v_key and e.expires_at > v_now_ts;
+      v_out := v_out || jsonb_build_array(coalesce(v_val, 'null'::jsonb));
+      v_val := null;
 
     elsif v_op = 'set' then
-      insert into edgeway.entries as e (key, value, counter, tokens, ts_ms, expires_at)
-      values (v_key, v_cmd ->> 'value', null, null, null,
+      -- `b64`: the value is base64 of bytes; `nx`: only if absent (or expired), answering whether it wrote
+      insert into edgeway.entries as e (key, value, data, counter, tokens, ts_ms, expires_at)
+      values (v_key,
+              case when (v_cmd ->> 'b64')::boolean then null else v_cmd ->> 'value' end,
+              case when (v_cmd ->> 'b64')::boolean then decode(v_cmd ->> 'value', 'base64') end,
+              null, null, null,
               edgeway.ms_to_ts(v_now + greatest(1, (v_cmd ->> 'ttl_ms')::bigint)))
       on conflict (key) do update
-        set value = excluded.value, counter = null, tokens = null, ts_ms = null, expires_at = excluded.expires_at;
+        set value = excluded.value, data = excluded.data, counter = null, tokens = null, ts_ms = null,
+            expires_at = excluded.expires_at
+        where not coalesce((v_cmd ->> 'nx')::boolean, false) or e.expires_at <= v_now_ts;
+      if coalesce((v_cmd ->> 'nx')::boolean, false) then
+        v_out := v_out || jsonb_build_array(found);
+      else
+        v_out := v_out || jsonb_build_array(null);
+      end if;
+
+    elsif v_op = 'cad' then
+      -- compare-and-delete: only while the key holds the value (base64 of its bytes)
+      delete from edgeway.entries e
+        where e.key = v_key and e.expires_at > v_now_ts
+          and coalesce(e.data, convert_to(e.value, 'UTF8')) = decode(v_cmd ->> 'value', 'base64');
+      get diagnostics v_n = row_count;
+      v_out := v_out || jsonb_build_array(v_n);
+
+    elsif v_op = 'incr' then
+      -- a live key keeps its expiry; an absent or expired one starts at 0 with the command's TTL
+      insert into edgeway.entries as e (key, value, data, counter, tokens, ts_ms, expires_at)
+      values (v_key, (v_cmd ->> 'amount')::bigint::text, null, null, null, null,
+              edgeway.ms_to_ts(v_now + greatest(1, (v_cmd ->> 'ttl_ms')::bigint)))
+      on conflict (key) do update
+        set value = case when e.expires_at > v_now_ts then (e.value::bigint + (v_cmd ->> 'amount')::bigint)::text
+                         else excluded.value end,
+            expires_at = case when e.expires_at > v_now_ts then e.expires_at else excluded.expires_at end,
+            data = null, counter = null, tokens = null, ts_ms = null
+      returning e.value::bigint into cnt;
+      v_out := v_out || jsonb_build_array(cnt);
+
+    elsif v_op = 'publish' then
+      -- delivered at commit to every session LISTENing on the channel (PostgresStore.subscribe)
+      perform pg_notify(v_cmd ->> 'channel', v_cmd ->> 'message');
+      insert into edgeway.events (channel, message) values (v_cmd ->> 'channel', v_cmd ->> 'message');
+      delete from edgeway.events e where e.at < clock_timestamp() - interval '1 minute';
       v_out := v_out || jsonb_build_array(null);
 
     elsif v_op = 'del' then
@@ -504,6 +559,19 @@ begin
 end
 $fn$;
 
+-- What pollers read (POST /rest/v1/rpc/edgeway_events): the last 5 s of messages on `channels`
+-- (a JSON array of names) as [[id, channel, message], ...]. Pollers remember the ids they delivered, so
+-- re-reading a window never delivers twice, and a publisher committing late is still seen.
+create or replace function public.edgeway_events(channels jsonb) returns jsonb
+language sql stable security definer
+set search_path = edgeway, pg_catalog, pg_temp
+as $fn$
+  select coalesce(jsonb_agg(jsonb_build_array(e.id, e.channel, e.message) order by e.id), '[]'::jsonb)
+  from edgeway.events e
+  where e.at > clock_timestamp() - interval '5 seconds'
+    and e.channel in (select jsonb_array_elements_text(channels))
+$fn$;
+
 -- The PostgREST entry point (POST /rest/v1/rpc/edgeway_batch): PostgREST serves only exposed schemas.
 -- VOLATILE (the default) matters: PostgREST runs stable functions in read-only transactions.
 create or replace function public.edgeway_batch(commands jsonb, now_ms bigint default null) returns jsonb
@@ -518,6 +586,7 @@ revoke all on function edgeway.batch(jsonb, bigint) from public;
 revoke all on function edgeway.breaker_update(text, jsonb, jsonb, bigint) from public;
 revoke all on function edgeway.cleanup(bigint) from public;
 revoke all on function public.edgeway_batch(jsonb, bigint) from public;
+revoke all on function public.edgeway_events(jsonb) from public;
 
 do $$
 declare
@@ -526,13 +595,14 @@ begin
   foreach r in array array['anon', 'authenticated'] loop
     if exists (select 1 from pg_catalog.pg_roles where rolname = r) then
       execute format('revoke all on schema edgeway from %I', r);
-      execute format('revoke all on edgeway.entries, edgeway.log_entries, edgeway.heartbeats, edgeway.breakers '
-                     'from %I', r);
+      execute format('revoke all on edgeway.entries, edgeway.log_entries, edgeway.heartbeats, edgeway.events, '
+                     'edgeway.breakers from %I', r);
       execute format('revoke all on function edgeway.breaker_update(text, jsonb, jsonb, bigint) from %I', r);
       execute format('revoke all on function edgeway.ms_to_ts(bigint) from %I', r);
       execute format('revoke all on function edgeway.batch(jsonb, bigint) from %I', r);
       execute format('revoke all on function edgeway.cleanup(bigint) from %I', r);
       execute format('revoke all on function public.edgeway_batch(jsonb, bigint) from %I', r);
+      execute format('revoke all on function public.edgeway_events(jsonb) from %I', r);
     end if;
   end loop;
 end
@@ -541,3 +611,4 @@ $$;
 grant execute on function edgeway.batch(jsonb, bigint) to service_role;
 grant execute on function edgeway.cleanup(bigint) to service_role;
 grant execute on function public.edgeway_batch(jsonb, bigint) to service_role;
+grant execute on function public.edgeway_events(jsonb) to service_role;

@@ -10,8 +10,11 @@ import pytest
 from edgeway.middleware.store import (
     Algorithm,
     Command,
+    Delete,
     Get,
+    Incr,
     LimitCheck,
+    Publish,
     RateLimit,
     RateLimitResult,
     Set,
@@ -94,6 +97,37 @@ async def test_caches_fall_back_to_memory_while_limits_go_to_the_shared_fallback
     assert results[0] is None and results[2] == "cached"
     assert isinstance(results[1], RateLimitResult) and results[1].allowed
     assert fallback.batches[-1] == [limit()]  # only the shared command went to postgres
+    await store.close()
+
+
+async def test_locks_and_counters_are_caches_while_publish_follows_the_chain() -> None:
+    primary, fallback = Shared("redis"), Shared("postgres")
+    store = FailoverStore(primary, [fallback, MemoryStore()], failures=1, probe_initial=60)
+    primary.up = False
+    commands: list[Command] = [
+        Set("lock", "me", 5_000, only_if_absent=True), Incr("n", ttl_ms=60_000), Publish("events", "changed"),
+        Delete("lock", if_value="me"),
+    ]
+    assert await store.execute(commands) == [True, 1, 0, 1]
+    assert fallback.batches[-1] == [Publish("events", "changed")]  # only the notification went to postgres
+    await store.close()
+
+
+async def test_subscribe_covers_every_store_that_notifies() -> None:
+    primary, memory = MemoryStore(), MemoryStore()
+    shared = Shared("redis", inner=primary)  # Shared itself carries no notifications
+    store = FailoverStore(shared, [memory], failures=1, probe_initial=60)
+    received: list[str] = []
+    subscription = await store.subscribe("events", received.append)
+    assert store.notifies
+    shared.up = False
+    assert await store.execute([Publish("events", "during the fallback")]) == [1]
+    await asyncio.sleep(0)  # memory delivers on the next loop turn
+    assert received == ["during the fallback"]
+    await subscription.close()
+    assert await store.execute([Publish("events", "after close")]) == [0]
+    with pytest.raises(StoreError, match="notifications"):
+        await FailoverStore(Shared("redis"), []).subscribe("events", received.append)
     await store.close()
 
 

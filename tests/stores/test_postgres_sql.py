@@ -252,7 +252,7 @@ async def test_ttl_boundary(db: asyncpg.Connection) -> None:
     "commands",
     [
         pytest.param({"op": "get"}, id="not-an-array"),
-        pytest.param([{"op": "incr", "key": "k"}], id="unknown-op"),
+        pytest.param([{"op": "lpush", "key": "k"}], id="unknown-op"),
         pytest.param([rl("k", "leaky-bucket", 1, 1000)], id="unknown-algorithm"),
         pytest.param([rl("k", "fixed-window", 1, 0)], id="zero-window"),
         pytest.param([rl("k", "token-bucket", 0, 1000)], id="zero-quota"),

@@ -14,6 +14,9 @@ too), like memory; the Redis ones for rate limits only.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -32,7 +35,9 @@ from edgeway.middleware.store import (
     BreakerUpdate,
     Delete,
     Get,
+    Incr,
     LimitCheck,
+    Publish,
     RateLimit,
     RateLimitResult,
     Set,
@@ -40,6 +45,7 @@ from edgeway.middleware.store import (
     StoreError,
     StoreTimeout,
 )
+from edgeway.middleware.store.failover import FailoverStore
 from edgeway.middleware.store.memory import MemoryStore
 from edgeway.middleware.store.postgres import PostgresStore, SupabaseStore
 from edgeway.middleware.store.redis import RedisStore
@@ -226,6 +232,166 @@ async def test_unicode_values(store: Store, key: str, value: str) -> None:
     name = key + "ключ-🔑"
     await store.execute([Set(name, value, 60_000)])
     assert await store.execute([Get(name)]) == [value]
+
+
+# -- binary values, locks, counters ---------------------------------------------
+
+ALL_BYTES = bytes(range(256)) * 2 + "välue 🚀".encode()
+
+
+async def test_binary_values_round_trip(store: Store, key: str) -> None:
+    assert await store.execute([Set(key + "b", ALL_BYTES, 60_000)]) == [None]
+    assert await store.execute([Get(key + "b", binary=True), Get(key + "none", binary=True)]) == [ALL_BYTES, None]
+    text = await store.execute([Get(key + "b")])
+    assert text == [ALL_BYTES.decode(errors="replace")]  # a text read replaces what is not UTF-8
+    await store.execute([Set(key + "t", "välue 🚀", 60_000)])
+    assert await store.execute([Get(key + "t", binary=True), Get(key + "t")]) == ["välue 🚀".encode(), "välue 🚀"]
+    await store.execute([Set(key + "ok", b"OK", 60_000), Set(key + "empty", b"", 60_000)])
+    assert await store.execute([Get(key + "ok", binary=True), Get(key + "empty", binary=True)]) == [b"OK", b""]
+
+
+async def test_binary_values_of_several_megabytes(store: Store, key: str) -> None:
+    big = os.urandom(3 * 1024 * 1024)
+    results = await store.execute([Set(key + "big", big, 60_000), Get(key + "big", binary=True)], timeout=30.0)
+    assert results[0] is None and results[1] == big
+
+
+async def test_set_only_if_absent_is_a_lock(backend: Backend, store: Store, clock: FakeClock, key: str) -> None:
+    lock = key + "lock"
+    first = await store.execute([Set(lock, "holder-a", 200, only_if_absent=True), Get(lock)])
+    assert first == [True, "holder-a"]
+    second = await store.execute([Set(lock, "holder-b", 200, only_if_absent=True), Get(lock)])
+    assert second == [False, "holder-a"]  # taken: left untouched
+    assert await store.execute([Set(lock + "bin", b"\xff\x00", 60_000, only_if_absent=True)]) == [True]
+    assert await store.execute([Get(lock + "bin", binary=True)]) == [b"\xff\x00"]
+    if backend.remote:
+        await asyncio.sleep(0.3)  # the server's own clock expires the lock
+    else:
+        clock.advance(200)
+    assert await store.execute([Set(lock, "holder-b", 200, only_if_absent=True), Get(lock)]) == [True, "holder-b"]
+
+
+@pytest.mark.parametrize("value", ["token-1", b"\xfe\xff token"], ids=["text", "bytes"])
+async def test_compare_and_delete(store: Store, key: str, value: str | bytes) -> None:
+    lock = key + "lock"
+    await store.execute([Set(lock, value, 60_000)])
+    other = "token-2" if isinstance(value, str) else b"\xfe\xff other"
+    expected = value.encode() if isinstance(value, str) else value
+    assert await store.execute([Delete(lock, if_value=other), Get(lock, binary=True)]) == [0, expected]
+    assert await store.execute([Delete(lock, if_value=value), Get(lock)]) == [1, None]
+    assert await store.execute([Delete(lock, if_value=value)]) == [0]  # already gone
+    await store.execute([Set(lock, "same bytes", 60_000)])
+    assert await store.execute([Delete(lock, if_value=b"same bytes")]) == [1]  # text and bytes compare as bytes
+
+
+async def test_incr_counts_and_sets_the_ttl_on_creation(
+    backend: Backend, store: Store, clock: FakeClock, key: str
+) -> None:
+    counter = key + "n"
+    assert await store.execute([Incr(counter, ttl_ms=300), Incr(counter, 5, ttl_ms=60_000)]) == [1, 6]
+    assert await store.execute([Incr(counter, -2, ttl_ms=60_000), Get(counter)]) == [4, "4"]
+    if backend.remote:
+        await asyncio.sleep(0.45)  # the first increment's TTL holds: the later 60 s ones did not extend it
+    else:
+        clock.advance(300)
+    assert await store.execute([Get(counter), Incr(counter, ttl_ms=60_000)]) == [None, 1]
+    await store.execute([Set(key + "text", "not a number", 60_000)])
+    with pytest.raises(StoreError):
+        await store.execute([Incr(key + "text", ttl_ms=60_000)])
+
+
+# -- notifications ----------------------------------------------------------------
+
+DELIVERY = 1.0  # seconds: the contract's bound for a message to reach another instance
+
+
+def inbox() -> tuple[asyncio.Queue[str], Callable[[str], None]]:
+    queue: asyncio.Queue[str] = asyncio.Queue()
+    return queue, queue.put_nowait
+
+
+async def test_publish_reaches_subscribers_of_another_instance(backend: Backend, key: str) -> None:
+    publisher = backend.make()
+    subscriber = publisher if backend.name == "memory" else backend.make()  # memory: one process only
+    assert subscriber.notifies
+    received, handler = inbox()
+    other, other_handler = inbox()
+    subscription = await subscriber.subscribe(key + "a", handler)
+    await subscriber.subscribe(key + "b", other_handler)
+    counts = await publisher.execute([Publish(key + "a", "purge, then\nre-read"), Publish(key + "a", "second")])
+    assert await asyncio.wait_for(received.get(), DELIVERY) == "purge, then\nre-read"
+    assert await asyncio.wait_for(received.get(), DELIVERY) == "second"
+    assert counts == ([None, None] if backend.name in ("postgres", "supabase") else [1, 1])
+    await subscription.close()
+    await publisher.execute([Publish(key + "a", "after close"), Publish(key + "b", "still here")])
+    assert await asyncio.wait_for(other.get(), DELIVERY) == "still here"
+    assert received.empty()
+
+
+async def test_a_failing_handler_is_logged_and_others_still_receive(
+    backend: Backend, key: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = backend.make()
+    received, handler = inbox()
+
+    def broken(message: str) -> None:
+        raise RuntimeError("handler bug")
+
+    await store.subscribe(key, broken)
+    await store.subscribe(key, handler)
+    with caplog.at_level(logging.ERROR, logger="edgeway.store"):
+        await store.execute([Publish(key, "one"), Publish(key, "two")])
+        assert [await asyncio.wait_for(received.get(), DELIVERY) for _ in range(2)] == ["one", "two"]
+    assert "handler bug" in caplog.text
+
+
+@pytest.mark.parametrize("kind", ["redis", "upstash"])
+async def test_two_instances_hear_each_other_and_survive_a_restart(
+    kind: str, own_redis: RedisServer, bridges: list[UvicornThread], key: str
+) -> None:
+    """Two store objects on one real redis-server; the subscription recovers after the server restarts."""
+    publisher = remote_store(kind, own_redis.url, timeout=2.0, bridges=bridges)
+    subscriber = remote_store(kind, own_redis.url, timeout=2.0, bridges=bridges)
+    received, handler = inbox()
+    try:
+        await subscriber.subscribe(key, handler)
+        assert await publisher.execute([Publish(key, "before")]) == [1]
+        assert await asyncio.wait_for(received.get(), DELIVERY) == "before"
+        own_redis.restart()
+        # the subscriber reconnects with backoff; publish until it is back (bounded: fails, never hangs)
+        deadline = time.monotonic() + 15.0
+        while received.empty():
+            assert time.monotonic() < deadline, "the subscription did not recover after the restart"
+            with contextlib.suppress(StoreError):  # the publisher's own connection is re-established too
+                await publisher.execute([Publish(key, "after")])
+            await asyncio.sleep(0.1)
+        assert received.get_nowait() == "after"
+    finally:
+        await publisher.close()
+        await subscriber.close()
+
+
+async def test_failover_delivers_messages_published_during_a_fallback(own_redis: RedisServer, key: str) -> None:
+    memory = MemoryStore()
+    store = FailoverStore(RedisStore(own_redis.url, timeout=0.5), [memory], failures=1, probe_initial=60)
+    publisher = RedisStore(own_redis.url, timeout=2.0)
+    received, handler = inbox()
+    try:
+        subscription = await store.subscribe(key, handler)
+        assert await store.execute([Publish(key, "via redis"), Incr(key + "n", ttl_ms=60_000)]) == [1, 1]
+        assert await asyncio.wait_for(received.get(), DELIVERY) == "via redis"
+        assert await publisher.execute([Publish(key, "another instance")]) == [1]
+        assert await asyncio.wait_for(received.get(), DELIVERY) == "another instance"
+        own_redis.kill()
+        await asyncio.sleep(0.05)
+        # Redis is gone: the publish and the counter fall back to memory, and this instance still hears it
+        results = await store.execute([Publish(key, "via memory"), Incr(key + "n", ttl_ms=60_000)])
+        assert results == [1, 1] and store.kind == "memory"
+        assert await asyncio.wait_for(received.get(), DELIVERY) == "via memory"
+        await subscription.close()
+    finally:
+        await store.close()
+        await publisher.close()
 
 
 # -- algorithms, each walked on the fake clock against literal expectations ------
@@ -630,3 +796,30 @@ async def test_exactly_one_probe_among_concurrent_callers(backend: Backend, key:
     ))
     granted = [r for (r,) in results if isinstance(r, BreakerResult) and r.granted]
     assert len(granted) == 1
+
+
+async def test_postgres_listener_survives_a_restart(key: str) -> None:
+    """LISTEN on a private PostgreSQL that is stopped and started again: the listener reconnects."""
+    from tests.servers import PostgresServer, apply_migration
+
+    with PostgresServer() as server:
+        apply_migration(server.dsn)
+        publisher = PostgresStore(server.dsn, timeout=2.0)
+        subscriber = PostgresStore(server.dsn, timeout=2.0)
+        received, handler = inbox()
+        try:
+            await subscriber.subscribe(key, handler)
+            await publisher.execute([Publish(key, "before")])
+            assert await asyncio.wait_for(received.get(), DELIVERY) == "before"
+            await asyncio.to_thread(server.stop)
+            await asyncio.to_thread(server.start)
+            deadline = time.monotonic() + 20.0
+            while received.empty():
+                assert time.monotonic() < deadline, "the listener did not recover after the restart"
+                with contextlib.suppress(StoreError):  # the publisher's pool reconnects too
+                    await publisher.execute([Publish(key, "after")])
+                await asyncio.sleep(0.1)
+            assert received.get_nowait() == "after"
+        finally:
+            await publisher.close()
+            await subscriber.close()

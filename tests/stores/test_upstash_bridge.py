@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import base64
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
+import redis.asyncio as aioredis
 
 from edgeway.gateway import upstash_bridge
 from edgeway.gateway.upstash_bridge import create_bridge_app
-from tests.servers import free_port
+from tests.servers import UvicornThread, free_port
 
 TOKEN = "bridge-test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -175,3 +177,41 @@ def test_main_serves_with_uvicorn(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(SystemExit) as exited:
         upstash_bridge.main(["--port", "8111"])
     assert exited.value.code == 2
+
+
+async def test_base64_encoding_is_binary_safe(client: httpx.AsyncClient, redis_url: str, key: str) -> None:
+    raw = aioredis.Redis.from_url(redis_url)
+    try:
+        await raw.set(key + "bin", b"\xff\x00\xc3(")
+    finally:
+        await raw.aclose()
+    base64_headers = {**AUTH, "Upstash-Encoding": "base64"}
+    commands = [["SET", key + "t", "välue"], ["GET", key + "bin"], ["GET", key + "t"], ["ECHO", "OK"],
+                ["EVAL", "return {1, ARGV[1]}", 0, "ab"], ["GET", key + "none"]]
+    response = await client.post("/pipeline", json=commands, headers=base64_headers)
+    assert response.json() == [
+        {"result": "OK"},  # the status stays as it is, as Upstash leaves it
+        {"result": base64.b64encode(b"\xff\x00\xc3(").decode()},
+        {"result": base64.b64encode("välue".encode()).decode()},
+        {"result": "OK"},  # indistinguishable from the status: a client reads "OK" as b"OK"
+        {"result": [1, "YWI="]},
+        {"result": None},
+    ]
+    plain = await client.post("/pipeline", json=[["GET", key + "bin"]], headers=AUTH)
+    assert plain.json() == [{"result": "\ufffd\x00\ufffd("}]  # without the header: text, invalid bytes replaced
+
+
+async def test_subscribe_streams_server_sent_events(redis_url: str, key: str) -> None:
+    with UvicornThread(create_bridge_app(redis_url, TOKEN)) as bridge:
+        async with httpx.AsyncClient(base_url=bridge.url, timeout=10.0) as http:
+            unauthorized = await http.post(f"/subscribe/{key}")
+            assert unauthorized.status_code == 401
+            async with http.stream("POST", f"/subscribe/{key}", headers=AUTH) as stream:
+                assert stream.status_code == 200
+                assert stream.headers["content-type"].startswith("text/event-stream")
+                lines = stream.aiter_lines()
+                assert await anext(lines) == f"data: subscribe,{key},1"
+                published = await http.post("/", json=["PUBLISH", key, "two\nlines"], headers=AUTH)
+                assert published.json() == {"result": 1}
+                received = [await anext(lines) for _ in range(4)]
+                assert received == ["", f"data: message,{key},two", "data: lines", ""]

@@ -30,6 +30,7 @@ from edgeway.middleware.store import (
     StoreTimeout,
     open_store,
 )
+from edgeway.middleware.store.redis_protocol import SCRIPTS
 from edgeway.middleware.store.upstash import UpstashStore, upstash_location
 from tests.servers import HOST, UvicornThread, free_port
 
@@ -98,7 +99,9 @@ async def test_request_shape(store_for, fake_upstash: UvicornThread) -> None:
     assert mode == "ok"
     assert headers["authorization"] == f"Bearer {TOKEN}"
     assert headers["content-type"] == "application/json"
-    assert body == [["SET", "k", "v", "PX", 1000], ["GET", "k"]]
+    assert headers["upstash-encoding"] == "base64"
+    loads = [["SCRIPT", "LOAD", script.source] for script in SCRIPTS]
+    assert body == [*loads, ["SET", "k", "v", "PX", 1000], ["GET", "k"]]  # the first pipeline loads the scripts
     await asyncio.gather(store.execute([Get("a")]), store.execute([Get("b"), Get("c")]))
     assert seen[-1][2] == [["GET", "a"], ["GET", "b"], ["GET", "c"]]  # one request for both batches
     with pytest.raises(StoreError, match="rate-limit reply"):
@@ -128,11 +131,14 @@ async def test_invalid_json(store_for) -> None:
         await store_for("badjson").execute(BATCH)
 
 
+SENT = len(SCRIPTS) + len(BATCH)  # a store's first pipeline loads the scripts ahead of the batch
+
+
 @pytest.mark.parametrize(
-    ("mode", "found"), [("short", "1 entries"), ("long", "3 entries"), ("object", "no entries")]
+    ("mode", "found"), [("short", f"{SENT - 1} entries"), ("long", f"{SENT + 1} entries"), ("object", "no entries")]
 )
 async def test_wrong_number_of_entries(store_for, mode: str, found: str) -> None:
-    with pytest.raises(StoreError, match=f"{found} for 2 commands"):
+    with pytest.raises(StoreError, match=f"{found} for {SENT} commands"):
         await store_for(mode).execute(BATCH)
 
 
