@@ -237,7 +237,7 @@ class CircuitBreaker:
         return status
 
     async def close(self) -> None:
-        """Stop listening for notifications and wait for background writes."""
+        """Stop listening for notifications and wait for background writes; call it before closing the store."""
         if self._subscribing is not None:
             self._subscribing.cancel()
         if self._subscription is not None:

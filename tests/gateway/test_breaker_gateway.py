@@ -218,3 +218,12 @@ async def test_status_metrics_and_admin_reset(upstream: FlakyUpstream, gateway_f
     assert (reset.json()["upstream"], reset.json()["state"]) == ("api", "closed")
     upstream.status = 200
     assert (await gw.get()).status_code == 200
+
+
+async def test_failure_rate_trips_only_past_min_requests(upstream: FlakyUpstream, gateway_for) -> None:  # type: ignore[no-untyped-def]
+    gw = await gateway_for("failure_rate: 50%, min_requests: 6, window: 10s")
+    upstream.status = 503
+    assert [(await gw.get()).headers.get("edgeway-error") for _ in range(5)] == [None] * 5  # 5 of 5, too few
+    assert (await gw.get()).headers.get("edgeway-error") is None  # the 6th reaches min_requests: it opens
+    assert (await gw.get()).headers["edgeway-error"] == "upstream_unavailable"
+    assert upstream.total == 6

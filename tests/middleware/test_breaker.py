@@ -369,6 +369,7 @@ async def test_a_corrupted_breaker_key_is_a_store_failure_not_a_500(redis_url: s
             assert (await client.get("/x")).status_code == 200
             await settle(app)
     finally:
+        await breaker.close()  # its subscription first, then the store
         await store.close()
 
 
@@ -478,3 +479,30 @@ async def test_where_the_store_notifies_other_instances_re_read_at_once(kind: st
         await b.close()
         for store in {id(s): s for s in stores}.values():
             await store.close()
+
+
+async def test_a_response_cut_short_does_not_count() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker("api", BreakerSettings(failures=1), store=MemoryStore(clock=clock), clock=clock)
+
+    async def cut_short(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 503, "headers": []})
+        await send({"type": "http.response.body", "body": b"part", "more_body": True})
+        # the client left here: the response never ends
+
+    app = CircuitBreakerMiddleware(cut_short, breaker=breaker)
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "GET", "path": "/x", "raw_path": b"/x", "query_string": b"",
+             "headers": [], "client": ("203.0.113.9", 1234)}
+    await app(scope, receive, send)
+    await settle(app)
+    assert sent[0]["status"] == 503
+    assert breaker.phase == Phase.CLOSED
+    assert breaker.in_flight == 0
