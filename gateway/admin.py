@@ -92,15 +92,18 @@ class AdminEndpoints:
         payload: dict[str, Any] = {
             "policy": {"source": gateway.loaded.source, "version": gateway.loaded.version},
         }
+        failover = isinstance(store, FailoverStore)  # it keeps edgeway_store_up per store from health itself
         try:
             await store.ping()
         except StoreError as exc:
-            STORE_UP.labels(store.kind).set(0)
+            if not failover:
+                STORE_UP.labels(store.kind).set(0)
             payload["status"] = "unavailable"
             payload["store"] = {"kind": store.kind, "mode": store.kind, "location": store.describe(), "error": str(exc)}
             await _json(send, 503, payload, scope)
             return
-        STORE_UP.labels(store.kind).set(1)
+        if not failover:
+            STORE_UP.labels(store.kind).set(1)
         chain = store.status() if isinstance(store, FailoverStore) else [
             {"kind": store.kind, "location": store.describe(), "healthy": True}
         ]

@@ -22,16 +22,17 @@ from pathlib import Path
 from edgeway.middleware.breaker import CircuitBreaker
 from edgeway.middleware.clientip import TrustedProxies
 from edgeway.middleware.context import SCOPE_KEY, RequestContext, Scope
+from edgeway.middleware.pipeline import Throttled
 from edgeway.middleware.responses import ErrorResponse, Receive, Send, bad_request
 from edgeway.middleware.store import Clock, Store
 
 from .admin import AdminEndpoints
-from .config import Policy
+from .config import Policy, ServerConfig
 from .errors import PolicyError
 from .headers import request_problem
 from .loader import LoadedPolicy, load_policy
 from .proxy import UpstreamProxy
-from .routing import RouteTable, build_breakers
+from .routing import RouteTable, build_breakers, needs_normalizing, normalize_path
 from .stores import build_store
 
 logger = logging.getLogger("edgeway")
@@ -47,6 +48,7 @@ class _Active:
     breakers: dict[str, CircuitBreaker]
     store: Store
     trusted: TrustedProxies
+    reject_underscores: bool
 
 
 class Gateway:
@@ -59,6 +61,7 @@ class Gateway:
         self.policy_path = policy_path
         self._active = self._compile(loaded, store)
         self._retiring: set[asyncio.Task[None]] = set()
+        self._errors = Throttled()
         self.admin = AdminEndpoints(self)
 
     # -- building -------------------------------------------------------------
@@ -68,14 +71,20 @@ class Gateway:
         trusted = TrustedProxies(policy.trusted_proxies)
         store = store or build_store(policy.store, self._clock)
         breakers = build_breakers(policy, store, self._clock)
-        proxies = {name: UpstreamProxy(name, upstream, trusted, breakers.get(name), self._clock)
+        proxies = {name: UpstreamProxy(name, upstream, trusted, policy.server, breakers.get(name), self._clock)
                    for name, upstream in policy.upstreams.items()}
         routes = RouteTable(policy, store, trusted, lambda route: proxies[route.upstream], breakers)
-        return _Active(loaded, routes, tuple(proxies.values()), breakers, store, trusted)
+        return _Active(loaded, routes, tuple(proxies.values()), breakers, store, trusted,
+                       policy.server.headers_with_underscores == "reject")
 
     @property
     def loaded(self) -> LoadedPolicy:
         return self._active.loaded
+
+    @property
+    def server_settings(self) -> ServerConfig:
+        """The running policy's ``server:`` block; :mod:`edgeway.gateway.server` reads it per connection."""
+        return self._active.loaded.policy.server
 
     @property
     def store(self) -> Store:
@@ -92,6 +101,8 @@ class Gateway:
         old = self._active
         same_store = self._fixed_store is not None or old.loaded.policy.store == loaded.policy.store
         self._active = self._compile(loaded, old.store if same_store else None)
+        if not same_store:
+            await self._active.store.start()
         grace = max((up.timeout.read for up in old.loaded.policy.upstreams.values()), default=0.0) + 1.0
         task = asyncio.get_running_loop().create_task(self._retire(old, not same_store, min(grace, 300.0)))
         self._retiring.add(task)
@@ -114,7 +125,8 @@ class Gateway:
         if self.policy_path is None:
             return False
         try:
-            loaded = load_policy(self.policy_path)
+            # off the event loop: parsing and validating a large policy must never stall traffic
+            loaded = await asyncio.to_thread(load_policy, self.policy_path)
         except PolicyError as exc:
             logger.error("policy reload failed, keeping version %s:\n%s", self._active.loaded.version, exc)
             return False
@@ -136,7 +148,10 @@ class Gateway:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "http":
-            await self._http(scope, receive, send)
+            try:
+                await self._http(scope, receive, send)
+            except Exception as exc:  # a bug or an unforeseen input must not print a traceback per request
+                await self._failed(exc, scope, receive, send)
         elif kind == "lifespan":
             await self._lifespan(receive, send)
         else:  # websocket: not proxied (yet); refuse the handshake
@@ -144,11 +159,15 @@ class Gateway:
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         active = self._active
-        problem = request_problem(scope)
+        problem = request_problem(scope, reject_underscores=active.reject_underscores)
         if problem is not None:
             await bad_request(problem)(scope, receive, send)
             return
         path: str = scope["path"]
+        odd = needs_normalizing(path, scope.get("raw_path"))
+        if odd:
+            path, scope["raw_path"] = normalize_path(path, scope.get("raw_path"))
+            scope["path"] = path
         if path.startswith(ADMIN_PREFIX):
             await self.admin(scope, receive, send)
             return
@@ -160,14 +179,37 @@ class Gateway:
             else:
                 await ErrorResponse(404, "no_route", f"no route matches {path}")(scope, receive, send)
             return
+        if odd:
+            if ";" in path and not found.allow_semicolons:
+                await bad_request("';' path parameters are not allowed on this route (match.allow_semicolons)")(
+                    scope, receive, send)
+                return
+            if "\\" in path and not found.allow_backslashes:
+                await bad_request("'\\' is not allowed in paths on this route (match.allow_backslashes)")(
+                    scope, receive, send)
+                return
         scope[SCOPE_KEY] = RequestContext(scope, active.trusted, found.name)
         await found.app(scope, receive, send)
+
+    async def _failed(self, exc: Exception, scope: Scope, receive: Receive, send: Send) -> None:
+        self._errors.warning("request %s %s failed: %s: %s (traceback at debug level)", scope.get("method"),
+                             scope.get("path"), type(exc).__name__, exc)
+        logger.debug("request failed", exc_info=exc)
+        response = ErrorResponse(500, "internal_error", "the gateway could not handle this request",
+                                 headers=[(b"connection", b"close")])
+        try:
+            await response(scope, receive, send)
+        except RuntimeError:
+            # the response had already started: returning without completing it makes the server close the
+            # connection, so the client sees a truncated response, never a complete-looking wrong one
+            return
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
                 self._install_reload_signal()
+                await self.store.start()  # heartbeats from now: peers count this instance before it serves
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 await self.close()

@@ -40,6 +40,8 @@ def _serve(args: argparse.Namespace) -> int:
     except PolicyError as exc:
         print(exc, file=sys.stderr)
         return 1
+    from .server import uvicorn_options
+
     os.environ["EDGEWAY_POLICY"] = path
     uvicorn.run(
         "edgeway.gateway.asgi:app_from_env",
@@ -47,12 +49,9 @@ def _serve(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         workers=args.workers,
-        lifespan="on",
-        proxy_headers=False,  # Edgeway's trusted_proxies decides who may set forwarding headers
-        server_header=False,
-        date_header=False,  # the upstream's Date passes through; no second one
         access_log=args.access_log,
         log_level=args.log_level,
+        **uvicorn_options(args.http),
     )
     return 0
 
@@ -79,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--workers", type=int, default=1)
+    serve.add_argument("--http", default="httptools", choices=["httptools", "h11"],
+                       help="HTTP/1.1 parser (default: httptools; h11 is pure Python); the policy's server: block "
+                            "sets timeouts and limits")
     serve.add_argument("--access-log", action="store_true", help="log every request (costs throughput)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.set_defaults(run=_serve)

@@ -14,6 +14,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 
 from edgeway.middleware.breaker_config import BreakerSettings
 from edgeway.middleware.ratelimit import Limit
+from edgeway.middleware.store.failover import MIN_PROBE_INTERVAL
 from edgeway.middleware.units import Duration, Size
 
 HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
@@ -68,7 +69,10 @@ class StoreConfig(Model):
     )
     failures: int = Field(3, ge=1, description="Consecutive failures within failure_window that mark a store down.")
     failure_window: Duration = Field(10.0, description="Window for counting those failures.")
-    probe_interval: Duration = Field(0.5, description="First wait before probing a down store (then doubles).")
+    probe_interval: Duration = Field(
+        0.5, description="First wait before probing a down store (then doubles); at least 50ms.",
+        json_schema_extra={"minimum": MIN_PROBE_INTERVAL},
+    )
     instances: int | None = Field(
         None, ge=1, description="Static instance count for degraded limits (default: counted by heartbeats)."
     )
@@ -78,6 +82,14 @@ class StoreConfig(Model):
     @classmethod
     def _fallback(cls, value: object) -> object:
         return _fallback_list(value)
+
+    @field_validator("probe_interval")
+    @classmethod
+    def _probe_floor(cls, value: float) -> float:
+        if value < MIN_PROBE_INTERVAL:
+            raise ValueError(f"probe_interval must be at least {MIN_PROBE_INTERVAL * 1000:.0f}ms (a down store "
+                             f"would be probed in a busy loop); got {value * 1000:g}ms")
+        return value
 
     @field_validator("url")
     @classmethod
@@ -95,12 +107,18 @@ class StoreConfig(Model):
 class UpstreamTimeout(Model):
     connect: Duration = Field(2.0, description="TCP (and TLS) connect timeout.")
     read: Duration = Field(30.0, description="Longest wait for the next bytes of the response.")
+    pool: Duration = Field(
+        1.0, description="Longest wait for a free pooled connection once max_connections are busy; then 503 "
+                         "upstream_overloaded (fails fast instead of queueing behind a stalled upstream).")
 
 
 class Upstream(Model):
     url: str = Field(description="Base URL: http(s)://host[:port][/base-path]")
     timeout: UpstreamTimeout = UpstreamTimeout()
     max_connections: int = Field(256, ge=1, description="Pooled connections kept to this upstream.")
+    max_pending: int = Field(
+        1024, ge=0, description="Requests that may wait for a connection when all max_connections are busy "
+                                "(Envoy's max_pending_requests default); past it 503 upstream_overloaded at once.")
     breaker: BreakerSettings | None = Field(None, description="A circuit breaker shared by every instance.")
 
     @field_validator("url")
@@ -114,6 +132,14 @@ class Upstream(Model):
 class Match(Model):
     path: str = Field(description="Exact path, or a prefix ending in * (first match wins).")
     methods: tuple[str, ...] | None = Field(None, description="Allowed methods; absent means all.")
+    case_insensitive: bool = Field(
+        False, description="Match the path ignoring case, for upstreams that fold case (IIS, some Java stacks), "
+                           "so /LIMITED/x cannot dodge the policies of /limited/*.")
+    allow_semicolons: bool = Field(
+        False, description="Let ';' path parameters through (refused with 400 otherwise: upstreams that strip "
+                           "them would serve /a;x/b as /a/b, a path the policy did not match).")
+    allow_backslashes: bool = Field(
+        False, description="Let '\\' through in paths (refused with 400 otherwise: some upstreams read it as '/').")
 
     @field_validator("path")
     @classmethod
@@ -156,6 +182,39 @@ class Sessions(Model):
     ttl: Duration = 86400.0
 
 
+class ServerConfig(Model):
+    """How ``edgeway serve`` treats client connections (each setting applies per process)."""
+
+    header_timeout: Duration = Field(
+        10.0, description="A connection must send a whole request head within this time, else it is closed "
+                          "(nginx client_header_timeout is 60s; 10s is Envoy's request_headers_timeout "
+                          "advice for edges and stops slowloris).")
+    keepalive_timeout: Duration = Field(
+        75.0, description="Idle keep-alive connections are closed after this (nginx's keepalive_timeout).")
+    max_connections: int = Field(
+        10_000, ge=1, description="Open client connections per process; past it new ones get 503 and are "
+                                  "closed, instead of the process running out of file descriptors.")
+    max_header_bytes: Size = Field(
+        65_536, description="Request line plus header block size; larger heads get 431 (nginx allows 4 x 8k "
+                            "buffers, Envoy 60 KiB).")
+    max_headers: int = Field(100, ge=1, description="Header fields per request; more get 431 (Envoy's default).")
+    client_body_timeout: Duration = Field(
+        10.0, description="Longest pause between two reads of a request body; then 408 and the connection "
+                          "closes (nginx's client_body_timeout is 60s; an edge frees stalled uploads sooner).")
+    request_buffer: Size = Field(
+        65_536, description="Request bodies up to this size are read whole before an upstream connection is "
+                            "taken, so a stalled upload never holds one (nginx's proxy_request_buffering); "
+                            "larger bodies stream.")
+    max_request_body: Size = Field(
+        10_000_000, description="Larger request bodies get 413 (nginx's 1m is too small for JSON APIs carrying "
+                                "images; 10 MB still bounds abuse).")
+    headers_with_underscores: Literal["drop", "reject", "allow"] = Field(
+        "drop", description="Header names with '_' reach WSGI/CGI upstreams as HTTP_X_... , the same as the "
+                            "'-' spelling, so a client could forge identity headers: drop them (nginx's and "
+                            "Envoy's edge default, counted in edgeway_dropped_headers_total), reject the "
+                            "request with 400, or allow them.")
+
+
 class Admin(Model):
     token: str = Field("", description="Bearer token for the admin API; empty turns it off.")
 
@@ -180,4 +239,5 @@ class Policy(Model):
     upstreams: dict[str, Upstream]
     routes: tuple[Route, ...]
     sessions: Sessions | None = None
+    server: ServerConfig = ServerConfig()
     admin: Admin = Admin()

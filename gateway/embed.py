@@ -38,16 +38,23 @@ class Edgeway:
     def wrap(self, app: Any) -> Any:
         """``app`` with the policy's routes in front of it."""
         return _Wrapped(app, RouteTable(self.loaded.policy, self.store, self.trusted, lambda route: app,
-                                        clock=self.clock), self.trusted)
+                                        clock=self.clock), self.trusted, self.store)
 
 
 class _Wrapped:
-    def __init__(self, app: Any, routes: RouteTable, trusted: TrustedProxies) -> None:
+    def __init__(self, app: Any, routes: RouteTable, trusted: TrustedProxies, store: Store) -> None:
         self.app = app
         self.routes = routes
         self.trusted = trusted
+        self.store = store
+        self._started = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if not self._started:
+            # heartbeats from the app's startup (or, without lifespan, its first request of any route), so
+            # peers count this instance even before it serves a limited route
+            self._started = True
+            await self.store.start()
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return

@@ -16,6 +16,8 @@ from collections.abc import Iterable, Sequence
 
 from edgeway.middleware.context import RequestContext, Scope
 
+from .rawheaders import RAW_MARK
+
 HOP_BY_HOP = frozenset(
     {
         "connection",
@@ -33,22 +35,19 @@ _FORWARDING = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-ho
 # ``Expect: 100-continue`` is answered on the client's hop (the server sends 100 once the body is read);
 # passed on, aiohttp would hold the body until the upstream sent its own 100, stalling (until the read
 # timeout) on an upstream that just waits for the body, as RFC 9110 §10.1.1 allows. nginx drops it too.
-_REQUEST_DROP = HOP_BY_HOP | {"expect", "host"}
+# ``Content-Length`` is set again by the proxy from the body it sends (normalised: "5 " is 5)
+_REQUEST_DROP = HOP_BY_HOP | {"expect", "host", "content-length"}
 # forwarding fields: re-added with this hop appended; from an untrusted peer the client's own are dropped
 _DROP_TRUSTED = frozenset(name.encode() for name in _REQUEST_DROP | {"x-forwarded-for", "forwarded"})
 _DROP_UNTRUSTED = frozenset(name.encode() for name in _REQUEST_DROP | _FORWARDING)
 _HOP_BY_HOP_BYTES = frozenset(name.encode() for name in HOP_BY_HOP)
 # control characters h11 lets through in field values but aiohttp refuses to send (ValueError -> a bare 500)
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
-
-
-def _text(value: bytes) -> str:
-    """A request field value for aiohttp, which encodes values as UTF-8: valid UTF-8 goes on byte-exact
-    (Latin-1 decoding would double-encode it); other bytes can only go as Latin-1 (re-encoded)."""
-    try:
-        return value.decode("utf-8")
-    except UnicodeDecodeError:
-        return value.decode("latin-1")
+# RFC 3986 host (IP-literal, or reg-name which covers IPv4) with an optional port; no userinfo, no spaces,
+# no '/', '?', '#', '"': anything else could smuggle data into X-Forwarded-Host and Forwarded
+_HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|(?:[A-Za-z0-9\-._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})*)(?::[0-9]*)?")
+# RFC 9110 token characters: a Forwarded parameter value that is not a token must be a quoted-string
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 
 def connection_named(values: Iterable[str]) -> set[str]:
@@ -56,12 +55,25 @@ def connection_named(values: Iterable[str]) -> set[str]:
     return {token.strip().lower() for value in values for token in value.split(",") if token.strip()}
 
 
-def _for_token(address: str) -> str:
-    return f'"[{address}]"' if ":" in address else address
+def forwarded_value(value: str, *, quote: bool = False) -> str:
+    """An RFC 7239 parameter value: a token as is (unless ``quote``), anything else as a quoted-string with
+    ``"`` and ``\\`` escaped, so no value can close its quotes and add parameters or elements of its own."""
+    if not quote and _TOKEN.fullmatch(value):
+        return value
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def upstream_request_headers(ctx: RequestContext) -> list[tuple[str, str]]:
-    """Headers to send upstream: client headers minus hop-by-hop/identity, plus forwarding fields.
+def _for_node(address: str) -> str:
+    return forwarded_value(f"[{address}]" if ":" in address else address)
+
+
+def upstream_request_headers(ctx: RequestContext, *, drop_underscores: bool = True) -> tuple[list[tuple[str, str]],
+                                                                                              int]:
+    """Headers to send upstream and how many names with ``_`` were dropped.
+
+    Client headers minus hop-by-hop/identity, plus forwarding fields. Names
+    with ``_`` are dropped when ``drop_underscores``: CGI/WSGI upstreams map
+    ``X_Edgeway_User`` and ``X-Edgeway-User`` to the same variable.
 
     ``Host`` is dropped: the upstream is addressed by its own name (like
     nginx's ``proxy_set_header Host $proxy_host``); the client's host goes in
@@ -77,7 +89,12 @@ def upstream_request_headers(ctx: RequestContext) -> list[tuple[str, str]]:
     prior_xff: list[str] = []
     prior_forwarded: list[str] = []
     has_proto = has_host = False
+    dropped = 0
+    latin: list[int] | None = None  # positions in ``out`` of values that are not valid UTF-8
     for name, value in ctx.scope["headers"]:
+        if drop_underscores and b"_" in name:
+            dropped += 1
+            continue
         if name in drop:
             if name == b"host":
                 host = host or value.decode("latin-1")
@@ -93,7 +110,17 @@ def upstream_request_headers(ctx: RequestContext) -> list[tuple[str, str]]:
         if trusted:
             has_proto = has_proto or name == b"x-forwarded-proto"
             has_host = has_host or name == b"x-forwarded-host"
-        out.append((name.decode("latin-1"), _text(value)))
+        try:
+            text = value.decode("utf-8")  # aiohttp writes values as UTF-8: valid UTF-8 goes on byte-exact
+        except UnicodeDecodeError:
+            text = value.decode("latin-1")
+            latin = latin or []
+            latin.append(len(out))
+        out.append((name.decode("latin-1"), text))
+    if latin is not None:
+        # non-UTF-8 bytes: every value as Latin-1 text, which rawheaders writes back byte for byte
+        out = [(n, v if i in latin else v.encode("utf-8").decode("latin-1")) for i, (n, v) in enumerate(out)]
+        out.append((RAW_MARK, "1"))
     if connection:
         named = connection_named(value.decode("latin-1") for value in connection)
         out = [pair for pair in out if pair[0] not in named]
@@ -104,21 +131,22 @@ def upstream_request_headers(ctx: RequestContext) -> list[tuple[str, str]]:
         out.append(("x-forwarded-proto", proto))
     if host and not has_host:
         out.append(("x-forwarded-host", host))
-    element = f"for={_for_token(peer)};proto={proto}" + (f';host="{host}"' if host else "")
+    element = f"for={_for_node(peer)};proto={forwarded_value(proto)}" + (
+        f";host={forwarded_value(host, quote=True)}" if host else "")
     prior = ", ".join(prior_forwarded) if trusted else ""
     out.append(("forwarded", f"{prior}, {element}" if prior else element))
-    return out
+    return out, dropped
 
 
-def request_has_body(scope: Scope) -> bool:
-    """Whether a request body follows (``Content-Length`` > 0 or ``Transfer-Encoding``; never both, see
-    :func:`request_problem`)."""
+def request_body_length(scope: Scope) -> int | None:
+    """The request body's length: 0 for none, the ``Content-Length`` (validated by :func:`request_problem`),
+    or None when it is chunked (``Transfer-Encoding``; never both, see :func:`request_problem`)."""
     for name, value in scope["headers"]:
         if name == b"content-length":
-            return value.strip() not in (b"0", b"")
+            return int(value.strip(b" \t"))
         if name == b"transfer-encoding":
-            return True
-    return False
+            return None
+    return 0
 
 
 def downstream_response_headers(raw: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
@@ -140,13 +168,15 @@ def downstream_response_headers(raw: Sequence[tuple[bytes, bytes]]) -> list[tupl
     return out
 
 
-def request_problem(scope: Scope) -> str | None:
+def request_problem(scope: Scope, *, reject_underscores: bool = False) -> str | None:
     """Why this request must be refused with 400 before anything else happens, or None.
 
     - an absolute-form target (``GET http://other-host/x``): the upstream comes
       only from the policy, never from the request (no open proxy, no SSRF);
     - ``Content-Length`` together with ``Transfer-Encoding`` (request smuggling);
-    - a missing (HTTP/1.1) or repeated ``Host``;
+    - a missing (HTTP/1.1), repeated or malformed ``Host`` (RFC 3986 host and port only);
+    - a ``Content-Length`` that is not one decimal number (whitespace around it is fine);
+    - header names with ``_`` when ``reject_underscores``;
     - control characters in a field value (h11 accepts them; they cannot be forwarded);
     - ``.``/``..`` path segments, which would let ``/public/../admin`` match a
       different route than the one the upstream serves.
@@ -156,22 +186,33 @@ def request_problem(scope: Scope) -> str | None:
     if path[:1] != "/" or (raw_path is not None and raw_path[:1] != b"/"):
         return "absolute-form or malformed request target: send a path such as /api/x"
     hosts = 0
-    length = encoding = False
+    host = b""
+    lengths: set[bytes] = set()
+    encoding = underscore = False
     values = []
     for name, value in scope["headers"]:
         values.append(value)
         if name == b"host":
             hosts += 1
+            host = value
         elif name == b"content-length":
-            length = True
+            lengths.add(value.strip(b" \t"))
         elif name == b"transfer-encoding":
             encoding = True
-    if length and encoding:
+        elif b"_" in name:
+            underscore = True
+    if lengths and encoding:
         return "Content-Length together with Transfer-Encoding is not allowed"
+    if lengths and (len(lengths) > 1 or not next(iter(lengths)).isdigit()):
+        return "Content-Length must be one decimal number"
     if hosts > 1:
         return "more than one Host header"
     if not hosts and scope.get("http_version") == "1.1":
         return "missing Host header"
+    if hosts and not _HOST.fullmatch(host):
+        return "invalid Host header: expected host[:port] (a name, an IPv4 address or an [IPv6] literal)"
+    if underscore and reject_underscores:
+        return "header names with '_' are not allowed (headers_with_underscores: reject)"
     if _CONTROL.search(b"\t".join(values)):
         return "control characters are not allowed in header values"
     if "/." in path and any(segment in (".", "..") for segment in path.split("/")):

@@ -2,8 +2,11 @@
 
 Every problem is collected (not just the first) and reported as
 ``FILE:LINE:COL: message``. The YAML is *composed* with PyYAML's SafeLoader
-into nodes, which keep their positions, and built into plain values here, so
-no YAML tag can construct an object.
+into nodes, which keep their positions, and built into plain values here with
+YAML 1.2 core-schema scalars (only ``true``/``false`` are booleans), so no YAML
+tag can construct an object. Anchors, aliases, tags, files over 1 MB and
+nesting deeper than 32 levels are refused (a policy never needs them, and each
+is a way to make loading slow or huge).
 """
 
 from __future__ import annotations
@@ -27,9 +30,6 @@ from .errors import PolicyError, Problem
 
 Loc = tuple[str | int, ...]
 
-_STANDARD_TAGS = frozenset(
-    "tag:yaml.org,2002:" + name for name in ("str", "int", "float", "bool", "null", "map", "seq", "timestamp")
-)
 _VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -66,28 +66,85 @@ def interpolate(text: str, environ: Mapping[str, str]) -> tuple[str, list[tuple[
     return _VAR.sub(replace, text), unset
 
 
+MAX_BYTES = 1_000_000  # a policy is a few KB; the cap keeps `check` and reloads fast and small
+MAX_DEPTH = 32  # deepest real policy nesting is about 7 (routes, route, cache, key, ...)
+
+_NULL = frozenset({"", "~", "null", "Null", "NULL"})
+_BOOL = {"true": True, "True": True, "TRUE": True, "false": False, "False": False, "FALSE": False}
+_INT = re.compile(r"[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+")
+_FLOAT = re.compile(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?")
+_SPECIAL_FLOAT = {".inf": float("inf"), "+.inf": float("inf"), "-.inf": float("-inf"), ".nan": float("nan")}
+
+
+class _Refused(yaml.MarkedYAMLError):
+    """A YAML feature a policy may not use (anchors, aliases, tags, deep nesting)."""
+
+
+class _PolicyComposer(yaml.SafeLoader):
+    """SafeLoader's scanner and parser, composing nodes only: no aliases, anchors or tags, bounded depth.
+
+    PyYAML's scanner and parser are iterative; only composing (and building) recurse, so bounding the
+    depth here turns ``[[[[...`` into one positioned problem instead of a RecursionError, and refusing
+    aliases makes an alias bomb impossible rather than merely expensive.
+    """
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        event = self.peek_event()  # type: ignore[no-untyped-call]
+        mark: Any = event.start_mark
+        if isinstance(event, yaml.AliasEvent):
+            raise _Refused(None, None, "aliases (*name) are not allowed in a policy: write the value out", mark)
+        if getattr(event, "anchor", None) is not None:
+            raise _Refused(None, None, "anchors (&name) are not allowed in a policy: write the value out", mark)
+        if getattr(event, "tag", None) not in (None, "!"):
+            tag = str(event.tag).replace("tag:yaml.org,2002:", "!!")
+            raise _Refused(None, None, f"YAML tags ({tag}) are not allowed: policies are plain YAML", mark)
+        self.depth += 1
+        if self.depth > MAX_DEPTH:
+            raise _Refused(None, None, f"nesting deeper than {MAX_DEPTH} levels is not allowed in a policy", mark)
+        try:
+            node: yaml.Node | None = super().compose_node(parent, index)
+            return node
+        finally:
+            self.depth -= 1
+
+
+def scalar(node: yaml.ScalarNode) -> Any:
+    """A scalar's value under the YAML 1.2 core schema: only ``true``/``false`` are booleans, so ``on``,
+    ``off``, ``yes`` and ``no`` stay the words written (PyYAML alone would apply YAML 1.1)."""
+    text: str = node.value
+    if node.style is not None:  # quoted or block scalars are always strings
+        return text
+    if text in _NULL:
+        return None
+    if text in _BOOL:
+        return _BOOL[text]
+    if _INT.fullmatch(text):
+        return int(text, 0) if text[:2] in ("0o", "0x") else int(text)
+    if _FLOAT.fullmatch(text):
+        return float(text)
+    special = _SPECIAL_FLOAT.get(text.lower())
+    return text if special is None else special
+
+
 class _Builder:
-    def __init__(self, loader: yaml.SafeLoader, environ: Mapping[str, str], built: _Built) -> None:
-        self.loader = loader
+    def __init__(self, environ: Mapping[str, str], built: _Built) -> None:
         self.environ = environ
         self.built = built
 
     def build(self, node: yaml.Node, loc: Loc) -> Any:
         self.built.values[loc] = _position(node)
-        if node.tag not in _STANDARD_TAGS:
-            tag = node.tag.replace("tag:yaml.org,2002:", "!!")
-            message = f"unsupported YAML tag {tag}: policies are plain YAML"
-            self.built.problems.append(Problem(*_position(node), message))
-            self.built.poisoned.add(loc)
-            return None
         if isinstance(node, yaml.MappingNode):
             result: dict[Any, Any] = {}
             for key_node, value_node in node.value:
-                key = self.loader.construct_object(key_node, deep=True)
+                key = scalar(key_node) if isinstance(key_node, yaml.ScalarNode) else None
                 if not isinstance(key, str | int | bool | float) or key is None:
                     self.built.problems.append(Problem(*_position(key_node), f"unsupported key {key!r}"))
                     continue
-                key = str(key) if not isinstance(key, str) else key
+                key = (str(key).lower() if isinstance(key, bool) else str(key)) if not isinstance(key, str) else key
                 if key in result:
                     self.built.problems.append(Problem(*_position(key_node), f"duplicate key '{key}'"))
                 self.built.keys[(*loc, key)] = _position(key_node)
@@ -95,11 +152,12 @@ class _Builder:
             return result
         if isinstance(node, yaml.SequenceNode):
             return [self.build(item, (*loc, i)) for i, item in enumerate(node.value)]
-        value = self.loader.construct_object(node, deep=True)
+        assert isinstance(node, yaml.ScalarNode)
+        value = scalar(node)
         if isinstance(value, str) and "$" in value:
             value, unset = interpolate(value, self.environ)
             line, col = _position(node)
-            quoted = 1 if isinstance(node, yaml.ScalarNode) and node.style in ("'", '"') else 0
+            quoted = 1 if node.style in ("'", '"') else 0
             for offset, name in unset:
                 self.built.problems.append(
                     Problem(line, col + quoted + offset,
@@ -111,19 +169,34 @@ class _Builder:
 
 
 def parse_yaml(text: str, environ: Mapping[str, str] | None = None) -> tuple[Any, _Built]:
-    """Safe-compose ``text`` and build plain data with positions; problems are collected, not raised."""
+    """Compose ``text`` (YAML 1.2 core scalars, no aliases/anchors/tags, bounded size and depth) and build
+    plain data with positions; problems are collected, not raised."""
     built = _Built()
-    loader = yaml.SafeLoader(text)
+    size = len(text.encode("utf-8"))
+    if size > MAX_BYTES:
+        built.problems.append(Problem(1, 1, f"the policy file is {size} bytes; the limit is {MAX_BYTES} (1 MB)"))
+        return None, built
+    loader = _PolicyComposer(text)
     try:
         node = loader.get_single_node()
         if node is None:
             built.problems.append(Problem(1, 1, "the policy file is empty"))
             return None, built
-        return _Builder(loader, os.environ if environ is None else environ, built).build(node, ()), built
+        return _Builder(os.environ if environ is None else environ, built).build(node, ()), built
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
-        built.problems.append(Problem(line, col, f"invalid YAML: {exc.problem or exc.context}"))
+        if isinstance(exc, _Refused):
+            message = str(exc.problem)
+        else:
+            what = exc.problem or exc.context or "not valid YAML"
+            where = f" {exc.context}" if exc.context and exc.problem else ""
+            hint = "; check the indentation" if "block" in f"{what}{where}" else ""
+            message = f"invalid YAML: {what}{where}{hint}"
+        built.problems.append(Problem(line, col, message))
+        return None, built
+    except yaml.YAMLError as exc:  # reader errors (control characters) carry no mark
+        built.problems.append(Problem(1, 1, f"invalid YAML: {exc}"))
         return None, built
     finally:
         loader.dispose()
@@ -260,10 +333,13 @@ class LoadedPolicy:
 def load_text(text: str, source: str = "<policy>", environ: Mapping[str, str] | None = None) -> LoadedPolicy:
     """Parse and validate policy text; raises :class:`PolicyError` listing every problem."""
     data, built = parse_yaml(text, environ)
-    policy = validate(data, built) if data is not None else None
+    policy = validate(data, built) if isinstance(data, dict) else None
     if policy is None or built.problems:
-        if data is not None and not isinstance(data, dict) and not built.problems:
-            built.problems.append(Problem(1, 1, "a policy must be a mapping with version, upstreams and routes"))
+        if not isinstance(data, dict) and not built.problems:
+            line, col = built.values.get((), (1, 1))
+            what = "only null (~)" if data is None else f"a {type(data).__name__}"
+            built.problems.append(Problem(line, col, f"the policy holds {what}: it must be a mapping with "
+                                                     "version, upstreams and routes"))
         raise PolicyError(source, sorted(built.problems))
     return LoadedPolicy(policy, source, hashlib.sha256(text.encode()).hexdigest()[:12])
 
@@ -271,7 +347,12 @@ def load_text(text: str, source: str = "<policy>", environ: Mapping[str, str] | 
 def load_policy(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> LoadedPolicy:
     """Read and validate a policy file; raises :class:`PolicyError` (also for an unreadable file)."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        with Path(path).open("rb") as file:  # read one byte past the cap, never a whole huge file
+            raw = file.read(MAX_BYTES + 1)
+        if len(raw) > MAX_BYTES:
+            raise PolicyError(str(path), [Problem(1, 1, f"the policy file is over {MAX_BYTES} bytes (1 MB), "
+                                                        "the limit for a policy")])
+        text = raw.decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise PolicyError(str(path), [Problem(1, 1, f"cannot read the policy file: {exc}")]) from None
     return load_text(text, str(path), environ)

@@ -10,6 +10,15 @@ session per upstream, created on first use inside the running loop, with:
   ``Accept-Encoding`` decides) and no auto-added request headers;
 - redirects passed back, never followed.
 
+Request bodies up to ``server.request_buffer`` (64 KiB) are read whole
+before a pooled connection is taken, so a client that stalls mid-upload never
+holds one (nginx's ``proxy_request_buffering``); larger ones stream. Every read
+of a body waits at most ``client_body_timeout`` (then 408), bodies past
+``max_request_body`` get 413, and a request that finds all ``max_connections``
+busy waits at most ``timeout.pool`` behind at most ``max_pending`` others
+(then 503 ``upstream_overloaded``, as Envoy does). Requests without a body
+pay for none of this.
+
 Failures before the response starts become JSON errors: connect failure 502
 ``bad_gateway``, timeout 504 ``upstream_timeout``. After it starts, a failing
 upstream aborts the client connection (the response is left incomplete), so a
@@ -23,6 +32,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import aiohttp
@@ -31,12 +41,13 @@ from yarl import URL
 from edgeway.middleware.breaker import CircuitBreaker
 from edgeway.middleware.clientip import TrustedProxies
 from edgeway.middleware.context import RequestContext, Scope
-from edgeway.middleware.metrics import UPSTREAM_ERRORS
+from edgeway.middleware.metrics import DROPPED_HEADERS, UPSTREAM_ERRORS
 from edgeway.middleware.pipeline import Throttled
 from edgeway.middleware.responses import ErrorResponse, Receive, Send
 
-from .config import Upstream
-from .headers import downstream_response_headers, request_has_body, upstream_request_headers
+from .config import ServerConfig, Upstream
+from .headers import downstream_response_headers, request_body_length, upstream_request_headers
+from .rawheaders import ByteExactRequest, install
 from .retry import Retrier
 
 logger = logging.getLogger("edgeway.proxy")
@@ -45,8 +56,34 @@ WATCH_AFTER = 0.1  # seconds a request runs before its client's disconnects are 
 _SKIP_AUTO = frozenset({"User-Agent", "Accept", "Accept-Encoding", "Content-Type"})
 
 
+_CLOSE = ((b"connection", b"close"),)  # the rest of an unread body must not be parsed as a next request
+
+
 class _ClientGone(Exception):
     """The client disconnected while we were still reading its request body."""
+
+
+class _BodyRefused(Exception):
+    """The request body can't be forwarded: it stalled (408) or grew past max_request_body (413)."""
+
+    def __init__(self, response: ErrorResponse) -> None:
+        super().__init__(response.status)
+        self.response = response
+
+
+def _too_large(limit: int) -> _BodyRefused:
+    return _BodyRefused(ErrorResponse(413, "request_too_large", f"the request body is over {limit} bytes",
+                                      extra={"limit": limit}, headers=_CLOSE))
+
+
+class _Body:
+    """One request body's reading state, shared by the buffering read and the streaming generator."""
+
+    __slots__ = ("refused", "size")
+
+    def __init__(self) -> None:
+        self.size = 0
+        self.refused: _BodyRefused | None = None
 
 
 class _Watch:
@@ -103,12 +140,23 @@ class UpstreamProxy:
     """An ASGI app forwarding every request to one upstream."""
 
     def __init__(self, name: str, upstream: Upstream, trusted: TrustedProxies,
-                 breaker: CircuitBreaker | None = None, clock: Callable[[], float] | None = None) -> None:
+                 server: ServerConfig | None = None, breaker: CircuitBreaker | None = None,
+                 clock: Callable[[], float] | None = None) -> None:
+        server = server or ServerConfig()
         self.name = name
         self.base = upstream.url
         self.upstream = upstream
         self.trusted = trusted
         self._session: aiohttp.ClientSession | None = None
+        # one slot per pooled connection: waiting for a slot is bounded (pool timeout, max_pending), waiting
+        # inside aiohttp's connector is not
+        self._slots = asyncio.Semaphore(upstream.max_connections)
+        self._waiting = 0
+        self._buffer = server.request_buffer
+        self._max_body = server.max_request_body
+        self._body_timeout = server.client_body_timeout
+        self._drop_underscores = server.headers_with_underscores == "drop"
+        self._dropped = DROPPED_HEADERS.labels("underscore")
         self._timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=upstream.timeout.connect, sock_read=upstream.timeout.read
         )
@@ -120,6 +168,7 @@ class UpstreamProxy:
             if retry is not None and breaker is not None else None
 
     def _open(self) -> aiohttp.ClientSession:
+        install()
         connector = aiohttp.TCPConnector(limit=self.upstream.max_connections, ttl_dns_cache=60,
                                          enable_cleanup_closed=False)
         self._session = aiohttp.ClientSession(
@@ -128,6 +177,7 @@ class UpstreamProxy:
             auto_decompress=False,
             skip_auto_headers=_SKIP_AUTO,
             timeout=self._timeout,
+            request_class=ByteExactRequest,
         )
         return self._session
 
@@ -138,63 +188,79 @@ class UpstreamProxy:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         ctx = RequestContext.of(scope, self.trusted)
-        headers = upstream_request_headers(ctx)
+        headers, dropped = upstream_request_headers(ctx, drop_underscores=self._drop_underscores)
+        if dropped:
+            self._dropped.inc(dropped)
         target = self.base + (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
         if scope.get("query_string"):
             target += "?" + scope["query_string"].decode("latin-1")
         watch = _Watch(receive)
-        has_body = request_has_body(scope)
-        retry = self._retry if self._retry is not None and self._retry.replayable(ctx, scope["method"], has_body) \
-            else None
-        if has_body and retry is None:
-            body: Any = self._body(receive, watch)
-        else:
-            body = ctx.body  # None, or the whole body the pipeline read: sent again as is
+        length = request_body_length(scope)
+        state: _Body | None = None
+        body: Any = None
+        if length == 0:
             watch.arm()
+        else:
+            state = _Body()
+            try:
+                if length is not None and length > self._max_body:
+                    raise _too_large(self._max_body)
+                head, complete = await self._buffered(receive, watch, state)
+            except _ClientGone:
+                return
+            except _BodyRefused as refused:
+                await refused.response(scope, receive, send)
+                return
+            if complete:
+                body = head
+            else:
+                body = self._stream(head, receive, watch, state)
+                if length is not None:
+                    headers.append(("content-length", str(length)))
+        if not self._slots.locked():
+            await self._slots.acquire()  # immediate: a slot is free
+        elif not await self._wait_for_slot():
+            await self._overloaded(scope, receive, send, close=length != 0)
+            watch.stop()
+            return
         session = self._session or self._open()
         started = False
-        attempt = 0
+        request: Callable[..., AbstractAsyncContextManager[aiohttp.ClientResponse]] = session.request
+        if self._retry is not None and self._retry.replayable(ctx, scope["method"], body):
+            request = self._retry.sender(session, lambda: watch.gone)
         try:
-            while True:
-                try:
-                    async with session.request(
-                        scope["method"], URL(target, encoded=True), headers=headers, data=body,
-                        allow_redirects=False, compress=None, chunked=None,
-                    ) as response:
-                        if retry is not None and response.status in retry.statuses:
-                            wait = retry.again(attempt)
-                            if wait is not None:
-                                attempt += 1
-                                await asyncio.sleep(wait)
-                                continue
-                        await send({"type": "http.response.start", "status": response.status,
-                                    "headers": downstream_response_headers(response.raw_headers)})
-                        started = True
-                        content = response.content
-                        while True:
-                            chunk = await content.readany()
-                            if not chunk:
-                                await send({"type": "http.response.body", "body": b"", "more_body": False})
-                                break
-                            last = content.at_eof()
-                            await send({"type": "http.response.body", "body": chunk, "more_body": not last})
-                            if last:
-                                break
-                    return
-                except (TimeoutError, aiohttp.ClientError, OSError):
-                    wait = None if retry is None or started or watch.gone else retry.again(attempt)
-                    if wait is None:
-                        raise
-                    attempt += 1
-                    await asyncio.sleep(wait)
+            async with request(
+                scope["method"], URL(target, encoded=True), headers=headers, data=body,
+                allow_redirects=False, compress=None, chunked=None,
+            ) as response:
+                await send({"type": "http.response.start", "status": response.status,
+                            "headers": downstream_response_headers(response.raw_headers)})
+                started = True
+                content = response.content
+                while True:
+                    chunk = await content.readany()
+                    if not chunk:
+                        await send({"type": "http.response.body", "body": b"", "more_body": False})
+                        break
+                    last = content.at_eof()
+                    await send({"type": "http.response.body", "body": chunk, "more_body": not last})
+                    if last:
+                        break
         except asyncio.CancelledError:
             if not watch.gone:
                 raise
             return  # the client left: the upstream request is cancelled with us
         except _ClientGone:
             return
+        except _BodyRefused as refused:
+            if not started:
+                await refused.response(scope, receive, send)
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             if watch.gone:
+                return
+            if state is not None and state.refused is not None:  # the body stream failed in aiohttp's writer
+                if not started:
+                    await state.refused.response(scope, receive, send)
                 return
             if started:
                 self._errors.warning("upstream %s failed mid-response (%s): aborting the client response",
@@ -202,22 +268,71 @@ class UpstreamProxy:
                 return  # leaving the response incomplete makes the server close the connection
             await self._failed(exc, scope, receive, send)
         finally:
+            self._slots.release()
             watch.stop()
 
-    async def _body(self, receive: Receive, watch: _Watch) -> Any:
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                watch.gone = True
-                raise _ClientGone()
-            chunk = message.get("body", b"")
-            more = message.get("more_body", False)
-            if not more:
-                watch.arm()
+    async def _wait_for_slot(self) -> bool:
+        """Wait for a free connection slot, bounded by max_pending and the pool timeout; False when refused."""
+        if self._waiting >= self.upstream.max_pending:
+            return False
+        self._waiting += 1
+        try:
+            async with asyncio.timeout(self.upstream.timeout.pool):
+                await self._slots.acquire()
+        except TimeoutError:
+            return False
+        finally:
+            self._waiting -= 1
+        return True
+
+    async def _overloaded(self, scope: Scope, receive: Receive, send: Send, *, close: bool) -> None:
+        UPSTREAM_ERRORS.labels(self.name, "upstream_overloaded").inc()
+        self._errors.warning("upstream %s: all %d connections busy and the wait bounded: answering 503",
+                             self.name, self.upstream.max_connections)
+        await ErrorResponse(503, "upstream_overloaded", f"upstream {self.name} is overloaded",
+                            extra={"upstream": self.name},
+                            headers=[(b"retry-after", b"1"), *(_CLOSE if close else ())])(scope, receive, send)
+
+    async def _next(self, receive: Receive, watch: _Watch, state: _Body) -> tuple[bytes, bool]:
+        """The next piece of the request body, waiting at most client_body_timeout; checks max_request_body."""
+        try:
+            async with asyncio.timeout(self._body_timeout):
+                message = await receive()
+        except TimeoutError:
+            state.refused = _BodyRefused(ErrorResponse(
+                408, "request_timeout", f"no request body data for {self._body_timeout:g}s", headers=_CLOSE))
+            raise state.refused from None
+        if message["type"] == "http.disconnect":
+            watch.gone = True
+            raise _ClientGone()
+        chunk: bytes = message.get("body", b"")
+        more: bool = message.get("more_body", False)
+        state.size += len(chunk)
+        if state.size > self._max_body:
+            state.refused = _too_large(self._max_body)
+            raise state.refused
+        if not more:
+            watch.arm()
+        return chunk, more
+
+    async def _buffered(self, receive: Receive, watch: _Watch, state: _Body) -> tuple[bytes, bool]:
+        """Read up to request_buffer bytes of the body; (bytes, whether that was all of it)."""
+        chunk, more = await self._next(receive, watch, state)
+        if not more or len(chunk) >= self._buffer:
+            return chunk, not more
+        parts = [chunk]
+        while more and state.size < self._buffer:
+            chunk, more = await self._next(receive, watch, state)
+            parts.append(chunk)
+        return b"".join(parts), not more
+
+    async def _stream(self, head: bytes, receive: Receive, watch: _Watch, state: _Body) -> Any:
+        yield head
+        more = True
+        while more:
+            chunk, more = await self._next(receive, watch, state)
             if chunk:
                 yield chunk
-            if not more:
-                return
 
     async def _failed(self, exc: BaseException, scope: Scope, receive: Receive, send: Send) -> None:
         if isinstance(exc, asyncio.TimeoutError | aiohttp.ServerTimeoutError):

@@ -12,17 +12,22 @@ this instance sent to that upstream. Waits are exponential with full jitter.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import random
 import time
 from collections.abc import Callable
+from types import TracebackType
+from typing import Any
+
+import aiohttp
 
 from edgeway.middleware.breaker import CircuitBreaker
 from edgeway.middleware.breaker_config import IDEMPOTENT_METHODS, RetrySettings
 from edgeway.middleware.breaker_state import Phase
 from edgeway.middleware.context import RequestContext
 
-__all__ = ["Retrier", "RetryBudget"]
+__all__ = ["Retrier", "RetryBudget", "Retrying"]
 
 BUDGET_WINDOW = 10.0
 
@@ -79,12 +84,13 @@ class Retrier:
         self._rng = rng or random.Random()
         self._idempotency = settings.idempotency_header.lower() if settings.idempotency_header else None
 
-    def replayable(self, ctx: RequestContext, method: str, has_body: bool) -> bool:
-        """Whether this request may be sent more than once; counts it for the budget."""
+    def replayable(self, ctx: RequestContext, method: str, body: object) -> bool:
+        """Whether this request may be sent more than once (``body``: None or bytes held whole, not a
+        stream); counts it for the budget."""
+        if body is not None and not isinstance(body, bytes):
+            return False  # streamed on, not held: it cannot be sent again
         if method not in IDEMPOTENT_METHODS and (self._idempotency is None or ctx.header(self._idempotency) is None):
             return False
-        if has_body and ctx.body is None:
-            return False  # streamed on, not held: it cannot be sent again
         self.budget.request()
         return True
 
@@ -93,3 +99,45 @@ class Retrier:
         if attempt >= self.settings.attempts or self.breaker.phase != Phase.CLOSED or not self.budget.take():
             return None
         return self._rng.uniform(0, min(self.settings.max_backoff, self.settings.backoff * 2**attempt))
+
+    def sender(self, session: aiohttp.ClientSession, gone: Callable[[], bool]) -> Callable[..., Retrying]:
+        """A stand-in for ``session.request`` that sends again while this policy allows (``gone()``: the
+        client left, stop)."""
+
+        def request(method: str, url: Any, **options: Any) -> Retrying:
+            return Retrying(self, session, gone, method, url, options)
+
+        return request
+
+
+class Retrying:
+    """An ``async with`` over the last attempt's response (like ``session.request``'s own)."""
+
+    def __init__(self, retrier: Retrier, session: aiohttp.ClientSession, gone: Callable[[], bool], method: str,
+                 url: Any, options: dict[str, Any]) -> None:
+        self._retrier, self._session, self._gone = retrier, session, gone
+        self._method, self._url, self._options = method, url, options
+        self._response: aiohttp.ClientResponse | None = None
+
+    async def __aenter__(self) -> aiohttp.ClientResponse:
+        attempt = 0
+        while True:
+            try:
+                response = await self._session.request(self._method, self._url, **self._options)
+            except (TimeoutError, aiohttp.ClientError, OSError):
+                wait = None if self._gone() else self._retrier.again(attempt)
+                if wait is None:
+                    raise
+            else:
+                wait = self._retrier.again(attempt) if response.status in self._retrier.statuses else None
+                if wait is None:
+                    self._response = response
+                    return response
+                response.release()
+            attempt += 1
+            await asyncio.sleep(wait)
+
+    async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                        traceback: TracebackType | None) -> None:
+        if self._response is not None:
+            await self._response.__aexit__(kind, error, traceback)

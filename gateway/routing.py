@@ -7,9 +7,11 @@ means the same thing in both.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 from edgeway.middleware.breaker import CircuitBreaker
 from edgeway.middleware.breaker_policy import BreakerPolicy
@@ -31,8 +33,13 @@ class CompiledRoute:
     prefix: str | None
     methods: frozenset[str] | None
     app: Any
+    fold: bool = False  # match.case_insensitive: pattern and prefix are lower case, compared with the path's
+    allow_semicolons: bool = False
+    allow_backslashes: bool = False
 
     def path_matches(self, path: str) -> bool:
+        if self.fold:
+            path = path.lower()
         if self.prefix is None:
             return path == self.pattern
         # "/api/*" matches "/api/", "/api/x/y" and "/api" itself
@@ -79,9 +86,11 @@ class RouteTable:
             policies = route_policies(route, name, policy, self.breakers)
             if policies:
                 app = EdgewayMiddleware(app, policies=policies, store=store, trusted_proxies=trusted, route=name)
-            pattern = route.match.path
-            methods = frozenset(route.match.methods) if route.match.methods else None
-            routes.append(CompiledRoute(name, pattern, pattern[:-1] if pattern.endswith("*") else None, methods, app))
+            match = route.match
+            pattern = match.path.lower() if match.case_insensitive else match.path
+            methods = frozenset(match.methods) if match.methods else None
+            routes.append(CompiledRoute(name, pattern, pattern[:-1] if pattern.endswith("*") else None, methods, app,
+                                        match.case_insensitive, match.allow_semicolons, match.allow_backslashes))
         self.routes = tuple(routes)
 
     def match(self, path: str, method: str) -> CompiledRoute | set[str]:
@@ -92,3 +101,28 @@ class RouteTable:
                     return route
                 allowed |= route.methods
         return allowed
+
+
+_SLASHES = re.compile(r"//+")
+# what stays literal when a normalised path is re-encoded for the upstream (RFC 3986 pchar and '/')
+_PATH_SAFE = "/!$&'()*+,;=:@-._~"
+
+
+def normalize_path(path: str, raw_path: bytes | None) -> tuple[str, bytes | None]:
+    """The path routes match and the upstream receives: runs of ``/`` merged (also ``%2F``-encoded ones).
+
+    Returns (path, raw path to send). The raw path stays byte-exact unless
+    normalising changed the path or it carries an encoded ``/``: then the
+    upstream gets the normalised path re-encoded, so it acts on exactly the
+    path the policy matched (``//limited/x`` and ``/%2flimited/x`` are
+    ``/limited/x`` to both).
+    """
+    merged = _SLASHES.sub("/", path) if "//" in path else path
+    if merged is path and not (raw_path and b"%" in raw_path and b"%2f" in raw_path.lower()):
+        return path, raw_path
+    return merged, quote(merged, safe=_PATH_SAFE).encode("ascii")
+
+
+def needs_normalizing(path: str, raw_path: bytes | None) -> bool:
+    """Cheap test for the common path that needs no work (no ``//``, ``%``, ``;`` or ``\\``)."""
+    return "//" in path or ";" in path or "\\" in path or (raw_path is not None and b"%" in raw_path)

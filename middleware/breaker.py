@@ -46,7 +46,17 @@ from typing import Any, ParamSpec, TypeVar
 from .breaker_config import BreakerSettings
 from .breaker_state import Phase, Reason, State, apply
 from .metrics import BREAKER_SHORT_CIRCUITED, BREAKER_STATE, BREAKER_TRANSITIONS
-from .store import BreakerEvent, BreakerResult, BreakerUpdate, Clock, Publish, Store, StoreError, Subscription
+from .store import (
+    BreakerEvent,
+    BreakerResult,
+    BreakerUpdate,
+    Clock,
+    CommandError,
+    Publish,
+    Store,
+    StoreError,
+    Subscription,
+)
 
 __all__ = ["CircuitBreaker", "CircuitOpen", "Ticket", "reset_breaker"]
 
@@ -162,7 +172,7 @@ class CircuitBreaker:
             if isinstance(result, BreakerResult):
                 self._learn(result, now)
                 probe = command.event.acquire and result.granted and result.phase == Phase.HALF_OPEN
-            elif isinstance(result, StoreError):
+            elif isinstance(result, StoreError | CommandError):  # no store answered, or it refused the key
                 local = self._apply_locally(command.event, now)
                 probe = command.event.acquire and local.granted and local.phase == Phase.HALF_OPEN
         if not probe and self._phase != Phase.CLOSED:
@@ -202,11 +212,11 @@ class CircuitBreaker:
         return None
 
     def written(self, command: BreakerUpdate, outcome: object) -> None:
-        """What the store answered to a command from :meth:`record` (a result or a StoreError)."""
+        """What the store answered to a command from :meth:`record` (a result, a StoreError or CommandError)."""
         now = self._clock()
         if isinstance(outcome, BreakerResult):
             self._learn(outcome, now)
-        elif isinstance(outcome, StoreError):
+        elif isinstance(outcome, StoreError | CommandError):
             self._apply_locally(command.event, now)
 
     async def reset(self) -> dict[str, object]:
@@ -215,11 +225,9 @@ class CircuitBreaker:
         self._local = None
         try:
             (result,) = await self.store.execute([command])
-        except StoreError:
-            self._apply_locally(command.event, self._clock())
-        else:
-            if isinstance(result, BreakerResult):
-                self._learn(result, self._clock())
+        except StoreError as error:
+            result = error
+        self.written(command, result)
         if self._phase != Phase.CLOSED or self._until:
             self._phase, self._until, self._failures, self._streak = Phase.CLOSED, 0.0, 0, 0
             self._gauge.set(0)
@@ -313,7 +321,8 @@ class CircuitBreaker:
     def _apply_locally(self, event: BreakerEvent, now: float) -> BreakerResult:
         """No store answered: run the same state machine on this instance's own copy."""
         if not self._store_down:
-            logger.warning("breaker %s (instance %s): no store answers; using this instance's own breaker",
+            logger.warning("breaker %s (instance %s): no store answers (or it refused the breaker's key); "
+                           "using this instance's own breaker",
                            self.name, self.instance_id)
         self._store_down = True
         self._local, result = apply(self._local, self.rule, event, math.floor(now * 1000))

@@ -26,7 +26,7 @@ from .context import RequestContext
 from .pipeline import ASGIApp, EdgewayMiddleware
 from .policy import Answer, BasePolicy, Completed, Pending, Prepared
 from .responses import ErrorResponse, Response
-from .store import BreakerUpdate, Command, Store, StoreError
+from .store import BreakerUpdate, Command, CommandError, Store, StoreError
 
 __all__ = ["BreakerPolicy", "CircuitBreakerMiddleware", "failed"]
 
@@ -80,7 +80,8 @@ class BreakerPolicy(BasePolicy):
         request: _Request = prepared.state  # type: ignore[assignment]
         return self._admit(ctx, request, results[0] if results else None)
 
-    def store_failed(self, ctx: RequestContext, prepared: Prepared, error: StoreError) -> Answer | Pending | None:
+    def store_failed(self, ctx: RequestContext, prepared: Prepared,
+                     error: StoreError | CommandError) -> Answer | Pending | None:
         request: _Request = prepared.state  # type: ignore[assignment]
         return self._admit(ctx, request, error)
 

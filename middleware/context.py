@@ -8,11 +8,12 @@ response headers added by any of them).
 
 from __future__ import annotations
 
-from collections.abc import MutableMapping
+from collections.abc import MutableMapping, Sequence
 from typing import Any
 from urllib.parse import parse_qs
 
 from .clientip import TrustedProxies, parse_forwarded_for, parse_x_forwarded_for
+from .store.base import Command
 
 SCOPE_KEY = "edgeway.context"
 
@@ -22,8 +23,8 @@ Scope = MutableMapping[str, Any]
 class RequestContext:
     """Facts about one request, computed lazily and at most once."""
 
-    __slots__ = ("_client_ip", "_headers", "_query", "body", "body_too_large", "outcomes", "response_headers",
-                 "route", "scope", "stale", "trusted", "user")
+    __slots__ = ("_client_ip", "_headers", "_query", "body", "body_too_large", "deferred", "outcomes",
+                 "response_headers", "route", "scope", "stale", "trusted", "user")
 
     def __init__(self, scope: Scope, trusted: TrustedProxies, route: str = "") -> None:
         self.scope = scope
@@ -38,6 +39,8 @@ class RequestContext:
         """True when a policy asked for the body and it was larger than the limit (it is streamed on)."""
         self.stale: Any = None
         """A stale cached answer the cache found (``stale_if_error``): the breaker and upstream errors use it."""
+        self.deferred: list[Command] | None = None
+        """Writes a policy wants sent now, off the critical path (see :meth:`defer`)."""
         self.outcomes: dict[str, str] = {}
         """What each policy did (``{"cache": "hit"}``), for the access log and metrics."""
         self._client_ip: str | None = None
@@ -75,6 +78,17 @@ class RequestContext:
             self._query = parse_qs(self.scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
         values = self._query.get(name)
         return values[0] if values else None
+
+    def defer(self, commands: Sequence[Command]) -> None:
+        """Queue writes to go out in the background as soon as the pipeline can send them.
+
+        A policy's ``respond`` uses it for what is known at the response start
+        (a cost the upstream reports in a header), so it never waits for the end of
+        a long stream, nor depends on the client staying.
+        """
+        if self.deferred is None:
+            self.deferred = []
+        self.deferred.extend(commands)
 
     @property
     def has_body(self) -> bool:

@@ -29,6 +29,11 @@ STORE_MODE = Gauge("edgeway_store_mode", "1 for the store currently serving shar
 STORE_MODE_CHANGES = Counter(
     "edgeway_store_mode_changes_total", "Failovers and recoveries between stores.", ["from_mode", "to_mode"]
 )
+DROPPED_HEADERS = Counter(
+    "edgeway_dropped_headers_total",
+    "Request header fields the gateway dropped instead of forwarding, by reason.",
+    ["reason"],  # underscore: a name with '_' (headers_with_underscores: drop)
+)
 
 # -- circuit breaker --------------------------------------------------------------------------------
 

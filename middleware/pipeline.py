@@ -20,7 +20,7 @@ from .clientip import IPNetwork, TrustedProxies
 from .context import RequestContext, Scope
 from .policy import Answer, Completed, Pending, Policy, Prepared
 from .responses import ErrorResponse, Message, Receive, Send
-from .store import Command, Store, StoreError
+from .store import Command, CommandError, Store, StoreError
 
 logger = logging.getLogger("edgeway")
 
@@ -163,8 +163,18 @@ class EdgewayMiddleware:
         offset = 0
         for policy, prep in zip(self.policies, prepared, strict=True):
             count = len(prep.commands)
-            answer = await _settled(policy.decide(ctx, prep, results[offset : offset + count] if count else ()))
+            own = results[offset : offset + count] if count else ()
             offset += count
+            refused = None
+            for result in own:
+                if type(result) is CommandError:
+                    refused = result
+                    break
+            if refused is not None:  # this request's error, not an outage: the policy's failure mode decides
+                self._store_failures.warning("store %s refused a command: %s", self.store.describe(), refused)
+                answer = await _settled(policy.store_failed(ctx, prep, refused))
+            else:
+                answer = await _settled(policy.decide(ctx, prep, own))
             if answer is not None:
                 return answer
         return None
@@ -205,24 +215,38 @@ class EdgewayMiddleware:
                 if mine:
                     writes.extend(mine)
                     shares.append((policy, prep, len(mine)))
+        if ctx.deferred:
+            writes.extend(ctx.deferred)
+            ctx.deferred = None
         if writes:
-            task = asyncio.get_running_loop().create_task(self._write(ctx, writes, shares))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self._write_soon(writes, ctx, shares)
 
-    async def _write(self, ctx: RequestContext, writes: list[Command],
-                     shares: list[tuple[Policy, Prepared, int]]) -> None:
+    def _write_soon(self, writes: list[Command], ctx: RequestContext | None = None,
+                    shares: Sequence[tuple[Policy, Prepared, int]] = ()) -> None:
+        """Send ``writes`` in the background, off the request's critical path; ``shares``: whose they are
+        (policy, its prepared state, how many of the first commands), told what came of them."""
+        task = asyncio.get_running_loop().create_task(self._write(writes, ctx, shares))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _write(self, writes: list[Command], ctx: RequestContext | None,
+                     shares: Sequence[tuple[Policy, Prepared, int]]) -> None:
         try:
             results = await self.store.execute(writes)
         except StoreError as error:
             self._store_failures.warning("deferred store write to %s failed: %s", self.store.describe(), error)
-            for policy, prep, _ in shares:
-                policy.written(ctx, prep, error)
+            if ctx is not None:
+                for policy, prep, _ in shares:
+                    policy.written(ctx, prep, error)
             return
-        offset = 0
-        for policy, prep, count in shares:
-            policy.written(ctx, prep, results[offset : offset + count])
-            offset += count
+        refused = next((r for r in results if type(r) is CommandError), None)
+        if refused is not None:
+            self._store_failures.warning("store %s refused a deferred write: %s", self.store.describe(), refused)
+        if ctx is not None:
+            offset = 0
+            for policy, prep, count in shares:
+                policy.written(ctx, prep, results[offset : offset + count])
+                offset += count
 
 
 async def _settled(outcome: Answer | Pending | None) -> Answer | None:
@@ -273,6 +297,9 @@ class _Tracked:
                     self.chunks = None
                     await answer(self.scope, self.receive, self.upstream_send)
                     return
+            if self.ctx.deferred:
+                self.pipeline._write_soon(self.ctx.deferred)
+                self.ctx.deferred = None
         elif kind == "http.response.body":
             if self.replaced:
                 if not message.get("more_body", False):

@@ -22,11 +22,15 @@ A policy never calls the store itself. For each request the pipeline
    ``ctx.response_headers``. It may also return :class:`Pending` (waiting
    for another instance's cache fill), resolved to an answer or None.
    ``store_failed(ctx, prepared, error)`` replaces ``decide`` when the batch
-   failed: the policy's failure mode.
+   failed (``StoreError``), or when one of the policy's own commands was
+   refused (``CommandError``: that request's error, not an outage; see
+   :mod:`.store.base`): the policy's failure mode.
 3. ``respond(ctx, prepared, start)`` (policies with ``wants_respond``): sees
    the app's ``http.response.start`` message before the client does; it may
    edit its headers in place (``Cache-Status``), or return an answer that
-   replaces the whole response (a stale entry instead of a 502).
+   replaces the whole response (a stale entry instead of a 502). What it
+   learns there and must write (a cost the upstream reports in a header) it
+   queues with ``ctx.defer(commands)``: sent at once, in the background.
 4. ``finish(ctx, prepared, response)`` (policies with ``wants_finish``): once
    the response ended — completely or not (``response.complete``) — returns
    writes that can wait (cache fill, breaker result, post-response cost);
@@ -50,7 +54,7 @@ from typing import Any, Protocol
 
 from .context import RequestContext
 from .responses import Message, Receive, Send
-from .store import Command, StoreError
+from .store import Command, CommandError, StoreError
 
 Headers = Sequence[tuple[bytes, bytes]]
 
@@ -140,8 +144,9 @@ class Policy(Protocol):
         """Answer the request (returned response) or let it through (None)."""
         ...
 
-    def store_failed(self, ctx: RequestContext, prepared: Prepared, error: StoreError) -> Answer | Pending | None:
-        """Like ``decide`` when the store could not be reached: the policy's failure mode."""
+    def store_failed(self, ctx: RequestContext, prepared: Prepared,
+                     error: StoreError | CommandError) -> Answer | Pending | None:
+        """Like ``decide`` when the store could not be reached or refused this policy's command: its failure mode."""
         ...
 
     def respond(self, ctx: RequestContext, prepared: Prepared, start: Message) -> Answer | None:
@@ -166,7 +171,8 @@ class BasePolicy:
     wants_respond = False
     wants_finish = False
 
-    def store_failed(self, ctx: RequestContext, prepared: Prepared, error: StoreError) -> Answer | Pending | None:
+    def store_failed(self, ctx: RequestContext, prepared: Prepared,
+                     error: StoreError | CommandError) -> Answer | Pending | None:
         return None
 
     def respond(self, ctx: RequestContext, prepared: Prepared, start: Message) -> Answer | None:

@@ -23,10 +23,20 @@ from .clientip import IPNetwork, TrustedProxies
 from .context import RequestContext
 from .metrics import RATELIMIT_DECISIONS, RATELIMIT_KEY_FALLBACKS, STORE_FAILURES
 from .pipeline import ASGIApp, EdgewayMiddleware, Throttled
-from .policy import BasePolicy, Completed, Prepared
+from .policy import Answer, BasePolicy, Completed, Prepared
 from .ratelimit_headers import HeaderLimit, RateLimitFields, policy_name, seconds_ceil
-from .responses import ErrorResponse
-from .store import Algorithm, Command, LimitCheck, LimitState, RateLimit, RateLimitResult, Store, StoreError
+from .responses import ErrorResponse, Message
+from .store import (
+    Algorithm,
+    Command,
+    CommandError,
+    LimitCheck,
+    LimitState,
+    RateLimit,
+    RateLimitResult,
+    Store,
+    StoreError,
+)
 from .units import RateField
 
 KEY_KINDS = ("ip", "user", "global", "header:NAME", "query:NAME")
@@ -60,7 +70,12 @@ class Limit(BaseModel):
     key: Annotated[tuple[str, ...], Field(description="ip | user | global | header:NAME | query:NAME, or a list.")] = (
         "ip",
     )
-    algorithm: Algorithm = Field(Algorithm.SLIDING_WINDOW, description="Default sliding-window: O(1), never over.")
+    algorithm: Algorithm = Field(
+        Algorithm.SLIDING_WINDOW,
+        description="sliding-window (default): O(1), at most the quota per aligned window but up to about 2x in the "
+        "worst unaligned window-long span (it assumes the previous window's traffic was even); sliding-log: exact, "
+        "O(quota) memory; fixed-window; token-bucket.",
+    )
     burst: int | None = Field(None, ge=1, description="Token-bucket capacity; default the quota.")
     cost: int = Field(1, ge=1, description="Units one request consumes.")
     on_missing: Literal["ip", "deny", "skip"] = Field(
@@ -82,7 +97,8 @@ class Limit(BaseModel):
     cost_from: str | None = Field(
         None,
         description="Debit the real cost after the response: response_header:NAME or a JSON path such as "
-        "usage.total_tokens. `cost` is charged up front, the rest afterwards.",
+        "usage.total_tokens. `cost` is charged up front, the rest afterwards, also when the client leaves early "
+        "(a JSON cost then needs the whole body; without it the up-front cost stands).",
     )
 
     @field_validator("cost_from")
@@ -228,11 +244,12 @@ class _BlockCache:
 class _Request:
     """The rate limiter's private state for one request."""
 
-    __slots__ = ("active", "checks")
+    __slots__ = ("active", "checks", "header_costs_charged")
 
     def __init__(self, active: list[_CompiledLimit], checks: tuple[LimitCheck, ...]) -> None:
         self.active = active
         self.checks = checks
+        self.header_costs_charged = False
 
 
 class RateLimitPolicy(BasePolicy):
@@ -246,12 +263,10 @@ class RateLimitPolicy(BasePolicy):
             raise ValueError("RateLimitPolicy needs at least one limit")
         self.route = route
         self.key_prefix = key_prefix
-        # one hash tag for the whole route when limits key on different things, so the script stays in one slot
-        shared = len({limit.key for limit in limits}) == 1
-        head = f"{key_prefix}rl:{{{route}:" if shared else f"{key_prefix}rl:{{{route}}}:"
+        ids = _limit_ids(limits)
         self.limits = [
-            _CompiledLimit(limit, ident, route, head, f"}}:{ident}" if shared else f":{ident}")
-            for limit, ident in zip(limits, _limit_ids(limits), strict=True)
+            _CompiledLimit(limit, ident, route, head, tail)
+            for limit, ident, (head, tail) in zip(limits, ids, key_layout(limits, ids, route, key_prefix), strict=True)
         ]
         self.fields = RateLimitFields(
             [
@@ -263,6 +278,7 @@ class RateLimitPolicy(BasePolicy):
         self._blocks = _BlockCache(block_cache_size)
         self._post_cost = self.wants_finish = any(c.limit.cost_from for c in self.limits)
         self.response_body_limit = COST_BODY_LIMIT if any(c.cost_path for c in self.limits) else 0
+        self.wants_respond = any(c.cost_header is not None for c in self.limits)
         self._fallback_log = Throttled(60.0)
         self._shadow_log = Throttled(60.0)
 
@@ -357,7 +373,8 @@ class RateLimitPolicy(BasePolicy):
         self._blocks.put(tuple(c.key for c in request.checks), max(c.cost for c in request.checks), result, retry)
         return self._reject(ctx, request.active, result)
 
-    def store_failed(self, ctx: RequestContext, prepared: Prepared, error: StoreError) -> ErrorResponse | None:
+    def store_failed(self, ctx: RequestContext, prepared: Prepared,
+                     error: StoreError | CommandError) -> ErrorResponse | None:
         if not isinstance(prepared.state, _Request):
             return None
         closed = any(c.limit.on_store_failure == "closed" and c.limit.mode == "enforce" for c in prepared.state.active)
@@ -367,14 +384,38 @@ class RateLimitPolicy(BasePolicy):
                                  headers=[(b"retry-after", b"1")])
         return None
 
+    def respond(self, ctx: RequestContext, prepared: Prepared, start: Message) -> Answer | None:
+        """Charge ``cost_from: response_header:`` costs as soon as the response starts.
+
+        The header is known then: a long stream is charged before it ends, and a
+        client that leaves early is charged all the same.
+        """
+        request = prepared.state
+        if isinstance(request, _Request):
+            request.header_costs_charged = True
+            started = Completed(start["status"], start.get("headers", ()), None, complete=False)
+            ctx.defer(self._debits(request, started, header_costs=True, json_costs=False))
+        return None
+
     def finish(self, ctx: RequestContext, prepared: Prepared, response: Completed) -> Sequence[Command]:
         """Debit the rest of a ``cost_from`` limit's real cost; charged even past the quota (the work is done)."""
         request = prepared.state
-        if not self._post_cost or not isinstance(request, _Request) or not response.complete:
-            return ()
+        if not self._post_cost or not isinstance(request, _Request) or response.status == 0:
+            return ()  # (status 0: the app never answered; nothing reported a cost)
+        return self._debits(request, response, header_costs=not request.header_costs_charged, json_costs=True)
+
+    def _debits(self, request: _Request, response: Completed, *, header_costs: bool,
+                json_costs: bool) -> Sequence[Command]:
+        """The debits of the limits whose cost the response reports, of the kinds asked for."""
         debits = []
         for compiled, check in zip(request.active, request.checks, strict=True):
             if compiled.limit.cost_from is None:
+                continue
+            if not (header_costs if compiled.cost_header is not None else json_costs):
+                continue
+            if compiled.cost_path is not None and not response.complete:
+                self._fallback_log.warning("route %s limit %s: response incomplete, no JSON cost; the up-front "
+                                           "cost stands", self.route, compiled.id)
                 continue
             cost = compiled.actual_cost(response)
             if cost is None:
@@ -428,6 +469,24 @@ class RateLimitPolicy(BasePolicy):
             headers=headers,
             content_type=b"application/problem+json",
         )
+
+
+_ALGORITHM_CODES = {Algorithm.FIXED_WINDOW: "fw", Algorithm.SLIDING_WINDOW: "sw", Algorithm.SLIDING_LOG: "sl",
+                    Algorithm.TOKEN_BUCKET: "tb"}
+
+
+def key_layout(limits: Sequence[Limit], ids: Sequence[str], route: str, key_prefix: str) -> list[tuple[str, str]]:
+    """Each limit's store key as (head, tail) around the request's key text (``ip=..``, ``h=..``).
+
+    ``{KEY_PREFIX}rl:{ROUTE:KEY}:ID:ALGO``, or ``{KEY_PREFIX}rl:{ROUTE}:KEY:ID:ALGO`` when the limits' key texts
+    could differ in any way (key parts, IPv6 prefix, missing-key fallback), so all keys one script touches
+    share a Redis Cluster hash tag. The algorithm is part of the key: a reload that switches it starts a fresh
+    counter instead of reading another algorithm's data structure (WRONGTYPE).
+    """
+    shared = len({(limit.key, limit.ipv6_prefix, limit.on_missing) for limit in limits}) == 1
+    head = f"{key_prefix}rl:{{{route}:" if shared else f"{key_prefix}rl:{{{route}}}:"
+    return [(head, f"{'}' if shared else ''}:{ident}:{_ALGORITHM_CODES[limit.algorithm]}")
+            for limit, ident in zip(limits, ids, strict=True)]
 
 
 def _limit_ids(limits: Sequence[Limit]) -> list[str]:

@@ -56,7 +56,8 @@ class RedisServer:
     it back empty on the same port, as after a crash or failover.
     """
 
-    def __init__(self, port: int | None = None, *, executable: str = "redis-server") -> None:
+    def __init__(self, port: int | None = None, *, executable: str = "redis-server",
+                 args: tuple[str, ...] = ()) -> None:
         path = shutil.which(executable)
         if path is None:
             raise RuntimeError(
@@ -64,6 +65,7 @@ class RedisServer:
                 "(apt-get install redis-server; the test runner script installs it)"
             )
         self.executable = path
+        self.args = args  # extra server options, e.g. ("--replicaof", HOST, "6380") or ("--maxmemory", "2mb")
         self.port = port or free_port()
         self._dir = Path(tempfile.mkdtemp(prefix="edgeway-redis-"))
         self._process: subprocess.Popen[bytes] | None = None
@@ -85,7 +87,7 @@ class RedisServer:
         self._dir.mkdir(parents=True, exist_ok=True)
         args = [
             self.executable, "--port", str(self.port), "--bind", HOST, "--save", "", "--appendonly", "no",
-            "--daemonize", "no", "--dir", str(self._dir), "--logfile", str(self._dir / "redis.log"),
+            "--daemonize", "no", "--dir", str(self._dir), "--logfile", str(self._dir / "redis.log"), *self.args,
         ]
         self._process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
         self.paused = False

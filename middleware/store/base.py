@@ -18,6 +18,21 @@ Exceptions::
     StoreError                 a call failed: the policy's failure mode decides
      +-- StoreTimeout          no answer within the store timeout
     StoreConfigurationError    a store URL or option that cannot work (ValueError)
+
+Two kinds of failure, kept apart on purpose:
+
+- a *store* failure (:class:`StoreError`: connection lost, timeout, a server
+  that cannot write — ``READONLY``, ``OOM``, ``LOADING``) is raised by
+  :meth:`Store.execute` for the whole batch. :class:`FailoverStore` counts it
+  against the store's health and runs the batch on the next store.
+- a *command* failure (:class:`CommandError`: a script error, ``WRONGTYPE``, a
+  value the SQL function refuses) is the answer to that one command from a
+  store that works. It is returned **in place of the command's result** (never
+  raised), so the rest of the batch keeps its results, the store's health is
+  untouched and the command is never re-run on a fallback, where it would
+  only give a different answer. Whoever reads results checks for it: the
+  pipeline hands a policy whose command failed to that policy's
+  ``store_failed`` (its failure mode decides for that request alone).
 """
 
 from __future__ import annotations
@@ -35,6 +50,7 @@ __all__ = [
     "BreakerRule",
     "BreakerUpdate",
     "Command",
+    "CommandError",
     "Delete",
     "Get",
     "Handler",
@@ -62,6 +78,19 @@ class StoreTimeout(StoreError):
     """The store did not answer within its timeout."""
 
 
+class CommandError(Exception):
+    """One command's error answer from a store that works; a *result* value, never raised by ``execute``.
+
+    See the module docstring: it is that request's error, not a store outage.
+    """
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and other.args == self.args
+
+    def __hash__(self) -> int:
+        return hash((type(self), self.args))
+
+
 class StoreConfigurationError(ValueError):
     """A store URL or option that cannot work; the message says how to fix it."""
 
@@ -70,7 +99,9 @@ class Algorithm(enum.StrEnum):
     """Rate-limit algorithms, selected per limit with ``algorithm:``."""
 
     SLIDING_WINDOW = "sliding-window"
-    """Weighted two-window counter: O(1) memory per key, never over the quota."""
+    """Weighted two-window estimate, O(1) memory per key: at most the quota per aligned window, but it
+    assumes the previous window's traffic was spread evenly, so up to about 2x the quota can pass in the
+    worst unaligned window-long span. Use sliding-log for an exact limit."""
     SLIDING_LOG = "sliding-log"
     """Exact: one sorted-set entry per unit in the window (O(quota) memory)."""
     FIXED_WINDOW = "fixed-window"
@@ -314,7 +345,8 @@ class Store(abc.ABC):
 
         Raises :class:`StoreError` (or :class:`StoreTimeout` after ``timeout``
         seconds, defaulting to the store's own) when the batch cannot be run;
-        a batch is never half-reported.
+        a batch is never half-reported. A command the store refuses on its own
+        merits gets a :class:`CommandError` as its result instead.
         """
 
     @abc.abstractmethod
@@ -338,6 +370,10 @@ class Store(abc.ABC):
 
     async def close(self) -> None:
         """Release connections; the store may be used again afterwards (it reconnects)."""
+        return None
+
+    async def start(self) -> None:
+        """Begin background work (heartbeats) at application startup; idempotent, a no-op by default."""
         return None
 
     def describe(self) -> str:

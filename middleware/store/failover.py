@@ -14,11 +14,21 @@ then along the chain); :meth:`FailoverStore.subscribe` subscribes to every store
 of the chain that carries notifications, so a message published while the
 chain runs on a fallback still reaches every instance.
 
-Health: ``failures`` consecutive failures (errors or timeouts) within
-``window`` seconds mark a store unhealthy; calls then skip it without paying
-its timeout, and a background probe (exponential backoff with jitter) pings it
-until it answers, when it is used again. Mode changes are logged once and
-exported as metrics.
+Health is counted per kind of work: ``write`` (any batch that writes:
+limits, heartbeats, cache fills) and ``read`` (batches of cache reads only). A
+server that answers reads but cannot write (a read-only replica, ``OOM`` under
+``noeviction``) fails writes while reads succeed: the successful reads do not
+hide it. ``failures`` consecutive failures of one kind within ``window``
+seconds mark the store down; calls then skip it without paying its timeout, and
+a background probe (exponential backoff with jitter, never faster than
+``MIN_PROBE_INTERVAL``) does the work that failed — a real write of a
+short-lived probe key, or a PING for reads — until it succeeds, when the store
+is used again. A per-command error (:class:`~.base.CommandError`) is a result,
+not a failure: it never marks a store down and is never re-run on a fallback.
+
+The mode (``kind``, readyz, ``edgeway_store_mode``) and each store's
+``edgeway_store_up`` follow health, changing when a store is marked down or
+comes back, not when a request happens to use a store.
 
 Honest degraded limits: while rate limits run on memory (no shared store
 left), every instance enforces ``quota // live_instances`` (at least 1), where
@@ -36,17 +46,19 @@ import random
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from ..metrics import STORE_MODE, STORE_MODE_CHANGES
+from ..metrics import STORE_MODE, STORE_MODE_CHANGES, STORE_UP
 from .base import (
     Command,
+    CommandError,
     Delete,
     Get,
     Handler,
     Heartbeat,
     Incr,
     LimitCheck,
+    Publish,
     RateLimit,
     Set,
     Store,
@@ -59,18 +71,41 @@ logger = logging.getLogger("edgeway.store")
 
 HEARTBEAT_EVERY = 5.0
 HEARTBEAT_TTL_MS = 15_000
+MIN_PROBE_INTERVAL = 0.05  # seconds; the schema's floor for store.probe_interval too
+PROBE_KEY_TTL_MS = 1_000
+WRITE, READ = "write", "read"
+"""The kinds of work whose health is counted apart."""
+
+
+def work_kind(commands: Sequence[Command]) -> str:
+    """``read`` for a batch that stores nothing (cache reads, notifications: a replica serves them), else ``write``."""
+    return READ if all(type(command) is Get or type(command) is Publish for command in commands) else WRITE
+
+
+@dataclass
+class _Health:
+    """Health of one kind of work on one store."""
+
+    healthy: bool = True
+    failures: int = 0
+    first_failure: float = 0.0
 
 
 @dataclass
 class _Member:
-    """A store in the chain with its health."""
+    """A store in the chain with its health per kind of work."""
 
     store: Store
     shared: bool  # False for the memory store: its state is per instance
-    healthy: bool = True
-    failures: int = 0
-    first_failure: float = 0.0
+    health: dict[str, _Health] = field(default_factory=lambda: {WRITE: _Health(), READ: _Health()})
     probing: bool = False
+
+    @property
+    def healthy(self) -> bool:
+        return all(health.healthy for health in self.health.values())
+
+    def failing(self) -> list[str]:
+        return [kind for kind, health in self.health.items() if not health.healthy]
 
 
 class FailoverStore(Store):
@@ -89,6 +124,7 @@ class FailoverStore(Store):
         min_instances: int = 1,
         key_prefix: str = "edgeway:",
         instance_id: str | None = None,
+        heartbeat_every: float = HEARTBEAT_EVERY,
     ) -> None:
         chain = [primary, *fallbacks]
         self._members = [_Member(store, shared=not isinstance(store, MemoryStore)) for store in chain]
@@ -96,17 +132,20 @@ class FailoverStore(Store):
         self._cache = memory[0] if memory else MemoryStore()  # where caches go when the primary is down
         self._failures = failures
         self._window = window
-        self._probe_initial = probe_initial
+        self._probe_initial = max(probe_initial, MIN_PROBE_INTERVAL)
         self._probe_max = probe_max
         self._instances = instances
         self._min_instances = max(1, min_instances)
         self._live = self._min_instances
         self._heartbeat_key = f"{key_prefix}instances"
+        self._heartbeat_every = heartbeat_every
         self.instance_id = instance_id or uuid.uuid4().hex[:12]
         self._tasks: set[asyncio.Task[None]] = set()
         self._heartbeat: asyncio.Task[None] | None = None
+        self._probe_key = f"{key_prefix}probe:{self.instance_id}"
         self._mode = primary.kind
         STORE_MODE.labels(self._mode).set(1)
+        self._refresh()
 
     # -- what readyz and metrics show ------------------------------------------
 
@@ -125,10 +164,15 @@ class FailoverStore(Store):
         return " -> ".join(m.store.describe() + ("" if m.healthy else " (down)") for m in self._members)
 
     def status(self) -> list[dict[str, object]]:
-        """Each store of the chain with its health, for readyz."""
-        return [{"kind": m.store.kind, "location": m.store.describe(), "healthy": m.healthy} for m in self._members]
+        """Each store of the chain with its health (and the kinds of work failing on it), for readyz."""
+        return [{"kind": m.store.kind, "location": m.store.describe(), "healthy": m.healthy, "failing": m.failing()}
+                for m in self._members]
 
     # -- the contract -----------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start heartbeating now (application startup), so peers count this instance before it serves."""
+        self._start_heartbeat()
 
     async def execute(self, commands: Sequence[Command], *, timeout: float | None = None) -> list[object]:
         self._start_heartbeat()
@@ -137,7 +181,6 @@ class FailoverStore(Store):
             if not member.healthy:
                 continue
             if not member.shared:  # memory, the last resort: per instance, limits divided by live instances
-                self._set_mode(member.store.kind)
                 return await member.store.execute(self._degrade(commands), timeout=timeout)
             if position > 0:
                 shared = shared or [i for i, c in enumerate(commands) if not isinstance(c, Get | Set | Delete | Incr)]
@@ -149,9 +192,10 @@ class FailoverStore(Store):
                 else:
                     results = await self._split(member.store, commands, shared, timeout)
             except StoreError as error:
-                self._failed(member, error)
+                self._failed(member, work_kind(commands), error)
                 continue
-            self._succeeded(member)
+            if member.health[WRITE].failures or member.health[READ].failures:  # the common case skips this
+                self._succeeded(member, work_kind(commands))
             return results
         raise StoreError("no store left: every store in the chain failed (store.fallback: [] allows none)")
 
@@ -186,7 +230,7 @@ class FailoverStore(Store):
                 try:
                     await member.store.ping()
                 except StoreError as error:
-                    self._failed(member, error)
+                    self._failed(member, READ, error)
                     continue
                 return
         raise StoreError("no store answers")
@@ -210,20 +254,28 @@ class FailoverStore(Store):
 
     # -- health -----------------------------------------------------------------
 
-    def _failed(self, member: _Member, error: StoreError) -> None:
+    def _failed(self, member: _Member, kind: str, error: StoreError) -> None:
+        health = member.health[kind]
         now = time.monotonic()
-        if member.failures == 0 or now - member.first_failure > self._window:
-            member.failures, member.first_failure = 0, now
-        member.failures += 1
-        if member.healthy and member.failures >= self._failures:
-            member.healthy = False
-            logger.warning("store %s marked down after %d failures (%s); using the next store",
-                           member.store.describe(), member.failures, error)
+        if health.failures == 0 or now - health.first_failure > self._window:
+            health.failures, health.first_failure = 0, now
+        health.failures += 1
+        if health.healthy and health.failures >= self._failures:
+            health.healthy = False
+            logger.warning("store %s marked down after %d failed %ss (%s); using the next store",
+                           member.store.describe(), health.failures, kind, error)
+            self._refresh()
             self._probe(member)
 
-    def _succeeded(self, member: _Member) -> None:
-        member.failures = 0
-        self._set_mode(member.store.kind)
+    def _succeeded(self, member: _Member, kind: str) -> None:
+        member.health[kind].failures = 0  # a read that works says nothing about writes
+
+    def _refresh(self) -> None:
+        """Mode and up-ness from health: the first healthy store serves shared state."""
+        for member in self._members:
+            STORE_UP.labels(member.store.kind).set(1 if member.healthy else 0)
+        serving = next((m for m in self._members if m.healthy), self._members[-1])
+        self._set_mode(serving.store.kind)
 
     def _set_mode(self, mode: str) -> None:
         if mode != self._mode:
@@ -241,19 +293,30 @@ class FailoverStore(Store):
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    async def _probe_once(self, member: _Member, kind: str) -> None:
+        """The work that failed, for real: a write of a short-lived key, or a PING for reads."""
+        if kind == READ:
+            await member.store.ping()
+            return
+        (result,) = await member.store.execute([Set(self._probe_key, "1", PROBE_KEY_TTL_MS)])
+        if isinstance(result, CommandError):
+            raise StoreError(f"probe write refused: {result}")
+
     async def _probe_loop(self, member: _Member) -> None:
         delay = self._probe_initial
         try:
-            while True:
+            while not member.healthy:
                 await asyncio.sleep(delay * random.uniform(0.8, 1.2))
                 try:
-                    await member.store.ping()
+                    for kind in member.failing():
+                        await self._probe_once(member, kind)
                 except StoreError:
                     delay = min(delay * 2, self._probe_max)
                     continue
-                member.healthy, member.failures = True, 0
+                for health in member.health.values():
+                    health.healthy, health.failures = True, 0
                 logger.warning("store %s answers again; using it", member.store.describe())
-                return
+                self._refresh()
         finally:
             member.probing = False
 
@@ -271,11 +334,15 @@ class FailoverStore(Store):
                     try:
                         (live,) = await member.store.execute([beat], timeout=1.0)
                     except StoreError as error:
-                        self._failed(member, error)
+                        self._failed(member, WRITE, error)
                         continue
+                    if isinstance(live, CommandError):
+                        logger.warning("heartbeat refused by %s: %s", member.store.describe(), live)
+                        continue
+                    self._succeeded(member, WRITE)
                     self._live = int(live)  # type: ignore[call-overload]
                     break
-            await asyncio.sleep(HEARTBEAT_EVERY)
+            await asyncio.sleep(self._heartbeat_every)
 
 
 class _Subscriptions(Subscription):

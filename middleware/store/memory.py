@@ -3,6 +3,11 @@
 It implements the same commands with the same semantics as the Lua scripts in
 ``lua/ratelimit.lua`` (the shared store suite holds both to it). State is per
 process: two instances on memory each enforce their own counters.
+
+Bounded: past ``max_keys`` keys it evicts expired keys first (a heap by
+expiry), then the least recently *used* (reads count, so a rejected client
+whose counter is only read is the last to be forgotten). Both are O(log n)
+per insert.
 """
 
 from __future__ import annotations
@@ -10,6 +15,8 @@ from __future__ import annotations
 import abc
 import asyncio
 import bisect
+import collections
+import heapq
 import math
 import time
 from collections.abc import Sequence
@@ -22,6 +29,7 @@ from .base import (
     BreakerUpdate,
     Clock,
     Command,
+    CommandError,
     Delete,
     Get,
     Handler,
@@ -34,7 +42,6 @@ from .base import (
     RateLimitResult,
     Set,
     Store,
-    StoreError,
     Subscription,
 )
 from .notify import Fanout
@@ -67,7 +74,8 @@ class MemoryStore(Store):
 
     def __init__(self, *, clock: Clock | None = None, max_keys: int = 100_000) -> None:
         self._clock = clock or time.time
-        self._data: dict[str, _Entry] = {}
+        self._data: collections.OrderedDict[str, _Entry] = collections.OrderedDict()  # least recently used first
+        self._expiries: list[tuple[float, str]] = []  # heap; entries go stale when a key is rewritten or removed
         self._max_keys = max_keys
         self._fanout = Fanout()
 
@@ -120,10 +128,10 @@ class MemoryStore(Store):
             return self._breaker(command, int(now))
         raise TypeError(f"unknown store command {command!r}")
 
-    def _breaker(self, command: BreakerUpdate, now: int) -> BreakerResult:
+    def _breaker(self, command: BreakerUpdate, now: int) -> BreakerResult | CommandError:
         current = self._get(command.key, now)
         if current is not None and not isinstance(current, State):
-            raise StoreError(f"WRONGTYPE: {command.key} holds no breaker state")
+            return CommandError(f"WRONGTYPE: {command.key} holds no breaker state")
         state, result = apply(current, command.rule, command.event, now)
         self._put(command.key, state, now + ttl_ms(command.rule))
         return result
@@ -133,9 +141,10 @@ class MemoryStore(Store):
             current = self._get(command.key, now)
             if not isinstance(current, str | bytes) or _as_bytes(current) != _as_bytes(command.if_value):
                 return 0
-        return 1 if self._data.pop(command.key, None) is not None else 0
+        entry = self._data.pop(command.key, None)
+        return 1 if entry is not None and entry.expires_ms > now else 0
 
-    def _incr(self, command: Incr, now: float) -> int:
+    def _incr(self, command: Incr, now: float) -> int | CommandError:
         entry = self._data.get(command.key)
         if entry is None or entry.expires_ms <= now:
             value, expires = command.amount, now + command.ttl_ms
@@ -143,7 +152,7 @@ class MemoryStore(Store):
             try:
                 value = int(entry.value) + command.amount  # type: ignore[call-overload]
             except (TypeError, ValueError):
-                raise StoreError(f"Incr: the value at {command.key!r} is not an integer") from None
+                return CommandError(f"Incr: the value at {command.key!r} is not an integer")
             expires = entry.expires_ms
         self._put(command.key, str(value), expires)
         return value
@@ -155,20 +164,37 @@ class MemoryStore(Store):
         if entry.expires_ms <= now:
             del self._data[key]
             return None
+        self._data.move_to_end(key)  # a read is a use: an abuser only ever rejected stays the most recent
         return entry.value
 
     def _put(self, key: str, value: object, expires_ms: float) -> None:
-        self._data.pop(key, None)  # re-insert so dict order approximates age for eviction
-        self._data[key] = _Entry(value, expires_ms)
+        entry = self._data.get(key)
+        if entry is not None and entry.expires_ms == expires_ms:
+            entry.value = value  # same expiry: the heap entry stays valid
+        else:
+            self._data[key] = _Entry(value, expires_ms)
+            heapq.heappush(self._expiries, (expires_ms, key))
+        self._data.move_to_end(key)
         if len(self._data) > self._max_keys:
             self._evict()
+        elif len(self._expiries) > 2 * self._max_keys:
+            self._compact()
 
     def _evict(self) -> None:
         now = self._now_ms()
-        for key in [k for k, e in self._data.items() if e.expires_ms <= now]:
-            del self._data[key]
-        while len(self._data) > self._max_keys:
-            del self._data[next(iter(self._data))]
+        heap, data = self._expiries, self._data
+        while heap and heap[0][0] <= now and len(data) > self._max_keys:
+            expires_ms, key = heapq.heappop(heap)
+            entry = data.get(key)
+            if entry is not None and entry.expires_ms == expires_ms:  # else stale: the key was rewritten
+                del data[key]
+        while len(data) > self._max_keys:
+            data.popitem(last=False)
+
+    def _compact(self) -> None:
+        """Drop stale heap entries (amortised O(1) per insert: runs once the heap is twice the key limit)."""
+        self._expiries = [(entry.expires_ms, key) for key, entry in self._data.items()]
+        heapq.heapify(self._expiries)
 
     def _heartbeat(self, command: Heartbeat, now: float) -> int:
         seen = self._get(command.key, now)
@@ -180,7 +206,11 @@ class MemoryStore(Store):
 
     # -- rate limits: phase 1 reads and decides, phase 2 charges (all or none) --
 
-    def _rate_limit(self, command: RateLimit, now: float) -> RateLimitResult:
+    def _rate_limit(self, command: RateLimit, now: float) -> RateLimitResult | CommandError:
+        for check in command.checks:  # all checked before any is charged, as the script and the SQL do
+            if check.quota < 1 or check.window_ms < 1 or check.cost < 0 or check.burst < 0:
+                return CommandError(f"bad limit {check.key}: quota and window_ms must be positive, cost and "
+                                    "burst not negative")
         plans = [self._plan(check, now) for check in command.checks]
         allowed = all(plan.allowed for plan, check in zip(plans, command.checks, strict=True) if check.enforced)
         states = []
@@ -318,15 +348,20 @@ class _TokenBucket(_Plan):
         self.capacity = check.burst or check.quota
         self.rate = check.quota / check.window_ms  # tokens per ms
         entry = store._get(check.key, now)
+        # (base, base_ts): the stored level and its time, from which every later read computes the level
         if isinstance(entry, _Bucket):
+            self.base, self.base_ts = entry.tokens, entry.ts
             self.tokens = min(self.capacity, entry.tokens + max(0.0, now - entry.ts) * self.rate)
         else:
+            self.base, self.base_ts = float(self.capacity), now
             self.tokens = float(self.capacity)
         self.allowed = self.tokens >= check.cost
 
     def charge(self) -> None:
         self.tokens -= self.check.cost
-        ttl = math.ceil(self.capacity / self.rate) + _SLACK_MS
+        self.base, self.base_ts = self.tokens, self.now
+        # live until refilled from the current level: shadow and cost_from debits push it below zero
+        ttl = math.ceil((self.capacity - self.tokens) / self.rate) + _SLACK_MS
         self.store._put(self.check.key, _Bucket(self.tokens, self.now), self.now + ttl)
 
     def state(self, check: LimitCheck) -> LimitState:
@@ -337,5 +372,16 @@ class _TokenBucket(_Plan):
         elif check.cost > self.capacity:
             retry = check.window_ms
         else:
-            retry = max(1, math.ceil((check.cost - self.tokens) / self.rate))
+            retry = _bucket_retry(self, check.cost)
         return LimitState(self.allowed, remaining, int(reset), int(retry))
+
+
+def _bucket_retry(plan: _TokenBucket, cost: int) -> int:
+    """The first whole ms at which a later read (same arithmetic) finds ``cost`` tokens.
+
+    ``ceil`` alone can land one ms short in floating point, so the level is recomputed as a read would.
+    """
+    need = math.ceil((cost - plan.base) / plan.rate)
+    if plan.base + need * plan.rate < cost:
+        need += 1
+    return max(1, int(plan.base_ts + need - plan.now))

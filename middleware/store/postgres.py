@@ -26,6 +26,11 @@ the caller stops waiting at the deadline (the task is cancelled and left to
 unwind in the background), so a slow or dead database never holds a request.
 Connecting happens in a shielded task with its own deadline, so a first call
 that times out still leaves the pool being built for the next one.
+
+A batch the function refuses on its merits (SQLSTATE class 22, data exception:
+a bad limit, a number out of range; HTTP 400 from PostgREST) rolls back as a
+whole, so every command of it gets a :class:`CommandError` result: the
+request's error, not a store outage.
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ from .base import (
     BreakerUpdate,
     Clock,
     Command,
+    CommandError,
     Delete,
     Get,
     Handler,
@@ -179,6 +185,10 @@ def _decode(command: Command, result: object) -> object:
     raise StoreError(f"unexpected edgeway.batch result for {type(command).__name__}: {result!r}")
 
 
+class _Refused(Exception):
+    """The database refused the batch's data (it rolled back): each command gets a CommandError."""
+
+
 # -- deadlines ---------------------------------------------------------------------
 
 
@@ -226,7 +236,11 @@ class _BatchStore(Store):
         deadline = timeout if timeout is not None else self._timeout
         now_ms = None if self._clock is None else math.floor(self._clock() * 1000)
         payload = json.dumps(encode_commands(commands), ensure_ascii=False, separators=(",", ":"))
-        results = await self._bounded.run(self._call(payload, now_ms), _BACKSTOP if deadline is None else deadline)
+        try:
+            results = await self._bounded.run(self._call(payload, now_ms),
+                                              _BACKSTOP if deadline is None else deadline)
+        except _Refused as refused:
+            return [CommandError(f"store refused the batch: {refused}") for _ in commands]
         return decode_results(commands, results)
 
     async def ping(self) -> None:
@@ -366,6 +380,8 @@ class PostgresStore(_BatchStore):
                 text = await connection.fetchval("select edgeway.batch($1::jsonb, $2::bigint)::text", payload, now_ms)
         except (asyncpg.UndefinedFunctionError, asyncpg.InvalidSchemaNameError) as exc:
             raise StoreError(_MISSING) from exc
+        except asyncpg.DataError as exc:
+            raise _Refused(f"{exc.sqlstate}: {exc}") from exc
         except asyncpg.InsufficientPrivilegeError as exc:
             raise StoreError(f"PostgreSQL refused edgeway.batch: {exc}; connect as a role granted EXECUTE") from exc
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
@@ -517,6 +533,8 @@ class SupabaseStore(_BatchStore):
             raise StoreError(f"Supabase refused the key (HTTP {status}: {detail}): check the service role key")
         if status == 404:
             raise StoreError(f"{_MISSING} (HTTP 404: {detail})")
+        if status == 400:  # PostgREST's answer to a data exception (SQLSTATE 22): the batch, not the store
+            raise _Refused(f"HTTP 400: {detail}")
         raise StoreError(f"Supabase answered HTTP {status}: {detail}")
 
     async def close(self) -> None:

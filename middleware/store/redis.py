@@ -17,6 +17,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import socket
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -34,6 +35,21 @@ _CONNECT_TIMEOUT = 5.0
 _CONFIRM_WAIT = 1.0  # seconds subscribe() waits for Redis to confirm, while Redis answers at all
 
 logger = logging.getLogger("edgeway.store")
+
+# TCP keepalive: a peer that vanished without a FIN (host down, NAT dropped the flow) is noticed within
+# about IDLE + INTERVAL * COUNT seconds even on an idle connection, instead of the kernel's two hours.
+_KEEPALIVE_IDLE, _KEEPALIVE_INTERVAL, _KEEPALIVE_COUNT = 10, 5, 3
+
+
+def _keepalive(sock: socket.socket | None) -> None:
+    if sock is None:
+        return
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for name, value in (("TCP_KEEPIDLE", _KEEPALIVE_IDLE), ("TCP_KEEPINTVL", _KEEPALIVE_INTERVAL),
+                            ("TCP_KEEPCNT", _KEEPALIVE_COUNT)):
+            if hasattr(socket, name):  # Linux names; macOS has TCP_KEEPALIVE for idle
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
 
 
 @dataclass(slots=True)
@@ -107,6 +123,13 @@ class _RespProtocol(asyncio.Protocol):
         if self._transport is not None:
             self._transport.close()
 
+    def abandon(self, reason: str) -> None:
+        """Fail every waiting batch and drop the connection without waiting for the peer (it may be gone)."""
+        error = StoreError(f"Redis connection dropped: {reason}")
+        self._fail(error)
+        if self._transport is not None:
+            self._transport.abort()
+
 
 @dataclass(frozen=True, slots=True)
 class RedisAddress:
@@ -143,8 +166,9 @@ class RedisAddress:
 class RespTransport(Transport):
     """Connects lazily, reconnects after a loss, authenticates and selects the database."""
 
-    def __init__(self, address: RedisAddress) -> None:
+    def __init__(self, address: RedisAddress, *, connect_timeout: float = _CONNECT_TIMEOUT) -> None:
         self._address = address
+        self._connect_timeout = connect_timeout
         self._connection: SharedOpen[_RespProtocol] = SharedOpen(self._open)
         self._pending: set[asyncio.Task[None]] = set()
 
@@ -169,9 +193,14 @@ class RespTransport(Transport):
         try:
             protocol = await self._connection.open()
             replies = await protocol.submit(commands, asyncio.get_running_loop())
-        except StoreError as exc:
+        except asyncio.CancelledError:
             if not result.done():
-                result.set_exception(exc)
+                result.set_exception(StoreError("Redis connection closed while connecting"))
+            raise
+        except Exception as exc:  # every failure must resolve the caller's future, as a StoreError
+            if not result.done():
+                error = exc if isinstance(exc, StoreError) else StoreError(f"Redis call failed: {exc!r}")
+                result.set_exception(error)
             return
         if not result.done():
             result.set_result(replies)
@@ -181,12 +210,13 @@ class RespTransport(Transport):
         loop = asyncio.get_running_loop()
         context = ssl.create_default_context() if address.tls else None
         try:
-            _, protocol = await asyncio.wait_for(
+            transport, protocol = await asyncio.wait_for(
                 loop.create_connection(_RespProtocol, address.host, address.port, ssl=context),
-                _CONNECT_TIMEOUT,
+                self._connect_timeout,
             )
         except (TimeoutError, OSError) as exc:
             raise StoreError(f"cannot connect to Redis at {self.describe()}: {exc or 'timed out'}") from exc
+        _keepalive(transport.get_extra_info("socket"))
         setup: list[RedisCommand] = []
         if address.password is not None:
             auth: RedisCommand = ("AUTH", address.password)
@@ -196,17 +226,33 @@ class RespTransport(Transport):
         # scripts loaded before any command: a NOSCRIPT retry would run after the batch's later commands
         setup.extend(("SCRIPT", "LOAD", script.source) for script in SCRIPTS)
         if setup:
-            replies = await asyncio.wait_for(protocol.submit(setup, loop), _CONNECT_TIMEOUT)
+            # every failure here closes the socket and becomes a StoreError for all who wait on this connect
+            try:
+                replies = await asyncio.wait_for(protocol.submit(setup, loop), self._connect_timeout)
+            except (TimeoutError, StoreError, OSError) as exc:
+                protocol.abandon("connection setup failed")
+                raise StoreError(f"Redis at {self.describe()} did not complete AUTH/SELECT: {exc or 'timed out'}"
+                                 ) from exc
+            except BaseException:
+                protocol.abandon("connection setup cancelled")
+                raise
             errors = [r for r in replies if isinstance(r, ReplyError)]
             if errors:
-                protocol.close()
+                protocol.abandon("connection setup refused")
                 raise StoreError(f"Redis refused the connection setup: {errors[0]}")
         return protocol
 
-    async def close(self) -> None:
+    def recycle(self) -> None:
         protocol, _ = self._connection.take()
         if protocol is not None:
+            protocol.abandon("recycled after a timeout or a server that cannot serve")
+
+    async def close(self) -> None:
+        protocol, opening = self._connection.take()
+        if protocol is not None:
             protocol.close()
+        if opening is not None and not opening.done():
+            opening.cancel()
 
 
 class _PubSub:
@@ -282,6 +328,7 @@ class _PubSub:
             asyncio.open_connection(address.host, address.port, ssl=context), _CONNECT_TIMEOUT
         )
         self._writer = writer
+        _keepalive(writer.get_extra_info("socket"))
         if address.password is not None:
             auth = ("AUTH", address.username, address.password) if address.username else ("AUTH", address.password)
             writer.write(hiredis.pack_command(auth))  # type: ignore[arg-type]
@@ -324,9 +371,10 @@ class RedisStore(RedisProtocolStore):
     kind = "redis"
     notifies = True
 
-    def __init__(self, url: str, *, timeout: float | None = 0.05, clock: Clock | None = None) -> None:
+    def __init__(self, url: str, *, timeout: float | None = 0.05, clock: Clock | None = None,
+                 connect_timeout: float = _CONNECT_TIMEOUT) -> None:
         address = RedisAddress.parse(url)
-        transport = RespTransport(address)
+        transport = RespTransport(address, connect_timeout=connect_timeout)
         super().__init__(transport, timeout=timeout, clock=clock)
         self._pubsub = _PubSub(address, transport.describe())
 

@@ -6,6 +6,15 @@ transport as ONE batch, and decodes the replies. TCP Redis and Upstash REST
 differ only in the transport: both implement :class:`Transport`, which also
 says how bytes travel (RESP carries them anywhere; Upstash's raw-body form only as
 the last argument, see ``lua/setbin.lua``).
+
+Error replies come in two kinds (see :mod:`.base`): a server that cannot do the
+work (``READONLY`` replica, ``OOM`` under ``noeviction``, ``LOADING``,
+``MASTERDOWN`` ...) fails the whole batch with :class:`StoreError`, so failover
+counts it; any other error reply (``WRONGTYPE``, a script error) is that
+command's :class:`CommandError` result. After a timeout, or a reply saying the
+server is not (or no longer) a usable primary, the connection is dropped so the
+next call reconnects: a half-open connection or a demoted server is never
+asked again.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ from .base import (
     BreakerUpdate,
     Clock,
     Command,
+    CommandError,
     Delete,
     Get,
     Heartbeat,
@@ -42,6 +52,23 @@ RedisCommand = tuple[RedisArg, ...]
 
 class ReplyError(Exception):
     """An error reply for one command (``-ERR ...``, ``{"error": ...}``)."""
+
+
+# Error codes of a server that cannot serve the work right now (Redis error replies start with a code, also
+# when raised from inside a script): a store failure for failover, not the command's fault.
+UNAVAILABLE = ("READONLY", "OOM", "LOADING", "MASTERDOWN", "NOREPLICAS", "BUSY", "MISCONF", "CLUSTERDOWN",
+               "TRYAGAIN", "NOAUTH", "NOPERM")
+# ... and of those, the ones that mean this connection points at the wrong server: reconnect.
+RECONNECT = ("READONLY", "LOADING", "MASTERDOWN")
+
+
+def _code(reply: ReplyError) -> str:
+    text = str(reply)
+    if text.startswith("ERR ") and "-" in text[:200]:  # older Redis wraps a script's error: "ERR ... -OOM ..."
+        for code in UNAVAILABLE:
+            if f"-{code} " in text or f": {code} " in text:
+                return code
+    return text.split(" ", 1)[0]
 
 
 class Script:
@@ -94,6 +121,9 @@ class Transport(abc.ABC):
     async def close(self) -> None:
         """Close connections; a later ``submit`` reconnects."""
 
+    def recycle(self) -> None:  # noqa: B027  (a no-op is right for transports without a long-lived connection)
+        """Drop the current connection (after a timeout or a demoted server): the next ``submit`` reconnects."""
+
     @abc.abstractmethod
     def describe(self) -> str:
         """Location without credentials."""
@@ -130,9 +160,22 @@ class RedisProtocolStore(Store):
         await self._transport.close()
 
     async def ping(self) -> None:
-        replies = await wait_for_batch(self._transport.submit([("PING",)]), self._timeout_or(1.0))
+        replies = await self._send([("PING",)], self._timeout_or(1.0))
         if isinstance(replies[0], ReplyError):
             raise StoreError(f"PING failed: {replies[0]}")
+
+    async def _send(self, encoded: Sequence[RedisCommand], deadline: float | None) -> list[object]:
+        try:
+            replies = await wait_for_batch(self._transport.submit(encoded), deadline)
+        except StoreTimeout:
+            self._transport.recycle()  # the connection may be half-open: never wait on it again
+            raise
+        for reply in replies:
+            if type(reply) is ReplyError and (code := _code(reply)) in UNAVAILABLE:
+                if code in RECONNECT:
+                    self._transport.recycle()
+                raise StoreError(f"Redis cannot serve this now: {reply}")
+        return replies
 
     def _timeout_or(self, default: float) -> float:
         return self._timeout if self._timeout is not None else default
@@ -140,13 +183,13 @@ class RedisProtocolStore(Store):
     async def execute(self, commands: Sequence[Command], *, timeout: float | None = None) -> list[object]:
         encoded = [self._encode(command) for command in commands]
         deadline = timeout if timeout is not None else self._timeout
-        replies = await wait_for_batch(self._transport.submit(encoded), deadline)
+        replies = await self._send(encoded, deadline)
         if any(type(reply) is ReplyError for reply in replies) and (
             missing := [i for i, reply in enumerate(replies) if _is_noscript(reply)]
         ):
             # the server lost its script cache (restart, failover, FLUSH): send the source once
             retry = [self._with_source(encoded[i]) for i in missing]
-            again = await wait_for_batch(self._transport.submit(retry), deadline)
+            again = await self._send(retry, deadline)
             for i, reply in zip(missing, again, strict=True):
                 replies[i] = reply
         return [self._decode(command, reply) for command, reply in zip(commands, replies, strict=True)]
@@ -213,7 +256,7 @@ def _is_noscript(reply: object) -> bool:
 
 def _decode(command: Command, reply: object) -> object:
     if isinstance(reply, ReplyError):
-        raise StoreError(f"store rejected {type(command).__name__}: {reply}")
+        return CommandError(f"store refused {type(command).__name__}: {reply}")
     if isinstance(command, Get):
         if reply is None or isinstance(reply, str):
             return reply

@@ -252,6 +252,7 @@ declare
   p_enforced boolean[]; p_ok boolean[]; p_wkey text[]; p_count bigint[]; p_previous bigint[];
   p_elapsed bigint[]; p_estimate double precision[]; p_capacity double precision[];
   p_rate double precision[]; p_tokens double precision[]; p_reset bigint[];
+  p_bt double precision[]; p_bts bigint[];  -- token bucket: the stored level and its time
   c jsonb; algo text; quota bigint; win bigint; cost bigint; burst bigint; idx bigint;
   cnt bigint; prev bigint; t double precision; ts bigint; est double precision;
   v_remaining bigint; v_reset double precision; v_retry double precision; v_need double precision;
@@ -424,8 +425,10 @@ begin
           select e.tokens, e.ts_ms into t, ts from edgeway.entries e
             where e.key = p_key[i] and e.expires_at > v_now_ts and e.tokens is not null;
           if found then
+            p_bt[i] := t; p_bts[i] := ts;
             p_tokens[i] := least(p_capacity[i], t + greatest(0, v_now - ts)::float8 * p_rate[i]);
           else
+            p_bt[i] := p_capacity[i]; p_bts[i] := v_now;
             p_tokens[i] := p_capacity[i];
           end if;
           p_ok[i] := p_tokens[i] >= cost::float8;
@@ -500,9 +503,11 @@ begin
         else  -- token-bucket
           if v_all_ok then
             p_tokens[i] := p_tokens[i] - cost::float8;
+            p_bt[i] := p_tokens[i]; p_bts[i] := v_now;
+            -- live until refilled from the current level: shadow and cost_from debits push it below zero
             insert into edgeway.entries as e (key, value, counter, tokens, ts_ms, expires_at)
             values (p_key[i], null, null, p_tokens[i], v_now,
-                    edgeway.ms_to_ts(v_now + ceil(p_capacity[i] / p_rate[i])::bigint + slack))
+                    edgeway.ms_to_ts(v_now + ceil((p_capacity[i] - p_tokens[i]) / p_rate[i])::bigint + slack))
             on conflict (key) do update
               set value = null, counter = null, tokens = excluded.tokens, ts_ms = excluded.ts_ms,
                   expires_at = excluded.expires_at;
@@ -514,7 +519,13 @@ begin
           elsif cost::float8 > p_capacity[i] then
             v_retry := win;
           else
-            v_retry := greatest(1, ceil((cost::float8 - p_tokens[i]) / p_rate[i]));
+            -- the first whole ms at which a later read (same arithmetic) finds the tokens: ceil alone can
+            -- land one ms short in floating point
+            v_need := ceil((cost::float8 - p_bt[i]) / p_rate[i]);
+            if p_bt[i] + v_need * p_rate[i] < cost::float8 then
+              v_need := v_need + 1;
+            end if;
+            v_retry := greatest(1, p_bts[i]::float8 + v_need - v_now::float8);
           end if;
         end if;
         v_res := v_res || array[case when p_ok[i] then 1 else 0 end, v_remaining,

@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 
 from edgeway import gateway
+from edgeway.gateway.server import uvicorn_options
 from tests.servers import HOST, UvicornThread, free_port, wait_for_port
 
 STREAM_SIZE = 8 * 1024 * 1024
@@ -451,8 +452,9 @@ class Served:
 
 @contextlib.contextmanager
 def serve_gateway(policy_yaml: str, http: str = "h11") -> Iterator[Served]:
+    """The gateway as ``edgeway serve --http HTTP`` runs it (its protocol classes and uvicorn settings)."""
     app = gateway.create_app(gateway.load_text(policy_yaml))
-    server = UvicornThread(app, http=http, proxy_headers=False, server_header=False, date_header=False)
+    server = UvicornThread(app, **uvicorn_options(http))
     with server:
         yield Served(app, server, http)
 
@@ -500,7 +502,7 @@ routes:
     upstream: dead
   - match: {{ path: /timeout/* }}
     upstream: slow
-  - match: {{ path: /raw/* }}
+  - match: {{ path: /raw/*, allow_semicolons: true }}
     upstream: raw
   - match: {{ path: /api/* }}
     upstream: echo

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import pytest
+from prometheus_client import REGISTRY
 
 from edgeway.middleware.store import (
     Algorithm,
     Command,
+    CommandError,
     Delete,
     Get,
     Incr,
@@ -26,18 +28,24 @@ from edgeway.middleware.store.memory import MemoryStore
 
 
 class Shared(Store):
-    """A shared (non-memory) store that can be switched off, counting the batches it receives."""
+    """A shared (non-memory) store that can be switched off, counting the batches it receives.
+
+    ``writable`` False plays a server that answers reads and PING but refuses writes (a replica, OOM).
+    """
 
     def __init__(self, kind: str = "redis", inner: Store | None = None) -> None:
         self.kind = kind
         self.inner = inner or MemoryStore()
         self.up = True
+        self.writable = True
         self.batches: list[list[Command]] = []
 
     async def execute(self, commands: Sequence[Command], *, timeout: float | None = None) -> list[object]:
         self.batches.append(list(commands))
         if not self.up:
             raise StoreError(f"{self.kind} is down")
+        if not self.writable and any(not isinstance(c, Get) for c in commands):
+            raise StoreError("READONLY You can't write against a read only replica.")
         return await self.inner.execute(commands, timeout=timeout)
 
     async def ping(self) -> None:
@@ -189,3 +197,79 @@ async def test_readiness_and_description_show_the_chain() -> None:
     assert [entry["healthy"] for entry in store.status()] == [False, True]
     assert "(down)" in store.describe()
     await store.close()
+
+
+async def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    for _ in range(int(timeout / 0.01)):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not met in time")
+
+
+def store_up(kind: str) -> float | None:
+    return REGISTRY.get_sample_value("edgeway_store_up", {"store": kind})
+
+
+def store_mode(kind: str) -> float | None:
+    return REGISTRY.get_sample_value("edgeway_store_mode", {"mode": kind})
+
+
+async def test_failed_writes_mark_the_store_down_even_while_reads_succeed() -> None:
+    primary, fallback = Shared("redis"), Shared("postgres")
+    store = FailoverStore(primary, [fallback], failures=3, probe_initial=60)
+    primary.writable = False
+    for _ in range(3):  # every cache read works; it must not hide the failing writes
+        assert await store.execute([Get("c")]) == [None]
+        await store.execute([limit()])
+    assert store.kind == "postgres"
+    assert store.status()[0]["healthy"] is False and store.status()[0]["failing"] == ["write"]
+    await store.close()
+
+
+async def test_the_probe_does_the_failed_work_and_mode_and_up_follow_health() -> None:
+    """A PING answers on a replica: only a real write brings the store back; no request is needed for it."""
+    primary, fallback = Shared("redis"), Shared("postgres")
+    store = FailoverStore(primary, [fallback], failures=1, probe_initial=0.05, probe_max=0.05)
+    primary.writable = False
+    await store.execute([limit()])
+    assert (store.kind, store_up("redis"), store_mode("postgres"), store_mode("redis")) == ("postgres", 0, 1, 0)
+    probes = len(primary.batches)
+    await wait_until(lambda: len(primary.batches) >= probes + 3)  # probes keep writing, and failing
+    assert store.kind == "postgres" and not store.status()[0]["healthy"]
+    primary.writable = True
+    await wait_until(lambda: store.status()[0]["healthy"] is True)
+    assert (store.kind, store_up("redis"), store_mode("redis"), store_mode("postgres")) == ("redis", 1, 1, 0)
+    assert all(isinstance(c, Set) for batch in primary.batches[probes:] for c in batch)  # probe writes only
+    await store.close()
+
+
+class Refusing(Shared):
+    """A working store that refuses every rate-limit command on its merits (a script error)."""
+
+    async def execute(self, commands: Sequence[Command], *, timeout: float | None = None) -> list[object]:
+        self.batches.append(list(commands))
+        return [CommandError("ERR too many results to unpack") if isinstance(c, RateLimit) else None
+                for c in commands]
+
+
+async def test_a_command_error_is_never_an_outage_nor_run_on_the_fallback() -> None:
+    primary, fallback = Refusing("redis"), Shared("postgres")
+    store = FailoverStore(primary, [fallback], failures=1, probe_initial=60)
+    for _ in range(5):
+        (result,) = await store.execute([limit()])
+        assert isinstance(result, CommandError)
+    assert store.kind == "redis" and store.status()[0]["healthy"] is True
+    assert fallback.batches == []
+    await store.close()
+
+
+async def test_start_heartbeats_before_any_request() -> None:
+    shared_state = MemoryStore()
+    idle = FailoverStore(Shared("redis", shared_state), [MemoryStore()])
+    busy = FailoverStore(Shared("redis", shared_state), [MemoryStore()])
+    await idle.start()  # application startup: this instance has served nothing yet
+    await busy.start()
+    await wait_until(lambda: busy._live == 2 or idle._live == 2)
+    await idle.close()
+    await busy.close()

@@ -33,6 +33,7 @@ from edgeway.middleware.store import (
     BreakerResult,
     BreakerRule,
     BreakerUpdate,
+    CommandError,
     Delete,
     Get,
     Incr,
@@ -296,8 +297,8 @@ async def test_incr_counts_and_sets_the_ttl_on_creation(
         clock.advance(300)
     assert await store.execute([Get(counter), Incr(counter, ttl_ms=60_000)]) == [None, 1]
     await store.execute([Set(key + "text", "not a number", 60_000)])
-    with pytest.raises(StoreError):
-        await store.execute([Incr(key + "text", ttl_ms=60_000)])
+    (refused,) = await store.execute([Incr(key + "text", ttl_ms=60_000)])  # that command's error, not an outage
+    assert isinstance(refused, CommandError)
 
 
 # -- notifications ----------------------------------------------------------------
@@ -774,15 +775,15 @@ async def test_breaker_scenarios_match_the_reference(store: Store, clock: FakeCl
 
 # PostgreSQL keeps breakers in a table of their own: no key there can hold another type
 @pytest.mark.parametrize("backend", ["memory", *REMOTE], indirect=True)
-async def test_breaker_key_of_another_type_is_a_store_error(backend: Backend, store: Store, key: str) -> None:
+async def test_breaker_key_of_another_type_is_that_commands_error(backend: Backend, store: Store, key: str) -> None:
     if backend.url is not None:
         client = aioredis.from_url(backend.url)
         await client.rpush(key + "br", "x")
         await client.aclose()
     else:
         await store.execute([Set(key + "br", "not a breaker", 60_000)])
-    with pytest.raises(StoreError):
-        await store.execute([BreakerUpdate(key + "br", RULE, FAIL)])
+    (result,) = await store.execute([BreakerUpdate(key + "br", RULE, FAIL)])
+    assert isinstance(result, CommandError)
 
 
 @pytest.mark.parametrize("backend", SHARED, indirect=True)
@@ -796,6 +797,105 @@ async def test_exactly_one_probe_among_concurrent_callers(backend: Backend, key:
     ))
     granted = [r for (r,) in results if isinstance(r, BreakerResult) and r.granted]
     assert len(granted) == 1
+# -- regressions of issue 8 (over-admission) ---------------------------------------------
+
+
+async def test_bucket_debt_outlives_the_full_refill_time(backend: Backend, store: Store, clock: FakeClock,
+                                                        key: str) -> None:
+    """A 10/second bucket debited 500 tokens stays empty ~49 s, not until its 2 s full-refill TTL."""
+    bucket = limit(key + "b", BUCKET, 10, 1_000)
+    assert (await hit(store, bucket)).allowed
+    debit = await hit(store, bucket._replace(cost=500, enforced=False))  # a shadow / cost_from debit
+    assert debit.allowed and debit.states[0].reset_ms == 50_100  # -491 tokens, 10 per second: full in 50.1 s
+    clock.advance(2_100)
+    results = [await hit(store, bucket) for _ in range(10)]
+    assert [r.allowed for r in results] == [False] * 10
+    assert results[0].states[0].retry_after_ms == 47_100  # -470 now: one token in 47.1 s
+    if backend.url is not None:  # Redis keeps TTLs on its own clock: the key must live until refilled
+        client = aioredis.Redis.from_url(backend.url)
+        try:
+            assert await client.pttl(key + "b") > 49_000
+        finally:
+            await client.aclose()
+    clock.advance(47_000)  # -470 + 470: exactly 0 tokens, still short of one
+    assert not (await hit(store, bucket)).allowed
+    clock.advance(100)
+    assert (await hit(store, bucket)).allowed
+
+
+@pytest.mark.parametrize(("quota", "window_ms", "burst", "cost"), [
+    (7, 3_000, 4, 3), (3, 7_000, 0, 1), (10, 1_000, 0, 1), (13, 60_000, 5, 2), (1, 1_000, 0, 1), (97, 3_600_000, 0, 5),
+])
+async def test_bucket_retry_after_is_never_early(store: Store, clock: FakeClock, key: str, quota: int,
+                                                 window_ms: int, burst: int, cost: int) -> None:
+    """Waiting exactly retry_after always admits the same request, and one ms less never does."""
+    bucket = limit(key, BUCKET, quota, window_ms, burst=burst, cost=cost)
+    for step in range(40):
+        clock.advance((step * 7919) % 1_237)
+        result = await hit(store, bucket)
+        if result.allowed:
+            continue
+        retry = result.states[0].retry_after_ms
+        if retry > 1:
+            clock.advance(retry - 1)
+            assert not (await hit(store, bucket)).allowed, f"step {step}: admitted before retry_after"
+            clock.advance(1)
+        else:
+            clock.advance(retry)
+        assert (await hit(store, bucket)).allowed, f"step {step}: still refused at now + retry_after"
+
+
+async def test_sliding_log_takes_large_costs(store: Store, key: str) -> None:
+    """cost >= 4000 once broke the script (too many results to unpack) after charging earlier limits."""
+    fixed = limit(key + "f", FIXED, 100_000, 60_000)
+    log = limit(key + "l", LOG, 100_000, 60_000)
+    result = await hit(store, fixed._replace(cost=5_000), log._replace(cost=5_000))
+    assert result.allowed and [s.remaining for s in result.states] == [95_000, 95_000]
+    again = await hit(store, fixed._replace(cost=1), log._replace(cost=90_000))
+    assert again.allowed and [s.remaining for s in again.states] == [94_999, 5_000]
+
+
+async def test_a_bad_limit_is_the_commands_error_and_charges_nothing(store: Store, key: str) -> None:
+    good = limit(key + "good", FIXED, 5, 10_000)
+    bad = limit(key + "bad", LOG, 0, 10_000)  # quota 0: refused before anything is charged
+    results = await store.execute([RateLimit((good, bad)), Set(key + "x", "1", 10_000)])
+    assert isinstance(results[0], CommandError)
+    after = await hit(store, good)
+    assert after.states[0].remaining == 4  # the first request left no trace
+
+
+@pytest.mark.parametrize("backend", ["redis"], indirect=True)
+async def test_wrongtype_is_the_commands_error_and_charges_nothing(backend: Backend, store: Store,
+                                                                   key: str) -> None:
+    client = aioredis.Redis.from_url(backend.url)  # type: ignore[arg-type]
+    try:
+        await client.set(key + "bucket", "not a hash", px=60_000)
+    finally:
+        await client.aclose()
+    fixed = limit(key + "f", FIXED, 5, 10_000)
+    results = await store.execute([RateLimit((fixed, limit(key + "bucket", BUCKET, 5, 10_000))), Get(key + "x")])
+    assert isinstance(results[0], CommandError) and "WRONGTYPE" in str(results[0])
+    assert results[1] is None  # the rest of the batch keeps its results
+    assert (await hit(store, fixed)).states[0].remaining == 4
+
+
+async def test_sliding_window_guarantee_as_documented(store: Store, clock: FakeClock, key: str) -> None:
+    """At most the quota per aligned window; up to about 2x (never more) in an unaligned window-long span."""
+    check = limit(key, SLIDING, 10, 1_000)
+    clock.advance(999)
+    burst = [(await hit(store, check)).allowed for _ in range(10)]
+    assert burst == [True] * 10  # all at 999 ms, the end of window 0
+    admitted = [clock.ms] * 10
+    for _ in range(100):  # then one attempt every 10 ms as the previous window's weight fades
+        clock.advance(10)
+        if (await hit(store, check)).allowed:
+            admitted.append(clock.ms)
+    spans = [sum(1 for t in admitted if start <= t < start + 1_000) for start in admitted]
+    assert max(spans) == 19  # the known worst case of the weighted estimate: under 2x, well over 1x
+    per_window: dict[int, int] = {}
+    for t in admitted:
+        per_window[t // 1_000] = per_window.get(t // 1_000, 0) + 1
+    assert max(per_window.values()) <= 10
 
 
 async def test_postgres_listener_survives_a_restart(key: str) -> None:

@@ -22,6 +22,7 @@ import respx
 
 from edgeway.middleware.store import (
     Algorithm,
+    CommandError,
     Delete,
     Get,
     Heartbeat,
@@ -111,6 +112,14 @@ def test_describe_has_no_key() -> None:
     assert KEY not in store.describe()
 
 
+async def test_data_exception_is_the_commands_error_not_an_outage(
+    supabase: Callable[..., SupabaseStore], mock: respx.MockRouter
+) -> None:
+    mock.post(ENDPOINT).mock(return_value=httpx.Response(400, json={"code": "22023", "message": "unknown op"}))
+    (result,) = await supabase().execute([RateLimit((CHECK,))])
+    assert isinstance(result, CommandError) and "unknown op" in str(result)
+
+
 @pytest.mark.parametrize(
     ("response", "expected"),
     [
@@ -121,7 +130,6 @@ def test_describe_has_no_key() -> None:
                      MIGRATION, id="404"),
         pytest.param(httpx.Response(500, text="internal trouble"), "HTTP 500: internal trouble", id="500"),
         pytest.param(httpx.Response(503, json={"message": "upstream unavailable"}), "HTTP 503", id="503"),
-        pytest.param(httpx.Response(400, json={"code": "22023", "message": "unknown op"}), "unknown op", id="400"),
         pytest.param(httpx.Response(200, text="this is not json"), "invalid JSON", id="invalid-json"),
         pytest.param(httpx.Response(200, json={"result": "OK"}), "unexpected", id="not-a-list"),
         pytest.param(httpx.Response(200, json=[None, None]), "unexpected", id="too-long"),

@@ -15,7 +15,29 @@ end
 local n = #KEYS
 local plans = {}
 local all_ok = true
+local ALGORITHMS = {['fixed-window'] = true, ['sliding-window'] = true, ['sliding-log'] = true,
+                    ['token-bucket'] = true}
+local LOG_CHUNK = 500  -- ZADD members per call: unpack() of thousands of arguments fails in Lua
 
+-- validate every limit before touching any key: a bad argument must not leave earlier limits charged
+if #ARGV ~= 1 + 6 * n then
+  return redis.error_reply('ERR edgeway: expected ' .. (1 + 6 * n) .. ' arguments, got ' .. #ARGV)
+end
+for i = 1, n do
+  local base = 2 + (i - 1) * 6
+  local quota, window = tonumber(ARGV[base + 1]), tonumber(ARGV[base + 2])
+  local cost, burst = tonumber(ARGV[base + 3]), tonumber(ARGV[base + 4])
+  if not ALGORITHMS[ARGV[base]] then
+    return redis.error_reply('ERR edgeway: unknown rate-limit algorithm ' .. tostring(ARGV[base]))
+  end
+  if not (quota and window and cost and burst) or quota < 1 or window < 1 or cost < 0 or burst < 0
+      or cost ~= math.floor(cost) then
+    return redis.error_reply('ERR edgeway: bad limit ' .. KEYS[i] .. ': quota and window_ms must be positive, '
+      .. 'cost and burst whole and not negative')
+  end
+end
+
+-- phase 1: read (with type-checking commands, so WRONGTYPE stops the script here) and decide
 for i = 1, n do
   local base = 2 + (i - 1) * 6
   local p = {
@@ -45,9 +67,12 @@ for i = 1, n do
     p.capacity = p.burst > 0 and p.burst or p.quota
     p.rate = p.quota / p.window
     local state = redis.call('HMGET', p.key, 't', 'ts')
+    -- (bt, bts): the stored level and its time, from which every later read computes the level
     if state[1] then
-      p.tokens = math.min(p.capacity, tonumber(state[1]) + math.max(0, now - tonumber(state[2])) * p.rate)
+      p.bt, p.bts = tonumber(state[1]), tonumber(state[2])
+      p.tokens = math.min(p.capacity, p.bt + math.max(0, now - p.bts) * p.rate)
     else
+      p.bt, p.bts = p.capacity, now
       p.tokens = p.capacity
     end
     p.ok = p.tokens >= p.cost
@@ -88,13 +113,17 @@ for i = 1, n do
     end
     p.reset = reset
   elseif p.algo == 'sliding-log' then
-    if all_ok then
+    if all_ok and p.cost > 0 then
       local args = {}
       for j = 0, p.cost - 1 do
         args[#args + 1] = now
         args[#args + 1] = now .. ':' .. (p.count + j)
+        if #args >= 2 * LOG_CHUNK then
+          redis.call('ZADD', p.key, unpack(args))
+          args = {}
+        end
       end
-      redis.call('ZADD', p.key, unpack(args))
+      if #args > 0 then redis.call('ZADD', p.key, unpack(args)) end
       redis.call('PEXPIRE', p.key, p.window + SLACK)
       p.count = p.count + p.cost
     end
@@ -113,8 +142,10 @@ for i = 1, n do
   else -- token-bucket
     if all_ok then
       p.tokens = p.tokens - p.cost
+      p.bt, p.bts = p.tokens, now
       redis.call('HSET', p.key, 't', string.format('%.17g', p.tokens), 'ts', now)
-      redis.call('PEXPIRE', p.key, math.ceil(p.capacity / p.rate) + SLACK)
+      -- live until refilled from the current level: shadow and cost_from debits push it below zero
+      redis.call('PEXPIRE', p.key, math.ceil((p.capacity - p.tokens) / p.rate) + SLACK)
     end
     remaining = math.max(0, math.floor(p.tokens))
     p.reset = math.ceil((p.capacity - p.tokens) / p.rate)
@@ -123,7 +154,11 @@ for i = 1, n do
     elseif p.cost > p.capacity then
       retry = p.window
     else
-      retry = math.max(1, math.ceil((p.cost - p.tokens) / p.rate))
+      -- the first whole ms at which a later read (same arithmetic) finds the tokens: ceil can land one
+      -- ms short in floating point
+      local d = math.ceil((p.cost - p.bt) / p.rate)
+      if p.bt + d * p.rate < p.cost then d = d + 1 end
+      retry = math.max(1, p.bts + d - now)
     end
   end
   out[#out + 1] = p.ok and 1 or 0
