@@ -3,10 +3,25 @@
 from __future__ import annotations
 
 import io
+import logging
+from collections.abc import Iterator
+
+import pytest
 
 from edgeway.gateway.demo import run_demo
 
 
+@pytest.fixture
+def quiet_loggers_restored() -> Iterator[None]:
+    """run_demo quiets these loggers for its own output; later tests must see them as they were."""
+    loggers = [logging.getLogger(name) for name in ("edgeway", "httpx", "uvicorn")]
+    levels = [logger.level for logger in loggers]
+    yield
+    for logger, level in zip(loggers, levels, strict=True):
+        logger.setLevel(level)
+
+
+@pytest.mark.usefixtures("quiet_loggers_restored")
 def test_demo_shows_the_breaker_opening_short_circuiting_probing_and_closing() -> None:
     out = io.StringIO()
     assert run_demo(requests=8, out=out) == 0
