@@ -192,8 +192,8 @@ class CircuitBreaker:
         """
         self.in_flight -= 1
         if ticket.probe:
-            if failed is None:
-                return None  # the token expires after probe_timeout and another call probes
+            if failed is None:  # nothing learned: hand the token back so the next call probes
+                return self._command(BreakerEvent(probe=True))
             event = BreakerEvent(failures=1, probe=True) if failed else BreakerEvent(successes=1, probe=True)
             return self._command(event)
         if failed is None:

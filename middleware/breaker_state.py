@@ -17,7 +17,8 @@ every comparison is integer arithmetic.
 
 Results that arrive while OPEN, and non-probe results while HALF_OPEN (requests
 let through before it opened), change nothing. A probe token that is never
-returned (the probing instance died) expires after ``probe_ms``.
+returned (the probing instance died) expires after ``probe_ms``; a probe that
+says nothing (its client left) hands it back at once.
 """
 
 from __future__ import annotations
@@ -158,6 +159,8 @@ def apply(state: State | None, rule: BreakerRule, event: BreakerEvent, now: int)
                 state = _closed(rule, now)
             else:  # hand the token back: the next request probes
                 state = replace(state, successes=successes, until_ms=now)
+        else:  # the probe said nothing (its client left): hand the token back at once
+            state = replace(state, until_ms=min(state.until_ms, now))
 
     granted = state.phase == Phase.CLOSED
     if event.acquire and state.phase != Phase.CLOSED and now >= state.until_ms:

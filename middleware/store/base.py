@@ -262,7 +262,8 @@ class BreakerEvent(NamedTuple):
     ``reset`` closes the breaker; ``seed_*`` is the caller's last view, adopted
     only when the store holds no state for the breaker (it just failed over to a
     fresh store, so an open breaker stays open); ``successes`` then ``failures``
-    are results (``probe``: they come from the half-open probe); ``acquire``
+    are results (``probe``: they come from the half-open probe; a probe with
+    neither hands the token back); ``acquire``
     asks for the probe token when the open time is over.
     """
 

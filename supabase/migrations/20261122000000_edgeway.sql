@@ -204,6 +204,8 @@ begin
       else
         b.successes := b.successes + e_ok; b.until_ms := v_now;
       end if;
+    else
+      b.until_ms := least(b.until_ms, v_now);
     end if;
   end if;
 

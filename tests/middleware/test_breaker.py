@@ -506,3 +506,40 @@ async def test_a_response_cut_short_does_not_count() -> None:
     assert sent[0]["status"] == 503
     assert breaker.phase == Phase.CLOSED
     assert breaker.in_flight == 0
+
+
+async def test_a_probe_whose_client_left_hands_the_token_back() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker("api", BreakerSettings(failures=1, open_for=5), store=MemoryStore(clock=clock),
+                             clock=clock, rng=NoJitter())
+    mode = {"status": 503, "cut": False}
+
+    async def upstream(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": mode["status"], "headers": []})
+        await send({"type": "http.response.body", "body": b"x", "more_body": bool(mode["cut"])})
+
+    app = CircuitBreakerMiddleware(upstream, breaker=breaker)
+
+    async def call() -> int:
+        sent: list[dict[str, Any]] = []
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "method": "GET", "path": "/x", "raw_path": b"/x", "query_string": b"",
+                 "headers": [], "client": ("203.0.113.9", 1234)}
+        await app(scope, receive, send)
+        await settle(app)
+        return int(sent[0]["status"])
+
+    assert await call() == 503  # opens
+    clock.now += 5
+    mode.update(status=200, cut=True)
+    assert await call() == 200  # the probe, cut short: says nothing
+    assert breaker.phase == Phase.HALF_OPEN
+    mode["cut"] = False
+    assert await call() == 200  # the next request probes at once, not after the probe timeout
+    assert breaker.phase == Phase.CLOSED

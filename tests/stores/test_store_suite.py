@@ -739,10 +739,12 @@ BREAKER_SCENARIOS: dict[str, tuple[BreakerRule, list[BreakerStep]]] = {
         (0, ACQUIRE, (2, 5_000, 0, True, 0, 1)),
         (0, PROBE_OK, (0, 0, 0, True, 4, 0)),
     ]),
-    "a lost probe token expires": (RULE, [
+    "a lost probe token expires; a probe that says nothing hands it back": (RULE, [
         (0, BreakerEvent(failures=3), (1, 60_000, 0, False, 1, 1)),
         (60_000, ACQUIRE, (2, 5_000, 0, True, 6, 1)),
         (5_000, ACQUIRE, (2, 5_000, 0, True, 0, 1)),
+        (1_000, BreakerEvent(probe=True), (2, 0, 0, False, 0, 1)),
+        (0, ACQUIRE, (2, 5_000, 0, True, 0, 1)),
     ]),
     "reset closes; a seed only fills an empty key": (RULE, [
         (0, BreakerEvent(seed_phase=1, seed_remaining_ms=7_000, seed_streak=2), (1, 7_000, 0, False, 0, 2)),

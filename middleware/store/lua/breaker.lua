@@ -89,6 +89,8 @@ elseif st.p == HALF_OPEN and e_probe then
     else
       st.k, st.u = successes, now
     end
+  else
+    st.u = math.min(st.u, now)
   end
 end
 
