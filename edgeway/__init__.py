@@ -6,13 +6,24 @@ policy loading, the command line) and ``middleware/`` (the ASGI policies and
 the stores); ``edgeway/gateway`` and ``edgeway/middleware`` link to them, and
 the wheel carries them as ``edgeway.gateway`` and ``edgeway.middleware``.
 
-``create_app(policy)`` builds the gateway; ``Edgeway.from_policy(path)`` mounts
-the same policies in any ASGI app.
+``create_app(policy)`` builds the gateway; ``app.add_middleware(EdgewayMiddleware,
+policy=path)`` mounts the same policies in a FastAPI/Starlette app, and
+``Edgeway.from_policy(path).wrap(app)`` in any ASGI app.
 """
 
 from __future__ import annotations
 
-from .gateway import Edgeway, Gateway, LoadedPolicy, PolicyError, __version__, create_app, load_policy, load_text
+from .gateway import (
+    Edgeway,
+    EdgewayMiddleware,
+    Gateway,
+    LoadedPolicy,
+    PolicyError,
+    __version__,
+    create_app,
+    load_policy,
+    load_text,
+)
 
-__all__ = ["Edgeway", "Gateway", "LoadedPolicy", "PolicyError", "__version__", "create_app", "load_policy",
-           "load_text"]
+__all__ = ["Edgeway", "EdgewayMiddleware", "Gateway", "LoadedPolicy", "PolicyError", "__version__", "create_app",
+           "load_policy", "load_text"]

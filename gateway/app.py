@@ -4,7 +4,7 @@ One request's path (docs/architecture.md draws it):
 
     __call__ -> request sanity (400) -> /_edgeway/* endpoints
              -> route table (first match; 404 no_route, 405)
-             -> route app = EdgewayMiddleware(policies, one store batch) -> UpstreamProxy
+             -> route app = PolicyPipeline(policies, one store batch) -> UpstreamProxy
 
 A new policy is applied as a whole (routes, proxies, store) by swapping one
 immutable ``_Active`` object; a policy that fails to load never replaces the
@@ -27,8 +27,8 @@ from edgeway.middleware.responses import ErrorResponse, Receive, Send, bad_reque
 from edgeway.middleware.store import Clock, Store
 
 from .admin import AdminEndpoints
-from .config import Policy, ServerConfig
-from .errors import PolicyError
+from .config import Policy, Route, ServerConfig
+from .errors import PolicyError, Problem
 from .headers import request_problem
 from .loader import LoadedPolicy, load_policy
 from .proxy import UpstreamProxy
@@ -69,11 +69,12 @@ class Gateway:
     def _compile(self, loaded: LoadedPolicy, store: Store | None) -> _Active:
         policy = loaded.policy
         trusted = TrustedProxies(policy.trusted_proxies)
-        store = store or build_store(policy.store, self._clock)
+        store = store or build_store(policy.store, self._clock, key_prefix=policy.key_prefix)
         breakers = build_breakers(policy, store, self._clock)
         proxies = {name: UpstreamProxy(name, upstream, trusted, policy.server, breakers.get(name), self._clock)
                    for name, upstream in policy.upstreams.items()}
-        routes = RouteTable(policy, store, trusted, lambda route: proxies[route.upstream], breakers)
+        routes = RouteTable(policy, store, trusted, lambda route: proxies[_upstream_of(route, loaded)],
+                            breakers=breakers)
         return _Active(loaded, routes, tuple(proxies.values()), breakers, store, trusted,
                        policy.server.headers_with_underscores == "reject")
 
@@ -99,7 +100,8 @@ class Gateway:
         """Switch to a new valid policy at once; requests already running finish on the old one, whose
         upstream sessions (and store, if it changed) close once their longest read timeout has passed."""
         old = self._active
-        same_store = self._fixed_store is not None or old.loaded.policy.store == loaded.policy.store
+        same_store = self._fixed_store is not None or (
+            (old.loaded.policy.store, old.loaded.policy.name) == (loaded.policy.store, loaded.policy.name))
         self._active = self._compile(loaded, old.store if same_store else None)
         if not same_store:
             await self._active.store.start()
@@ -126,7 +128,7 @@ class Gateway:
             return False
         try:
             # off the event loop: parsing and validating a large policy must never stall traffic
-            loaded = await asyncio.to_thread(load_policy, self.policy_path)
+            loaded = await asyncio.to_thread(load_policy, self.policy_path, mode="gateway")
         except PolicyError as exc:
             logger.error("policy reload failed, keeping version %s:\n%s", self._active.loaded.version, exc)
             return False
@@ -228,13 +230,20 @@ class Gateway:
             logger.debug("SIGHUP reload not available in this process")
 
 
+def _upstream_of(route: Route, loaded: LoadedPolicy) -> str:
+    if route.upstream is None:  # the loader refuses this in gateway mode; a Policy object may still hold it
+        raise PolicyError(loaded.source, [Problem(1, 1, f"route {route.route_id} has no upstream: the gateway "
+                                                        "needs one on every route (in-app policies may leave it out)")])
+    return route.upstream
+
+
 def create_app(policy: LoadedPolicy | Policy | str | Path, *, store: Store | None = None,
                clock: Clock | None = None) -> Gateway:
     """Build the gateway from a policy file path, a loaded policy, or a :class:`Policy` object."""
     path: str | None = None
     if isinstance(policy, str | Path):
         path = str(policy)
-        loaded = load_policy(path)
+        loaded = load_policy(path, mode="gateway")
     elif isinstance(policy, Policy):
         loaded = LoadedPolicy(policy, "<object>", "object")
     else:

@@ -60,7 +60,7 @@ def _fallback_list(value: object) -> object:
 class StoreConfig(Model):
     """Where shared state lives."""
 
-    url: str = Field("memory://", description="redis:// rediss:// upstash+https:// memory://")
+    url: str = Field("memory://", description="redis:// rediss:// unix:// upstash+https:// memory://")
     enabled: bool = Field(True, description="false skips the primary (emergency rollback); EDGEWAY_REDIS_ENABLED too.")
     key_prefix: str = Field("edgeway:", description="Prefix of every key Edgeway writes.")
     timeout: Duration = Field(0.05, description="Per store call; past it the call counts as a store failure.")
@@ -99,7 +99,7 @@ class StoreConfig(Model):
         scheme = value.split("://", 1)[0].lower() if "://" in value else ""
         if scheme not in (*SCHEMES, "redis+sentinel", "redis+cluster"):
             raise ValueError(
-                f"unknown store URL {value!r}: use memory://, redis://, rediss:// or upstash+https://TOKEN@host"
+                f"unknown store URL {value!r}: use memory://, redis://, rediss://, unix:// or upstash+https://TOKEN@host"
             )
         return value
 
@@ -153,6 +153,8 @@ class Match(Model):
     @field_validator("methods", mode="before")
     @classmethod
     def _methods(cls, value: object) -> object:
+        if isinstance(value, str):  # `methods: POST`: one method needs no list
+            value = [value]
         if isinstance(value, list):
             upper = [str(m).upper() for m in value]
             unknown = [m for m in upper if m not in HTTP_METHODS]
@@ -168,12 +170,28 @@ class CacheConfig(Model):
     max_body: Size = Field(2_000_000, description="Larger responses are passed through, not stored.")
 
 
+ROUTE_ID = r"^[A-Za-z0-9._\-/*@,+=]+$"
+
+
 class Route(Model):
     match: Match
-    upstream: str
+    id: str | None = Field(
+        None, pattern=ROUTE_ID,
+        description="Stable identity of the route in store keys; default derived from match (path@METHODS), "
+        "so reordering routes never resets counters.",
+    )
+    upstream: str | None = Field(None, description="The upstream to proxy to; in-app policies leave it out.")
     limits: tuple[Limit, ...] = ()
     cache: CacheConfig | None = None
     session: Literal["required", "optional", "off"] = "off"
+
+    @property
+    def route_id(self) -> str:
+        """``id``, or ``PATH`` / ``PATH@GET,POST`` from the match (braces swapped: they are Redis hash tags)."""
+        if self.id is not None:
+            return self.id
+        path = self.match.path.replace("{", "(").replace("}", ")")
+        return f"{path}@{','.join(sorted(self.match.methods))}" if self.match.methods else path
 
 
 class Sessions(Model):
@@ -230,14 +248,37 @@ def _network(value: str) -> str:
 Network = Annotated[str, AfterValidator(_network), Field(description="A CIDR such as 10.0.0.0/8 or 127.0.0.1/32")]
 
 
+def _user_from(value: str) -> str:
+    kind, sep, name = value.partition(":")
+    if kind != "header" or not sep or not name.strip():
+        raise ValueError(f"bad user_from {value!r}: expected header:NAME (a header an auth layer in front sets)")
+    return f"header:{name.strip().lower()}"
+
+
 class Policy(Model):
     """An Edgeway policy file, version 1."""
 
     version: Literal[1]
+    name: str = Field(
+        "default", pattern=r"^[A-Za-z0-9._\-]+$",
+        description="This policy's identity: part of every store key and of the heartbeat set, so apps sharing "
+        "one Redis never share counters by accident.",
+    )
     store: StoreConfig = StoreConfig()
     trusted_proxies: tuple[Network, ...] = ()
-    upstreams: dict[str, Upstream]
+    user_from: Annotated[str, AfterValidator(_user_from)] | None = Field(
+        None, description="Where `key: user` finds the user when nothing else set one: header:NAME, honoured "
+        "only from trusted_proxies (an auth layer in front).",
+    )
+    upstreams: dict[str, Upstream] = Field(
+        default_factory=dict, description="Where the gateway proxies to; in-app policies need none."
+    )
     routes: tuple[Route, ...]
     sessions: Sessions | None = None
     server: ServerConfig = ServerConfig()
     admin: Admin = Admin()
+
+    @property
+    def key_prefix(self) -> str:
+        """What every key of this policy starts with: ``store.key_prefix``, then ``name:``."""
+        return f"{self.store.key_prefix}{self.name}:"

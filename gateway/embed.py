@@ -1,9 +1,16 @@
-"""The policy file inside any ASGI app: ``app = Edgeway.from_policy("policy.yaml").wrap(app)``.
+"""The policy file inside an ASGI app.
 
-Routes match exactly as in the gateway; a matching route's policies run in
-front of the wrapped app (the app is the upstream: upstream URLs are ignored, their
-``breaker:`` guards the app, one breaker per upstream name, retries are the gateway's only), and
-requests no route matches go straight to the app.
+FastAPI / Starlette, keeping ``app`` the framework's object (``dependency_overrides``,
+``state``, ``include_router`` stay usable)::
+
+    app.add_middleware(EdgewayMiddleware, policy="policy.yaml")
+
+Any other ASGI app: ``app = Edgeway.from_policy("policy.yaml").wrap(app)``.
+
+Routes match exactly as in the gateway; a matching route's policies run in front of
+the app (upstreams are not needed: the app is the upstream; an upstream's ``breaker:``
+guards the app on the routes naming it, retries are the gateway's only), and requests
+no route matches go straight to the app.
 """
 
 from __future__ import annotations
@@ -13,8 +20,9 @@ from typing import Any
 
 from edgeway.middleware.clientip import TrustedProxies
 from edgeway.middleware.context import RequestContext, Scope
-from edgeway.middleware.responses import Receive, Send
+from edgeway.middleware.responses import Message, Receive, Send
 from edgeway.middleware.store import Clock, Store
+from edgeway.middleware.users import UserFrom, user_source
 
 from .loader import LoadedPolicy, load_policy
 from .routing import RouteTable
@@ -22,31 +30,51 @@ from .stores import build_store
 
 
 class Edgeway:
-    """A loaded policy ready to wrap ASGI apps."""
+    """A loaded policy ready to mount in ASGI apps."""
 
-    def __init__(self, loaded: LoadedPolicy, *, store: Store | None = None, clock: Clock | None = None) -> None:
+    def __init__(self, loaded: LoadedPolicy, *, store: Store | None = None, clock: Clock | None = None,
+                 user_from: UserFrom | None = None) -> None:
         self.loaded = loaded
         self.clock = clock
-        self.store = store or build_store(loaded.policy.store, clock)
+        self.store = store or build_store(loaded.policy.store, clock, key_prefix=loaded.policy.key_prefix)
         self.trusted = TrustedProxies(loaded.policy.trusted_proxies)
+        self.user_from = user_source(user_from)
 
     @classmethod
-    def from_policy(cls, path: str | Path, *, store: Store | None = None, clock: Clock | None = None) -> Edgeway:
-        """Load and validate ``path``; raises :class:`~edgeway.gateway.errors.PolicyError` listing every problem."""
-        return cls(load_policy(path), store=store, clock=clock)
+    def from_policy(cls, path: str | Path, *, store: Store | None = None, clock: Clock | None = None,
+                    user_from: UserFrom | None = None) -> Edgeway:
+        """Load and validate ``path`` as an in-app policy (no upstreams needed); raises
+        :class:`~edgeway.gateway.errors.PolicyError` listing every problem."""
+        return cls(load_policy(path, mode="in-app"), store=store, clock=clock, user_from=user_from)
 
-    def wrap(self, app: Any) -> Any:
-        """``app`` with the policy's routes in front of it."""
-        return _Wrapped(app, RouteTable(self.loaded.policy, self.store, self.trusted, lambda route: app,
-                                        clock=self.clock), self.trusted, self.store)
+    def wrap(self, app: Any) -> EdgewayMiddleware:
+        """``app`` with the policy's routes in front of it (for plain ASGI apps; FastAPI and
+        Starlette apps keep their own object with ``app.add_middleware(EdgewayMiddleware, ...)``)."""
+        return EdgewayMiddleware(app, policy=self)
 
 
-class _Wrapped:
-    def __init__(self, app: Any, routes: RouteTable, trusted: TrustedProxies, store: Store) -> None:
+class EdgewayMiddleware:
+    """Pure ASGI middleware applying a policy file's routes: ``app.add_middleware(EdgewayMiddleware,
+    policy="policy.yaml")``.
+
+    ``policy`` is a file path (validated as an in-app policy), a loaded policy or an
+    :class:`Edgeway`. ``user_from`` supplies the user for ``key: user`` limits when the
+    app's own authentication (``scope["user"]``) has none: ``"header:X-User-Id"`` or a
+    function of the ASGI scope. The store is closed when the app shuts down.
+    """
+
+    def __init__(self, app: Any, *, policy: str | Path | LoadedPolicy | Edgeway, store: Store | None = None,
+                 clock: Clock | None = None, user_from: UserFrom | None = None) -> None:
+        if isinstance(policy, Edgeway):
+            edgeway = policy
+        else:
+            loaded = policy if isinstance(policy, LoadedPolicy) else load_policy(policy, mode="in-app")
+            edgeway = Edgeway(loaded, store=store, clock=clock, user_from=user_from)
         self.app = app
-        self.routes = routes
-        self.trusted = trusted
-        self.store = store
+        self.edgeway = edgeway
+        self.trusted = edgeway.trusted
+        self.routes = RouteTable(edgeway.loaded.policy, edgeway.store, edgeway.trusted, lambda route: app,
+                                 user_from=edgeway.user_from, clock=edgeway.clock)
         self._started = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -54,8 +82,12 @@ class _Wrapped:
             # heartbeats from the app's startup (or, without lifespan, its first request of any route), so
             # peers count this instance even before it serves a limited route
             self._started = True
-            await self.store.start()
-        if scope["type"] != "http":
+            await self.edgeway.store.start()
+        kind = scope["type"]
+        if kind == "lifespan":
+            await self.app(scope, receive, self._closing_store(send))
+            return
+        if kind != "http":
             await self.app(scope, receive, send)
             return
         found = self.routes.match(scope["path"], scope["method"])
@@ -64,3 +96,13 @@ class _Wrapped:
             return
         RequestContext.of(scope, self.trusted, found.name)
         await found.app(scope, receive, send)
+
+    def _closing_store(self, send: Send) -> Send:
+        async def send_closing(message: Message) -> None:
+            if message["type"] == "lifespan.shutdown.complete":
+                for breaker in self.routes.breakers.values():  # their subscriptions before the store
+                    await breaker.close()
+                await self.edgeway.store.close()
+            await send(message)
+
+        return send_closing

@@ -12,6 +12,7 @@ is a way to make loading slow or huge).
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import os
 import re
@@ -20,15 +21,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import UnionType
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from .checks import policy_checks
 from .config import Policy
 from .errors import PolicyError, Problem
 
 Loc = tuple[str | int, ...]
+Mode = Literal["auto", "gateway", "in-app"]
 
 _VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -275,7 +278,7 @@ def _locate(built: _Built, loc: Loc, key: bool) -> tuple[int, int]:
     return built.values.get((), (1, 1))
 
 
-def validate(data: Any, built: _Built) -> Policy | None:
+def validate(data: Any, built: _Built, mode: Mode = "gateway") -> Policy | None:
     """Validate into a :class:`Policy`, appending positioned problems; None when invalid."""
     policy: Policy | None = None
     try:
@@ -288,17 +291,32 @@ def validate(data: Any, built: _Built) -> Policy | None:
             line, col = _locate(built, loc, key=error["type"] == "extra_forbidden")
             built.problems.append(Problem(line, col, _message(error, loc)))
     if isinstance(data, dict):
-        _cross_checks(data, built)
+        _cross_checks(data, built, mode)
     return policy if not built.problems else None
 
 
-def _cross_checks(data: dict[str, Any], built: _Built) -> None:
+def policy_mode(data: Any, mode: Mode = "auto") -> Literal["gateway", "in-app"]:
+    """``auto``: a policy that names no upstream anywhere is an in-app policy, otherwise a gateway one."""
+    if mode != "auto":
+        return mode
+    if not isinstance(data, dict):
+        return "gateway"
+    routes: list[Any] = data["routes"] if isinstance(data.get("routes"), list) else []
+    names_upstream = bool(data.get("upstreams")) or any(isinstance(r, dict) and "upstream" in r for r in routes)
+    return "gateway" if names_upstream else "in-app"
+
+
+def _cross_checks(data: dict[str, Any], built: _Built, mode: Mode) -> None:
     upstreams: dict[str, Any] = data["upstreams"] if isinstance(data.get("upstreams"), dict) else {}
     routes: list[Any] = data["routes"] if isinstance(data.get("routes"), list) else []
     seen: dict[tuple[str, tuple[str, ...]], int] = {}
     for i, route in enumerate(routes):
         if not isinstance(route, dict):
             continue
+        if mode == "gateway" and "upstream" not in route:
+            line, col = _locate(built, ("routes", i), key=False)
+            built.problems.append(Problem(line, col, "this route has no upstream: the gateway proxies every route "
+                                                     "to one (only in-app policies may leave it out)"))
         name = route.get("upstream")
         if isinstance(name, str) and name not in upstreams:
             close = difflib.get_close_matches(name, list(upstreams), n=1, cutoff=0.6)
@@ -309,6 +327,7 @@ def _cross_checks(data: dict[str, Any], built: _Built) -> None:
         match = route.get("match")
         if isinstance(match, dict) and isinstance(match.get("path"), str):
             methods = match.get("methods")
+            methods = [methods] if isinstance(methods, str) else methods
             signature = (match["path"], tuple(sorted(str(m).upper() for m in methods)) if isinstance(methods, list)
                          else ("*",))
             if signature in seen:
@@ -323,28 +342,47 @@ def _cross_checks(data: dict[str, Any], built: _Built) -> None:
 
 @dataclass(frozen=True)
 class LoadedPolicy:
-    """A valid policy with where it came from and a short version hash (for readyz and logs)."""
+    """A valid policy with where it came from and a short version hash (for readyz and logs).
+
+    ``mode`` is how it was validated (``gateway``: every route names an upstream; ``in-app``:
+    mounted with ``EdgewayMiddleware``, upstreams unused); ``warnings`` are things that work
+    but probably not as meant (``edgeway check`` prints them).
+    """
 
     policy: Policy
     source: str
     version: str
+    mode: Literal["gateway", "in-app"] = "gateway"
+    warnings: tuple[Problem, ...] = ()
 
 
-def load_text(text: str, source: str = "<policy>", environ: Mapping[str, str] | None = None) -> LoadedPolicy:
-    """Parse and validate policy text; raises :class:`PolicyError` listing every problem."""
-    data, built = parse_yaml(text, environ)
-    policy = validate(data, built) if isinstance(data, dict) else None
+def load_text(text: str, source: str = "<policy>", environ: Mapping[str, str] | None = None, *,
+              mode: Mode = "auto") -> LoadedPolicy:
+    """Parse and validate policy text; raises :class:`PolicyError` listing every problem.
+
+    ``mode``: ``gateway`` (``edgeway serve``), ``in-app`` (``EdgewayMiddleware``), or ``auto``
+    (``edgeway check``): in-app when the policy names no upstream at all.
+    """
+    env = os.environ if environ is None else environ
+    data, built = parse_yaml(text, env)
+    resolved = policy_mode(data, mode)
+    policy = validate(data, built, resolved) if isinstance(data, dict) else None
+    warnings: list[Problem] = []
+    if policy is not None and isinstance(data, dict):
+        warnings = policy_checks(policy, data, functools.partial(_locate, built), built.problems, env, resolved)
     if policy is None or built.problems:
         if not isinstance(data, dict) and not built.problems:
             line, col = built.values.get((), (1, 1))
             what = "only null (~)" if data is None else f"a {type(data).__name__}"
             built.problems.append(Problem(line, col, f"the policy holds {what}: it must be a mapping with "
-                                                     "version, upstreams and routes"))
+                                                     "version and routes"))
         raise PolicyError(source, sorted(built.problems))
-    return LoadedPolicy(policy, source, hashlib.sha256(text.encode()).hexdigest()[:12])
+    return LoadedPolicy(policy, source, hashlib.sha256(text.encode()).hexdigest()[:12], resolved,
+                        tuple(sorted(warnings)))
 
 
-def load_policy(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> LoadedPolicy:
+def load_policy(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None, *,
+                mode: Mode = "auto") -> LoadedPolicy:
     """Read and validate a policy file; raises :class:`PolicyError` (also for an unreadable file)."""
     try:
         with Path(path).open("rb") as file:  # read one byte past the cap, never a whole huge file
@@ -355,4 +393,4 @@ def load_policy(path: str | os.PathLike[str], environ: Mapping[str, str] | None 
         text = raw.decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise PolicyError(str(path), [Problem(1, 1, f"cannot read the policy file: {exc}")]) from None
-    return load_text(text, str(path), environ)
+    return load_text(text, str(path), environ, mode=mode)

@@ -16,10 +16,11 @@ from urllib.parse import quote
 from edgeway.middleware.breaker import CircuitBreaker
 from edgeway.middleware.breaker_policy import BreakerPolicy
 from edgeway.middleware.clientip import TrustedProxies
-from edgeway.middleware.pipeline import EdgewayMiddleware
+from edgeway.middleware.pipeline import PolicyPipeline
 from edgeway.middleware.policy import Policy as RoutePolicy
 from edgeway.middleware.ratelimit import RateLimitPolicy
 from edgeway.middleware.store import Clock, Store
+from edgeway.middleware.users import UserSource, user_source
 
 from .config import Policy, Route
 
@@ -51,7 +52,7 @@ def build_breakers(policy: Policy, store: Store, clock: Clock | None = None) -> 
     instance = getattr(store, "instance_id", None)  # the failover chain's id, so logs name one instance
     return {
         name: CircuitBreaker(
-            name, upstream.breaker, store=store, key_prefix=policy.store.key_prefix, clock=clock,
+            name, upstream.breaker, store=store, key_prefix=policy.key_prefix, clock=clock,
             probe_timeout=upstream.timeout.connect + upstream.timeout.read + 1.0,
             instance_id=instance if isinstance(instance, str) else None,
         )
@@ -60,13 +61,14 @@ def build_breakers(policy: Policy, store: Store, clock: Clock | None = None) -> 
     }
 
 
-def route_policies(route: Route, name: str, policy: Policy,
+def route_policies(route: Route, name: str, policy: Policy, user_from: UserSource | None = None,
                    breakers: Mapping[str, CircuitBreaker] | None = None) -> list[RoutePolicy]:
     """The policy objects of one route, in the order they run (the breaker last, before the upstream)."""
     policies: list[RoutePolicy] = []
     if route.limits:
-        policies.append(RateLimitPolicy(route.limits, route=name, key_prefix=policy.store.key_prefix))
-    breaker = (breakers or {}).get(route.upstream)
+        policies.append(RateLimitPolicy(route.limits, route=name, key_prefix=policy.key_prefix,
+                                        user_from=user_from or user_source(policy.user_from)))
+    breaker = breakers.get(route.upstream) if breakers and route.upstream is not None else None
     if breaker is not None:
         policies.append(BreakerPolicy(breaker))
     return policies
@@ -76,16 +78,16 @@ class RouteTable:
     """Routes in file order; ``match`` returns the route or the methods other routes allow on the path."""
 
     def __init__(self, policy: Policy, store: Store, trusted: TrustedProxies,
-                 endpoint: Callable[[Route], Any], breakers: Mapping[str, CircuitBreaker] | None = None,
-                 clock: Clock | None = None) -> None:
+                 endpoint: Callable[[Route], Any], *, user_from: UserSource | None = None,
+                 breakers: Mapping[str, CircuitBreaker] | None = None, clock: Clock | None = None) -> None:
         self.breakers = dict(breakers) if breakers is not None else build_breakers(policy, store, clock)
         routes = []
-        for index, route in enumerate(policy.routes):
-            name = f"{index}:{route.match.path}"
+        for route in policy.routes:
+            name = route.route_id  # never the position in the file: inserting a route must not reset counters
             app = endpoint(route)
-            policies = route_policies(route, name, policy, self.breakers)
+            policies = route_policies(route, name, policy, user_from, self.breakers)
             if policies:
-                app = EdgewayMiddleware(app, policies=policies, store=store, trusted_proxies=trusted, route=name)
+                app = PolicyPipeline(app, policies=policies, store=store, trusted_proxies=trusted, route=name)
             match = route.match
             pattern = match.path.lower() if match.case_insensitive else match.path
             methods = frozenset(match.methods) if match.methods else None

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-from edgeway.middleware.store import Clock, Store, StoreConfigurationError, open_store
+from edgeway.middleware.store import Clock, Store, StoreConfigurationError, connect_store
 from edgeway.middleware.store.failover import FailoverStore
 from edgeway.middleware.store.memory import MemoryStore
 
@@ -38,20 +38,28 @@ def _fallback(entry: FallbackEntry, config: StoreConfig, clock: Clock | None) ->
     raise StoreConfigurationError("a fallback entry must be memory, {supabase: {...}} or {postgres: {...}}")
 
 
-def build_store(config: StoreConfig, clock: Clock | None = None) -> Store:
-    """The primary store with its fallbacks, as the policy describes (see the module docstring)."""
-    if config.url.lower().startswith("memory://"):
-        return MemoryStore(clock=clock)
+def store_chain(config: StoreConfig, clock: Clock | None = None) -> list[Store]:
+    """The stores ``store:`` names, in the order they are tried (primary first unless switched off)."""
     entries = config.fallback if config.fallback is not None else (FallbackEntry(memory=True),)
     fallbacks = [_fallback(entry, config, clock) for entry in entries]
     if redis_enabled(config):
-        chain = [open_store(config.url, timeout=config.timeout, clock=clock), *fallbacks]
-    else:
-        chain = fallbacks or [MemoryStore(clock=clock)]
+        return [connect_store(config.url, timeout=config.timeout, clock=clock), *fallbacks]
+    return fallbacks or [MemoryStore(clock=clock)]
+
+
+def build_store(config: StoreConfig, clock: Clock | None = None, *, key_prefix: str | None = None) -> Store:
+    """The primary store with its fallbacks, as the policy describes (see the module docstring).
+
+    ``key_prefix`` (the policy's, with its ``name``) names the heartbeat set; default ``store.key_prefix``.
+    """
+    if config.url.lower().startswith("memory://"):
+        return MemoryStore(clock=clock)
+    chain = store_chain(config, clock)
     if len(chain) == 1 and isinstance(chain[0], MemoryStore):
         return chain[0]
     return FailoverStore(
         chain[0], chain[1:],
         failures=config.failures, window=config.failure_window, probe_initial=config.probe_interval,
-        instances=config.instances, min_instances=config.min_instances, key_prefix=config.key_prefix,
+        instances=config.instances, min_instances=config.min_instances,
+        key_prefix=config.key_prefix if key_prefix is None else key_prefix,
     )

@@ -23,7 +23,7 @@ from .breaker import CircuitBreaker, CircuitOpen, Ticket
 from .breaker_config import BreakerSettings
 from .clientip import IPNetwork
 from .context import RequestContext
-from .pipeline import ASGIApp, EdgewayMiddleware
+from .pipeline import ASGIApp, PolicyPipeline
 from .policy import Answer, BasePolicy, Completed, Pending, Prepared
 from .responses import ErrorResponse, Response
 from .store import BreakerUpdate, Command, CommandError, Store, StoreError
@@ -131,7 +131,7 @@ class BreakerPolicy(BasePolicy):
             self.breaker.written(request.write, outcome if isinstance(outcome, StoreError) else outcome[0])
 
 
-class CircuitBreakerMiddleware(EdgewayMiddleware):
+class CircuitBreakerMiddleware(PolicyPipeline):
     """A circuit breaker around an ASGI app (or part of one), without a policy file.
 
     >>> breaker = CircuitBreaker("backend", BreakerSettings(failures=5, open_for=30), store=store)

@@ -1,6 +1,6 @@
 """Runs a route's policies around an app with ONE store round trip per request.
 
-``EdgewayMiddleware(app, policies=[...], store=...)`` is the one place a
+``PolicyPipeline(app, policies=[...], store=...)`` is the one place a
 request's policy path is visible: prepare every policy -> one batched
 ``store.execute`` -> let each policy decide -> call the app with the policies'
 response headers added -> hand the deferred writes to the store in the
@@ -47,8 +47,50 @@ class Throttled:
         logger.warning(message + suffix, *args)
 
 
-class EdgewayMiddleware:
-    """Pure ASGI middleware running ``policies`` (in order) in front of ``app``."""
+class PathFilter:
+    """Which paths a middleware applies to: ``paths`` (all when None) minus ``exclude``.
+
+    Entries match as route paths do: exactly, or as a prefix when they end in ``*``
+    (``/docs*`` covers ``/docs`` and ``/docs/oauth2-redirect``).
+    """
+
+    __slots__ = ("_exclude", "_paths")
+
+    def __init__(self, paths: Iterable[str] | None = None, exclude: Iterable[str] = ()) -> None:
+        self._paths = None if paths is None else self._compile(paths, "paths")
+        self._exclude = self._compile(exclude, "exclude")
+
+    @staticmethod
+    def _compile(entries: Iterable[str], what: str) -> tuple[tuple[str, bool], ...]:
+        if isinstance(entries, str):
+            entries = [entries]
+        compiled = []
+        for entry in entries:
+            if not entry.startswith("/") or "*" in entry[:-1]:
+                raise ValueError(f"bad {what} entry {entry!r}: a path starting with '/', optionally ending in *")
+            compiled.append((entry[:-1], True) if entry.endswith("*") else (entry, False))
+        return tuple(compiled)
+
+    @staticmethod
+    def _matches(path: str, entries: tuple[tuple[str, bool], ...]) -> bool:
+        return any(path.startswith(text) if prefix else path == text for text, prefix in entries)
+
+    def __bool__(self) -> bool:
+        return self._paths is not None or bool(self._exclude)
+
+    def applies(self, path: str) -> bool:
+        """Whether the policies run for ``path``."""
+        if self._paths is not None and not self._matches(path, self._paths):
+            return False
+        return not self._matches(path, self._exclude)
+
+
+class PolicyPipeline:
+    """Pure ASGI middleware running ``policies`` (in order) in front of ``app``.
+
+    ``paths`` (default: every path) and ``exclude`` choose where the policies run; other
+    requests go straight to ``app``, so docs and health checks never eat a client's quota.
+    """
 
     def __init__(
         self,
@@ -59,8 +101,11 @@ class EdgewayMiddleware:
         trusted_proxies: TrustedProxies | Iterable[str | IPNetwork] = (),
         route: str = "",
         body_timeout: float = 10.0,
+        paths: Iterable[str] | None = None,
+        exclude: Iterable[str] = (),
     ) -> None:
         self.app = app
+        self.paths = PathFilter(paths, exclude)
         self.policies = tuple(policies)
         self.store = store
         self.trusted = trusted_proxies if isinstance(trusted_proxies, TrustedProxies) else TrustedProxies(
@@ -76,7 +121,7 @@ class EdgewayMiddleware:
         self._store_failures = Throttled()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or (self.paths and not self.paths.applies(scope["path"])):
             await self.app(scope, receive, send)
             return
         ctx = RequestContext.of(scope, self.trusted, self.route)
@@ -263,7 +308,7 @@ class _Tracked:
     __slots__ = ("chunks", "complete", "ctx", "elapsed", "limit", "pipeline", "prepared", "receive", "replaced",
                  "scope", "size", "start", "started", "upstream_send")
 
-    def __init__(self, pipeline: EdgewayMiddleware, ctx: RequestContext, prepared: list[Prepared], scope: Scope,
+    def __init__(self, pipeline: PolicyPipeline, ctx: RequestContext, prepared: list[Prepared], scope: Scope,
                  receive: Receive, send: Send) -> None:
         self.pipeline = pipeline
         self.ctx = ctx

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from .clientip import IPNetwork, TrustedProxies
 from .context import RequestContext
 from .metrics import RATELIMIT_DECISIONS, RATELIMIT_KEY_FALLBACKS, STORE_FAILURES
-from .pipeline import ASGIApp, EdgewayMiddleware, Throttled
+from .pipeline import ASGIApp, PolicyPipeline, Throttled
 from .policy import Answer, BasePolicy, Completed, Prepared
 from .ratelimit_headers import HeaderLimit, RateLimitFields, policy_name, seconds_ceil
 from .responses import ErrorResponse, Message
@@ -38,6 +38,7 @@ from .store import (
     StoreError,
 )
 from .units import RateField
+from .users import UserFrom, UserSource, find_user, user_source
 
 KEY_KINDS = ("ip", "user", "global", "header:NAME", "query:NAME")
 PROBLEM_TYPE = "https://iana.org/assignments/http-problem-types#quota-exceeded"
@@ -258,11 +259,12 @@ class RateLimitPolicy(BasePolicy):
     name = "ratelimit"
 
     def __init__(self, limits: Sequence[Limit], *, route: str = "default", key_prefix: str = "edgeway:",
-                 block_cache_size: int = 10_000) -> None:
+                 block_cache_size: int = 10_000, user_from: UserSource | None = None) -> None:
         if not limits:
             raise ValueError("RateLimitPolicy needs at least one limit")
         self.route = route
         self.key_prefix = key_prefix
+        self.user_from = user_from
         ids = _limit_ids(limits)
         self.limits = [
             _CompiledLimit(limit, ident, route, head, tail)
@@ -290,7 +292,8 @@ class RateLimitPolicy(BasePolicy):
         if part == "global":
             return "global"
         if part == "user":
-            return None if ctx.user is None else "u=" + _digest(ctx.user)
+            user = find_user(ctx, self.user_from)
+            return None if user is None else "u=" + _digest(user)
         kind, _, name = part.partition(":")
         value = ctx.header(name) if kind == "header" else ctx.query(name)
         return None if value is None or value == "" else f"{kind[0]}={_digest(value)}"
@@ -514,11 +517,16 @@ def _group_ip(address: str, prefix: int) -> str:
     return f"{network.network_address}/{prefix}"
 
 
-class RateLimitMiddleware(EdgewayMiddleware):
+class RateLimitMiddleware(PolicyPipeline):
     """Rate limits as ASGI middleware, without a policy file.
 
     >>> app = RateLimitMiddleware(app, limits=[Limit(rate="10/minute"), Limit(rate="100/day")],
-    ...                           store=open_store("redis://localhost:6379"))
+    ...                           store=open_store("redis://localhost:6379"), exclude=["/docs", "/healthz"])
+
+    ``paths``/``exclude`` choose the paths limited (exact, or a prefix ending in ``*``);
+    ``user_from`` tells ``key: user`` where the user is when the app's own authentication
+    (``scope["user"]``) has none: ``"header:X-User-Id"`` (from trusted proxies only) or a
+    function of the ASGI scope.
     """
 
     def __init__(
@@ -530,7 +538,11 @@ class RateLimitMiddleware(EdgewayMiddleware):
         trusted_proxies: Iterable[str | IPNetwork] = (),
         route: str = "default",
         key_prefix: str = "edgeway:",
+        paths: Iterable[str] | None = None,
+        exclude: Iterable[str] = (),
+        user_from: UserFrom | None = None,
     ) -> None:
         parsed = [Limit(rate=limit) if isinstance(limit, str) else limit for limit in limits]
-        policy = RateLimitPolicy(parsed, route=route, key_prefix=key_prefix)
-        super().__init__(app, policies=[policy], store=store, trusted_proxies=trusted_proxies, route=route)
+        policy = RateLimitPolicy(parsed, route=route, key_prefix=key_prefix, user_from=user_source(user_from))
+        super().__init__(app, policies=[policy], store=store, trusted_proxies=trusted_proxies, route=route,
+                         paths=paths, exclude=exclude)

@@ -52,6 +52,14 @@ def seconds_ceil(ms: int) -> int:
     return max(0, math.ceil(ms / 1000))
 
 
+def seconds_to_wait(state: LimitState) -> int:
+    """``t``: for a limit that refused the request, the wait until the same request passes (what
+    ``Retry-After`` says, so a client waiting ``t`` is not refused again); otherwise until the reset."""
+    if not state.allowed:
+        return max(1, seconds_ceil(state.retry_after_ms))
+    return seconds_ceil(state.reset_ms)
+
+
 class RateLimitFields:
     """Builds the response fields for one route's limits; everything static is built once."""
 
@@ -77,7 +85,7 @@ class RateLimitFields:
             for i, prefix in self._ietf:
                 state = states[i]
                 if state is not None:
-                    items.append(f"{prefix}{state.remaining};t={-(-state.reset_ms // 1000)}")
+                    items.append(f"{prefix}{state.remaining};t={seconds_to_wait(state)}")
             if items:
                 out.append((b"ratelimit-policy", self.policy_field))
                 out.append((b"ratelimit", ", ".join(items).encode()))
@@ -87,5 +95,5 @@ class RateLimitFields:
                 limit, state = min(legacy, key=lambda pair: (pair[1].remaining / pair[0].quota, -pair[1].reset_ms))
                 out.append((b"x-ratelimit-limit", str(limit.quota).encode()))
                 out.append((b"x-ratelimit-remaining", str(state.remaining).encode()))
-                out.append((b"x-ratelimit-reset", str(seconds_ceil(state.reset_ms)).encode()))
+                out.append((b"x-ratelimit-reset", str(seconds_to_wait(state)).encode()))
         return out

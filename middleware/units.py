@@ -12,7 +12,7 @@ from typing import Annotated, Any
 from pydantic import BeforeValidator, PlainSerializer, WithJsonSchema
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _RATE_UNITS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|KiB|MiB|GiB)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "kib": 1024, "mib": 1024**2, "gib": 1024**3}
@@ -22,15 +22,22 @@ RATE_HINT = "a rate such as 10/minute, 5/second, 1000/day or 100/15m"
 
 
 def parse_duration(value: object) -> float:
-    """Seconds from ``250ms``/``30s``/``5m``/``1h``/``7d`` or a bare number of seconds."""
+    """Seconds from ``250ms``/``30s``/``5m``/``1h``/``7d``; ``0`` alone needs no unit.
+
+    A bare number is refused: ``timeout: 50`` meant 50 ms as often as 50 s.
+    """
     if isinstance(value, bool):
         raise ValueError(f"expected {DURATION_HINT}, got {value!r}")
-    if isinstance(value, int | float):
-        seconds = float(value)
-    elif isinstance(value, str) and (match := _DURATION.match(value)):
-        seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
-    else:
+    match = _DURATION.match(value) if isinstance(value, str) else None
+    if isinstance(value, int | float) or (match and match.group(2) is None):
+        number = float(match.group(1)) if match else float(value)  # type: ignore[arg-type]
+        if number == 0:
+            return 0.0
+        shown = match.group(1) if match else f"{value:g}"
+        raise ValueError(f"{shown} has no unit: add one, e.g. {shown}ms or {shown}s")
+    if match is None:
         raise ValueError(f"expected {DURATION_HINT}, got {value!r}")
+    seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
     if seconds < 0:
         raise ValueError(f"a duration cannot be negative, got {value!r}")
     return seconds
@@ -109,8 +116,8 @@ def _rate(value: Any) -> Rate:
 Duration = Annotated[
     float,
     BeforeValidator(parse_duration),
-    WithJsonSchema({"type": ["string", "number"], "pattern": r"^\d+(\.\d+)?(ms|s|m|h|d)?$",
-                    "description": DURATION_HINT}),
+    WithJsonSchema({"anyOf": [{"type": "string", "pattern": r"^\d+(\.\d+)?(ms|s|m|h|d)$"}, {"const": 0}],
+                    "description": DURATION_HINT + " (a unit is required)"}),
 ]
 """A duration in seconds, written as ``250ms``, ``30s``, ``5m``, ``1h`` or ``7d``."""
 

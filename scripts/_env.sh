@@ -14,7 +14,12 @@ stamp="$VENV/.edgeway-installed$1"
 want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "==> installing edgeway$1 into .venv"
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".$1"
+  # pip's output (setuptools' notice about editable installs, index warnings) is shown only on failure
+  if ! log="$("$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip 2>&1 &&
+              "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".$1" 2>&1)"; then
+    echo "$log" >&2
+    echo "edgeway: installing into .venv failed (pip's output above)" >&2
+    exit 1
+  fi
   echo "$want" > "$stamp"
 fi

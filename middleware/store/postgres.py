@@ -45,10 +45,10 @@ import logging
 import math
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from http.cookiejar import CookieJar, DefaultCookiePolicy
-from typing import Any, TypeVar
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
-import asyncpg
 import httpx
 
 from .base import (
@@ -68,12 +68,16 @@ from .base import (
     RateLimitResult,
     Set,
     Store,
+    StoreConfigurationError,
     StoreError,
     StoreTimeout,
     Subscription,
 )
 from .notify import Backoff, Fanout
 from .opening import SharedOpen
+
+if TYPE_CHECKING:
+    import asyncpg
 
 __all__ = ["MIGRATION", "PostgresStore", "SupabaseStore", "decode_results", "encode_commands"]
 
@@ -256,6 +260,19 @@ class _BatchStore(Store):
 
 # -- postgres:// -------------------------------------------------------------------
 
+POSTGRES_EXTRA = "pip install 'edgeway[postgres]'"
+
+
+def _asyncpg() -> ModuleType:
+    # an extra: only the direct postgres:// store needs it (Supabase goes over HTTPS)
+    try:
+        import asyncpg as module
+    except ImportError:
+        raise StoreConfigurationError(
+            f"the postgres store needs asyncpg, which is not installed: {POSTGRES_EXTRA}") from None
+    found: ModuleType = module
+    return found
+
 
 async def _reset(connection: asyncpg.Connection) -> None:
     """Return a connection to the pool without asyncpg's default reset query.
@@ -273,7 +290,8 @@ async def _reset(connection: asyncpg.Connection) -> None:
 class _Listener:
     """LISTEN/NOTIFY on one dedicated connection per store, reopened with backoff when it is lost."""
 
-    def __init__(self, dsn: str, where: str) -> None:
+    def __init__(self, dsn: str, where: str, pg: ModuleType) -> None:
+        self._pg = pg  # asyncpg, imported by the store (an extra)
         self._dsn = dsn
         self._where = where
         self._fanout = Fanout(self._sync)
@@ -306,7 +324,7 @@ class _Listener:
             for channel in sorted(self._listening - wanted):
                 await connection.remove_listener(channel, self._notified)
                 self._listening.discard(channel)
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+        except (self._pg.PostgresError, self._pg.InterfaceError, OSError) as exc:
             logger.warning("PostgreSQL LISTEN on %s failed (%s); reconnecting", self._where, exc)
             connection.terminate()
 
@@ -316,7 +334,7 @@ class _Listener:
         while True:
             lost = asyncio.Event()
             try:
-                self._connection = await asyncpg.connect(
+                self._connection = await self._pg.connect(
                     self._dsn, timeout=_CONNECT_TIMEOUT, server_settings={"application_name": "edgeway-listen"}
                 )
                 self._connection.add_termination_listener(lambda _connection, lost=lost: lost.set())
@@ -328,7 +346,7 @@ class _Listener:
                     self._ready.set()
                     await lost.wait()
                 error: object = "connection closed"
-            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+            except (self._pg.PostgresError, self._pg.InterfaceError, OSError, TimeoutError) as exc:
                 error = exc
             finally:
                 if self._connection is not None and not self._connection.is_closed():
@@ -357,11 +375,12 @@ class PostgresStore(_BatchStore):
     def __init__(
         self, dsn: str, *, timeout: float | None = 0.05, clock: Clock | None = None, pool_size: int = 10
     ) -> None:
+        self._pg = _asyncpg()
         super().__init__(timeout=timeout, clock=clock)
         self._dsn = dsn
         self._pool_size = pool_size
         self._pool: SharedOpen[asyncpg.Pool] = SharedOpen(self._open)
-        self._listener = _Listener(dsn, self.describe())
+        self._listener = _Listener(dsn, self.describe(), self._pg)
 
     async def subscribe(self, channel: str, handler: Handler) -> Subscription:
         """LISTEN on a dedicated connection (see the module docstring)."""
@@ -375,27 +394,29 @@ class PostgresStore(_BatchStore):
 
     async def _call(self, payload: str, now_ms: int | None) -> object:
         pool = self._pool.value or await self._pool.open()
+        pg = self._pg
         try:
             async with pool.acquire() as connection:
                 text = await connection.fetchval("select edgeway.batch($1::jsonb, $2::bigint)::text", payload, now_ms)
-        except (asyncpg.UndefinedFunctionError, asyncpg.InvalidSchemaNameError) as exc:
+        except (pg.UndefinedFunctionError, pg.InvalidSchemaNameError) as exc:
             raise StoreError(_MISSING) from exc
-        except asyncpg.DataError as exc:
+        except pg.DataError as exc:
             raise _Refused(f"{exc.sqlstate}: {exc}") from exc
-        except asyncpg.InsufficientPrivilegeError as exc:
+        except pg.InsufficientPrivilegeError as exc:
             raise StoreError(f"PostgreSQL refused edgeway.batch: {exc}; connect as a role granted EXECUTE") from exc
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+        except (pg.PostgresError, pg.InterfaceError, OSError) as exc:
             raise StoreError(f"PostgreSQL call failed: {type(exc).__name__}: {exc}") from exc
         return _loads(text, "PostgreSQL")
 
     async def _open(self) -> asyncpg.Pool:
+        pg = self._pg
         try:
-            pool: asyncpg.Pool = await asyncpg.create_pool(
+            pool: asyncpg.Pool = await pg.create_pool(
                 self._dsn, min_size=1, max_size=self._pool_size, timeout=_CONNECT_TIMEOUT,
                 command_timeout=_BACKSTOP, server_settings={"application_name": "edgeway"},
                 reset=_reset,
             )
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+        except (pg.PostgresError, pg.InterfaceError, OSError, TimeoutError) as exc:
             detail = str(exc) or "timed out"
             raise StoreError(f"cannot connect to PostgreSQL at {self.describe()}: {detail}") from exc
         return pool
@@ -411,7 +432,7 @@ class PostgresStore(_BatchStore):
         if pool is not None:
             try:
                 await asyncio.wait_for(pool.close(), 2.0)
-            except (TimeoutError, asyncpg.InterfaceError, OSError):
+            except (TimeoutError, self._pg.InterfaceError, OSError):
                 pool.terminate()
 
 

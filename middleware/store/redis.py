@@ -22,7 +22,7 @@ import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import cast
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import hiredis
 
@@ -131,9 +131,19 @@ class _RespProtocol(asyncio.Protocol):
             self._transport.abort()
 
 
+_URL_OPTIONS = ("db", "username", "password", "ssl_cert_reqs", "ssl_ca_certs")
+_CERT_REQS = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
+
+
 @dataclass(frozen=True, slots=True)
 class RedisAddress:
-    """A parsed ``redis://`` or ``rediss://`` URL."""
+    """A parsed ``redis://``, ``rediss://`` or ``unix://`` URL.
+
+    Options in the query: ``db``, ``username``, ``password`` (also in the URL's user part),
+    and for ``rediss://`` ``ssl_cert_reqs`` (``required``, the default; ``optional``;
+    ``none`` turns verification off) and ``ssl_ca_certs`` (a CA bundle file). Any other
+    option is refused rather than silently ignored.
+    """
 
     host: str
     port: int
@@ -141,26 +151,68 @@ class RedisAddress:
     username: str | None
     password: str | None
     tls: bool
+    socket: str | None = None
+    cert_reqs: str = "required"
+    ca_file: str | None = None
 
     @classmethod
     def parse(cls, url: str) -> RedisAddress:
         parts = urlsplit(url)
-        if parts.scheme not in ("redis", "rediss"):
-            raise StoreConfigurationError(f"not a Redis URL: {url!r} (expected redis:// or rediss://)")
-        path = parts.path.lstrip("/")
+        if parts.scheme not in ("redis", "rediss", "unix"):
+            raise StoreConfigurationError(f"not a Redis URL: {url!r} (expected redis://, rediss:// or unix://)")
+        shown = _without_password(url)
+        options = dict(parse_qsl(parts.query, keep_blank_values=True))
+        unknown = sorted(set(options) - set(_URL_OPTIONS))
+        if unknown:
+            raise StoreConfigurationError(
+                f"unknown option(s) {', '.join(unknown)} in store URL {shown!r}: supported are "
+                f"{', '.join(_URL_OPTIONS)}"
+            )
+        if parts.scheme != "rediss" and any(name.startswith("ssl_") for name in options):
+            raise StoreConfigurationError(f"ssl_* options need a rediss:// URL, got {shown!r}")
+        cert_reqs = options.get("ssl_cert_reqs", "required").lower()
+        if cert_reqs not in _CERT_REQS:
+            raise StoreConfigurationError(
+                f"bad ssl_cert_reqs {cert_reqs!r} in {shown!r}: expected required, optional or none")
+        socket = parts.path if parts.scheme == "unix" else None
+        if parts.scheme == "unix" and not socket:
+            raise StoreConfigurationError(f"a unix:// URL needs a socket path (unix:///run/redis.sock): {shown!r}")
+        path = "" if socket else parts.path.lstrip("/")
         try:
-            db = int(path) if path else 0
+            db = int(options.get("db") or path or 0)
             port = parts.port or 6379
         except ValueError as exc:
-            raise StoreConfigurationError(f"bad Redis URL {url!r}: {exc}") from None
+            raise StoreConfigurationError(f"bad Redis URL {shown!r}: {exc}") from None
+        username = options.get("username") or (unquote(parts.username) if parts.username else None)
+        password = options.get("password") or (unquote(parts.password) if parts.password else None)
         return cls(
             host=parts.hostname or "127.0.0.1",
             port=port,
             db=db,
-            username=unquote(parts.username) if parts.username else None,
-            password=unquote(parts.password) if parts.password else None,
+            username=username or None,
+            password=password or None,
             tls=parts.scheme == "rediss",
+            socket=socket,
+            cert_reqs=cert_reqs,
+            ca_file=options.get("ssl_ca_certs") or None,
         )
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The TLS settings the URL asks for (verification on unless ``ssl_cert_reqs=none``)."""
+        if not self.tls:
+            return None
+        context = ssl.create_default_context(cafile=self.ca_file)
+        if self.cert_reqs != "required":
+            context.check_hostname = False
+            context.verify_mode = _CERT_REQS[self.cert_reqs]
+        return context
+
+
+def _without_password(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    return url.replace(f":{parts.password}@", ":***@", 1)
 
 
 class RespTransport(Transport):
@@ -173,6 +225,8 @@ class RespTransport(Transport):
         self._pending: set[asyncio.Task[None]] = set()
 
     def describe(self) -> str:
+        if self._address.socket is not None:
+            return f"unix://{self._address.socket}?db={self._address.db}"
         scheme = "rediss" if self._address.tls else "redis"
         return f"{scheme}://{self._address.host}:{self._address.port}/{self._address.db}"
 
@@ -208,15 +262,15 @@ class RespTransport(Transport):
     async def _open(self) -> _RespProtocol:
         address = self._address
         loop = asyncio.get_running_loop()
-        context = ssl.create_default_context() if address.tls else None
         try:
-            transport, protocol = await asyncio.wait_for(
-                loop.create_connection(_RespProtocol, address.host, address.port, ssl=context),
-                self._connect_timeout,
-            )
+            context = address.ssl_context()
+            connecting = (loop.create_unix_connection(_RespProtocol, address.socket) if address.socket is not None
+                          else loop.create_connection(_RespProtocol, address.host, address.port, ssl=context))
+            transport, protocol = await asyncio.wait_for(connecting, self._connect_timeout)
         except (TimeoutError, OSError) as exc:
             raise StoreError(f"cannot connect to Redis at {self.describe()}: {exc or 'timed out'}") from exc
-        _keepalive(transport.get_extra_info("socket"))
+        if address.socket is None:  # TCP only: a unix socket has no peer that can vanish silently
+            _keepalive(transport.get_extra_info("socket"))
         setup: list[RedisCommand] = []
         if address.password is not None:
             auth: RedisCommand = ("AUTH", address.password)

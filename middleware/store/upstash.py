@@ -26,7 +26,7 @@ import contextlib
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import aiohttp
@@ -235,11 +235,12 @@ def _length(value: object) -> str:
     return str(len(value)) if isinstance(value, list) else "no"
 
 
-def upstash_location(url: str | None) -> tuple[str, str]:
+def upstash_location(url: str | None, environ: Mapping[str, str] | None = None) -> tuple[str, str]:
     """Split ``upstash+https://TOKEN@host`` (or the env pair) into the REST URL and token."""
+    env = os.environ if environ is None else environ
     if url is None or url in ("upstash://", "upstash+https://"):
-        rest = os.environ.get("UPSTASH_REDIS_REST_URL", "")
-        token = os.environ.get("UPSTASH_REDIS_REST_TOKEN", "")
+        rest = env.get("UPSTASH_REDIS_REST_URL", "")
+        token = env.get("UPSTASH_REDIS_REST_TOKEN", "")
         if not rest or not token:
             raise StoreConfigurationError(
                 "Upstash needs a URL and token: set UPSTASH_REDIS_REST_URL and UPSTASH_REDIS_REST_TOKEN, "
@@ -247,7 +248,7 @@ def upstash_location(url: str | None) -> tuple[str, str]:
             )
         return rest, token
     parts = urlsplit(url.removeprefix("upstash+"))
-    token = unquote(parts.password or parts.username or "") or os.environ.get("UPSTASH_REDIS_REST_TOKEN", "")
+    token = unquote(parts.password or parts.username or "") or env.get("UPSTASH_REDIS_REST_TOKEN", "")
     if not token:
         raise StoreConfigurationError(
             f"no Upstash token for {parts.hostname}: put it in the URL (upstash+https://TOKEN@host) "

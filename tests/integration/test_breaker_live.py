@@ -173,7 +173,7 @@ async def test_breaker_survives_redis_then_every_store_failing(stores: tuple[Red
             connection = await asyncpg.connect(postgres.dsn)
             try:
                 phase = await connection.fetchval("select phase from edgeway.breakers where key = $1",
-                                                  f"{prefix}br:{{up}}")
+                                                  f"{prefix}default:br:{{up}}")
             finally:
                 await connection.close()
             assert phase == 1

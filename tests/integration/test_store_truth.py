@@ -116,7 +116,7 @@ async def test_gateways_heartbeat_from_startup_before_serving_anything(redis: Re
         ids.add(gateway.store.instance_id)
     with UvicornThread(gateways[0]), UvicornThread(gateways[1]):  # lifespan startup only, no request
         deadline = time.monotonic() + 5
-        while await instances_seen(redis, "gw:instances") != ids:
+        while await instances_seen(redis, "gw:default:instances") != ids:  # store.key_prefix, then name
             assert time.monotonic() < deadline, "the instances did not heartbeat at startup"
             await asyncio.sleep(0.05)
 
@@ -133,7 +133,7 @@ async def test_in_app_use_heartbeats_from_the_first_request_of_any_route(redis: 
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://app") as client:
             assert (await client.get("/unlimited/page")).status_code == 200  # no limit on this route
         deadline = time.monotonic() + 5
-        while await instances_seen(redis, "app:instances") != {edgeway.store.instance_id}:
+        while await instances_seen(redis, "app:default:instances") != {edgeway.store.instance_id}:
             assert time.monotonic() < deadline, "no heartbeat after the first request"
             await asyncio.sleep(0.05)
     finally:

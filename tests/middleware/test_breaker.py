@@ -15,7 +15,7 @@ from edgeway.middleware import BreakerSettings, CircuitBreaker, CircuitBreakerMi
 from edgeway.middleware.breaker_config import FallbackResponse
 from edgeway.middleware.breaker_policy import BreakerPolicy
 from edgeway.middleware.breaker_state import Phase
-from edgeway.middleware.pipeline import EdgewayMiddleware
+from edgeway.middleware.pipeline import PolicyPipeline
 from edgeway.middleware.store import BreakerUpdate, Command, Set, Store, StoreError
 from edgeway.middleware.store.failover import FailoverStore
 from edgeway.middleware.store.memory import MemoryStore
@@ -100,7 +100,7 @@ class Harness:
         return got
 
 
-async def settle(app: EdgewayMiddleware) -> None:
+async def settle(app: PolicyPipeline) -> None:
     """Let the deferred writes (and what the breaker learns from them) finish."""
     for _ in range(5):
         while app._background:
@@ -274,7 +274,7 @@ async def test_the_caches_stale_entry_while_open() -> None:
     breaker = CircuitBreaker("api", BreakerSettings(failures=1), store=store, clock=clock)
     upstream = Upstream()
     upstream.status = 503
-    app = EdgewayMiddleware(upstream, policies=[StaleCache(), BreakerPolicy(breaker)], store=store)
+    app = PolicyPipeline(upstream, policies=[StaleCache(), BreakerPolicy(breaker)], store=store)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as client:
         assert (await client.get("/x")).status_code == 503
         await settle(app)

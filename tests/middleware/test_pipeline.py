@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from edgeway.middleware.context import RequestContext
-from edgeway.middleware.pipeline import EdgewayMiddleware
+from edgeway.middleware.pipeline import PolicyPipeline
 from edgeway.middleware.policy import Answer, BasePolicy, Completed, Pending, Prepared
 from edgeway.middleware.responses import ErrorResponse, Message, Response
 from edgeway.middleware.store import Command, Get, Set, Store
@@ -107,7 +107,7 @@ def body_messages(*chunks: bytes) -> list[Message]:
 async def test_every_policys_commands_go_out_in_one_batch() -> None:
     store = CountingStore()
     first, second = Recorder("a"), Recorder("b")
-    app = EdgewayMiddleware(echo_app([]), policies=[first, second], store=store)
+    app = PolicyPipeline(echo_app([]), policies=[first, second], store=store)
     await run(app, http_scope())
     assert store.batches == [[Get("k:a"), Get("k:b")]]
     assert first.seen[-1] == ("decide", [None]) and second.seen[-1] == ("decide", [None])
@@ -121,7 +121,7 @@ LENGTH_5 = [(b"content-length", b"5")]
 async def test_the_body_is_read_once_and_replayed_byte_for_byte() -> None:
     received: list[bytes] = []
     policy = Recorder("a", body=10)
-    app = EdgewayMiddleware(echo_app(received), policies=[policy], store=CountingStore())
+    app = PolicyPipeline(echo_app(received), policies=[policy], store=CountingStore())
     sent = await run(app, http_scope("POST", headers=LENGTH_5), body_messages(b"he", b"llo"))
     assert ("body", b"hello") in policy.seen
     assert received == [b"hello"]
@@ -131,7 +131,7 @@ async def test_the_body_is_read_once_and_replayed_byte_for_byte() -> None:
 async def test_a_body_over_the_limit_is_not_kept_but_streams_on_whole() -> None:
     received: list[bytes] = []
     policy = Recorder("a", body=4)
-    app = EdgewayMiddleware(echo_app(received), policies=[policy], store=CountingStore())
+    app = PolicyPipeline(echo_app(received), policies=[policy], store=CountingStore())
     chunks = [b"abc", b"def", b"ghi", b"jkl"]
     await run(app, http_scope("POST", headers=[(b"content-length", b"12")]), body_messages(*chunks))
     assert ("body", "too large") in policy.seen
@@ -140,13 +140,13 @@ async def test_a_body_over_the_limit_is_not_kept_but_streams_on_whole() -> None:
 
 async def test_requests_without_a_body_are_not_read() -> None:
     policy = Recorder("a", body=10)
-    app = EdgewayMiddleware(echo_app([]), policies=[policy], store=CountingStore())
+    app = PolicyPipeline(echo_app([]), policies=[policy], store=CountingStore())
     await run(app, http_scope("GET"))
     assert ("body", None) in policy.seen
 
 
 async def test_a_stalled_body_gets_408_with_the_json_error() -> None:
-    app = EdgewayMiddleware(echo_app([]), policies=[Recorder("a", body=10)], store=CountingStore(),
+    app = PolicyPipeline(echo_app([]), policies=[Recorder("a", body=10)], store=CountingStore(),
                             body_timeout=0.05)
     sent = await run(app, http_scope("POST", headers=LENGTH_5), [{"type": "http.request", "body": b"h",
                                                                   "more_body": True}])
@@ -156,7 +156,7 @@ async def test_a_stalled_body_gets_408_with_the_json_error() -> None:
 
 async def test_a_client_that_leaves_during_the_body_gets_nothing_and_costs_nothing() -> None:
     store = CountingStore()
-    app = EdgewayMiddleware(echo_app([]), policies=[Recorder("a", body=10)], store=store)
+    app = PolicyPipeline(echo_app([]), policies=[Recorder("a", body=10)], store=store)
     sent = await run(app, http_scope("POST", headers=LENGTH_5),
                      [{"type": "http.request", "body": b"h", "more_body": True}, {"type": "http.disconnect"}])
     assert sent == [] and store.batches == []
@@ -187,7 +187,7 @@ class SlowIdentity(BasePolicy):
 async def test_a_pending_prepare_is_awaited_before_the_next_policy_and_still_one_batch() -> None:
     store = CountingStore()
     after = Recorder("limits")
-    app = EdgewayMiddleware(echo_app([]), policies=[SlowIdentity(), after], store=store)
+    app = PolicyPipeline(echo_app([]), policies=[SlowIdentity(), after], store=store)
     await run(app, http_scope(headers=[(b"authorization", b"Bearer t")]))
     assert after.seen[0] == ("prepare", "u1")
     assert store.batches == [[Get("revoked:u1"), Get("k:limits")]]
@@ -196,7 +196,7 @@ async def test_a_pending_prepare_is_awaited_before_the_next_policy_and_still_one
 async def test_a_pending_prepare_may_answer_and_then_nothing_else_runs() -> None:
     store = CountingStore()
     after = Recorder("limits")
-    app = EdgewayMiddleware(echo_app([]), policies=[SlowIdentity(), after], store=store)
+    app = PolicyPipeline(echo_app([]), policies=[SlowIdentity(), after], store=store)
     sent = await run(app, http_scope())
     assert sent[0]["status"] == 401
     assert after.seen == [] and store.batches == []
@@ -238,7 +238,7 @@ async def test_a_pending_decide_resolves_to_a_non_error_answer_sent_chunk_by_chu
             ctx.response_headers.append((b"ratelimit", b'"minute";r=9'))
             return None
 
-    app = EdgewayMiddleware(echo_app([]), policies=[Header("limits"), FilledSoon()], store=CountingStore())
+    app = PolicyPipeline(echo_app([]), policies=[Header("limits"), FilledSoon()], store=CountingStore())
     sent = await run(app, http_scope())
     assert sent[0]["status"] == 200
     assert (b"x-from", b"fill") in sent[0]["headers"] and (b"ratelimit", b'"minute";r=9') in sent[0]["headers"]
@@ -248,7 +248,7 @@ async def test_a_pending_decide_resolves_to_a_non_error_answer_sent_chunk_by_chu
 
 async def test_a_pending_decide_resolving_to_none_lets_the_request_through() -> None:
     received: list[bytes] = []
-    app = EdgewayMiddleware(echo_app(received), policies=[Filled()], store=CountingStore())
+    app = PolicyPipeline(echo_app(received), policies=[Filled()], store=CountingStore())
     sent = await run(app, http_scope())
     assert sent[0]["status"] == 200 and (b"x-from", b"fill") not in sent[0]["headers"]
     assert received == [b""]
@@ -257,7 +257,7 @@ async def test_a_pending_decide_resolving_to_none_lets_the_request_through() -> 
 async def test_a_stored_answer_to_head_sends_headers_only() -> None:
     store = CountingStore()
     await store.inner.execute([Set("entry", "cached", 60_000)])
-    sent = await run(EdgewayMiddleware(echo_app([]), policies=[Filled()], store=store), http_scope("HEAD"))
+    sent = await run(PolicyPipeline(echo_app([]), policies=[Filled()], store=store), http_scope("HEAD"))
     assert sent[0]["status"] == 200 and [m["body"] for m in sent[1:]] == [b""]
 
 
@@ -303,7 +303,7 @@ def failing_upstream(status: int) -> Any:
 async def test_respond_edits_headers_and_finish_sees_the_body_chunks_and_writes_after() -> None:
     store = CountingStore()
     watcher = Watcher()
-    app = EdgewayMiddleware(echo_app([]), policies=[watcher], store=store)
+    app = PolicyPipeline(echo_app([]), policies=[watcher], store=store)
     sent = await run(app, http_scope("POST", headers=LENGTH_5), body_messages(b"hello"))
     assert (b"cache-status", b"edgeway; fwd=miss; stored") in sent[0]["headers"]
     done = watcher.finished[0]
@@ -314,7 +314,7 @@ async def test_respond_edits_headers_and_finish_sees_the_body_chunks_and_writes_
 
 async def test_respond_may_replace_the_response_and_the_apps_body_is_dropped() -> None:
     watcher = Watcher()
-    sent = await run(EdgewayMiddleware(failing_upstream(502), policies=[watcher], store=CountingStore()),
+    sent = await run(PolicyPipeline(failing_upstream(502), policies=[watcher], store=CountingStore()),
                      http_scope())
     assert sent[0]["status"] == 200 and [m["body"] for m in sent[1:]] == [b"old"]
     assert watcher.finished[0].status == 502 and watcher.finished[0].chunks is None
@@ -329,7 +329,7 @@ async def test_finish_runs_for_a_response_cut_short_and_says_so() -> None:
         raise ConnectionResetError("client left")
 
     with pytest.raises(ConnectionResetError):
-        await run(EdgewayMiddleware(broken, policies=[watcher], store=CountingStore()), http_scope())
+        await run(PolicyPipeline(broken, policies=[watcher], store=CountingStore()), http_scope())
     assert watcher.finished[0].status == 200 and not watcher.finished[0].complete
     assert watcher.finished[0].chunks is None
 
@@ -341,5 +341,5 @@ async def test_finish_runs_when_the_app_never_started_a_response() -> None:
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError):
-        await run(EdgewayMiddleware(crashed, policies=[watcher], store=CountingStore()), http_scope())
+        await run(PolicyPipeline(crashed, policies=[watcher], store=CountingStore()), http_scope())
     assert watcher.finished[0].status == 0 and not watcher.finished[0].complete

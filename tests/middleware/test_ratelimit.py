@@ -332,3 +332,24 @@ async def test_cost_from_without_a_reported_cost_charges_only_the_up_front_cost(
 def test_cost_from_validation() -> None:
     with pytest.raises(ValueError, match="bad cost_from"):
         Limit(rate="1/minute", cost_from="usage total")
+
+
+@pytest.mark.parametrize("algorithm", ["sliding-window", "sliding-log", "fixed-window", "token-bucket"])
+async def test_the_violated_policy_t_equals_retry_after(clock: Clock, algorithm: str) -> None:
+    # 3/minute used up, a 4th request 5 s later: a client waiting `t` must not be refused again
+    store = MemoryStore(clock=clock)
+    limits = [Limit(rate="3/minute", algorithm=algorithm), Limit(rate="100/day")]
+    app = RateLimitMiddleware(ok_app, limits=limits, store=store)
+    async with client_for(app) as client:
+        for _ in range(3):
+            assert (await client.get("/")).status_code == 200
+        clock.now += 5
+        refused = await client.get("/")
+        assert refused.status_code == 429
+        fields = dict(parse_list(refused.headers["ratelimit"]))
+        assert fields["minute"]["t"] == int(refused.headers["retry-after"])
+        assert fields["day"]["t"] > int(refused.headers["retry-after"])  # the limit that admitted keeps its reset
+    clock.now += fields["minute"]["t"]  # type: ignore[operator]
+    # a fresh middleware on the same store: the instance's local block list runs on real time
+    async with client_for(RateLimitMiddleware(ok_app, limits=limits, store=store)) as client:
+        assert (await client.get("/")).status_code == 200

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from edgeway.middleware.pipeline import EdgewayMiddleware
+from edgeway.middleware.pipeline import PolicyPipeline
 from edgeway.middleware.ratelimit import Limit, RateLimitMiddleware, RateLimitPolicy
 from edgeway.middleware.store import Command, CommandError, RateLimit, Store
 from edgeway.middleware.store.failover import FailoverStore
@@ -227,7 +227,7 @@ def tag(key: str) -> str:
 ], ids=["ipv6-prefix", "on-missing", "key", "same"])
 async def test_all_keys_of_a_route_share_one_hash_tag(limits: list[Limit]) -> None:
     recording = Recording()
-    app = EdgewayMiddleware(_ok, policies=[RateLimitPolicy(limits, route="0:/api")], store=recording, route="0:/api")
+    app = PolicyPipeline(_ok, policies=[RateLimitPolicy(limits, route="0:/api")], store=recording, route="0:/api")
     request = scope("/api")
     request["client"] = ("2001:db8:1:2::7", 5000)
     request["headers"].append((b"x-api-key", b"secret{x}"))

@@ -44,10 +44,22 @@ def test_bad_rates(text: str, message: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("text", "seconds"), [("250ms", 0.25), ("30s", 30.0), ("5m", 300.0), ("1h", 3600.0), ("7d", 604800.0), (2, 2.0)]
+    ("text", "seconds"),
+    [("250ms", 0.25), ("30s", 30.0), ("5m", 300.0), ("1h", 3600.0), ("7d", 604800.0), (0, 0.0), ("0", 0.0)],
 )
 def test_durations(text: object, seconds: float) -> None:
     assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    (50, "50 has no unit: add one, e.g. 50ms or 50s"),
+    ("50", "50 has no unit: add one, e.g. 50ms or 50s"),
+    (0.5, "0.5 has no unit: add one, e.g. 0.5ms or 0.5s"),
+])
+def test_a_duration_without_unit_is_refused_with_a_suggestion(value: object, message: str) -> None:
+    with pytest.raises(ValueError) as caught:
+        parse_duration(value)
+    assert str(caught.value) == message
 
 
 @pytest.mark.parametrize("text", ["-1s", "soon", True, "5 fortnights"])

@@ -50,8 +50,8 @@ def test_unknown_key_has_did_you_mean() -> None:
 def test_unknown_key_without_close_match_lists_the_keys() -> None:
     text = VALID.replace("version: 1", "version: 1\nzzz: 3")
     assert problems(text) == [
-        "p.yaml:2:1: unknown key 'zzz'; expected one of: version, store, trusted_proxies, upstreams, routes, "
-        "sessions, server, admin"
+        "p.yaml:2:1: unknown key 'zzz'; expected one of: version, name, store, trusted_proxies, user_from, upstreams, "
+        "routes, sessions, server, admin"
     ]
 
 

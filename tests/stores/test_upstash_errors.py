@@ -29,7 +29,7 @@ from edgeway.middleware.store import (
     StoreConfigurationError,
     StoreError,
     StoreTimeout,
-    open_store,
+    connect_store,
 )
 from edgeway.middleware.store.redis_protocol import SCRIPTS
 from edgeway.middleware.store.upstash import UpstashStore, upstash_location
@@ -246,8 +246,8 @@ def test_location_without_any_token(clean_env: pytest.MonkeyPatch) -> None:
         upstash_location("upstash+https://eu1-example.upstash.io")
 
 
-def test_open_store_hides_the_token(clean_env: pytest.MonkeyPatch) -> None:
-    store = open_store("upstash+https://SECRET@eu1-example.upstash.io")
+def test_connect_store_hides_the_token(clean_env: pytest.MonkeyPatch) -> None:
+    store = connect_store("upstash+https://SECRET@eu1-example.upstash.io")
     assert isinstance(store, UpstashStore)
     assert "SECRET" not in store.describe()
     assert store.describe() == "upstash+https://eu1-example.upstash.io"
