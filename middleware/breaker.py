@@ -15,7 +15,7 @@ opens and closes — it never degrades to "always closed".
 
 In code, around any async call (a provider's API, an httpx request)::
 
-    breaker = CircuitBreaker("auth", BreakerSettings(failures=3, open_for=30), store=store)
+    breaker = CircuitBreaker("auth", BreakerSettings(failures=3, open_for="30s"), store=store)
 
     async with breaker:                 # raises CircuitOpen while open (or past max_in_flight)
         response = await client.get(url)

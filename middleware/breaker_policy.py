@@ -134,7 +134,7 @@ class BreakerPolicy(BasePolicy):
 class CircuitBreakerMiddleware(PolicyPipeline):
     """A circuit breaker around an ASGI app (or part of one), without a policy file.
 
-    >>> breaker = CircuitBreaker("backend", BreakerSettings(failures=5, open_for=30), store=store)
+    >>> breaker = CircuitBreaker("backend", BreakerSettings(failures=5, open_for="30s"), store=store)
     >>> app = CircuitBreakerMiddleware(app, breaker=breaker)
 
     The app's 5xx answers listed in ``on:`` count as failures; while open the

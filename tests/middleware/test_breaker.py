@@ -162,7 +162,7 @@ async def test_a_closed_breaker_with_no_failures_sends_no_store_command() -> Non
 
 
 async def test_failure_rate_trips_only_past_min_requests() -> None:
-    h = Harness(BreakerSettings(failure_rate="50%", min_requests=6, window=10))
+    h = Harness(BreakerSettings(failure_rate="50%", min_requests=6, window="10s"))
     await h.answers(503, 503, 503, 503, 503)  # 100% failed, but only 5 requests
     assert h.breaker.phase == Phase.CLOSED
     await h.answers(503)
@@ -170,7 +170,7 @@ async def test_failure_rate_trips_only_past_min_requests() -> None:
 
 
 async def test_failure_rate_counts_the_successes_too() -> None:
-    h = Harness(BreakerSettings(failure_rate="50%", min_requests=6, window=10))
+    h = Harness(BreakerSettings(failure_rate="50%", min_requests=6, window="10s"))
     for status in (200, 503) * 2 + (200, 200):
         await h.answers(status)
         h.clock.now += 1.0  # successes are sent in bulk at most once per sync interval
@@ -181,7 +181,7 @@ async def test_failure_rate_counts_the_successes_too() -> None:
 
 
 async def test_slow_calls_count_as_failures() -> None:
-    h = Harness(BreakerSettings(failures=1, slow_call=0.05))
+    h = Harness(BreakerSettings(failures=1, slow_call="50ms"))
     h.upstream.gate = asyncio.Event()
     asyncio.get_running_loop().call_later(0.1, h.upstream.gate.set)
     assert (await h.get()).status_code == 200
@@ -192,7 +192,7 @@ async def test_slow_calls_count_as_failures() -> None:
 
 
 async def test_one_probe_then_closed_after_success() -> None:
-    h = Harness(BreakerSettings(failures=1, open_for=30))
+    h = Harness(BreakerSettings(failures=1, open_for="30s"))
     await h.answers(503)
     h.clock.now += 29
     assert (await h.get()).status_code == 503
@@ -214,7 +214,7 @@ async def test_one_probe_then_closed_after_success() -> None:
 
 
 async def test_a_failed_probe_reopens_for_longer_up_to_the_cap() -> None:
-    h = Harness(BreakerSettings(failures=1, open_for=10, max_open_for=25), rng=NoJitter())
+    h = Harness(BreakerSettings(failures=1, open_for="10s", max_open_for="25s"), rng=NoJitter())
     await h.answers(503)
     assert (await h.get()).headers["retry-after"] == "10"
     h.clock.now += 10
@@ -226,7 +226,7 @@ async def test_a_failed_probe_reopens_for_longer_up_to_the_cap() -> None:
 
 
 async def test_success_threshold_needs_that_many_probes() -> None:
-    h = Harness(BreakerSettings(failures=1, open_for=5, success_threshold=2))
+    h = Harness(BreakerSettings(failures=1, open_for="5s", success_threshold=2))
     await h.answers(503)
     h.clock.now += 5
     assert await h.answers(200) == [200]
@@ -236,7 +236,7 @@ async def test_success_threshold_needs_that_many_probes() -> None:
 
 
 async def test_a_probe_answered_with_4xx_closes_it() -> None:
-    h = Harness(BreakerSettings(failures=1, open_for=5))
+    h = Harness(BreakerSettings(failures=1, open_for="5s"))
     await h.answers(503)
     h.clock.now += 5
     await h.answers(404)
@@ -312,7 +312,7 @@ async def test_admin_reset_closes_it() -> None:
 
 
 async def test_with_every_store_down_the_local_breaker_still_opens_and_recovers() -> None:
-    h = Harness(BreakerSettings(failures=2, open_for=10))
+    h = Harness(BreakerSettings(failures=2, open_for="10s"))
     assert isinstance(h.store, CountingStore)
     h.store.down = True
     await h.answers(503, 503)
@@ -325,7 +325,7 @@ async def test_with_every_store_down_the_local_breaker_still_opens_and_recovers(
 
 
 async def test_an_open_breaker_stays_open_when_the_store_fails() -> None:
-    h = Harness(BreakerSettings(failures=1, open_for=60))
+    h = Harness(BreakerSettings(failures=1, open_for="60s"))
     await h.answers(503)
     assert isinstance(h.store, CountingStore)
     h.store.down = True
@@ -340,7 +340,7 @@ async def test_an_open_breaker_stays_open_when_the_store_fails() -> None:
 async def test_a_fresh_fallback_store_is_seeded_with_the_open_state() -> None:
     clock = Clock()
     first, second = MemoryStore(clock=clock), MemoryStore(clock=clock)
-    breaker = CircuitBreaker("api", BreakerSettings(failures=1, open_for=60), store=first, clock=clock,
+    breaker = CircuitBreaker("api", BreakerSettings(failures=1, open_for="60s"), store=first, clock=clock,
                              rng=NoJitter())
     async with breaker:
         breaker.fail()
@@ -350,7 +350,7 @@ async def test_a_fresh_fallback_store_is_seeded_with_the_open_state() -> None:
     with pytest.raises(CircuitOpen):
         async with breaker:
             pass
-    other = CircuitBreaker("api", BreakerSettings(failures=1, open_for=60), store=second, clock=clock)
+    other = CircuitBreaker("api", BreakerSettings(failures=1, open_for="60s"), store=second, clock=clock)
     with pytest.raises(CircuitOpen) as refused:
         async with other:
             pass
@@ -379,7 +379,7 @@ async def test_a_corrupted_breaker_key_is_a_store_failure_not_a_500(redis_url: s
 async def test_async_with_and_the_decorator_share_one_breaker() -> None:
     clock = Clock()
     store = MemoryStore(clock=clock)
-    breaker = CircuitBreaker("provider", BreakerSettings(failures=2, open_for=30), store=store, clock=clock,
+    breaker = CircuitBreaker("provider", BreakerSettings(failures=2, open_for="30s"), store=store, clock=clock,
                              rng=NoJitter())
     calls = 0
 
@@ -427,7 +427,7 @@ async def test_a_cancelled_call_does_not_count() -> None:
 async def test_one_log_line_per_transition_names_upstream_reason_and_instance(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    h = Harness(BreakerSettings(failures=2, open_for=5), instance_id="inst-1")
+    h = Harness(BreakerSettings(failures=2, open_for="5s"), instance_id="inst-1")
     with caplog.at_level(logging.WARNING, logger="edgeway.breaker"):
         await h.answers(503, 503, 503)
         h.clock.now += 5
@@ -510,7 +510,7 @@ async def test_a_response_cut_short_does_not_count() -> None:
 
 async def test_a_probe_whose_client_left_hands_the_token_back() -> None:
     clock = Clock()
-    breaker = CircuitBreaker("api", BreakerSettings(failures=1, open_for=5), store=MemoryStore(clock=clock),
+    breaker = CircuitBreaker("api", BreakerSettings(failures=1, open_for="5s"), store=MemoryStore(clock=clock),
                              clock=clock, rng=NoJitter())
     mode = {"status": 503, "cut": False}
 
