@@ -6,14 +6,17 @@ in constant time. Health and metrics never need it.
 
 from __future__ import annotations
 
+import functools
 import hmac
 import json
 import time
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from edgeway.middleware.breaker import reset_breaker
+from edgeway.middleware.cache_signals import purge
 from edgeway.middleware.context import Scope
 from edgeway.middleware.metrics import STORE_UP
 from edgeway.middleware.responses import ErrorResponse, Receive, Send
@@ -24,6 +27,21 @@ if TYPE_CHECKING:
     from .app import Gateway
 
 _STARTED = time.time()
+_MAX_ADMIN_BODY = 64 * 1024
+
+
+async def _read_body(receive: Receive) -> bytes:
+    body = b""
+    more = True
+    while more:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            break
+        body += message.get("body", b"")
+        if len(body) > _MAX_ADMIN_BODY:
+            raise ValueError(f"the request body is larger than {_MAX_ADMIN_BODY} bytes")
+        more = message.get("more_body", False)
+    return body
 
 
 async def _json(send: Send, status: int, payload: dict[str, Any], scope: Scope) -> None:
@@ -44,7 +62,10 @@ class AdminEndpoints:
         name = scope["path"].removeprefix("/_edgeway/").rstrip("/")
         method = scope["method"]
         public = {"healthz": self.healthz, "readyz": self.readyz, "metrics": self.metrics}
-        admin = {("GET", "status"): self.status, ("POST", "reload"): self.reload}
+        admin: dict[tuple[str, str], Callable[[Scope, Send], Awaitable[None]]] = {
+            ("GET", "status"): self.status, ("POST", "reload"): self.reload,
+            ("POST", "cache/purge"): functools.partial(self.cache_purge, receive=receive),
+        }
         if name in public:
             if method not in ("GET", "HEAD"):
                 await ErrorResponse(405, "method_not_allowed", "use GET",
@@ -133,6 +154,31 @@ class AdminEndpoints:
                         "limits": [str(limit.rate) for limit in r.limits]} for r in policy.routes],
             "uptime_seconds": round(time.time() - _STARTED, 1),
         }, scope)
+
+    async def cache_purge(self, scope: Scope, send: Send, *, receive: Receive) -> None:
+        """``POST /_edgeway/cache/purge``: the body names what (see :func:`edgeway.middleware.cache.purge`)."""
+        try:
+            body = json.loads(await _read_body(receive))
+            routes = self.gateway.routes
+            if isinstance(body, dict) and isinstance(body.get("route"), str):
+                policies = routes.cache_policies(pattern=body["route"])
+                if not policies:
+                    raise ValueError(f"no route with a cache has match.path {body['route']!r}")
+            elif isinstance(body, dict) and isinstance(body.get("url"), str):
+                method = body.get("method", "GET")
+                policies = routes.cache_policies(path=body["url"].partition("?")[0],
+                                                 method=method.upper() if isinstance(method, str) else "GET")
+            else:
+                policies = routes.cache_policies()
+            answer = await purge(self.gateway.store, policies, body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            await ErrorResponse(400, "bad_request", str(exc))(scope, receive, send)
+            return
+        except StoreError as exc:
+            await ErrorResponse(503, "store_unavailable", f"the purge did not reach the store: {exc}")(
+                scope, receive, send)
+            return
+        await _json(send, 200, answer, scope)
 
     async def reload(self, scope: Scope, send: Send) -> None:
         before = self.gateway.loaded.version

@@ -92,6 +92,10 @@ class Gateway:
         return self._active.store
 
     @property
+    def routes(self) -> RouteTable:
+        return self._active.routes
+
+    @property
     def breakers(self) -> dict[str, CircuitBreaker]:
         """The running policy's circuit breakers by upstream name."""
         return self._active.breakers

@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from edgeway.middleware.breaker_config import BreakerSettings
+from edgeway.middleware.cache_settings import CacheSettings
 from edgeway.middleware.ratelimit import Limit
 from edgeway.middleware.store.failover import MIN_PROBE_INTERVAL
 from edgeway.middleware.units import Duration, Size
@@ -164,12 +165,6 @@ class Match(Model):
         return value
 
 
-class CacheConfig(Model):
-    ttl: Duration = Field(300.0, description="How long a stored response stays fresh.")
-    key: tuple[Literal["method", "path", "query", "body", "user"], ...] = ("method", "path", "query")
-    max_body: Size = Field(2_000_000, description="Larger responses are passed through, not stored.")
-
-
 ROUTE_ID = r"^[A-Za-z0-9._\-/*@,+=]+$"
 
 
@@ -182,7 +177,7 @@ class Route(Model):
     )
     upstream: str | None = Field(None, description="The upstream to proxy to; in-app policies leave it out.")
     limits: tuple[Limit, ...] = ()
-    cache: CacheConfig | None = None
+    cache: CacheSettings | None = None
     session: Literal["required", "optional", "off"] = "off"
 
     @property

@@ -41,11 +41,17 @@ routes:
     upstream: sample
     limits:
       - {{ rate: 8/minute, key: header:X-Api-Key, on_missing: ip, algorithm: token-bucket }}
+  - match: {{ path: /api/ask, methods: [POST] }}      # an AI answer: computed once, then served from the cache
+    upstream: sample
+    cache: {{ ttl: 1h, key: [method, path, body], body_exclude: [user] }}
   - match: {{ path: /flaky/* }}                      # its upstream fails; the breaker steps in
     upstream: flaky
   - match: {{ path: /* }}
     upstream: sample
 """
+
+UPSTREAM_CALLS: Counter[str] = Counter()
+"""Requests the sample upstream served, by path (the cache demo shows how few reached it)."""
 
 
 async def sample_upstream(scope: dict[str, Any], receive: Callable[[], Awaitable[Any]],
@@ -56,6 +62,7 @@ async def sample_upstream(scope: dict[str, Any], receive: Callable[[], Awaitable
             await send({"type": "lifespan.startup.complete"})
         await send({"type": "lifespan.shutdown.complete"})
         return
+    UPSTREAM_CALLS[scope["path"]] += 1
     body = b'{"answer": 42, "path": "' + scope["path"].encode() + b'"}'
     await send({"type": "http.response.start", "status": 200,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
@@ -105,6 +112,21 @@ async def _drive(client: httpx.AsyncClient, step: Step, out: Any) -> None:
             out.flush()
     if out.isatty():
         out.write("\r" + " " * 60 + "\r")
+
+
+async def _cache_demo(client: httpx.AsyncClient, out: Any) -> bool:
+    """The same AI question asked five times (keys reordered, another user): one upstream call."""
+    out.write("\n4. POST /api/ask: one question, asked 5 times (JSON keys reordered, `user` excluded from the key)\n")
+    before = UPSTREAM_CALLS["/api/ask"]
+    questions = [b'{"model": "m", "messages": [{"role": "user", "content": "What is 6 x 7?"}], "user": "ann"}',
+                 b'{"messages":[{"content":"What is 6 x 7?","role":"user"}],"model":"m","user":"bob"}']
+    for i in range(5):
+        response = await client.post("/api/ask", content=questions[i % 2],
+                                     headers={"content-type": "application/json"})
+        out.write(f"  ask {i + 1}: {response.status_code}  Cache-Status: {response.headers.get('cache-status')}\n")
+    calls = UPSTREAM_CALLS["/api/ask"] - before
+    out.write(f"  the upstream answered {calls} of 5 asks; the cache answered the rest\n")
+    return calls == 1
 
 
 def _report(step: Step, out: Any) -> None:
@@ -157,10 +179,14 @@ async def _run(requests: int, out: Any) -> int:
                 for step in steps:
                     await _drive(client, step, out)
                     _report(step, out)
+                cached = await _cache_demo(client, out)
                 breaker_ok = await _breaker_demo(client, flaky_port, out)
                 ready = (await client.get("/_edgeway/readyz")).json()
             out.write(f"\nreadyz: status={ready['status']} store={ready['store']['kind']} "
                       f"policy version={ready['policy']['version']}\n")
+            if not cached:
+                out.write("PROBLEM: the repeated question reached the upstream more than once\n")
+                return 1
             if not breaker_ok:
                 out.write("PROBLEM: the breaker did not open, short-circuit, probe and close as expected\n")
                 return 1
@@ -197,14 +223,14 @@ class _FlakyUpstream:
 
 
 async def _breaker_demo(client: httpx.AsyncClient, port: int, out: Any) -> bool:
-    """Step 4: a failing upstream behind a breaker; True when it opened, short-circuited, probed and closed."""
+    """Step 5: a failing upstream behind a breaker; True when it opened, short-circuited, probed and closed."""
     flaky = _FlakyUpstream()
     server = uvicorn.Server(uvicorn.Config(flaky, port=port, log_level="error", lifespan="on"))
     task = asyncio.create_task(server.serve())
     try:
         while not server.started and not task.done():
             await asyncio.sleep(0.02)
-        out.write("\n4. GET /flaky/x while its upstream fails (breaker: failures 3, open_for 1s)\n")
+        out.write("\n5. GET /flaky/x while its upstream fails (breaker: failures 3, open_for 1s)\n")
         failing = [await client.get("/flaky/x") for _ in range(6)]
         opened = [r for r in failing if r.headers.get("edgeway-error") == "upstream_unavailable"]
         out.write(f"  {flaky.calls} reached the upstream (503), then the breaker opened: {len(opened)} answered by "

@@ -26,6 +26,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from edgeway.middleware.units import POLICY_FILE
+
 from .checks import policy_checks
 from .config import Policy
 from .errors import PolicyError, Problem
@@ -282,7 +284,7 @@ def validate(data: Any, built: _Built, mode: Mode = "gateway") -> Policy | None:
     """Validate into a :class:`Policy`, appending positioned problems; None when invalid."""
     policy: Policy | None = None
     try:
-        policy = Policy.model_validate(data)
+        policy = Policy.model_validate(data, context={POLICY_FILE: True})
     except ValidationError as exc:
         for error in exc.errors():
             loc = _clean_loc(error["loc"])
@@ -325,6 +327,7 @@ def _cross_checks(data: dict[str, Any], built: _Built, mode: Mode) -> None:
             line, col = _locate(built, ("routes", i, "upstream"), key=False)
             built.problems.append(Problem(line, col, f"unknown upstream '{name}'{hint}"))
         match = route.get("match")
+        _check_cache_methods(route, i, match, built)
         if isinstance(match, dict) and isinstance(match.get("path"), str):
             methods = match.get("methods")
             methods = [methods] if isinstance(methods, str) else methods
@@ -338,6 +341,18 @@ def _cross_checks(data: dict[str, Any], built: _Built, mode: Mode) -> None:
                 )
             else:
                 seen[signature] = i
+
+
+def _check_cache_methods(route: dict[str, Any], index: int, match: object, built: _Built) -> None:
+    """A body-keyed cache is for POST answers: a route that admits no POST would store nothing by its body."""
+    cache = route.get("cache")
+    if not isinstance(cache, dict) or not isinstance(cache.get("key"), list) or "body" not in cache["key"]:
+        return
+    methods = match.get("methods") if isinstance(match, dict) else None
+    if isinstance(methods, list) and "POST" not in {str(m).upper() for m in methods}:
+        line, col = _locate(built, ("routes", index, "cache", "key"), key=False)
+        built.problems.append(Problem(line, col, f"routes.{index}.cache.key: `body` keys POST answers, but this "
+                                                 "route's match.methods excludes POST"))
 
 
 @dataclass(frozen=True)

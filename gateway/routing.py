@@ -15,6 +15,7 @@ from urllib.parse import quote
 
 from edgeway.middleware.breaker import CircuitBreaker
 from edgeway.middleware.breaker_policy import BreakerPolicy
+from edgeway.middleware.cache import CachePolicy
 from edgeway.middleware.clientip import TrustedProxies
 from edgeway.middleware.pipeline import PolicyPipeline
 from edgeway.middleware.policy import Policy as RoutePolicy
@@ -61,13 +62,19 @@ def build_breakers(policy: Policy, store: Store, clock: Clock | None = None) -> 
     }
 
 
-def route_policies(route: Route, name: str, policy: Policy, user_from: UserSource | None = None,
+def route_policies(route: Route, name: str, policy: Policy, store: Store, app: Any = None,
+                   user_from: UserSource | None = None,
                    breakers: Mapping[str, CircuitBreaker] | None = None) -> list[RoutePolicy]:
-    """The policy objects of one route, in the order they run (the breaker last, before the upstream)."""
+    """The policy objects of one route, in the order they run (the breaker last, before the upstream);
+    ``app`` is what they guard (the upstream's proxy, or the wrapped app), which the cache calls to refresh
+    stale entries in the background."""
     policies: list[RoutePolicy] = []
     if route.limits:
         policies.append(RateLimitPolicy(route.limits, route=name, key_prefix=policy.key_prefix,
                                         user_from=user_from or user_source(policy.user_from)))
+    if route.cache is not None:
+        policies.append(CachePolicy(route.cache, store=store, route=name, key_prefix=policy.key_prefix,
+                                    upstream=app))
     breaker = breakers.get(route.upstream) if breakers and route.upstream is not None else None
     if breaker is not None:
         policies.append(BreakerPolicy(breaker))
@@ -85,7 +92,7 @@ class RouteTable:
         for route in policy.routes:
             name = route.route_id  # never the position in the file: inserting a route must not reset counters
             app = endpoint(route)
-            policies = route_policies(route, name, policy, user_from, self.breakers)
+            policies = route_policies(route, name, policy, store, app, user_from, self.breakers)
             if policies:
                 app = PolicyPipeline(app, policies=policies, store=store, trusted_proxies=trusted, route=name)
             match = route.match
@@ -94,6 +101,18 @@ class RouteTable:
             routes.append(CompiledRoute(name, pattern, pattern[:-1] if pattern.endswith("*") else None, methods, app,
                                         match.case_insensitive, match.allow_semicolons, match.allow_backslashes))
         self.routes = tuple(routes)
+
+    def cache_policies(self, *, pattern: str | None = None, path: str | None = None,
+                       method: str = "GET") -> list[CachePolicy]:
+        """The cache policies of every route, of the routes whose ``match.path`` is ``pattern``, or of the
+        route a request for ``path`` reaches (for purges)."""
+        if path is not None:
+            found = self.match(path, method)
+            routes: tuple[CompiledRoute, ...] = (found,) if isinstance(found, CompiledRoute) else ()
+        else:
+            routes = tuple(r for r in self.routes if pattern is None or r.pattern == pattern)
+        return [policy for route in routes for policy in getattr(route.app, "policies", ())
+                if isinstance(policy, CachePolicy)]
 
     def match(self, path: str, method: str) -> CompiledRoute | set[str]:
         allowed: set[str] = set()

@@ -1,7 +1,7 @@
 """Edgeway's policies as pure ASGI middleware, usable in any ASGI app.
 
-``from edgeway.middleware import RateLimitMiddleware, Limit``, ``CircuitBreakerMiddleware``,
-``CircuitBreaker`` (``async with breaker:`` around any call); stores come from
+``from edgeway.middleware import RateLimitMiddleware, Limit, CacheMiddleware``,
+``CircuitBreakerMiddleware``, ``CircuitBreaker`` (``async with breaker:`` around any call); stores come from
 :func:`edgeway.middleware.store.open_store`.
 """
 
@@ -10,7 +10,9 @@ from __future__ import annotations
 from .breaker import CircuitBreaker, CircuitOpen
 from .breaker_config import BreakerSettings
 from .breaker_policy import CircuitBreakerMiddleware
+from .cache import CacheMiddleware, CachePolicy
+from .cache_settings import CacheSettings
 from .ratelimit import Limit, RateLimitMiddleware
 
-__all__ = ["BreakerSettings", "CircuitBreaker", "CircuitBreakerMiddleware", "CircuitOpen", "Limit",
-           "RateLimitMiddleware"]
+__all__ = ["BreakerSettings", "CacheMiddleware", "CachePolicy", "CacheSettings", "CircuitBreaker",
+           "CircuitBreakerMiddleware", "CircuitOpen", "Limit", "RateLimitMiddleware"]

@@ -29,6 +29,16 @@ STORE_MODE = Gauge("edgeway_store_mode", "1 for the store currently serving shar
 STORE_MODE_CHANGES = Counter(
     "edgeway_store_mode_changes_total", "Failovers and recoveries between stores.", ["from_mode", "to_mode"]
 )
+CACHE_REQUESTS = Counter(
+    "edgeway_cache_requests_total",
+    "Requests on cached routes by what the cache did.",
+    ["route", "status"],  # hit | miss | stale | bypass | collapsed
+)
+CACHE_STORED_BYTES = Counter(
+    "edgeway_cache_stored_bytes",
+    "Bytes of response bodies written to the cache, by route (exported as _total).",
+    ["route"],
+)
 DROPPED_HEADERS = Counter(
     "edgeway_dropped_headers_total",
     "Request header fields the gateway dropped instead of forwarding, by reason.",

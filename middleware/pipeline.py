@@ -148,7 +148,13 @@ class PolicyPipeline:
 
         answer = await self._decide(ctx, prepared, batch)
         if answer is not None:
-            await self._answer(answer, ctx, scope, receive, send)
+            try:
+                await self._answer(answer, ctx, scope, receive, send)
+            finally:
+                if self._track and len(self.policies) > 1:
+                    # the app never ran: a policy that decided before the answering one may hold something
+                    # to release (the cache's fill lock when the breaker answers)
+                    self._finish(ctx, prepared, Completed(0, (), None, complete=False))
             return
 
         await self._call_app(ctx, prepared, scope, receive, send)

@@ -22,7 +22,10 @@ from typing import Any
 
 import uvicorn
 
-__all__ = ["BRIDGE_TOKEN", "FakeRedisThread", "RedisServer", "UvicornThread", "free_port", "ok_app", "wait_for_port"]
+__all__ = [
+    "BRIDGE_TOKEN", "FakeRedisThread", "Gateways", "RedisServer", "UvicornThread", "free_port", "ok_app",
+    "wait_for_port",
+]
 
 HOST = "127.0.0.1"
 BRIDGE_TOKEN = "test-bridge-token"
@@ -479,11 +482,9 @@ class FlakyUpstream:
 __all__ += ["FlakyUpstream"]
 
 
-class GatewayProcesses:
-    """``edgeway serve`` processes (two by default) on one policy file, each on its own port.
-
-    Their output goes to ``gateway-PORT.log`` in ``log_dir`` (:meth:`log` reads it).
-    """
+class Gateways:
+    """`edgeway serve` processes (two by default) on one policy, on free ports; logs in ``log_dir``
+    (:meth:`log` reads one)."""
 
     def __init__(self, policy: Path, log_dir: Path, count: int = 2) -> None:
         self.ports = [free_port() for _ in range(count)]
@@ -515,6 +516,3 @@ class GatewayProcesses:
                 process.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 process.kill()
-
-
-__all__ += ["GatewayProcesses"]

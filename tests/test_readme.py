@@ -59,7 +59,7 @@ def client(app: object) -> httpx.AsyncClient:
 
 
 def test_the_readme_has_the_python_blocks_this_test_runs() -> None:
-    assert len(blocks("python")) == 4
+    assert len(blocks("python")) == 5
     assert {"policy.yaml", "users.yaml"} <= set(policy_files())
 
 
@@ -87,9 +87,20 @@ async def test_one_middleware_without_a_file(project: Path) -> None:
     assert docs == [200] * 12 and items == [200] * 10 + [429]
 
 
+async def test_the_cache_middleware_answers_a_repeated_question_from_the_store(project: Path) -> None:
+    app = run_block(3)
+    async with client(app) as http:
+        first = await http.post("/api/ai/chat", json={"q": "tides", "stream": False})
+        again = await http.post("/api/ai/chat", content=b'{ "stream": true, "q": "tides" }',
+                                headers={"content-type": "application/json"})
+    assert first.json() == again.json() == {"answer": "about tides"}
+    assert first.headers["cache-status"] == "edgeway; fwd=miss; stored"
+    assert again.headers["cache-status"].startswith("edgeway; hit")
+
+
 async def test_a_breaker_around_a_provider_call(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PAYMENTS_URL", f"http://127.0.0.1:{free_port()}/charge")  # nothing listens: failures
-    app = run_block(3)
+    app = run_block(4)
     statuses = []
     async with client(app) as http:
         for _ in range(7):

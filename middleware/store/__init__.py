@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from .base import (
+    CACHE_COMMANDS,
     Algorithm,
     BreakerEvent,
     BreakerResult,
@@ -21,6 +22,8 @@ from .base import (
     Handler,
     Heartbeat,
     Incr,
+    IndexAdd,
+    IndexPurge,
     LimitCheck,
     LimitState,
     Publish,
@@ -35,6 +38,7 @@ from .base import (
 )
 
 __all__ = [
+    "CACHE_COMMANDS",
     "Algorithm",
     "BreakerEvent",
     "BreakerResult",
@@ -48,6 +52,8 @@ __all__ = [
     "Handler",
     "Heartbeat",
     "Incr",
+    "IndexAdd",
+    "IndexPurge",
     "LimitCheck",
     "LimitState",
     "Publish",

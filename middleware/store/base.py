@@ -56,6 +56,8 @@ __all__ = [
     "Handler",
     "Heartbeat",
     "Incr",
+    "IndexAdd",
+    "IndexPurge",
     "LimitCheck",
     "LimitState",
     "Publish",
@@ -181,6 +183,37 @@ class Publish:
     message: str
 
 
+@dataclass(frozen=True, slots=True)
+class IndexAdd:
+    """Record ``member`` (a key) in the index ``index`` for ``ttl_ms``; the result is ``None``.
+
+    An index names keys to delete together later (a cache route, a tag):
+    :class:`IndexPurge` deletes them, all of them or those recorded with one
+    ``label`` (the entries of one URL within a route's index, say). A label
+    never contains ``|``. Members leave the index once their TTL passed; the
+    index itself expires with its longest-lived member.
+    """
+
+    index: str
+    member: str
+    ttl_ms: int
+    label: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class IndexPurge:
+    """Delete every key recorded in ``index`` (only those recorded with ``label`` when it is given), and
+    forget them; the result is how many of those keys existed (``int``)."""
+
+    index: str
+    label: str | None = None
+
+
+CACHE_COMMANDS = (Get, Set, Delete, Incr, IndexAdd, IndexPurge)
+"""Commands on per-instance caches: when the primary store is down they go to memory, never to a
+shared fallback (a cache miss is acceptable, an error is not)."""
+
+
 # LimitCheck, LimitState and RateLimitResult are NamedTuples: built for every request on the hot path,
 # where a tuple is several times cheaper to create than a frozen dataclass.
 class LimitCheck(NamedTuple):
@@ -304,8 +337,8 @@ _NOTHING = BreakerEvent()  # a plain read
 class BreakerUpdate:
     """Read and change one breaker's shared state atomically; the result is a :class:`BreakerResult`.
 
-    A key holding anything but breaker state is a :class:`StoreError` (the
-    failover chain handles it like any other store failure).
+    A key holding anything but breaker state gets a :class:`CommandError` result
+    (the breaker then decides on its instance's own copy).
     """
 
     key: str
@@ -313,7 +346,7 @@ class BreakerUpdate:
     event: BreakerEvent = _NOTHING
 
 
-Command = Get | Set | Delete | Incr | Publish | RateLimit | Heartbeat | BreakerUpdate
+Command = Get | Set | Delete | Incr | Publish | IndexAdd | IndexPurge | RateLimit | Heartbeat | BreakerUpdate
 """Every operation a policy may put in a request's batch."""
 
 Clock = Callable[[], float]

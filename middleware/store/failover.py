@@ -5,7 +5,7 @@ Commands come in two kinds, which fall back differently:
 - shared state that must hold across instances (``RateLimit``, ``Heartbeat``,
   ``BreakerUpdate``) goes to the first healthy store of the chain: the
   primary (Redis), then each fallback in order (Supabase/Postgres, then memory);
-- per-instance caches (``Get``/``Set``/``Delete``/``Incr``, locks included:
+- per-instance caches (``Get``/``Set``/``Delete``/``Incr``/``IndexAdd``/``IndexPurge``, locks included:
   response and session cache) go to the primary while it is healthy, else to
   memory: a cache miss is acceptable, an error is not.
 
@@ -50,13 +50,12 @@ from dataclasses import dataclass, field
 
 from ..metrics import STORE_MODE, STORE_MODE_CHANGES, STORE_UP
 from .base import (
+    CACHE_COMMANDS,
     Command,
     CommandError,
-    Delete,
     Get,
     Handler,
     Heartbeat,
-    Incr,
     LimitCheck,
     Publish,
     RateLimit,
@@ -183,7 +182,7 @@ class FailoverStore(Store):
             if not member.shared:  # memory, the last resort: per instance, limits divided by live instances
                 return await member.store.execute(self._degrade(commands), timeout=timeout)
             if position > 0:
-                shared = shared or [i for i, c in enumerate(commands) if not isinstance(c, Get | Set | Delete | Incr)]
+                shared = shared or [i for i, c in enumerate(commands) if not isinstance(c, CACHE_COMMANDS)]
                 if not shared:  # only caches: memory, without bothering the fallback
                     return await self._cache.execute(commands, timeout=timeout)
             try:

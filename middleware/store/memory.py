@@ -35,6 +35,8 @@ from .base import (
     Handler,
     Heartbeat,
     Incr,
+    IndexAdd,
+    IndexPurge,
     LimitCheck,
     LimitState,
     Publish,
@@ -120,6 +122,11 @@ class MemoryStore(Store):
             if count:  # after this batch, like a message arriving over the network
                 asyncio.get_running_loop().call_soon(self._fanout.dispatch, command.channel, command.message)
             return count
+        if isinstance(command, IndexAdd):
+            self._index_add(command, now)
+            return None
+        if isinstance(command, IndexPurge):
+            return self._index_purge(command, now)
         if isinstance(command, RateLimit):
             return self._rate_limit(command, now)
         if isinstance(command, Heartbeat):
@@ -156,6 +163,29 @@ class MemoryStore(Store):
             expires = entry.expires_ms
         self._put(command.key, str(value), expires)
         return value
+
+    def _index_add(self, command: IndexAdd, now: float) -> None:
+        found = self._get(command.index, now)
+        members: dict[tuple[str, str], float] = found if isinstance(found, dict) else {}
+        members[(command.label, command.member)] = now + command.ttl_ms
+        live = {member: until for member, until in members.items() if until > now}
+        self._put(command.index, live, max(live.values()))
+
+    def _index_purge(self, command: IndexPurge, now: float) -> int:
+        found = self._get(command.index, now)
+        if not isinstance(found, dict):
+            return 0
+        chosen = [m for m in found if command.label is None or m[0] == command.label]
+        for member in chosen:
+            del found[member]
+        if not found or command.label is None:
+            self._data.pop(command.index, None)
+        deleted = 0
+        for _, key in chosen:
+            if self._get(key, now) is not None:
+                del self._data[key]
+                deleted += 1
+        return deleted
 
     def _get(self, key: str, now: float) -> object:
         entry = self._data.get(key)

@@ -324,7 +324,7 @@ class _Listener:
             for channel in sorted(self._listening - wanted):
                 await connection.remove_listener(channel, self._notified)
                 self._listening.discard(channel)
-        except (self._pg.PostgresError, self._pg.InterfaceError, OSError) as exc:
+        except (self._pg.PostgresError, self._pg.InterfaceError, self._pg.InternalClientError, OSError) as exc:
             logger.warning("PostgreSQL LISTEN on %s failed (%s); reconnecting", self._where, exc)
             connection.terminate()
 
@@ -346,7 +346,8 @@ class _Listener:
                     self._ready.set()
                     await lost.wait()
                 error: object = "connection closed"
-            except (self._pg.PostgresError, self._pg.InterfaceError, OSError, TimeoutError) as exc:
+            except (self._pg.PostgresError, self._pg.InterfaceError, self._pg.InternalClientError, OSError,
+                    TimeoutError) as exc:
                 error = exc
             finally:
                 if self._connection is not None and not self._connection.is_closed():
@@ -404,7 +405,8 @@ class PostgresStore(_BatchStore):
             raise _Refused(f"{exc.sqlstate}: {exc}") from exc
         except pg.InsufficientPrivilegeError as exc:
             raise StoreError(f"PostgreSQL refused edgeway.batch: {exc}; connect as a role granted EXECUTE") from exc
-        except (pg.PostgresError, pg.InterfaceError, OSError) as exc:
+        except (pg.PostgresError, pg.InterfaceError, pg.InternalClientError, OSError) as exc:
+            # InternalClientError: a connection the server dropped mid-protocol ("cannot switch to state")
             raise StoreError(f"PostgreSQL call failed: {type(exc).__name__}: {exc}") from exc
         return _loads(text, "PostgreSQL")
 

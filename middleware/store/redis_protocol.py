@@ -36,6 +36,8 @@ from .base import (
     Get,
     Heartbeat,
     Incr,
+    IndexAdd,
+    IndexPurge,
     LimitState,
     Publish,
     RateLimit,
@@ -84,8 +86,11 @@ HEARTBEAT_SCRIPT = Script("heartbeat.lua")
 INCR_SCRIPT = Script("incr.lua")
 CAD_SCRIPT = Script("cad.lua")
 SETBIN_SCRIPT = Script("setbin.lua")
+INDEX_ADD_SCRIPT = Script("index_add.lua")
+INDEX_PURGE_SCRIPT = Script("index_purge.lua")
 BREAKER_SCRIPT = Script("breaker.lua")
-SCRIPTS = (RATE_LIMIT_SCRIPT, HEARTBEAT_SCRIPT, INCR_SCRIPT, CAD_SCRIPT, SETBIN_SCRIPT, BREAKER_SCRIPT)
+SCRIPTS = (RATE_LIMIT_SCRIPT, HEARTBEAT_SCRIPT, INCR_SCRIPT, CAD_SCRIPT, SETBIN_SCRIPT, INDEX_ADD_SCRIPT,
+           INDEX_PURGE_SCRIPT, BREAKER_SCRIPT)
 """Loaded by each new connection (TCP) or the first pipeline (REST) ahead of any command."""
 _SOURCES = {script.sha: script.source for script in SCRIPTS}
 
@@ -218,6 +223,14 @@ class RedisProtocolStore(Store):
             return ("EVALSHA", INCR_SCRIPT.sha, 1, command.key, command.amount, max(1, command.ttl_ms))
         if isinstance(command, Publish):
             return ("PUBLISH", command.channel, command.message)
+        if isinstance(command, IndexAdd):
+            # the server's clock, as for the member keys' own TTLs
+            return ("EVALSHA", INDEX_ADD_SCRIPT.sha, 1, command.index, f"{command.label}|{command.member}",
+                    max(1, command.ttl_ms))
+        if isinstance(command, IndexPurge):
+            if command.label is None:
+                return ("EVALSHA", INDEX_PURGE_SCRIPT.sha, 1, command.index, "")
+            return ("EVALSHA", INDEX_PURGE_SCRIPT.sha, 1, command.index, "1", command.label)
         if isinstance(command, RateLimit):
             args: list[RedisArg] = ["EVALSHA", RATE_LIMIT_SCRIPT.sha, len(command.checks)]
             args.extend(check.key for check in command.checks)
@@ -265,7 +278,9 @@ def _decode(command: Command, reply: object) -> object:
         raise StoreError(f"unexpected GET reply {reply!r}")
     if isinstance(command, Set):
         return reply is not None if command.only_if_absent else None
-    if isinstance(command, Delete | Incr | Publish):
+    if isinstance(command, IndexAdd):
+        return None
+    if isinstance(command, Delete | Incr | Publish | IndexPurge):
         return int(reply)  # type: ignore[call-overload]
     if isinstance(command, RateLimit):
         return _decode_rate_limit(reply, len(command.checks))

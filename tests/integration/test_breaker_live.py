@@ -20,7 +20,7 @@ import asyncpg
 import httpx
 import pytest
 
-from tests.servers import FlakyUpstream, GatewayProcesses, PostgresServer, RedisServer, UvicornThread, apply_migration
+from tests.servers import FlakyUpstream, Gateways, PostgresServer, RedisServer, UvicornThread, apply_migration
 
 SYNC = 1.0  # how stale an instance's copy of a breaker may be (CircuitBreaker.sync_interval)
 
@@ -65,12 +65,12 @@ def upstream(flaky: tuple[FlakyUpstream, UvicornThread]) -> FlakyUpstream:
 
 
 def start(tmp_path: Path, redis: RedisServer, postgres: PostgresServer, upstream_url: str, *,
-          open_for: str) -> tuple[GatewayProcesses, str]:
+          open_for: str) -> tuple[Gateways, str]:
     prefix = f"live-{uuid.uuid4().hex[:8]}:"
     policy = tmp_path / "policy.yaml"
     policy.write_text(POLICY.format(redis_port=redis.port, dsn=postgres.dsn, upstream=upstream_url, prefix=prefix,
                                     open_for=open_for))
-    return GatewayProcesses(policy, tmp_path), prefix
+    return Gateways(policy, tmp_path), prefix
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.servers import BRIDGE_TOKEN, GatewayProcesses, UvicornThread, ok_app
+from tests.servers import BRIDGE_TOKEN, Gateways, UvicornThread, ok_app
 
 REQUESTS = 500
 QUOTA = 100
@@ -52,7 +52,7 @@ def upstream() -> Iterator[UvicornThread]:
 
 @pytest.fixture(params=["redis", "upstash"])
 def gateways(request: pytest.FixtureRequest, upstream: UvicornThread, redis_url: str,
-             tmp_path: Path) -> Iterator[GatewayProcesses]:
+             tmp_path: Path) -> Iterator[Gateways]:
     if request.param == "redis":
         store = redis_url
     else:
@@ -61,7 +61,7 @@ def gateways(request: pytest.FixtureRequest, upstream: UvicornThread, redis_url:
     policy = tmp_path / "policy.yaml"
     policy.write_text(POLICY.format(store=store, prefix=f"exact-{uuid.uuid4().hex[:8]}:", upstream=upstream.url,
                                     quota=QUOTA))
-    pair = GatewayProcesses(policy, tmp_path)
+    pair = Gateways(policy, tmp_path)
     try:
         yield pair
     finally:
@@ -94,7 +94,7 @@ async def burst(ports: list[int], path: str) -> tuple[Counter[int], float]:
 
 
 @pytest.mark.parametrize("algorithm", ["fixed-window", "sliding-log", "token-bucket", "sliding-window"])
-async def test_two_gateways_admit_exactly_the_quota(gateways: GatewayProcesses, algorithm: str) -> None:
+async def test_two_gateways_admit_exactly_the_quota(gateways: Gateways, algorithm: str) -> None:
     counts, elapsed = await burst(gateways.ports, f"/{algorithm}")
     assert set(counts) <= {200, 429}, counts
     allowed = counts[200]

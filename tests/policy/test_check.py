@@ -170,3 +170,40 @@ def test_example_policies_are_valid(path: Path) -> None:
 
 def test_shipped_json_schema_matches_the_models() -> None:
     assert SCHEMA_PATH.read_text() == render(), "run: python -m edgeway.gateway.schema"
+
+
+CACHED = """\
+version: 1
+upstreams:
+  api: { url: "http://127.0.0.1:9001" }
+routes:
+  - match: { path: /ai/*, methods: [GET] }
+    upstream: api
+    cache:
+      key: [method, path, body]
+  - match: { path: /b }
+    upstream: api
+    cache: { max_body: 0, key: [method, cookie] }
+  - match: { path: /c }
+    upstream: api
+    cache: { ttl: origin, body_include: [model], lock_timeout: soon, tag_header: "Cache Tag" }
+"""
+
+
+def test_cache_problems_are_reported_at_their_positions() -> None:
+    assert problems(CACHED) == [
+        "p.yaml:8:12: routes.0.cache.key: `body` keys POST answers, but this route's match.methods excludes POST",
+        "p.yaml:11:24: routes.1.cache.max_body: must be at least 1 byte",
+        "p.yaml:11:32: routes.1.cache.key: unknown cache key part 'cookie': expected method, path, query, body, "
+        "user, header:NAME",
+        "p.yaml:14:64: routes.2.cache.lock_timeout: expected a duration such as 250ms, 30s, 5m, 1h or 7d, got 'soon'",
+        "p.yaml:14:82: routes.2.cache.tag_header: not a header name: 'Cache Tag'",
+    ]
+
+
+def test_a_valid_cache_block_is_typed() -> None:
+    text = VALID + "    cache: { ttl: 1h, key: [method, path, query, 'header:X-Team'], stale_if_error: 10m }\n"
+    cache = load_text(text, "p.yaml", {}).policy.routes[0].cache
+    assert cache is not None and cache.ttl == 3600.0 and cache.stale_if_error == 600.0
+    assert cache.key == ("method", "path", "query", "header:x-team")
+    assert cache.methods == ("GET", "HEAD")
