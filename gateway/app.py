@@ -74,7 +74,7 @@ class Gateway:
         proxies = {name: UpstreamProxy(name, upstream, trusted, policy.server, breakers.get(name), self._clock)
                    for name, upstream in policy.upstreams.items()}
         routes = RouteTable(policy, store, trusted, lambda route: proxies[_upstream_of(route, loaded)],
-                            breakers=breakers)
+                            breakers=breakers, clock=self._clock)
         return _Active(loaded, routes, tuple(proxies.values()), breakers, store, trusted,
                        policy.server.headers_with_underscores == "reject")
 

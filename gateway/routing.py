@@ -8,6 +8,7 @@ means the same thing in both.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -63,8 +64,8 @@ def build_breakers(policy: Policy, store: Store, clock: Clock | None = None) -> 
 
 
 def route_policies(route: Route, name: str, policy: Policy, store: Store, app: Any = None,
-                   user_from: UserSource | None = None,
-                   breakers: Mapping[str, CircuitBreaker] | None = None) -> list[RoutePolicy]:
+                   user_from: UserSource | None = None, breakers: Mapping[str, CircuitBreaker] | None = None,
+                   clock: Clock | None = None) -> list[RoutePolicy]:
     """The policy objects of one route, in the order they run (the breaker last, before the upstream);
     ``app`` is what they guard (the upstream's proxy, or the wrapped app), which the cache calls to refresh
     stale entries in the background."""
@@ -74,7 +75,7 @@ def route_policies(route: Route, name: str, policy: Policy, store: Store, app: A
                                         user_from=user_from or user_source(policy.user_from)))
     if route.cache is not None:
         policies.append(CachePolicy(route.cache, store=store, route=name, key_prefix=policy.key_prefix,
-                                    upstream=app))
+                                    upstream=app, clock=clock or time.time))
     breaker = breakers.get(route.upstream) if breakers and route.upstream is not None else None
     if breaker is not None:
         policies.append(BreakerPolicy(breaker))
@@ -92,7 +93,7 @@ class RouteTable:
         for route in policy.routes:
             name = route.route_id  # never the position in the file: inserting a route must not reset counters
             app = endpoint(route)
-            policies = route_policies(route, name, policy, store, app, user_from, self.breakers)
+            policies = route_policies(route, name, policy, store, app, user_from, self.breakers, clock)
             if policies:
                 app = PolicyPipeline(app, policies=policies, store=store, trusted_proxies=trusted, route=name)
             match = route.match

@@ -44,7 +44,8 @@ def upstream(flaky: tuple[FlakyUpstream, UvicornThread]) -> FlakyUpstream:
     return app
 
 
-def policy(url: str, breaker: str, *, read: str = "5s") -> str:
+def policy(url: str, breaker: str, *, read: str = "5s", cache: str | None = None) -> str:
+    cached = f"\n    cache: {cache}" if cache else ""
     return f"""\
 version: 1
 upstreams:
@@ -54,7 +55,7 @@ upstreams:
     breaker: {{ {breaker} }}
 routes:
   - match: {{ path: /* }}
-    upstream: api
+    upstream: api{cached}
 admin:
   token: {TOKEN}
 """
@@ -78,9 +79,10 @@ class Running:
 async def gateway_for(flaky: tuple[FlakyUpstream, UvicornThread]) -> AsyncIterator[object]:
     made: list[Running] = []
 
-    async def build(breaker: str, *, url: str | None = None, read: str = "5s") -> Running:
+    async def build(breaker: str, *, url: str | None = None, read: str = "5s", cache: str | None = None) -> Running:
         clock = Clock()
-        gateway = create_app(load_text(policy(url or flaky[1].url, breaker, read=read), "p.yaml", {}), clock=clock)
+        gateway = create_app(load_text(policy(url or flaky[1].url, breaker, read=read, cache=cache), "p.yaml", {}),
+                             clock=clock)
         client = httpx.AsyncClient(transport=httpx.ASGITransport(app=gateway), base_url="http://gw", timeout=10)
         running = Running(gateway, client, clock)
         made.append(running)
@@ -227,3 +229,19 @@ async def test_failure_rate_trips_only_past_min_requests(upstream: FlakyUpstream
     assert (await gw.get()).headers.get("edgeway-error") is None  # the 6th reaches min_requests: it opens
     assert (await gw.get()).headers["edgeway-error"] == "upstream_unavailable"
     assert upstream.total == 6
+
+
+async def test_the_cache_serves_its_stale_entry_while_the_breaker_is_open(upstream: FlakyUpstream,
+                                                                          flaky: tuple[FlakyUpstream, UvicornThread],
+                                                                          gateway_for) -> None:  # type: ignore[no-untyped-def]
+    gw = await gateway_for("failures: 1", cache="{ ttl: 1s, stale_if_error: 1h }")
+    assert (await gw.get("/page")).status_code == 200  # stored
+    upstream.status = 503
+    gw.clock.now += 5  # the entry is stale now
+    assert (await gw.get("/page")).status_code == 503  # refreshing it fails: the breaker opens
+    assert gw.gateway.breakers["api"].phase == Phase.OPEN
+    calls = upstream.total
+    response = await gw.get("/page")
+    assert (response.status_code, response.text) == (200, "status 200")
+    assert response.headers["cache-status"] == "edgeway; hit; stale"
+    assert upstream.total == calls
