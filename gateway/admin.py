@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from edgeway.middleware.breaker import reset_breaker
 from edgeway.middleware.cache_signals import purge
 from edgeway.middleware.context import Scope
 from edgeway.middleware.metrics import STORE_UP
@@ -81,6 +82,14 @@ class AdminEndpoints:
                 return
             await admin[(method, name)](scope, send)
             return
+        if method == "POST" and name.startswith("breakers/") and name.endswith("/reset"):
+            refusal = self._refusal(scope)
+            if refusal is not None:
+                await refusal(scope, receive, send)
+                return
+            status, answer = await reset_breaker(self.gateway.breakers, name[len("breakers/"):-len("/reset")])
+            await _json(send, status, answer, scope)
+            return
         await ErrorResponse(404, "no_route", f"no gateway endpoint {scope['path']}")(scope, receive, send)
 
     def _refusal(self, scope: Scope) -> ErrorResponse | None:
@@ -142,6 +151,7 @@ class AdminEndpoints:
             "policy": {"source": gateway.loaded.source, "version": gateway.loaded.version},
             "store": {"kind": gateway.store.kind, "location": gateway.store.describe()},
             "upstreams": {name: up.url for name, up in policy.upstreams.items()},
+            "breakers": {name: breaker.status() for name, breaker in gateway.breakers.items()},
             "routes": [{"path": r.match.path, "methods": r.match.methods, "upstream": r.upstream,
                         "limits": [str(limit.rate) for limit in r.limits]} for r in policy.routes],
             "uptime_seconds": round(time.time() - _STARTED, 1),

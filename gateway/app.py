@@ -19,6 +19,7 @@ import signal
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgeway.middleware.breaker import CircuitBreaker
 from edgeway.middleware.clientip import TrustedProxies
 from edgeway.middleware.context import SCOPE_KEY, RequestContext, Scope
 from edgeway.middleware.pipeline import Throttled
@@ -32,7 +33,7 @@ from .errors import PolicyError, Problem
 from .headers import request_problem
 from .loader import LoadedPolicy, load_policy
 from .proxy import UpstreamProxy
-from .routing import RouteTable, needs_normalizing, normalize_path
+from .routing import RouteTable, build_breakers, needs_normalizing, normalize_path
 from .stores import build_store
 
 logger = logging.getLogger("edgeway")
@@ -45,6 +46,7 @@ class _Active:
     loaded: LoadedPolicy
     routes: RouteTable
     proxies: tuple[UpstreamProxy, ...]
+    breakers: dict[str, CircuitBreaker]
     store: Store
     trusted: TrustedProxies
     reject_underscores: bool
@@ -69,10 +71,12 @@ class Gateway:
         policy = loaded.policy
         trusted = TrustedProxies(policy.trusted_proxies)
         store = store or build_store(policy.store, self._clock, key_prefix=policy.key_prefix)
-        proxies = {name: UpstreamProxy(name, upstream, trusted, policy.server)
+        breakers = build_breakers(policy, store, self._clock)
+        proxies = {name: UpstreamProxy(name, upstream, trusted, policy.server, breakers.get(name), self._clock)
                    for name, upstream in policy.upstreams.items()}
-        routes = RouteTable(policy, store, trusted, lambda route: proxies[_upstream_of(route, loaded)])
-        return _Active(loaded, routes, tuple(proxies.values()), store, trusted,
+        routes = RouteTable(policy, store, trusted, lambda route: proxies[_upstream_of(route, loaded)],
+                            breakers=breakers, clock=self._clock)
+        return _Active(loaded, routes, tuple(proxies.values()), breakers, store, trusted,
                        policy.server.headers_with_underscores == "reject")
 
     @property
@@ -91,6 +95,11 @@ class Gateway:
     @property
     def routes(self) -> RouteTable:
         return self._active.routes
+
+    @property
+    def breakers(self) -> dict[str, CircuitBreaker]:
+        """The running policy's circuit breakers by upstream name."""
+        return self._active.breakers
 
     @property
     def sessions(self) -> SessionService | None:
@@ -118,6 +127,8 @@ class Gateway:
         finally:  # also when cancelled by close(): the old sessions must not leak
             for proxy in old.proxies:
                 await proxy.close()
+            for breaker in old.breakers.values():
+                await breaker.close()
             await old.routes.close()
             if close_store:
                 await old.store.close()
@@ -141,6 +152,8 @@ class Gateway:
         await asyncio.gather(*self._retiring, return_exceptions=True)
         for proxy in self._active.proxies:
             await proxy.close()
+        for breaker in self._active.breakers.values():
+            await breaker.close()
         await self._active.routes.close()
         await self._active.store.close()
 

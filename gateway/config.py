@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
+from edgeway.middleware.breaker_config import BreakerSettings
 from edgeway.middleware.cache_settings import CacheSettings
 from edgeway.middleware.ratelimit import Limit
 from edgeway.middleware.session_settings import SessionSettings
@@ -113,14 +114,6 @@ class UpstreamTimeout(Model):
                          "upstream_overloaded (fails fast instead of queueing behind a stalled upstream).")
 
 
-class BreakerConfig(Model):
-    failures: int = Field(5, ge=1, description="Consecutive failures that open the breaker.")
-    open_for: Duration = Field(30.0, description="How long it stays open before a trial request.")
-    on: tuple[int | Literal["timeout", "connect"], ...] = Field(
-        (502, 503, 504, "timeout", "connect"), description="What counts as a failure."
-    )
-
-
 class Upstream(Model):
     url: str = Field(description="Base URL: http(s)://host[:port][/base-path]")
     timeout: UpstreamTimeout = UpstreamTimeout()
@@ -128,7 +121,7 @@ class Upstream(Model):
     max_pending: int = Field(
         1024, ge=0, description="Requests that may wait for a connection when all max_connections are busy "
                                 "(Envoy's max_pending_requests default); past it 503 upstream_overloaded at once.")
-    breaker: BreakerConfig | None = None
+    breaker: BreakerSettings | None = Field(None, description="A circuit breaker shared by every instance.")
 
     @field_validator("url")
     @classmethod

@@ -45,6 +45,25 @@ DROPPED_HEADERS = Counter(
     ["reason"],  # underscore: a name with '_' (headers_with_underscores: drop)
 )
 
+# -- circuit breaker --------------------------------------------------------------------------------
+
+BREAKER_STATE = Gauge(
+    "edgeway_breaker_state",
+    "Breaker state per upstream as this instance last saw it: 0 closed, 1 open, 2 half-open.",
+    ["upstream"],
+    multiprocess_mode="livemostrecent",  # shared through the store: the latest observation wins
+)
+BREAKER_TRANSITIONS = Counter(
+    "edgeway_breaker_transitions_total",
+    "Breaker state changes made by this gateway, by upstream and new state.",
+    ["upstream", "to"],  # closed | open | half_open
+)
+BREAKER_SHORT_CIRCUITED = Counter(
+    "edgeway_breaker_short_circuited_total",
+    "Requests answered without calling the upstream because its breaker was open (or past max_in_flight).",
+    ["upstream"],
+)
+
 # -- session cache (names as issue 13 defines them) -----------------------------------------------
 
 _SLOW = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)

@@ -10,6 +10,10 @@ from collections.abc import Sequence
 from .base import (
     CACHE_COMMANDS,
     Algorithm,
+    BreakerEvent,
+    BreakerResult,
+    BreakerRule,
+    BreakerUpdate,
     Clock,
     Command,
     CommandError,
@@ -38,6 +42,10 @@ from .base import (
 __all__ = [
     "CACHE_COMMANDS",
     "Algorithm",
+    "BreakerEvent",
+    "BreakerResult",
+    "BreakerRule",
+    "BreakerUpdate",
     "Clock",
     "Command",
     "CommandError",

@@ -45,6 +45,10 @@ from typing import NamedTuple
 
 __all__ = [
     "Algorithm",
+    "BreakerEvent",
+    "BreakerResult",
+    "BreakerRule",
+    "BreakerUpdate",
     "Command",
     "CommandError",
     "Delete",
@@ -299,7 +303,85 @@ class Heartbeat:
     ttl_ms: int
 
 
-Command = Get | Set | Delete | Incr | Publish | IndexAdd | IndexPurge | RateLimit | Heartbeat | Revoke | Revoked
+class BreakerRule(NamedTuple):
+    """How one circuit breaker trips and recovers; every time is in ms, every number an integer.
+
+    The same integers reach the Lua script, the SQL function and
+    :func:`edgeway.middleware.breaker_state.apply`, so every backend decides alike.
+    """
+
+    failures: int
+    """Consecutive failures that open it (0: only the failure rate does)."""
+    rate_bp: int
+    """Failure rate in basis points (5000 = 50%) over the window that opens it (0: off)."""
+    window_ms: int
+    min_requests: int
+    open_ms: int
+    max_open_ms: int
+    success_threshold: int
+    probe_ms: int
+    """How long the half-open probe token lasts before another instance may probe."""
+
+
+class BreakerEvent(NamedTuple):
+    """What one :class:`BreakerUpdate` reports and asks, applied in this order.
+
+    ``reset`` closes the breaker; ``seed_*`` is the caller's last view, adopted
+    only when the store holds no state for the breaker (it just failed over to a
+    fresh store, so an open breaker stays open); ``successes`` then ``failures``
+    are results (``probe``: they come from the half-open probe; a probe with
+    neither hands the token back); ``acquire``
+    asks for the probe token when the open time is over.
+    """
+
+    successes: int = 0
+    failures: int = 0
+    probe: bool = False
+    acquire: bool = False
+    reset: bool = False
+    seed_phase: int = 0
+    seed_remaining_ms: int = 0
+    seed_streak: int = 0
+    jitter: int = 0
+    """Per mille taken off the open time if this update opens the breaker (callers draw 0..100 at random,
+    so openings of different breakers and reopenings don't line up)."""
+
+
+class BreakerResult(NamedTuple):
+    """The breaker after a :class:`BreakerUpdate`."""
+
+    phase: int
+    """0 closed, 1 open, 2 half-open."""
+    remaining_ms: int
+    """Open: ms until a probe may go (0: now). Half-open: ms the probe token still runs."""
+    failures: int
+    """Consecutive failures while closed."""
+    granted: bool
+    """True when the caller may send the request (closed, or it got the probe token)."""
+    reason: int
+    """Why the phase changed with this update (see ``breaker_state.Reason``), 0 when it did not."""
+    streak: int
+    """Openings in a row (the open time grows with it)."""
+
+
+_NOTHING = BreakerEvent()  # a plain read
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerUpdate:
+    """Read and change one breaker's shared state atomically; the result is a :class:`BreakerResult`.
+
+    A key holding anything but breaker state gets a :class:`CommandError` result
+    (the breaker then decides on its instance's own copy).
+    """
+
+    key: str
+    rule: BreakerRule
+    event: BreakerEvent = _NOTHING
+
+
+Command = (Get | Set | Delete | Incr | Publish | IndexAdd | IndexPurge | RateLimit | Heartbeat | BreakerUpdate | Revoke
+           | Revoked)
 """Every operation a policy may put in a request's batch."""
 
 Clock = Callable[[], float]

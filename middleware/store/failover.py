@@ -2,8 +2,8 @@
 
 Commands come in two kinds, which fall back differently:
 
-- shared state that must hold across instances (``RateLimit``, ``Heartbeat``;
-  breaker state later) goes to the first healthy store of the chain: the
+- shared state that must hold across instances (``RateLimit``, ``Heartbeat``,
+  ``BreakerUpdate``) goes to the first healthy store of the chain: the
   primary (Redis), then each fallback in order (Supabase/Postgres, then memory);
 - per-instance caches (``Get``/``Set``/``Delete``/``Incr``/``IndexAdd``/``IndexPurge``, locks included:
   response and session cache) go to the primary while it is healthy, else to

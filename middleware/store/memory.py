@@ -22,8 +22,11 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from ..breaker_state import State, apply, ttl_ms
 from .base import (
     Algorithm,
+    BreakerResult,
+    BreakerUpdate,
     Clock,
     Command,
     CommandError,
@@ -135,7 +138,17 @@ class MemoryStore(Store):
         if isinstance(command, Revoke):
             self._put(command.key, str(command.at_ms), now + max(1, command.ttl_ms))
             return None
+        if isinstance(command, BreakerUpdate):
+            return self._breaker(command, int(now))
         raise TypeError(f"unknown store command {command!r}")
+
+    def _breaker(self, command: BreakerUpdate, now: int) -> BreakerResult | CommandError:
+        current = self._get(command.key, now)
+        if current is not None and not isinstance(current, State):
+            return CommandError(f"WRONGTYPE: {command.key} holds no breaker state")
+        state, result = apply(current, command.rule, command.event, now)
+        self._put(command.key, state, now + ttl_ms(command.rule))
+        return result
 
     def _delete(self, command: Delete, now: float) -> int:
         if command.if_value is not None:

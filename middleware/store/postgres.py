@@ -52,6 +52,8 @@ from urllib.parse import urlsplit
 import httpx
 
 from .base import (
+    BreakerResult,
+    BreakerUpdate,
     Clock,
     Command,
     CommandError,
@@ -143,6 +145,12 @@ def encode_commands(commands: Sequence[Command]) -> list[dict[str, object]]:
         elif isinstance(command, Heartbeat):
             encoded.append({"op": "heartbeat", "key": command.key, "instance": command.instance,
                             "ttl_ms": command.ttl_ms})
+        elif isinstance(command, BreakerUpdate):
+            event = command.event
+            encoded.append({"op": "breaker", "key": command.key, "rule": list(command.rule),
+                            "event": [event.successes, event.failures, int(event.probe), int(event.acquire),
+                                      int(event.reset), event.seed_phase, event.seed_remaining_ms,
+                                      event.seed_streak, event.jitter]})
         else:
             raise TypeError(f"unknown store command {command!r}")
     return encoded
@@ -182,6 +190,9 @@ def _decode(command: Command, result: object) -> object:
     elif isinstance(command, Revoked):
         if type(result) is bool:
             return result
+    elif isinstance(command, BreakerUpdate):
+        if isinstance(result, list) and len(result) == 6 and all(type(v) is int for v in result):
+            return BreakerResult(result[0], result[1], result[2], result[3] == 1, result[4], result[5])
     elif isinstance(command, RateLimit):
         if command.guard is not None and result == [2]:
             return RateLimitResult(False, (), revoked=True)

@@ -27,6 +27,8 @@ from collections.abc import Sequence
 from importlib import resources
 
 from .base import (
+    BreakerResult,
+    BreakerUpdate,
     Clock,
     Command,
     CommandError,
@@ -88,8 +90,9 @@ CAD_SCRIPT = Script("cad.lua")
 SETBIN_SCRIPT = Script("setbin.lua")
 INDEX_ADD_SCRIPT = Script("index_add.lua")
 INDEX_PURGE_SCRIPT = Script("index_purge.lua")
+BREAKER_SCRIPT = Script("breaker.lua")
 SCRIPTS = (RATE_LIMIT_SCRIPT, HEARTBEAT_SCRIPT, INCR_SCRIPT, CAD_SCRIPT, SETBIN_SCRIPT, INDEX_ADD_SCRIPT,
-           INDEX_PURGE_SCRIPT)
+           INDEX_PURGE_SCRIPT, BREAKER_SCRIPT)
 """Loaded by each new connection (TCP) or the first pipeline (REST) ahead of any command."""
 _SOURCES = {script.sha: script.source for script in SCRIPTS}
 
@@ -263,6 +266,12 @@ class RedisProtocolStore(Store):
         if isinstance(command, Heartbeat):
             now: RedisArg = "" if self._clock is None else math.floor(self._clock() * 1000)
             return ("EVALSHA", HEARTBEAT_SCRIPT.sha, 1, command.key, command.instance, command.ttl_ms, now)
+        if isinstance(command, BreakerUpdate):
+            at: RedisArg = "" if self._clock is None else math.floor(self._clock() * 1000)
+            event = command.event
+            return ("EVALSHA", BREAKER_SCRIPT.sha, 1, command.key, at, *command.rule, event.successes,
+                    event.failures, int(event.probe), int(event.acquire), int(event.reset), event.seed_phase,
+                    event.seed_remaining_ms, event.seed_streak, event.jitter)
         raise TypeError(f"unknown store command {command!r}")
 
     @staticmethod
@@ -299,11 +308,24 @@ def _decode(command: Command, reply: object) -> object:
         raise StoreError(f"unexpected MGET reply {reply!r}")
     if isinstance(command, Heartbeat):
         return int(reply)  # type: ignore[call-overload]
+    if isinstance(command, BreakerUpdate):
+        return decode_breaker(reply)
     raise TypeError(f"unknown store command {command!r}")
 
 
 def _revoked_after(value: bytes, issued_at_ms: int) -> bool:
     return value.lstrip(b"-").isdigit() and int(value) > issued_at_ms
+
+
+def decode_breaker(reply: object) -> BreakerResult:
+    """A breaker update's six integers; StoreError when the reply is anything else."""
+    if not isinstance(reply, list) or len(reply) != 6:
+        raise StoreError(f"unexpected breaker reply {reply!r}")
+    try:
+        phase, remaining, failures, granted, reason, streak = (int(value) for value in reply)
+    except (TypeError, ValueError):
+        raise StoreError(f"unexpected breaker reply {reply!r}") from None
+    return BreakerResult(phase, remaining, failures, granted == 1, reason, streak)
 
 
 def _decode_rate_limit(reply: object, count: int) -> RateLimitResult:

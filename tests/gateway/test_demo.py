@@ -1,23 +1,39 @@
-"""`edgeway demo` runs with nothing but the package and shows every policy at work."""
+"""`edgeway demo` runs end to end and reports what each policy did."""
 
 from __future__ import annotations
 
 import io
 import logging
+from collections.abc import Iterator
+
+import pytest
 
 from edgeway.gateway.demo import run_demo
 
 
-def test_demo_shows_limits_and_a_protected_route() -> None:
+@pytest.fixture
+def quiet_loggers_restored() -> Iterator[None]:
+    """run_demo quiets these loggers for its own output; later tests must see them as they were."""
     loggers = [logging.getLogger(name) for name in ("edgeway", "httpx", "uvicorn")]
     levels = [logger.level for logger in loggers]
+    yield
+    for logger, level in zip(loggers, levels, strict=True):
+        logger.setLevel(level)
+
+
+@pytest.mark.usefixtures("quiet_loggers_restored")
+def test_demo_shows_the_breaker_opening_short_circuiting_probing_and_closing() -> None:
     out = io.StringIO()
-    try:
-        assert run_demo(requests=16, out=out) == 0
-    finally:  # the demo quiets these loggers for its output; later tests need them as they were
-        for logger, level in zip(loggers, levels, strict=True):
-            logger.setLevel(level)
+    assert run_demo(requests=8, out=out) == 0
     text = out.getvalue()
-    assert "rate limited (429)" in text
+    assert "3 reached the upstream (503), then the breaker opened: 3 answered by Edgeway without calling it" in text
+    assert "one probe went through (200) and closed the breaker: the next 3 requests got 200, 200, 200" in text
+
+
+@pytest.mark.usefixtures("quiet_loggers_restored")
+def test_demo_shows_a_protected_route() -> None:
+    out = io.StringIO()
+    assert run_demo(requests=16, out=out) == 0
+    text = out.getvalue()
     assert "without a token: 401 unauthorized" in text
     assert "with a token: 4 allowed of 4; the auth provider was called 1 time(s)" in text

@@ -25,8 +25,14 @@ from dataclasses import dataclass, field
 import pytest
 import redis.asyncio as aioredis
 
+from edgeway.middleware.breaker_state import State as BreakerState
+from edgeway.middleware.breaker_state import apply as breaker_apply
 from edgeway.middleware.store import (
     Algorithm,
+    BreakerEvent,
+    BreakerResult,
+    BreakerRule,
+    BreakerUpdate,
     CommandError,
     Delete,
     Get,
@@ -761,6 +767,100 @@ async def test_killed_server_fails_fast_then_recovers(own_redis: RedisServer, ke
         await store.close()
 
 
+# -- circuit breakers: the same state machine on every backend ---------------------
+
+RULE = BreakerRule(failures=3, rate_bp=0, window_ms=10_000, min_requests=20, open_ms=60_000, max_open_ms=150_000,
+                   success_threshold=2, probe_ms=5_000)
+RATE_RULE = RULE._replace(failures=0, rate_bp=5_000, min_requests=4)
+FAIL, OK = BreakerEvent(failures=1), BreakerEvent(successes=1)
+ACQUIRE = BreakerEvent(acquire=True)
+PROBE_OK, PROBE_FAIL = BreakerEvent(successes=1, probe=True), BreakerEvent(failures=1, probe=True)
+BreakerStep = tuple[int, BreakerEvent, tuple[int, int, int, bool, int, int]]
+"""(advance ms, event, expected (phase, remaining_ms, failures, granted, reason, streak))."""
+
+BREAKER_SCENARIOS: dict[str, tuple[BreakerRule, list[BreakerStep]]] = {
+    "a success between failures resets the count": (RULE, [
+        (0, FAIL, (0, 0, 1, True, 0, 0)), (0, FAIL, (0, 0, 2, True, 0, 0)), (0, OK, (0, 0, 0, True, 0, 0)),
+        (0, FAIL, (0, 0, 1, True, 0, 0)), (0, FAIL, (0, 0, 2, True, 0, 0)),
+        (0, FAIL, (1, 60_000, 0, False, 1, 1)),
+    ]),
+    "open, one probe, failed probe reopens longer (jitter off the top)": (RULE, [
+        (0, BreakerEvent(failures=3), (1, 60_000, 0, False, 1, 1)),
+        (1_000, ACQUIRE, (1, 59_000, 0, False, 0, 1)),
+        (59_000, ACQUIRE, (2, 5_000, 0, True, 6, 1)),
+        (10, ACQUIRE, (2, 4_990, 0, False, 0, 1)),
+        (0, FAIL, (2, 4_990, 0, False, 0, 1)),  # not the probe: ignored
+        (0, BreakerEvent(failures=1, probe=True, jitter=100), (1, 108_000, 0, False, 3, 2)),
+        (108_000, ACQUIRE, (2, 5_000, 0, True, 6, 2)),
+        (0, PROBE_FAIL, (1, 150_000, 0, False, 3, 3)),  # capped at max_open_ms
+    ]),
+    "success threshold: probes one at a time until it closes": (RULE, [
+        (0, BreakerEvent(failures=3), (1, 60_000, 0, False, 1, 1)),
+        (60_000, ACQUIRE, (2, 5_000, 0, True, 6, 1)),
+        (100, PROBE_OK, (2, 0, 0, False, 0, 1)),
+        (0, ACQUIRE, (2, 5_000, 0, True, 0, 1)),
+        (0, PROBE_OK, (0, 0, 0, True, 4, 0)),
+    ]),
+    "a lost probe token expires; a probe that says nothing hands it back": (RULE, [
+        (0, BreakerEvent(failures=3), (1, 60_000, 0, False, 1, 1)),
+        (60_000, ACQUIRE, (2, 5_000, 0, True, 6, 1)),
+        (5_000, ACQUIRE, (2, 5_000, 0, True, 0, 1)),
+        (1_000, BreakerEvent(probe=True), (2, 0, 0, False, 0, 1)),
+        (0, ACQUIRE, (2, 5_000, 0, True, 0, 1)),
+    ]),
+    "reset closes; a seed only fills an empty key": (RULE, [
+        (0, BreakerEvent(seed_phase=1, seed_remaining_ms=7_000, seed_streak=2), (1, 7_000, 0, False, 0, 2)),
+        (0, BreakerEvent(seed_phase=0), (1, 7_000, 0, False, 0, 2)),
+        (0, BreakerEvent(reset=True), (0, 0, 0, True, 5, 0)),
+        (0, BreakerEvent(seed_phase=1, seed_remaining_ms=9_000, seed_streak=1), (0, 0, 0, True, 0, 0)),
+    ]),
+    "failure rate trips only past min_requests, over the sliding window": (RATE_RULE, [
+        (0, FAIL, (0, 0, 1, True, 0, 0)), (0, FAIL, (0, 0, 2, True, 0, 0)), (0, FAIL, (0, 0, 3, True, 0, 0)),
+        (10_000, BreakerEvent(successes=3), (0, 0, 0, True, 0, 0)),
+        # previous window 3/3 weighted 1/2 + this one 1/4: 2.5 of 5.5 requests failed, under 50%
+        (5_000, FAIL, (0, 0, 1, True, 0, 0)),
+        (0, FAIL, (1, 60_000, 0, False, 2, 1)),  # 3.5 of 6.5: over
+    ]),
+}
+
+
+@pytest.mark.parametrize("scenario", list(BREAKER_SCENARIOS))
+async def test_breaker_scenarios_match_the_reference(store: Store, clock: FakeClock, key: str,
+                                                     scenario: str) -> None:
+    rule, steps = BREAKER_SCENARIOS[scenario]
+    reference: BreakerState | None = None
+    for number, (advance, event, expected) in enumerate(steps):
+        clock.advance(advance)
+        (result,) = await store.execute([BreakerUpdate(key + "br", rule, event)])
+        reference, want = breaker_apply(reference, rule, event, clock.ms)
+        assert result == BreakerResult(*expected), f"step {number}"
+        assert result == want, f"step {number}: the reference disagrees"
+
+
+# PostgreSQL keeps breakers in a table of their own: no key there can hold another type
+@pytest.mark.parametrize("backend", ["memory", *REMOTE], indirect=True)
+async def test_breaker_key_of_another_type_is_that_commands_error(backend: Backend, store: Store, key: str) -> None:
+    if backend.url is not None:
+        client = aioredis.from_url(backend.url)
+        await client.rpush(key + "br", "x")
+        await client.aclose()
+    else:
+        await store.execute([Set(key + "br", "not a breaker", 60_000)])
+    (result,) = await store.execute([BreakerUpdate(key + "br", RULE, FAIL)])
+    assert isinstance(result, CommandError)
+
+
+@pytest.mark.parametrize("backend", SHARED, indirect=True)
+async def test_exactly_one_probe_among_concurrent_callers(backend: Backend, key: str) -> None:
+    stores = [backend.make() for _ in range(5)]
+    await stores[0].execute([BreakerUpdate(key + "br", RULE._replace(open_ms=1, max_open_ms=1),
+                                           BreakerEvent(failures=3))])
+    await asyncio.sleep(0.01)
+    results = await asyncio.gather(*(
+        s.execute([BreakerUpdate(key + "br", RULE, ACQUIRE)]) for s in stores for _ in range(10)
+    ))
+    granted = [r for (r,) in results if isinstance(r, BreakerResult) and r.granted]
+    assert len(granted) == 1
 # -- regressions of issue 8 (over-admission) ---------------------------------------------
 
 
