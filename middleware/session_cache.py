@@ -27,8 +27,10 @@ import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from .breaker import CircuitBreaker
+from .breaker_config import BreakerSettings
 from .metrics import SESSION_CACHE
-from .session_provider import AuthProvider, JwksCache, ProviderAnswer, ProviderGuard, _Session
+from .session_provider import AuthProvider, JwksCache, ProviderAnswer, _Session
 from .session_settings import SessionSettings, SessionUser
 from .store import CommandError, Delete, Get, Set, Store, StoreError
 from .tokens import (
@@ -49,6 +51,9 @@ from .tokens import (
 logger = logging.getLogger("edgeway.session")
 
 CACHE_SIZE = 100_000
+PROVIDER_BREAKER = "session-provider"
+PROVIDER_BREAKER_SETTINGS = BreakerSettings(failures=3, open_for=10.0, max_open_for=60.0)
+"""The auth provider's breaker: 3 failures in a row open it for 10 s (doubling on each reopening, up to 60 s)."""
 POLL_FIRST, POLL_MAX = 0.01, 0.1  # waiting for another instance's provider answer in the store
 
 _HIT = SESSION_CACHE.labels("hit")
@@ -124,8 +129,10 @@ class SessionService:
         self.jwks = JwksCache(jwks, self._http, clock=clock) if jwks and settings.verify != "remote" else None
         self._secret: tuple[VerificationKey, ...] = (secret_key(settings.jwt_secret),) if settings.jwt_secret else ()
         anon_key = settings.anon_key if settings.anon_key is not None else os.environ.get("SUPABASE_ANON_KEY")
-        self.provider = AuthProvider(f"{settings.base_url}/auth/v1/user", anon_key, self._http, ProviderGuard()
-                                     ) if settings.remote else None
+        self.breaker = CircuitBreaker(PROVIDER_BREAKER, PROVIDER_BREAKER_SETTINGS, store=store, key_prefix=key_prefix,
+                                      clock=clock) if settings.remote else None
+        self.provider = AuthProvider(f"{settings.base_url}/auth/v1/user", anon_key, self._http, self.breaker
+                                     ) if self.breaker is not None else None
         self.cookie = settings.cookie or (supabase_cookie_name(settings.base_url) if settings.provider == "supabase"
                                           else None)
         self.audience = settings.effective_audience
@@ -136,6 +143,8 @@ class SessionService:
     async def close(self) -> None:
         for task in list(self._background):
             task.cancel()
+        if self.breaker is not None:
+            await self.breaker.close()
         await self._http.close()
 
     # -- the per-instance cache -----------------------------------------------------------------

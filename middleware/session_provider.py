@@ -7,10 +7,10 @@
 - :class:`AuthProvider` asks ``GET {url}/auth/v1/user`` (headers ``apikey`` and
   the bearer token) over one pooled aiohttp session with a timeout, no cookie
   jar and no redirects, and sorts the answer into valid / invalid / failed.
-- :class:`ProviderGuard` keeps a dead provider from being hammered: after
-  ``failures`` consecutive failures calls fail at once for ``open_for``
-  seconds, then one call probes. It has the shape of the gateway's circuit
-  breaker (``async with``, ``fail()``), which can take its place.
+- Every ``/user`` call goes through a :class:`~edgeway.middleware.breaker.CircuitBreaker`
+  (shared by the instances through the store), so a dead provider is not
+  hammered: once it opens, unknown tokens are answered at once (503) until a
+  probe finds the provider back.
 
 Tokens are never logged: log lines name a token by its digest.
 """
@@ -18,17 +18,16 @@ Tokens are never logged: log lines name a token by its digest.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import json
 import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any
 
 import aiohttp
 
+from .breaker import CircuitBreaker, CircuitOpen
 from .metrics import SESSION_PROVIDER_CALLS, SESSION_PROVIDER_SECONDS
 from .tokens import VerificationKey, key_from_jwk
 
@@ -42,51 +41,6 @@ _VALID = SESSION_PROVIDER_CALLS.labels("valid")
 _INVALID = SESSION_PROVIDER_CALLS.labels("invalid")
 _ERROR = SESSION_PROVIDER_CALLS.labels("error")
 _TIMEOUT = SESSION_PROVIDER_CALLS.labels("timeout")
-
-
-class GuardOpen(Exception):
-    """The provider guard is open: calls are paused after repeated failures."""
-
-
-class ProviderGuard:
-    """Fail fast while the provider is down; see the module docstring.
-
-    Used like the gateway's circuit breaker (``async with guard:`` raising while
-    open, ``guard.fail()`` for a failure that raised nothing, an exception in the
-    block counting as one), so either can guard the provider.
-    """
-
-    def __init__(self, *, failures: int = 3, open_for: float = 10.0, clock: Callable[[], float] = time.monotonic):
-        self._failures = failures
-        self._open_for = open_for
-        self._clock = clock
-        self._count = 0
-        self._open_until = 0.0
-        self._probing = False
-        self._failed: contextvars.ContextVar[list[bool]] = contextvars.ContextVar("provider_call_failed")
-
-    async def __aenter__(self) -> ProviderGuard:
-        if self._count >= self._failures:
-            if self._clock() < self._open_until or self._probing:
-                raise GuardOpen("the auth provider is failing; calls are paused")
-            self._probing = True  # open_for has passed: this call probes
-        self._failed.set([False])
-        return self
-
-    async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None,
-                        traceback: TracebackType | None) -> None:
-        failed = kind is not None or self._failed.get([False])[0]
-        self._probing = False
-        if not failed:
-            self._count = 0
-            return
-        self._count += 1
-        if self._count >= self._failures:
-            self._open_until = self._clock() + self._open_for
-
-    def fail(self) -> None:
-        """Count the call in progress as failed (it raised nothing, but its answer was bad)."""
-        self._failed.get([False])[0] = True
 
 
 class _Session:
@@ -190,24 +144,24 @@ class ProviderAnswer:
 class AuthProvider:
     """``GET {base}/auth/v1/user`` with ``apikey`` and the bearer token; see the module docstring."""
 
-    def __init__(self, user_url: str, anon_key: str | None, session: _Session, guard: ProviderGuard) -> None:
+    def __init__(self, user_url: str, anon_key: str | None, session: _Session, breaker: CircuitBreaker) -> None:
         self.user_url = user_url
         self._anon_key = anon_key
         self._session = session
-        self.guard = guard
+        self.breaker = breaker
         self.calls = 0
 
     async def get_user(self, token: str) -> ProviderAnswer:
         """Ask the provider about ``token``; never raises (failures are answers without user nor invalid)."""
         try:
-            async with self.guard:
+            async with self.breaker:
                 answer = await self._call(token)
                 if answer.user is None and not answer.invalid:
-                    self.guard.fail()
+                    self.breaker.fail()
                 return answer
-        except GuardOpen as error:
+        except CircuitOpen as refused:
             _ERROR.inc()
-            return ProviderAnswer(detail=str(error))
+            return ProviderAnswer(detail=f"the auth provider is failing; calls are paused ({refused})")
 
     async def _call(self, token: str) -> ProviderAnswer:
         self.calls += 1

@@ -34,7 +34,6 @@ from edgeway.middleware.session import (
     optional_user,
     revoke,
 )
-from edgeway.middleware.session_provider import GuardOpen, ProviderGuard
 from edgeway.middleware.store import Store
 from edgeway.middleware.store.failover import FailoverStore
 from edgeway.middleware.store.memory import MemoryStore
@@ -418,26 +417,3 @@ async def test_the_shared_copy_of_a_remote_result_slides_too(make: Any, auth: Au
     other = make(store=store, clock=clock, ttl=100)
     assert (await other.get(token)).status_code == 200 and auth.calls[USER_PATH] == 1
 
-
-async def test_provider_guard_opens_then_probes_once_open_for_has_passed() -> None:
-    now = [0.0]
-    guard = ProviderGuard(failures=2, open_for=10, clock=lambda: now[0])
-
-    async def call(fails: bool) -> None:
-        async with guard:
-            if fails:
-                guard.fail()
-
-    await call(True)
-    await call(False)  # a success resets the count
-    await call(True)
-    await call(True)
-    with pytest.raises(GuardOpen):
-        await call(False)
-    now[0] = 11
-    await call(True)  # the probe fails: open again for open_for
-    with pytest.raises(GuardOpen):
-        await call(False)
-    now[0] = 22
-    await call(False)  # the probe succeeds: closed
-    await call(False)
