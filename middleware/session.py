@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
 from typing import Any, Literal
 
 from starlette.requests import Request
@@ -35,7 +35,7 @@ from .context import RequestContext
 from .metrics import SESSION_REVOCATIONS_UNCHECKED
 from .pipeline import ASGIApp, PolicyPipeline, Throttled
 from .policy import BasePolicy, Pending, Prepared
-from .responses import ErrorResponse
+from .responses import ErrorResponse, Receive, Send
 from .session_cache import Known, NeedKeys, NeedRemote, ProviderFailure, SessionService
 from .session_settings import SessionSettings, SessionUser
 from .store import CommandError, Revoke, Revoked, Store, StoreError
@@ -273,6 +273,19 @@ class SessionMiddleware(PolicyPipeline):
         self.service = SessionService(settings, store, key_prefix=key_prefix, clock=clock)
         policy = SessionPolicy(self.service, mode=mode, privileged=privileged, route=route)
         super().__init__(app, policies=[policy], store=store, trusted_proxies=trusted_proxies, route=route)
+
+    async def __call__(self, scope: MutableMapping[str, Any], receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await super().__call__(scope, receive, send)
+            return
+        service = self.service
+
+        async def send_closing(message: MutableMapping[str, Any]) -> None:
+            if message["type"] == "lifespan.shutdown.complete":  # the provider's connections go with the app
+                await service.close()
+            await send(message)
+
+        await self.app(scope, receive, send_closing)
 
 
 def _state(request: Request) -> Mapping[str, Any]:

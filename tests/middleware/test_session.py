@@ -417,3 +417,52 @@ async def test_the_shared_copy_of_a_remote_result_slides_too(make: Any, auth: Au
     other = make(store=store, clock=clock, ttl=100)
     assert (await other.get(token)).status_code == 200 and auth.calls[USER_PATH] == 1
 
+
+
+async def test_fastapi_depends_current_user(auth: AuthServer) -> None:
+    from fastapi import Depends, FastAPI
+
+    from edgeway.middleware.session import SessionUser
+
+    api = FastAPI()
+
+    @api.get("/me")
+    async def me(user: SessionUser = Depends(current_user)) -> dict[str, Any]:  # noqa: B008
+        return {"id": user.id, "email": user.claims.get("email")}
+
+    @api.get("/maybe")
+    async def maybe(user: SessionUser | None = Depends(optional_user)) -> dict[str, Any]:  # noqa: B008
+        return {"id": None if user is None else user.id}
+
+    api.add_middleware(SessionMiddleware, store=MemoryStore(), mode="optional", url=auth.url, anon_key=ANON_KEY,
+                       claims=["email"])
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=api), base_url="http://t") as http:
+        signed_in = await http.get("/me", headers={"authorization": f"Bearer {auth.issue('fast')}"})
+        anonymous = await http.get("/me")
+        maybe = await http.get("/maybe")
+    assert signed_in.status_code == 200 and signed_in.json() == {"id": "fast", "email": "fast@example.test"}
+    assert anonymous.status_code == 401 and anonymous.headers["www-authenticate"].startswith("Bearer")
+    assert maybe.json() == {"id": None}
+
+
+async def test_the_provider_connections_close_with_the_app(auth: AuthServer) -> None:
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        while (await receive())["type"] != "lifespan.shutdown":
+            await send({"type": "lifespan.startup.complete"})
+        await send({"type": "lifespan.shutdown.complete"})
+
+    middleware = SessionMiddleware(app, store=MemoryStore(), url=auth.url, anon_key=ANON_KEY)
+    assert (await middleware.service.provider.get_user(auth.issue("x", "HS256"))).user is not None  # type: ignore[union-attr]
+    session = middleware.service._http._session
+    assert session is not None and not session.closed
+    messages = iter([{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}])
+    sent: list[str] = []
+
+    async def receive() -> dict[str, Any]:
+        return next(messages)
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message["type"])
+
+    await middleware({"type": "lifespan"}, receive, send)
+    assert sent == ["lifespan.startup.complete", "lifespan.shutdown.complete"] and session.closed
