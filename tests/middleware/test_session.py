@@ -440,6 +440,7 @@ async def test_fastapi_depends_current_user(auth: AuthServer) -> None:
         signed_in = await http.get("/me", headers={"authorization": f"Bearer {auth.issue('fast')}"})
         anonymous = await http.get("/me")
         maybe = await http.get("/maybe")
+    await lifespan(api)  # its shutdown closes the middleware's provider connections
     assert signed_in.status_code == 200 and signed_in.json() == {"id": "fast", "email": "fast@example.test"}
     assert anonymous.status_code == 401 and anonymous.headers["www-authenticate"].startswith("Bearer")
     assert maybe.json() == {"id": None}
@@ -455,6 +456,12 @@ async def test_the_provider_connections_close_with_the_app(auth: AuthServer) -> 
     assert (await middleware.service.provider.get_user(auth.issue("x", "HS256"))).user is not None  # type: ignore[union-attr]
     session = middleware.service._http._session
     assert session is not None and not session.closed
+    assert await lifespan(middleware) == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+    assert session.closed
+
+
+async def lifespan(app: Any) -> list[str]:
+    """Run an app's startup and shutdown; the message types it sent back."""
     messages = iter([{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}])
     sent: list[str] = []
 
@@ -464,5 +471,5 @@ async def test_the_provider_connections_close_with_the_app(auth: AuthServer) -> 
     async def send(message: dict[str, Any]) -> None:
         sent.append(message["type"])
 
-    await middleware({"type": "lifespan"}, receive, send)
-    assert sent == ["lifespan.startup.complete", "lifespan.shutdown.complete"] and session.closed
+    await app({"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}, receive, send)
+    return sent
