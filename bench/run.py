@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from pg import STATS_FLUSH, PgSnapshot, PostgresCluster, postgres_bin, postgres_version
+from plain_app import JSON_BODY, JSON_PATH
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH, OUT, RESULTS = ROOT / "bench", ROOT / "bench" / "out", ROOT / "bench" / "RESULTS.md"
@@ -57,11 +58,37 @@ VENV_BIN = ROOT / ".venv" / "bin"
 if not (VENV_BIN / "python").exists():
     VENV_BIN = Path(sys.executable).parent
 PG_TARGET = "edgeway-2-limits-postgres-fallback"  # Redis unreachable: limits enforced through PostgreSQL
-TARGETS = ("upstream", "nginx-proxy", "raw-aiohttp", "baseline", "edgeway", "edgeway-2-limits",
-           "edgeway-2-limits-memory", PG_TARGET, "slowapi")
+CACHE_TARGET = "edgeway-cache-hit"  # the gateway answering a 1 KB JSON body from its cache (Redis)
+BREAKER_TARGET = "breaker-closed"  # edgeway-2-limits with a (never tripping) breaker on the upstream
+TARGETS = ("upstream", "nginx-proxy", "raw-aiohttp", "baseline", "edgeway", "edgeway-2-limits", BREAKER_TARGET,
+           "edgeway-2-limits-memory", PG_TARGET, "slowapi", CACHE_TARGET, "starlette-json",
+           "session-warm")
 ASGI_APPS = {"raw-aiohttp": "baseline_proxy:raw_app", "baseline": "baseline_proxy:starlette_app",
-             "slowapi": "slowapi_proxy:app"}  # served from bench/ with uvicorn
-REDIS_TARGETS = ("edgeway-2-limits", "slowapi")
+             "slowapi": "slowapi_proxy:app", "starlette-json": "plain_app:app"}  # served from bench/ with uvicorn
+JSON_TARGETS = (CACHE_TARGET, "starlette-json")  # GET JSON_PATH (1 KB JSON) instead of PATH
+REDIS_TARGETS = ("edgeway-2-limits", BREAKER_TARGET, "slowapi", CACHE_TARGET, "session-warm")
+# session-warm: edgeway-2-limits behind `session: required` with one token, verified locally (HS256 secret) and
+# then served from the instance's session cache: what sessions add on the warm path (revocation read included)
+SESSION_SECRET = "bench-session-secret-of-at-least-32-bytes"
+
+
+def _session_token() -> str:
+    import base64
+    import hashlib
+    import hmac
+
+    def part(value: dict[str, Any]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(value).encode()).rstrip(b"=").decode()
+
+    now = int(time.time())
+    head = part({"alg": "HS256", "typ": "JWT"})
+    body = part({"sub": "bench-user", "aud": "authenticated", "role": "authenticated", "iat": now,
+                 "exp": now + 86400, "session_id": "bench-session"})
+    mac = hmac.new(SESSION_SECRET.encode(), f"{head}.{body}".encode(), hashlib.sha256).digest()
+    return f"{head}.{body}.{base64.urlsafe_b64encode(mac).rstrip(b'=').decode()}"
+
+
+HEADERS = {"session-warm": {"Authorization": f"Bearer {_session_token()}"}}  # sent by wrk and the readiness check
 TWO_LIMITS = [{"rate": "1000000/minute", "key": "ip"}, {"rate": "100000000/day", "key": "ip"}]
 PATH, BODY = "/1k.txt", b"x" * 1023 + b"\n"
 WRK = ["wrk", "-t2", "-c32", "--latency"]
@@ -71,13 +98,18 @@ UVICORN = ["-m", "uvicorn", "--host", "127.0.0.1", "--workers", "1", "--loop", "
            "httptools", "--lifespan", "on", "--no-proxy-headers", "--no-access-log", "--no-server-header",
            "--no-date-header"]
 GOALS = (("edgeway", "raw-aiohttp", 0.85), ("edgeway", "baseline", 0.90), ("edgeway-2-limits", "baseline", 0.75),
-         ("edgeway-2-limits", "slowapi", 2.0))  # req/s ratios (of medians): target, reference, minimum
+         ("edgeway-2-limits", "slowapi", 2.0), (CACHE_TARGET, "edgeway", 2.0),
+         (CACHE_TARGET, "starlette-json", 1.0),
+         (BREAKER_TARGET, "edgeway-2-limits", 0.95),
+         ("session-warm", "edgeway-2-limits", 0.90))  # req/s ratios (of medians): target, reference, minimum
+CACHE_CACHE = {"ttl": "1h"}  # CACHE_TARGET's route: `cache:` with the default key (method, path, query)
 PG_REFERENCES = ("baseline", "edgeway-2-limits")  # PG_TARGET's ratio lines (recorded, no goal)
 PG_TIMEOUT, PG_MODE = "200ms", "postgres"  # its store timeout; the mode readyz must report
 # What PG_TARGET logs by design when it fails over (middleware/store/failover.py); anything else is flagged.
 EXPECTED_LOG = {PG_TARGET: re.compile(r"store mode redis -> postgres$|store redis://\S+ marked down after \d+ "
                                       r"failures \(cannot connect to Redis")}
 STORE_GOAL_TARGET = "edgeway-2-limits"  # goals: <= 1 Redis round trip and exactly 1 script call per request
+STORE_GOAL_TARGETS = (STORE_GOAL_TARGET, BREAKER_TARGET)  # a closed breaker adds no command per request
 MAX_ROUND_TRIPS, SCRIPT_CALLS, SCRIPT_CALLS_TOLERANCE = 1.0, 1.0, 0.01
 OWN_COMMANDS = ("info", "config", "ping", "client", "hello", "command")  # the harness', not the store's
 SCRIPT_COMMANDS = ("evalsha", "eval", "evalsha_ro", "eval_ro", "fcall", "fcall_ro")
@@ -100,7 +132,9 @@ Starlette proxy on raw aiohttp with no policies"), a Starlette app with one catc
 endpoint returns a `StreamingResponse` over the aiohttp response. **edgeway**: `edgeway serve`, one
 route `/*`, no policies. **edgeway-2-limits**: the same with two limits (`1000000/minute`,
 `100000000/day`, key `ip`: never rejecting) on a private `redis-server`; **edgeway-2-limits-memory**:
-on `memory://`. **edgeway-2-limits-postgres-fallback**: fallback mode: Redis unreachable, limits
+on `memory://`. **breaker-closed**: edgeway-2-limits with a circuit breaker on the upstream
+(`failures: 5`), closed throughout (the upstream never fails).
+**edgeway-2-limits-postgres-fallback**: fallback mode: Redis unreachable, limits
 enforced through PostgreSQL. The same route and two limits; the store is `redis://` on a free port
 nothing listens on, `timeout: 200ms`, `fallback: [{postgres: {dsn: ...}}, memory]` on a private
 PostgreSQL cluster (initdb in a temp dir, free port, fsync off, `track_functions=all`, the edgeway
@@ -111,11 +145,17 @@ again. Recorded, with no goal: its ratios to baseline and edgeway-2-limits, and 
 per request (`edgeway.batch` calls and mean self time per call from `pg_stat_user_functions`,
 `xact_commit` from `pg_stat_database`). **slowapi**: the baseline's Starlette app and endpoint guarded
 by slowapi (`bench/slowapi_proxy.py`), the same two limits on its own private `redis-server` (same
-settings).
+settings). **edgeway-cache-hit**: `edgeway serve`, one route `/*` with `cache: {ttl: 1h}` on a private
+`redis-server`, GET of a 1 KB JSON file (`/1k.json`) the upstream served once (filled before measuring):
+every measured request is a cache hit. **starlette-json**: a plain Starlette app returning that same
+body itself (`bench/plain_app.py`), the reference for a hit.
 
 Goals from the issue: the gateway's proxy hot path (edgeway, no policies) >= 85% of raw-aiohttp
 req/s; the gateway with no policies >= 90% of baseline; with two limits >= 75% of baseline and >= 2x
-slowapi, with at most 1 Redis round trip and exactly 1 Redis command (one script call) per request.
+slowapi, with at most 1 Redis round trip and exactly 1 Redis command (one script call) per request;
+breaker-closed >= 95% of edgeway-2-limits with the same Redis work per request (a closed breaker re-reads
+its state at most once a second per instance: no command per request); the cache-hit path >= 2x
+edgeway (the proxied path) and >= 1.0x starlette-json, with at most 1 Redis round trip per hit.
 wrk shares the machine's 2 cores with the servers: compare ratios within one run, not absolute
 numbers across machines.
 """
@@ -286,16 +326,19 @@ def ensure_tools(need_redis: bool, need_postgres: bool) -> None:
 
 
 def wait_ready(procs: Processes, name: str, url: str, timeout: float = 30.0) -> None:
-    """Poll ``url`` until it answers 200 with the 1 KB body; fail early if the process died."""
+    """Poll ``url`` (with the target's HEADERS) until it answers 200 with the 1 KB body; fail early if the process
+    died."""
+    expected = JSON_BODY if url.endswith(JSON_PATH) else BODY
     deadline, last = time.monotonic() + timeout, "no answer"
     while time.monotonic() < deadline:
         proc = procs.running.get(name)
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"{name} exited with code {proc.returncode}:\n{log_tail(name)}")
         try:
-            with urllib.request.urlopen(url, timeout=5) as response:
+            request = urllib.request.Request(url, headers=HEADERS.get(name, {}))
+            with urllib.request.urlopen(request, timeout=5) as response:
                 status, body = response.status, response.read()
-            if status == 200 and body == BODY:
+            if status == 200 and body == expected:
                 return
             last = f"status {status}, {len(body)} bytes"
         except OSError as exc:
@@ -312,12 +355,14 @@ def start_nginx(procs: Processes, name: str, tmp: Path, port: int, upstream_port
     prefix = tmp / name
     (prefix / "www").mkdir(parents=True)
     (prefix / "www" / PATH.lstrip("/")).write_bytes(BODY)
-    for path in (tmp, prefix, prefix / "www", prefix / "www" / PATH.lstrip("/")):
+    (prefix / "www" / JSON_PATH.lstrip("/")).write_bytes(JSON_BODY)
+    files = [prefix / "www" / PATH.lstrip("/"), prefix / "www" / JSON_PATH.lstrip("/")]
+    for path in (tmp, prefix, prefix / "www", *files):
         path.chmod(0o755)  # readable by nginx's worker user when started as root
     temps = " ".join(f"{kind}_temp_path {prefix}/{kind};" for kind in ("client_body", "proxy", "fastcgi",
                                                                        "uwsgi", "scgi"))
     if upstream_port is None:
-        upstream, location = "", "root www; default_type text/plain;"
+        upstream, location = "", "root www; default_type text/plain; types { application/json json; }"
     else:
         upstream = f"upstream origin {{ server 127.0.0.1:{upstream_port}; keepalive 64; }}"
         location = ("location / { proxy_pass http://origin; proxy_http_version 1.1; "
@@ -348,13 +393,22 @@ def start_redis(procs: Processes, tmp: Path, target: str) -> int:
     raise RuntimeError(f"{name} did not start:\n{log_tail(name)}")
 
 
-def write_policy(tmp: Path, name: str, upstream_port: int, store: dict[str, Any], limits: bool) -> Path:
-    """An Edgeway policy: one route /* to the upstream, optionally with the two limits (JSON is YAML)."""
+def write_policy(tmp: Path, name: str, upstream_port: int, store: dict[str, Any], limits: bool,
+                 cache: dict[str, Any] | None = None, breaker: bool = False, session: bool = False) -> Path:
+    """An Edgeway policy: one route /* to the upstream, optionally with the two limits, a cache, a breaker or a
+    session (JSON is YAML)."""
     route: dict[str, Any] = {"match": {"path": "/*"}, "upstream": "origin"}
     if limits:
         route["limits"] = TWO_LIMITS
-    policy = {"version": 1, "store": store,
-              "upstreams": {"origin": {"url": f"http://127.0.0.1:{upstream_port}"}}, "routes": [route]}
+    if cache is not None:
+        route["cache"] = cache
+    origin: dict[str, Any] = {"url": f"http://127.0.0.1:{upstream_port}"}
+    if breaker:
+        origin["breaker"] = {"failures": 5, "open_for": "30s"}
+    policy: dict[str, Any] = {"version": 1, "store": store, "upstreams": {"origin": origin}, "routes": [route]}
+    if session:
+        route["session"] = "required"
+        policy["sessions"] = {"provider": "jwt", "jwt_secret": SESSION_SECRET, "audience": "authenticated"}
     path = tmp / f"{name}.yaml"
     path.write_text(json.dumps(policy, indent=2))
     return path
@@ -374,15 +428,17 @@ def start_target(procs: Processes, target: str, tmp: Path, upstream_port: int, r
         procs.start(target, [str(VENV_BIN / "python"), *UVICORN, "--port", str(port), "--app-dir", str(BENCH),
                              ASGI_APPS[target]], env)
     else:
-        store: dict[str, Any] = {"url": redis_url if target == "edgeway-2-limits" else "memory://"}
+        store: dict[str, Any] = {"url": redis_url if target in REDIS_TARGETS else "memory://"}
         if target == PG_TARGET:
             if pg_dsn is None:
                 raise RuntimeError("no PostgreSQL cluster for it")
             store = {"url": f"redis://127.0.0.1:{free_port()}", "timeout": PG_TIMEOUT,  # nothing listens there
                      "fallback": [{"postgres": {"dsn": pg_dsn}}, "memory"]}
-        policy = write_policy(tmp, target, upstream_port, store, limits=target != "edgeway")
+        policy = write_policy(tmp, target, upstream_port, store, limits=target not in ("edgeway", CACHE_TARGET),
+                              cache=CACHE_CACHE if target == CACHE_TARGET else None, breaker=target == BREAKER_TARGET,
+                              session=target == "session-warm")
         procs.start(target, [str(VENV_BIN / "edgeway"), "serve", "--policy", str(policy), "--port", str(port)])
-    return f"http://127.0.0.1:{port}{PATH}"
+    return f"http://127.0.0.1:{port}{JSON_PATH if target in JSON_TARGETS else PATH}"
 
 
 def start_postgres(outcome: Outcome) -> PostgresCluster | None:
@@ -471,8 +527,9 @@ def parse_wrk(text: str) -> WrkResult:
                      int(non2xx[1]) if non2xx else 0, sum(map(int, sockets.groups())) if sockets else 0)
 
 
-def run_wrk(url: str, seconds: int) -> str:
-    done = subprocess.run([*WRK, f"-d{seconds}s", url], capture_output=True, text=True,
+def run_wrk(url: str, seconds: int, headers: dict[str, str] | None = None) -> str:
+    extra = [arg for name, value in (headers or {}).items() for arg in ("-H", f"{name}: {value}")]
+    done = subprocess.run([*WRK, *extra, f"-d{seconds}s", url], capture_output=True, text=True,
                           timeout=seconds + 60)
     if done.returncode != 0:
         raise RuntimeError(f"wrk failed ({done.returncode}): {done.stderr or done.stdout}")
@@ -502,11 +559,11 @@ def measure(procs: Processes, outcome: Outcome, round_no: int, args: argparse.Na
         if cluster is not None:
             settle_pg(outcome, cluster)
         if round_no == 1 and args.warmup > 0:
-            run_wrk(outcome.url, args.warmup)
+            run_wrk(outcome.url, args.warmup, HEADERS.get(target))
             time.sleep(STATS_FLUSH if cluster is not None else SETTLE)
         before = redis_snapshot(client) if client else None
         pg_before = cluster.snapshot() if cluster is not None else None
-        text = run_wrk(outcome.url, args.duration)
+        text = run_wrk(outcome.url, args.duration, HEADERS.get(target))
         ended = time.monotonic()
         after = redis_snapshot(client) if client else None  # before the in-flight rest: wrk did not count it
         time.sleep(SETTLE)  # and neither the next target's run nor this target's next one sees it
@@ -604,14 +661,19 @@ def render(outcomes: list[Outcome], args: argparse.Namespace, command: str) -> s
         note = " (flagged: see Problems)" if {target, against} & flagged else ""
         lines.append(ratio_line(f"{target} / {against}", ratio, f">= {goal:g}", ratio is not None and ratio >= goal,
                                 note))
-    store = measured[STORE_GOAL_TARGET].store if STORE_GOAL_TARGET in measured else None
-    trips, scripts = (store.round_trips, store.script_calls) if store and store.requests else (None, None)
-    lines += [
-        ratio_line(f"{STORE_GOAL_TARGET} Redis round trips/request", trips, f"<= {MAX_ROUND_TRIPS:g}",
-                   trips is not None and trips <= MAX_ROUND_TRIPS),
-        ratio_line(f"{STORE_GOAL_TARGET} Redis commands (script calls)/request", scripts,
-                   f"= {SCRIPT_CALLS:g} +- {SCRIPT_CALLS_TOLERANCE:g}",
-                   scripts is not None and abs(scripts - SCRIPT_CALLS) <= SCRIPT_CALLS_TOLERANCE)]
+    for goal_target in STORE_GOAL_TARGETS:
+        store = measured[goal_target].store if goal_target in measured else None
+        trips, scripts = (store.round_trips, store.script_calls) if store and store.requests else (None, None)
+        lines += [
+            ratio_line(f"{goal_target} Redis round trips/request", trips, f"<= {MAX_ROUND_TRIPS:g}",
+                       trips is not None and trips <= MAX_ROUND_TRIPS),
+            ratio_line(f"{goal_target} Redis commands (script calls)/request", scripts,
+                       f"= {SCRIPT_CALLS:g} +- {SCRIPT_CALLS_TOLERANCE:g}",
+                       scripts is not None and abs(scripts - SCRIPT_CALLS) <= SCRIPT_CALLS_TOLERANCE)]
+    cache_store = measured[CACHE_TARGET].store if CACHE_TARGET in measured else None
+    cache_trips = cache_store.round_trips if cache_store and cache_store.requests else None
+    lines.append(ratio_line(f"{CACHE_TARGET} Redis round trips/hit", cache_trips, f"<= {MAX_ROUND_TRIPS:g}",
+                            cache_trips is not None and cache_trips <= MAX_ROUND_TRIPS))
     if PG_TARGET in args.targets:
         lines += ["", f"Fallback mode ({PG_TARGET}: Redis unreachable, limits enforced through PostgreSQL; "
                   "recorded, no goal):", ""]

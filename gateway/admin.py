@@ -19,9 +19,12 @@ from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from edgeway.middleware.breaker import reset_breaker
+from edgeway.middleware.cache_signals import purge
 from edgeway.middleware.context import Scope
 from edgeway.middleware.metrics import STORE_UP, scrape
 from edgeway.middleware.responses import ErrorResponse, Receive, Send
+from edgeway.middleware.session import revoke
 from edgeway.middleware.store import StoreError
 from edgeway.middleware.store.failover import FailoverStore
 
@@ -217,6 +220,7 @@ async def status(request: AdminRequest) -> tuple[int, JSON]:
         "store": store_info,
         "upstreams": upstreams,
         "routes": routes,
+        "breakers": {name: breaker.status() for name, breaker in gateway.breakers.items()},
         "instances": [gateway.cluster.here(), *await gateway.cluster.ask("roll-call")],
     }
 
@@ -241,4 +245,54 @@ async def reload(request: AdminRequest) -> tuple[int, JSON]:
     if everywhere:
         answer["broadcast"] = True
         answer["instances"] = [gateway.cluster.here(reloaded=True), *await gateway.cluster.ask("reload")]
+    return 200, answer
+
+
+def _refused(status: int, answer: JSON) -> AdminError:
+    return AdminError(status, str(answer.pop("error", "bad_request")), str(answer.pop("message", "")), extra=answer)
+
+
+@handler("POST", "cache/purge")
+async def cache_purge(request: AdminRequest) -> tuple[int, JSON]:
+    """The body names what (see :func:`edgeway.middleware.cache_signals.purge`); entries live in the shared
+    store, so a purge holds for every instance at once."""
+    body = request.body or {}
+    routes = request.gateway.routes
+    try:
+        if isinstance(body.get("route"), str):
+            policies = routes.cache_policies(pattern=body["route"])
+            if not policies:
+                raise ValueError(f"no route with a cache has match.path {body['route']!r}")
+        elif isinstance(body.get("url"), str):
+            method = body.get("method", "GET")
+            policies = routes.cache_policies(path=body["url"].partition("?")[0],
+                                             method=method.upper() if isinstance(method, str) else "GET")
+        else:
+            policies = routes.cache_policies()
+        answer: JSON = await purge(request.gateway.store, policies, body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise AdminError(400, "bad_request", str(exc)) from None
+    except StoreError as exc:
+        raise AdminError(503, "store_unavailable", f"the purge did not reach the store: {exc}") from None
+    return 200, answer
+
+
+@handler("POST", "sessions/revoke")
+async def revoke_session(request: AdminRequest) -> tuple[int, JSON]:
+    """See :func:`edgeway.middleware.session.revoke`."""
+    sessions = request.gateway.sessions
+    if sessions is None:
+        raise AdminError(404, "sessions_disabled", "no sessions: block in the policy")
+    status, answer = await revoke(sessions, request.body or {})
+    if status != 200:
+        raise _refused(status, answer)
+    return 200, answer
+
+
+@handler("POST", "breakers/{upstream}/reset")
+async def breaker_reset(request: AdminRequest) -> tuple[int, JSON]:
+    """Close an upstream's breaker for every instance sharing the store."""
+    status, answer = await reset_breaker(request.gateway.breakers, request.params["upstream"])
+    if status != 200:
+        raise _refused(status, answer)
     return 200, answer

@@ -24,10 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgeway.middleware import metrics
+from edgeway.middleware.breaker import CircuitBreaker
 from edgeway.middleware.clientip import TrustedProxies
 from edgeway.middleware.context import SCOPE_KEY, RequestContext, Scope
 from edgeway.middleware.pipeline import Throttled
 from edgeway.middleware.responses import ErrorResponse, Message, Receive, Send, bad_request
+from edgeway.middleware.session import SessionService
 from edgeway.middleware.store import Clock, Store, StoreError
 from edgeway.middleware.store.failover import FailoverStore
 
@@ -39,7 +41,7 @@ from .errors import PolicyError, Problem
 from .headers import request_problem
 from .loader import LoadedPolicy, load_policy
 from .proxy import UpstreamProxy
-from .routing import RouteMeter, RouteTable, needs_normalizing, normalize_path
+from .routing import RouteMeter, RouteTable, build_breakers, needs_normalizing, normalize_path
 from .stores import build_store
 
 logger = logging.getLogger("edgeway")
@@ -55,6 +57,7 @@ class _Active:
     loaded: LoadedPolicy
     routes: RouteTable
     proxies: tuple[UpstreamProxy, ...]
+    breakers: dict[str, CircuitBreaker]
     store: Store
     trusted: TrustedProxies
     admin_digest: bytes | None
@@ -91,12 +94,14 @@ class Gateway:
         policy = loaded.policy
         trusted = TrustedProxies(policy.trusted_proxies)
         store = store or build_store(policy.store, self._clock, key_prefix=policy.key_prefix)
-        proxies = {name: UpstreamProxy(name, upstream, trusted, policy.server)
+        breakers = build_breakers(policy, store, self._clock)
+        proxies = {name: UpstreamProxy(name, upstream, trusted, policy.server, breakers.get(name), self._clock)
                    for name, upstream in policy.upstreams.items()}
-        routes = RouteTable(policy, store, trusted, lambda route: proxies[_upstream_of(route, loaded)])
+        routes = RouteTable(policy, store, trusted, lambda route: proxies[_upstream_of(route, loaded)],
+                            breakers=breakers, clock=self._clock)
         token = policy.admin.token
-        return _Active(loaded, routes, tuple(proxies.values()), store, trusted, token_digest(token) if token else None,
-                       policy.server.headers_with_underscores == "reject")
+        return _Active(loaded, routes, tuple(proxies.values()), breakers, store, trusted,
+                       token_digest(token) if token else None, policy.server.headers_with_underscores == "reject")
 
     @property
     def loaded(self) -> LoadedPolicy:
@@ -121,6 +126,20 @@ class Gateway:
         """This process's id among the instances sharing the store (the heartbeat's, when there is one)."""
         store = self._active.store
         return store.instance_id if isinstance(store, FailoverStore) else self._instance_id
+
+    @property
+    def routes(self) -> RouteTable:
+        return self._active.routes
+
+    @property
+    def breakers(self) -> dict[str, CircuitBreaker]:
+        """The running policy's circuit breakers by upstream name."""
+        return self._active.breakers
+
+    @property
+    def sessions(self) -> SessionService | None:
+        """The running policy's session service (revocations go through it), or None without sessions:."""
+        return self._active.routes.sessions
 
     async def apply(self, loaded: LoadedPolicy) -> None:
         """Switch to a new valid policy at once; requests already running finish on the old one, whose
@@ -148,6 +167,9 @@ class Gateway:
         finally:  # also when cancelled by close(): the old sessions must not leak
             for proxy in old.proxies:
                 await proxy.close()
+            for breaker in old.breakers.values():
+                await breaker.close()
+            await old.routes.close()
             if close_store:
                 await old.store.close()
 
@@ -185,6 +207,9 @@ class Gateway:
         await asyncio.gather(*self._retiring, return_exceptions=True)
         for proxy in self._active.proxies:
             await proxy.close()
+        for breaker in self._active.breakers.values():
+            await breaker.close()
+        await self._active.routes.close()
         await self._active.store.close()
 
     # -- ASGI -----------------------------------------------------------------

@@ -22,7 +22,10 @@ from pydantic import (
     model_validator,
 )
 
+from edgeway.middleware.breaker_config import BreakerSettings
+from edgeway.middleware.cache_settings import CacheSettings
 from edgeway.middleware.ratelimit import Limit
+from edgeway.middleware.session_settings import SessionSettings
 from edgeway.middleware.store.failover import MIN_PROBE_INTERVAL
 from edgeway.middleware.units import Duration, Size
 
@@ -153,14 +156,6 @@ class UpstreamTimeout(Model):
                          "upstream_overloaded (fails fast instead of queueing behind a stalled upstream).")
 
 
-class BreakerConfig(Model):
-    failures: int = Field(5, ge=1, description="Consecutive failures that open the breaker.")
-    open_for: Duration = Field(30.0, description="How long it stays open before a trial request.")
-    on: tuple[int | Literal["timeout", "connect"], ...] = Field(
-        (502, 503, 504, "timeout", "connect"), description="What counts as a failure."
-    )
-
-
 class Upstream(Model):
     url: str = Field(description="Base URL: http(s)://host[:port][/base-path]")
     timeout: UpstreamTimeout = UpstreamTimeout()
@@ -168,7 +163,7 @@ class Upstream(Model):
     max_pending: int = Field(
         1024, ge=0, description="Requests that may wait for a connection when all max_connections are busy "
                                 "(Envoy's max_pending_requests default); past it 503 upstream_overloaded at once.")
-    breaker: BreakerConfig | None = None
+    breaker: BreakerSettings | None = Field(None, description="A circuit breaker shared by every instance.")
 
     @field_validator("url")
     @classmethod
@@ -213,12 +208,6 @@ class Match(Model):
         return value
 
 
-class CacheConfig(Model):
-    ttl: Duration = Field(300.0, description="How long a stored response stays fresh.")
-    key: tuple[Literal["method", "path", "query", "body", "user"], ...] = ("method", "path", "query")
-    max_body: Size = Field(2_000_000, description="Larger responses are passed through, not stored.")
-
-
 ROUTE_ID = r"^[A-Za-z0-9._\-/*@,+=]+$"
 
 
@@ -231,8 +220,11 @@ class Route(Model):
     )
     upstream: str | None = Field(None, description="The upstream to proxy to; in-app policies leave it out.")
     limits: tuple[Limit, ...] = ()
-    cache: CacheConfig | None = None
-    session: Literal["required", "optional", "off"] = "off"
+    cache: CacheSettings | None = None
+    session: Literal["required", "optional", "off"] = Field(
+        "off", description="required: 401 without a valid token; optional: anonymous allowed (see sessions:).")
+    privileged: bool = Field(
+        False, description="With a session: 503 rather than open when revocations cannot be read from any store.")
 
     @property
     def route_id(self) -> str:
@@ -243,10 +235,7 @@ class Route(Model):
         return f"{path}@{','.join(sorted(self.match.methods))}" if self.match.methods else path
 
 
-class Sessions(Model):
-    provider: Literal["supabase", "jwt"] = "supabase"
-    url: str | None = None
-    ttl: Duration = 86400.0
+Sessions = SessionSettings
 
 
 class ServerConfig(Model):

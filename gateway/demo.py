@@ -28,6 +28,9 @@ version: 1
 store: {{ url: "memory://" }}
 upstreams:
   sample: {{ url: "http://127.0.0.1:{upstream_port}", timeout: {{ connect: 1s, read: 5s }} }}
+  flaky:
+    url: "http://127.0.0.1:{flaky_port}"
+    breaker: {{ failures: 3, open_for: 1s }}
 routes:
   - match: {{ path: /api/ai/*, methods: [POST] }}     # expensive: 5 a minute per client, 20 a day
     upstream: sample
@@ -38,9 +41,23 @@ routes:
     upstream: sample
     limits:
       - {{ rate: 8/minute, key: header:X-Api-Key, on_missing: ip, algorithm: token-bucket }}
+  - match: {{ path: /api/me }}                       # signed-in users only (Supabase Auth session)
+    upstream: sample
+    session: required
+  - match: {{ path: /api/ask, methods: [POST] }}      # an AI answer: computed once, then served from the cache
+    upstream: sample
+    cache: {{ ttl: 1h, key: [method, path, body], body_exclude: [user] }}
+  - match: {{ path: /flaky/* }}                      # its upstream fails; the breaker steps in
+    upstream: flaky
   - match: {{ path: /* }}
     upstream: sample
+sessions:
+  url: "http://127.0.0.1:{upstream_port}"            # the sample also plays Supabase Auth (/auth/v1/user)
+  anon_key: demo-anon-key
 """
+
+UPSTREAM_CALLS: Counter[str] = Counter()
+"""Requests the sample upstream served, by path (the cache demo shows how few reached it)."""
 
 
 async def sample_upstream(scope: dict[str, Any], receive: Callable[[], Awaitable[Any]],
@@ -51,10 +68,56 @@ async def sample_upstream(scope: dict[str, Any], receive: Callable[[], Awaitable
             await send({"type": "lifespan.startup.complete"})
         await send({"type": "lifespan.shutdown.complete"})
         return
+    UPSTREAM_CALLS[scope["path"]] += 1
     body = b'{"answer": 42, "path": "' + scope["path"].encode() + b'"}'
     await send({"type": "http.response.start", "status": 200,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})
+
+
+class _SampleAuth:
+    """The sample's stand-in for Supabase Auth: ``/auth/v1/user`` knows one opaque session token."""
+
+    token = "demo-session-token"
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.user_calls = 0
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable[[], Awaitable[Any]],
+                       send: Callable[[Any], Awaitable[None]]) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/auth/v1/"):
+            if scope["type"] == "http" and scope["path"] == "/api/me":
+                user = dict(scope["headers"]).get(b"x-edgeway-user", b"")
+                body = b'{"you are": "' + user + b'"}'
+                await send({"type": "http.response.start", "status": 200,
+                            "headers": [(b"content-type", b"application/json")]})
+                await send({"type": "http.response.body", "body": body})
+                return
+            await self.app(scope, receive, send)
+            return
+        if scope["path"] == "/auth/v1/user":
+            self.user_calls += 1
+        known = dict(scope["headers"]).get(b"authorization") == f"Bearer {self.token}".encode()
+        status, body = (200, b'{"id": "demo-user", "role": "authenticated"}') if known else (403, b'{"msg": "bad_jwt"}')
+        if scope["path"] != "/auth/v1/user":
+            status, body = 200, b'{"keys": []}'
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": body})
+
+
+async def _demo_sessions(client: httpx.AsyncClient, auth: _SampleAuth, requests: int, out: Any) -> int:
+    """Step 6: a protected route; returns the number of problems seen."""
+    out.write("\n6. GET /api/me (session: required; the token is validated by the auth provider, then cached)\n")
+    anonymous = await client.get("/api/me")
+    out.write(f"  without a token: {anonymous.status_code} {anonymous.json().get('error')} "
+              f"(WWW-Authenticate: {anonymous.headers.get('www-authenticate', '')})\n")
+    bearer = {"authorization": f"Bearer {auth.token}"}
+    statuses = Counter([(await client.get("/api/me", headers=bearer)).status_code for _ in range(requests)])
+    out.write(f"  with a token: {statuses.get(200, 0)} allowed of {requests}; "
+              f"the auth provider was called {auth.user_calls} time(s)\n")
+    return int(anonymous.status_code != 401) + int(statuses.get(200, 0) != requests) + int(auth.user_calls != 1)
 
 
 def _free_port() -> int:
@@ -102,6 +165,21 @@ async def _drive(client: httpx.AsyncClient, step: Step, out: Any) -> None:
         out.write("\r" + " " * 60 + "\r")
 
 
+async def _cache_demo(client: httpx.AsyncClient, out: Any) -> bool:
+    """The same AI question asked five times (keys reordered, another user): one upstream call."""
+    out.write("\n4. POST /api/ask: one question, asked 5 times (JSON keys reordered, `user` excluded from the key)\n")
+    before = UPSTREAM_CALLS["/api/ask"]
+    questions = [b'{"model": "m", "messages": [{"role": "user", "content": "What is 6 x 7?"}], "user": "ann"}',
+                 b'{"messages":[{"content":"What is 6 x 7?","role":"user"}],"model":"m","user":"bob"}']
+    for i in range(5):
+        response = await client.post("/api/ask", content=questions[i % 2],
+                                     headers={"content-type": "application/json"})
+        out.write(f"  ask {i + 1}: {response.status_code}  Cache-Status: {response.headers.get('cache-status')}\n")
+    calls = UPSTREAM_CALLS["/api/ask"] - before
+    out.write(f"  the upstream answered {calls} of 5 asks; the cache answered the rest\n")
+    return calls == 1
+
+
 def _report(step: Step, out: Any) -> None:
     out.write(f"\n{step.title}\n")
     for group, counts in step.outcomes.items():
@@ -115,13 +193,15 @@ def _report(step: Step, out: Any) -> None:
 
 
 async def _run(requests: int, out: Any) -> int:
-    upstream_port, gateway_port = _free_port(), _free_port()
+    upstream_port, gateway_port, flaky_port = _free_port(), _free_port(), _free_port()
     with tempfile.TemporaryDirectory() as tmp:
         policy_path = Path(tmp) / "demo.yaml"
-        policy_path.write_text(DEMO_POLICY.format(upstream_port=upstream_port))
+        policy_path.write_text(DEMO_POLICY.format(upstream_port=upstream_port, flaky_port=flaky_port))
         gateway = create_app(policy_path)
+        auth = _SampleAuth(sample_upstream)
         servers = [
-            uvicorn.Server(uvicorn.Config(sample_upstream, port=upstream_port, log_level="error", lifespan="on")),
+            uvicorn.Server(uvicorn.Config(auth, port=upstream_port, log_level="error", lifespan="on",
+                                          interface="asgi3")),
             uvicorn.Server(uvicorn.Config(gateway, port=gateway_port, log_level="error", lifespan="on",
                                           proxy_headers=False)),
         ]
@@ -152,10 +232,22 @@ async def _run(requests: int, out: Any) -> int:
                 for step in steps:
                     await _drive(client, step, out)
                     _report(step, out)
+                cached = await _cache_demo(client, out)
+                breaker_ok = await _breaker_demo(client, flaky_port, out)
+                session_problems = await _demo_sessions(client, auth, requests // 4, out)
                 ready = (await client.get("/_edgeway/readyz")).json()
             out.write(f"\nreadyz: status={ready['status']} store={ready['store']['kind']} "
                       f"policy version={ready['policy']['version']}\n")
+            if not cached:
+                out.write("PROBLEM: the repeated question reached the upstream more than once\n")
+                return 1
+            if not breaker_ok:
+                out.write("PROBLEM: the breaker did not open, short-circuit, probe and close as expected\n")
+                return 1
             missing = sum(step.missing_fields for step in steps)
+            if session_problems:
+                out.write("PROBLEM: the protected route did not answer 401 / 200 with one provider call\n")
+                return 1
             if missing:
                 out.write(f"PROBLEM: {missing} limited response(s) lacked their RateLimit/Retry-After fields\n")
                 return 1
@@ -166,6 +258,52 @@ async def _run(requests: int, out: Any) -> int:
             for server in servers:
                 server.should_exit = True
             await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class _FlakyUpstream:
+    """The demo's failing upstream: answers 503 while ``failing``, counting the calls it gets."""
+
+    def __init__(self) -> None:
+        self.failing = True
+        self.calls = 0
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable[[], Awaitable[Any]],
+                       send: Callable[[Any], Awaitable[None]]) -> None:
+        if scope["type"] != "http":
+            await sample_upstream(scope, receive, send)
+            return
+        self.calls += 1
+        status, body = (503, b"down") if self.failing else (200, b"back")
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+async def _breaker_demo(client: httpx.AsyncClient, port: int, out: Any) -> bool:
+    """Step 5: a failing upstream behind a breaker; True when it opened, short-circuited, probed and closed."""
+    flaky = _FlakyUpstream()
+    server = uvicorn.Server(uvicorn.Config(flaky, port=port, log_level="error", lifespan="on"))
+    task = asyncio.create_task(server.serve())
+    try:
+        while not server.started and not task.done():
+            await asyncio.sleep(0.02)
+        out.write("\n5. GET /flaky/x while its upstream fails (breaker: failures 3, open_for 1s)\n")
+        failing = [await client.get("/flaky/x") for _ in range(6)]
+        opened = [r for r in failing if r.headers.get("edgeway-error") == "upstream_unavailable"]
+        out.write(f"  {flaky.calls} reached the upstream (503), then the breaker opened: {len(opened)} answered by "
+                  f"Edgeway without calling it (503 upstream_unavailable, Retry-After: "
+                  f"{opened[0].headers.get('retry-after') if opened else '-'})\n")
+        flaky.failing = False
+        await asyncio.sleep(1.1)
+        calls = flaky.calls
+        probe = await client.get("/flaky/x")
+        after = [await client.get("/flaky/x") for _ in range(3)]
+        out.write(f"  upstream back; after open_for one probe went through ({probe.status_code}) and closed the "
+                  f"breaker: the next {len(after)} requests got {', '.join(str(r.status_code) for r in after)}\n")
+        return (calls, len(opened), probe.status_code, flaky.calls - calls) == (3, 3, 200, 4)
+    finally:
+        server.should_exit = True
+        await asyncio.gather(task, return_exceptions=True)
 
 
 def run_demo(requests: int = 60, out: Any = None) -> int:

@@ -8,8 +8,9 @@ FastAPI / Starlette, keeping ``app`` the framework's object (``dependency_overri
 Any other ASGI app: ``app = Edgeway.from_policy("policy.yaml").wrap(app)``.
 
 Routes match exactly as in the gateway; a matching route's policies run in front of
-the app (upstreams are not needed: the app is the upstream), and requests no route
-matches go straight to the app.
+the app (upstreams are not needed: the app is the upstream; an upstream's ``breaker:``
+guards the app on the routes naming it, retries are the gateway's only), and requests
+no route matches go straight to the app.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class Edgeway:
     def __init__(self, loaded: LoadedPolicy, *, store: Store | None = None, clock: Clock | None = None,
                  user_from: UserFrom | None = None) -> None:
         self.loaded = loaded
+        self.clock = clock
         self.store = store or build_store(loaded.policy.store, clock, key_prefix=loaded.policy.key_prefix)
         self.trusted = TrustedProxies(loaded.policy.trusted_proxies)
         self.user_from = user_source(user_from)
@@ -72,7 +74,7 @@ class EdgewayMiddleware:
         self.edgeway = edgeway
         self.trusted = edgeway.trusted
         self.routes = RouteTable(edgeway.loaded.policy, edgeway.store, edgeway.trusted, lambda route: app,
-                                 user_from=edgeway.user_from)
+                                 user_from=edgeway.user_from, clock=edgeway.clock)
         self._started = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -88,6 +90,10 @@ class EdgewayMiddleware:
         if kind != "http":
             await self.app(scope, receive, send)
             return
+        headers = scope["headers"]
+        if any(name.startswith(b"x-edgeway-") for name, _ in headers):
+            # identity fields are Edgeway's alone: a client's copies never reach the app, on any route
+            scope["headers"] = [pair for pair in headers if not pair[0].startswith(b"x-edgeway-")]
         found = self.routes.match(scope["path"], scope["method"])
         if isinstance(found, set):
             await self.app(scope, receive, send)
@@ -98,6 +104,9 @@ class EdgewayMiddleware:
     def _closing_store(self, send: Send) -> Send:
         async def send_closing(message: Message) -> None:
             if message["type"] == "lifespan.shutdown.complete":
+                for breaker in self.routes.breakers.values():  # their subscriptions before the store
+                    await breaker.close()
+                await self.routes.close()
                 await self.edgeway.store.close()
             await send(message)
 

@@ -37,7 +37,7 @@ def _scope(method: str, target: str, headers: Sequence[tuple[str, str]], client_
 
 
 def _limits(route: Route, name: str, policy: Policy, ctx: RequestContext) -> list[str]:
-    (limiter,) = [p for p in route_policies(route, name, policy) if isinstance(p, RateLimitPolicy)]
+    (limiter,) = [p for p in route_policies(route, name, policy, MemoryStore()) if isinstance(p, RateLimitPolicy)]
     outcome = limiter.prepare(ctx)
     if isinstance(outcome, ErrorResponse):
         return [f"  -> answered at once: {outcome.status} {outcome.body.decode()}"]

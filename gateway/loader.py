@@ -26,6 +26,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from edgeway.middleware.units import POLICY_FILE
+
 from .checks import policy_checks
 from .config import Policy
 from .errors import PolicyError, Problem
@@ -282,7 +284,7 @@ def validate(data: Any, built: _Built, mode: Mode = "gateway") -> Policy | None:
     """Validate into a :class:`Policy`, appending positioned problems; None when invalid."""
     policy: Policy | None = None
     try:
-        policy = Policy.model_validate(data)
+        policy = Policy.model_validate(data, context={POLICY_FILE: True})
     except ValidationError as exc:
         for error in exc.errors():
             loc = _clean_loc(error["loc"])
@@ -324,7 +326,17 @@ def _cross_checks(data: dict[str, Any], built: _Built, mode: Mode) -> None:
                 f"; defined: {', '.join(upstreams)}" if upstreams else "; no upstreams are defined")
             line, col = _locate(built, ("routes", i, "upstream"), key=False)
             built.problems.append(Problem(line, col, f"unknown upstream '{name}'{hint}"))
+        session = route.get("session", "off")
+        if session in ("required", "optional") and not isinstance(data.get("sessions"), dict):
+            line, col = _locate(built, ("routes", i, "session"), key=False)
+            built.problems.append(Problem(line, col, f"session: {session} needs a sessions: block (provider, url) "
+                                                     "saying how tokens are verified"))
+        if route.get("privileged") is True and session not in ("required", "optional"):
+            line, col = _locate(built, ("routes", i, "privileged"), key=False)
+            built.problems.append(Problem(line, col, "privileged: true applies to routes with session: required or "
+                                                     "optional"))
         match = route.get("match")
+        _check_cache_methods(route, i, match, built)
         if isinstance(match, dict) and isinstance(match.get("path"), str):
             methods = match.get("methods")
             methods = [methods] if isinstance(methods, str) else methods
@@ -338,6 +350,18 @@ def _cross_checks(data: dict[str, Any], built: _Built, mode: Mode) -> None:
                 )
             else:
                 seen[signature] = i
+
+
+def _check_cache_methods(route: dict[str, Any], index: int, match: object, built: _Built) -> None:
+    """A body-keyed cache is for POST answers: a route that admits no POST would store nothing by its body."""
+    cache = route.get("cache")
+    if not isinstance(cache, dict) or not isinstance(cache.get("key"), list) or "body" not in cache["key"]:
+        return
+    methods = match.get("methods") if isinstance(match, dict) else None
+    if isinstance(methods, list) and "POST" not in {str(m).upper() for m in methods}:
+        line, col = _locate(built, ("routes", index, "cache", "key"), key=False)
+        built.problems.append(Problem(line, col, f"routes.{index}.cache.key: `body` keys POST answers, but this "
+                                                 "route's match.methods excludes POST"))
 
 
 @dataclass(frozen=True)

@@ -31,11 +31,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import aiohttp
 from yarl import URL
 
+from edgeway.middleware.breaker import CircuitBreaker
 from edgeway.middleware.clientip import TrustedProxies
 from edgeway.middleware.context import RequestContext, Scope
 from edgeway.middleware.metrics import DROPPED_HEADERS, UPSTREAM_ERRORS, UPSTREAM_SECONDS
@@ -45,6 +48,7 @@ from edgeway.middleware.responses import ErrorResponse, Receive, Send
 from .config import ServerConfig, Upstream
 from .headers import downstream_response_headers, request_body_length, upstream_request_headers
 from .rawheaders import ByteExactRequest, install
+from .retry import Retrier
 
 logger = logging.getLogger("edgeway.proxy")
 
@@ -136,7 +140,8 @@ class UpstreamProxy:
     """An ASGI app forwarding every request to one upstream."""
 
     def __init__(self, name: str, upstream: Upstream, trusted: TrustedProxies,
-                 server: ServerConfig | None = None) -> None:
+                 server: ServerConfig | None = None, breaker: CircuitBreaker | None = None,
+                 clock: Callable[[], float] | None = None) -> None:
         server = server or ServerConfig()
         self.name = name
         self.base = upstream.url
@@ -159,6 +164,9 @@ class UpstreamProxy:
         self._bad_gateway = UPSTREAM_ERRORS.labels(name, "bad_gateway")
         self._timeouts = UPSTREAM_ERRORS.labels(name, "upstream_timeout")
         self._latency = UPSTREAM_SECONDS.labels(name)
+        retry = upstream.breaker.retry if upstream.breaker is not None else None
+        self._retry = Retrier(retry, breaker, clock=clock or time.monotonic) \
+            if retry is not None and breaker is not None else None
 
     def _open(self) -> aiohttp.ClientSession:
         install()
@@ -220,8 +228,11 @@ class UpstreamProxy:
         started = False
         ctx.upstream = self.name
         sent_at = time.perf_counter()
+        request: Callable[..., AbstractAsyncContextManager[aiohttp.ClientResponse]] = session.request
+        if self._retry is not None and self._retry.replayable(ctx, scope["method"], body):
+            request = self._retry.sender(session, lambda: watch.gone)
         try:
-            async with session.request(
+            async with request(
                 scope["method"], URL(target, encoded=True), headers=headers, data=body,
                 allow_redirects=False, compress=None, chunked=None,
             ) as response:

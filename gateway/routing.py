@@ -8,19 +8,24 @@ means the same thing in both.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
 from prometheus_client.metrics import Counter
 
+from edgeway.middleware.breaker import CircuitBreaker
+from edgeway.middleware.breaker_policy import BreakerPolicy
+from edgeway.middleware.cache import CachePolicy
 from edgeway.middleware.clientip import TrustedProxies
 from edgeway.middleware.metrics import REQUEST_SECONDS, REQUESTS
 from edgeway.middleware.pipeline import PolicyPipeline
 from edgeway.middleware.policy import Policy as RoutePolicy
 from edgeway.middleware.ratelimit import RateLimitPolicy
-from edgeway.middleware.store import Store
+from edgeway.middleware.session import SessionPolicy, SessionService
+from edgeway.middleware.store import Clock, Store
 from edgeway.middleware.users import UserSource, user_source
 
 from .config import HTTP_METHODS, Policy, Route
@@ -80,12 +85,38 @@ class CompiledRoute:
         return path.startswith(self.prefix) or path == self.prefix.rstrip("/")
 
 
-def route_policies(route: Route, name: str, policy: Policy, user_from: UserSource | None = None) -> list[RoutePolicy]:
-    """The policy objects of one route, in the order they run."""
+def build_breakers(policy: Policy, store: Store, clock: Clock | None = None) -> dict[str, CircuitBreaker]:
+    """One breaker per upstream with a ``breaker:`` block, shared by every route (and retry) using it."""
+    instance = getattr(store, "instance_id", None)  # the failover chain's id, so logs name one instance
+    return {
+        name: CircuitBreaker(
+            name, upstream.breaker, store=store, key_prefix=policy.key_prefix, clock=clock,
+            probe_timeout=upstream.timeout.connect + upstream.timeout.read + 1.0,
+            instance_id=instance if isinstance(instance, str) else None,
+        )
+        for name, upstream in policy.upstreams.items()
+        if upstream.breaker is not None
+    }
+
+
+def route_policies(route: Route, name: str, policy: Policy, store: Store, app: Any = None,
+                   user_from: UserSource | None = None, breakers: Mapping[str, CircuitBreaker] | None = None,
+                   clock: Clock | None = None, sessions: SessionService | None = None) -> list[RoutePolicy]:
+    """The policy objects of one route, in the order they run (session first, the breaker last, before the
+    upstream); ``app`` is what they guard (the upstream's proxy, or the wrapped app), which the cache calls to
+    refresh stale entries in the background; ``sessions`` is the policy's one session service."""
     policies: list[RoutePolicy] = []
+    if route.session != "off" and sessions is not None:
+        policies.append(SessionPolicy(sessions, mode=route.session, privileged=route.privileged, route=name))
     if route.limits:
         policies.append(RateLimitPolicy(route.limits, route=name, key_prefix=policy.key_prefix,
                                         user_from=user_from or user_source(policy.user_from)))
+    if route.cache is not None:
+        policies.append(CachePolicy(route.cache, store=store, route=name, key_prefix=policy.key_prefix,
+                                    upstream=app, clock=clock or time.time))
+    breaker = breakers.get(route.upstream) if breakers and route.upstream is not None else None
+    if breaker is not None:
+        policies.append(BreakerPolicy(breaker))
     return policies
 
 
@@ -93,12 +124,18 @@ class RouteTable:
     """Routes in file order; ``match`` returns the route or the methods other routes allow on the path."""
 
     def __init__(self, policy: Policy, store: Store, trusted: TrustedProxies,
-                 endpoint: Callable[[Route], Any], *, user_from: UserSource | None = None) -> None:
+                 endpoint: Callable[[Route], Any], *, user_from: UserSource | None = None,
+                 breakers: Mapping[str, CircuitBreaker] | None = None, clock: Clock | None = None) -> None:
+        self.breakers = dict(breakers) if breakers is not None else build_breakers(policy, store, clock)
         routes = []
+        self.sessions = SessionService(policy.sessions, store, key_prefix=policy.key_prefix,
+                                       clock=clock or time.time) if policy.sessions is not None else None
+        """One session service (result caches, JWKS, provider client) for all the routes of the policy."""
         for route in policy.routes:
             name = route.route_id  # never the position in the file: inserting a route must not reset counters
             app = endpoint(route)
-            policies = route_policies(route, name, policy, user_from)
+            policies = route_policies(route, name, policy, store, app, user_from, self.breakers, clock,
+                                      self.sessions)
             if policies:
                 app = PolicyPipeline(app, policies=policies, store=store, trusted_proxies=trusted, route=name)
             match = route.match
@@ -109,6 +146,23 @@ class RouteTable:
                                         route.upstream, meter, match.case_insensitive, match.allow_semicolons,
                                         match.allow_backslashes))
         self.routes = tuple(routes)
+
+    async def close(self) -> None:
+        """Release what the routes hold beyond the store (the session provider's connections)."""
+        if self.sessions is not None:
+            await self.sessions.close()
+
+    def cache_policies(self, *, pattern: str | None = None, path: str | None = None,
+                       method: str = "GET") -> list[CachePolicy]:
+        """The cache policies of every route, of the routes whose ``match.path`` is ``pattern``, or of the
+        route a request for ``path`` reaches (for purges)."""
+        if path is not None:
+            found = self.match(path, method)
+            routes: tuple[CompiledRoute, ...] = (found,) if isinstance(found, CompiledRoute) else ()
+        else:
+            routes = tuple(r for r in self.routes if pattern is None or r.pattern == pattern)
+        return [policy for route in routes for policy in getattr(route.app, "policies", ())
+                if isinstance(policy, CachePolicy)]
 
     def match(self, path: str, method: str) -> CompiledRoute | set[str]:
         allowed: set[str] = set()

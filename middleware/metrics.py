@@ -38,7 +38,7 @@ REQUESTS = Counter(
     "Requests answered, by route, method and status code.",
     ["route", "method", "status"],
 )
-"""``route`` is ``INDEX:PATH`` of the matched route (``none`` when no route matched, ``admin`` for
+"""``route`` is the matched route's id (``id:`` or ``PATH@METHODS``) (``none`` when no route matched, ``admin`` for
 ``/_edgeway/*``); ``method`` is the standard method name or ``OTHER``; ``status`` the code sent."""
 
 REQUEST_SECONDS = Histogram(
@@ -145,6 +145,11 @@ SESSION_PROVIDER_SECONDS = Histogram(
     "Latency of session provider calls.",
     buckets=_SLOW,
 )
+SESSION_REVOCATIONS_UNCHECKED = Counter(
+    "edgeway_session_revocations_unchecked_total",
+    "Requests let through without a revocation check because no shared store could be read.",
+    ["route"],
+)
 
 # -- stores -----------------------------------------------------------------------------------------
 
@@ -228,7 +233,7 @@ FAMILIES = (
     RATELIMIT_DECISIONS, RATELIMIT_KEY_FALLBACKS, STORE_FAILURES,
     CACHE_REQUESTS, CACHE_STORED_BYTES, CACHE_STORES,
     BREAKER_STATE, BREAKER_TRANSITIONS, BREAKER_SHORT_CIRCUITED,
-    SESSION_CACHE, SESSION_PROVIDER_CALLS, SESSION_PROVIDER_SECONDS,
+    SESSION_CACHE, SESSION_PROVIDER_CALLS, SESSION_PROVIDER_SECONDS, SESSION_REVOCATIONS_UNCHECKED,
     STORE_UP, STORE_MODE, STORE_MODE_CHANGES, STORE_CALL_SECONDS, STORE_ERRORS, STORE_COMMANDS,
     STORE_BUDGET_USED, STORE_BUDGET_LIMIT, STORE_MEMORY_USED, STORE_MEMORY_MAX, LIVE_INSTANCES,
     POLICY_RELOADS, POLICY_VERSION,

@@ -148,7 +148,13 @@ class PolicyPipeline:
 
         answer = await self._decide(ctx, prepared, batch)
         if answer is not None:
-            await self._answer(answer, ctx, scope, receive, send)
+            try:
+                await self._answer(answer, ctx, scope, receive, send)
+            finally:
+                if self._track and len(self.policies) > 1:
+                    # the app never ran: a policy that decided before the answering one may hold something
+                    # to release (the cache's fill lock when the breaker answers)
+                    self._finish(ctx, prepared, Completed(0, (), None, complete=False))
             return
 
         await self._call_app(ctx, prepared, scope, receive, send)
@@ -253,30 +259,45 @@ class PolicyPipeline:
 
     def _finish(self, ctx: RequestContext, prepared: list[Prepared], response: Completed) -> None:
         writes: list[Command] = []
+        shares: list[tuple[Policy, Prepared, int]] = []
         for policy, prep in zip(self.policies, prepared, strict=True):
             if policy.wants_finish:
-                writes.extend(policy.finish(ctx, prep, response))
+                mine = policy.finish(ctx, prep, response)
+                if mine:
+                    writes.extend(mine)
+                    shares.append((policy, prep, len(mine)))
         if ctx.deferred:
             writes.extend(ctx.deferred)
             ctx.deferred = None
         if writes:
-            self._write_soon(writes)
+            self._write_soon(writes, ctx, shares)
 
-    def _write_soon(self, writes: list[Command]) -> None:
-        """Send ``writes`` in the background, off the request's critical path."""
-        task = asyncio.get_running_loop().create_task(self._write(writes))
+    def _write_soon(self, writes: list[Command], ctx: RequestContext | None = None,
+                    shares: Sequence[tuple[Policy, Prepared, int]] = ()) -> None:
+        """Send ``writes`` in the background, off the request's critical path; ``shares``: whose they are
+        (policy, its prepared state, how many of the first commands), told what came of them."""
+        task = asyncio.get_running_loop().create_task(self._write(writes, ctx, shares))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _write(self, writes: list[Command]) -> None:
+    async def _write(self, writes: list[Command], ctx: RequestContext | None,
+                     shares: Sequence[tuple[Policy, Prepared, int]]) -> None:
         try:
             results = await self.store.execute(writes)
         except StoreError as error:
             self._store_failures.warning("deferred store write to %s failed: %s", self.store.describe(), error)
+            if ctx is not None:
+                for policy, prep, _ in shares:
+                    policy.written(ctx, prep, error)
             return
         refused = next((r for r in results if type(r) is CommandError), None)
         if refused is not None:
             self._store_failures.warning("store %s refused a deferred write: %s", self.store.describe(), refused)
+        if ctx is not None:
+            offset = 0
+            for policy, prep, count in shares:
+                policy.written(ctx, prep, results[offset : offset + count])
+                offset += count
 
 
 async def _settled(outcome: Answer | Pending | None) -> Answer | None:

@@ -38,6 +38,10 @@ A policy never calls the store itself. For each request the pipeline
    needs the response body sets ``response_body_limit`` (bytes); the
    pipeline then keeps a copy of bodies up to the largest such limit, chunk
    by chunk, while streaming them on, never delaying them.
+5. ``written(ctx, prepared, outcome)``: once those writes ran, the policy's
+   share of their results (or the :class:`StoreError` that stopped them), for
+   a policy that learns from what it wrote (the breaker: did this failure open
+   it?). Off the request's path.
 
 Per-request state lives in the context (``ctx``) or in the value ``prepare``
 returns, never on the policy object, which is shared by all requests.
@@ -153,6 +157,10 @@ class Policy(Protocol):
         """Deferred writes once the response ended."""
         ...
 
+    def written(self, ctx: RequestContext, prepared: Prepared, outcome: Sequence[object] | StoreError) -> None:
+        """The results of this policy's deferred writes, in order, or the error that stopped them."""
+        ...
+
 
 class BasePolicy:
     """Defaults for the optional parts of :class:`Policy`; policies subclass it and override what they use."""
@@ -172,3 +180,6 @@ class BasePolicy:
 
     def finish(self, ctx: RequestContext, prepared: Prepared, response: Completed) -> Sequence[Command]:
         return ()
+
+    def written(self, ctx: RequestContext, prepared: Prepared, outcome: Sequence[object] | StoreError) -> None:
+        return None

@@ -361,7 +361,8 @@ class RateLimitPolicy(BasePolicy):
             ctx.outcomes["limit"] = "rejected"
             return self._reject(ctx, active, blocked)
         frozen = tuple(checks)
-        return Prepared((RateLimit(frozen),), _Request(active, frozen))
+        # a revoked session is refused by the session policy in decide; the guard keeps it from being charged
+        return Prepared((RateLimit(frozen, ctx.revocation),), _Request(active, frozen))
 
     def decide(self, ctx: RequestContext, prepared: Prepared, results: Sequence[object]) -> ErrorResponse | None:
         request = prepared.state
@@ -369,6 +370,8 @@ class RateLimitPolicy(BasePolicy):
             return None
         result = results[0]
         assert isinstance(result, RateLimitResult)
+        if result.revoked:  # nothing was checked: the session policy answers (401) before this runs
+            return None
         self._count(request.active, result)
         ctx.outcomes["limit"] = "allowed" if result.allowed else "rejected"
         if result.allowed:

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Annotated, Any
 
-from pydantic import BeforeValidator, PlainSerializer, WithJsonSchema
+from pydantic import BeforeValidator, PlainSerializer, ValidationInfo, WithJsonSchema
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -21,13 +22,27 @@ DURATION_HINT = "a duration such as 250ms, 30s, 5m, 1h or 7d"
 RATE_HINT = "a rate such as 10/minute, 5/second, 1000/day or 100/15m"
 
 
-def parse_duration(value: object) -> float:
-    """Seconds from ``250ms``/``30s``/``5m``/``1h``/``7d``; ``0`` alone needs no unit.
+POLICY_FILE = "policy_file"
+"""Validation context flag (``Model.model_validate(data, context={POLICY_FILE: True})``): the values come from a
+policy file, where a duration needs a unit."""
 
-    A bare number is refused: ``timeout: 50`` meant 50 ms as often as 50 s.
+
+def parse_duration(value: object, *, bare_seconds: bool = False) -> float:
+    """Seconds from ``250ms``/``30s``/``5m``/``1h``/``7d`` or a ``timedelta``; ``0`` alone needs no unit.
+
+    In a policy file a bare number is refused: ``timeout: 50`` meant 50 ms as often
+    as 50 s. In Python (``bare_seconds``) an int or float is seconds, as in httpx
+    and asyncio.
     """
     if isinstance(value, bool):
         raise ValueError(f"expected {DURATION_HINT}, got {value!r}")
+    if isinstance(value, timedelta):
+        value = value.total_seconds()
+        bare_seconds = True
+    if bare_seconds and isinstance(value, int | float):
+        if value < 0:
+            raise ValueError(f"a duration cannot be negative, got {value!r}")
+        return float(value)
     match = _DURATION.match(value) if isinstance(value, str) else None
     if isinstance(value, int | float) or (match and match.group(2) is None):
         number = float(match.group(1)) if match else float(value)  # type: ignore[arg-type]
@@ -113,9 +128,14 @@ def _rate(value: Any) -> Rate:
     return Rate.parse(value)
 
 
+def validate_duration(value: object, info: ValidationInfo) -> float:
+    """A duration field's validator: bare numbers are seconds in Python, refused in a policy file."""
+    return parse_duration(value, bare_seconds=not (info.context or {}).get(POLICY_FILE, False))
+
+
 Duration = Annotated[
     float,
-    BeforeValidator(parse_duration),
+    BeforeValidator(validate_duration),
     WithJsonSchema({"anyOf": [{"type": "string", "pattern": r"^\d+(\.\d+)?(ms|s|m|h|d)$"}, {"const": 0}],
                     "description": DURATION_HINT + " (a unit is required)"}),
 ]

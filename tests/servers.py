@@ -12,6 +12,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -21,7 +22,10 @@ from typing import Any
 
 import uvicorn
 
-__all__ = ["BRIDGE_TOKEN", "FakeRedisThread", "RedisServer", "UvicornThread", "free_port", "ok_app", "wait_for_port"]
+__all__ = [
+    "BRIDGE_TOKEN", "FakeRedisThread", "Gateways", "RedisServer", "UvicornThread", "free_port", "ok_app",
+    "wait_for_port",
+]
 
 HOST = "127.0.0.1"
 BRIDGE_TOKEN = "test-bridge-token"
@@ -427,3 +431,88 @@ async def ok_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         return
     await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
     await send({"type": "http.response.body", "body": b"ok"})
+
+
+class FlakyUpstream:
+    """An upstream the test makes fail, hang and recover; it counts the requests it got, by method.
+
+    ``status``: what it answers; ``hang``: seconds it waits before answering (past the gateway's read
+    timeout: a 504 upstream_timeout); ``gate``: when set, requests wait until it is released. Serve it
+    with :class:`UvicornThread`; the counters are read from the test's thread.
+    """
+
+    def __init__(self) -> None:
+        self.status = 200
+        self.hang = 0.0
+        self.calls: dict[str, int] = {}
+        self.in_flight = 0
+        self.gate: threading.Event | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def total(self) -> int:
+        with self._lock:
+            return sum(self.calls.values())
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        import asyncio
+
+        if scope["type"] == "lifespan":
+            await ok_app(scope, receive, send)
+            return
+        with self._lock:
+            self.calls[scope["method"]] = self.calls.get(scope["method"], 0) + 1
+            self.in_flight += 1
+        try:
+            if self.gate is not None:
+                gate = self.gate
+                while not gate.is_set():
+                    await asyncio.sleep(0.005)
+            if self.hang:
+                await asyncio.sleep(self.hang)
+            body = f"status {self.status}".encode()
+            await send({"type": "http.response.start", "status": self.status,
+                        "headers": [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+
+
+__all__ += ["FlakyUpstream"]
+
+
+class Gateways:
+    """`edgeway serve` processes (two by default) on one policy, on free ports; logs in ``log_dir``
+    (:meth:`log` reads one)."""
+
+    def __init__(self, policy: Path, log_dir: Path, count: int = 2) -> None:
+        self.ports = [free_port() for _ in range(count)]
+        self.log_dir = log_dir
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.processes = [
+            subprocess.Popen(
+                [sys.executable, "-m", "edgeway.gateway.cli", "serve", "--policy", str(policy), "--port", str(port),
+                 "--log-level", "warning"],
+                stdout=open(log_dir / f"gateway-{port}.log", "wb"), stderr=subprocess.STDOUT, env=env,  # noqa: SIM115
+            )
+            for port in self.ports
+        ]
+        for port, process in zip(self.ports, self.processes, strict=True):
+            wait_for_port(port, timeout=20, alive=lambda p=process: p.poll() is None)
+
+    @property
+    def urls(self) -> list[str]:
+        return [f"http://{HOST}:{port}" for port in self.ports]
+
+    def log(self, index: int) -> str:
+        return (self.log_dir / f"gateway-{self.ports[index]}.log").read_text(errors="replace")
+
+    def close(self) -> None:
+        for process in self.processes:
+            process.terminate()
+        for process in self.processes:
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()

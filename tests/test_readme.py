@@ -3,6 +3,7 @@ that Edgeway limits."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +12,7 @@ import httpx
 import pytest
 
 from edgeway.gateway.loader import load_text
+from tests.servers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK = re.compile(r"^```(\w+)\n(.*?)^```$", re.S | re.M)
@@ -57,7 +59,7 @@ def client(app: object) -> httpx.AsyncClient:
 
 
 def test_the_readme_has_the_python_blocks_this_test_runs() -> None:
-    assert len(blocks("python")) == 3
+    assert len(blocks("python")) == 6
     assert {"policy.yaml", "users.yaml"} <= set(policy_files())
 
 
@@ -83,3 +85,35 @@ async def test_one_middleware_without_a_file(project: Path) -> None:
         docs = [(await http.get("/openapi.json")).status_code for _ in range(12)]
         items = [(await http.get("/api/items")).status_code for _ in range(11)]
     assert docs == [200] * 12 and items == [200] * 10 + [429]
+
+
+async def test_the_cache_middleware_answers_a_repeated_question_from_the_store(project: Path) -> None:
+    app = run_block(3)
+    async with client(app) as http:
+        first = await http.post("/api/ai/chat", json={"q": "tides", "stream": False})
+        again = await http.post("/api/ai/chat", content=b'{ "stream": true, "q": "tides" }',
+                                headers={"content-type": "application/json"})
+    assert first.json() == again.json() == {"answer": "about tides"}
+    assert first.headers["cache-status"] == "edgeway; fwd=miss; stored"
+    assert again.headers["cache-status"].startswith("edgeway; hit")
+
+
+async def test_a_breaker_around_a_provider_call(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PAYMENTS_URL", f"http://127.0.0.1:{free_port()}/charge")  # nothing listens: failures
+    app = run_block(4)
+    statuses = []
+    async with client(app) as http:
+        for _ in range(7):
+            response = await http.post("/api/charge", json={"amount": 1})
+            statuses.append(response.status_code)
+            await asyncio.sleep(0.05)  # the breaker's write, in the background
+    assert statuses == [502] * 5 + [503] * 2
+    assert response.headers["retry-after"] in {str(n) for n in range(27, 31)}  # 30s less up to 10% jitter
+
+
+async def test_the_session_middleware_refuses_a_request_without_a_token(project: Path) -> None:
+    app = run_block(5)
+    async with client(app) as http:
+        forged = await http.get("/me", headers={"x-edgeway-user": "admin"})
+    assert forged.status_code == 401 and forged.json()["error"] == "unauthorized"
+    assert forged.headers["www-authenticate"].startswith("Bearer")

@@ -45,6 +45,10 @@ from typing import NamedTuple
 
 __all__ = [
     "Algorithm",
+    "BreakerEvent",
+    "BreakerResult",
+    "BreakerRule",
+    "BreakerUpdate",
     "Command",
     "CommandError",
     "Delete",
@@ -52,11 +56,15 @@ __all__ = [
     "Handler",
     "Heartbeat",
     "Incr",
+    "IndexAdd",
+    "IndexPurge",
     "LimitCheck",
     "LimitState",
     "Publish",
     "RateLimit",
     "RateLimitResult",
+    "Revoke",
+    "Revoked",
     "Set",
     "Store",
     "StoreConfigurationError",
@@ -177,6 +185,37 @@ class Publish:
     message: str
 
 
+@dataclass(frozen=True, slots=True)
+class IndexAdd:
+    """Record ``member`` (a key) in the index ``index`` for ``ttl_ms``; the result is ``None``.
+
+    An index names keys to delete together later (a cache route, a tag):
+    :class:`IndexPurge` deletes them, all of them or those recorded with one
+    ``label`` (the entries of one URL within a route's index, say). A label
+    never contains ``|``. Members leave the index once their TTL passed; the
+    index itself expires with its longest-lived member.
+    """
+
+    index: str
+    member: str
+    ttl_ms: int
+    label: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class IndexPurge:
+    """Delete every key recorded in ``index`` (only those recorded with ``label`` when it is given), and
+    forget them; the result is how many of those keys existed (``int``)."""
+
+    index: str
+    label: str | None = None
+
+
+CACHE_COMMANDS = (Get, Set, Delete, Incr, IndexAdd, IndexPurge)
+"""Commands on per-instance caches: when the primary store is down they go to memory, never to a
+shared fallback (a cache miss is acceptable, an error is not)."""
+
+
 # LimitCheck, LimitState and RateLimitResult are NamedTuples: built for every request on the hot path,
 # where a tuple is several times cheaper to create than a frozen dataclass.
 class LimitCheck(NamedTuple):
@@ -210,6 +249,35 @@ class RateLimitResult(NamedTuple):
     allowed: bool
     """True when every enforced limit admits the request; only then is any limit charged."""
     states: tuple[LimitState, ...]
+    revoked: bool = False
+    """True when the command's guard found the session revoked: nothing was checked nor charged."""
+
+
+@dataclass(frozen=True, slots=True)
+class Revoked:
+    """Whether a session is revoked: one of ``keys`` holds a time (ms) later than ``issued_at_ms``.
+
+    The result is ``True`` or ``False``; ``None`` when the store serving the
+    request cannot know (the per-instance memory fallback of a shared chain),
+    so the session policy applies its failure mode. It is shared state: it
+    fails over to Supabase/Postgres like rate limits, never to memory caches.
+    """
+
+    keys: tuple[str, ...]
+    issued_at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Revoke:
+    """Record a revocation: ``key`` holds ``at_ms`` (sessions issued before it are refused) for ``ttl_ms``.
+
+    The result is ``None``. A :class:`FailoverStore` writes it to every
+    healthy store of its chain, so it survives the primary failing later.
+    """
+
+    key: str
+    at_ms: int
+    ttl_ms: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,6 +289,9 @@ class RateLimit:
     """
 
     checks: tuple[LimitCheck, ...]
+    guard: Revoked | None = None
+    """A revocation check run first, atomically: when it finds the session revoked nothing is charged and the
+    result is ``RateLimitResult(False, (), revoked=True)``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,7 +303,85 @@ class Heartbeat:
     ttl_ms: int
 
 
-Command = Get | Set | Delete | Incr | Publish | RateLimit | Heartbeat
+class BreakerRule(NamedTuple):
+    """How one circuit breaker trips and recovers; every time is in ms, every number an integer.
+
+    The same integers reach the Lua script, the SQL function and
+    :func:`edgeway.middleware.breaker_state.apply`, so every backend decides alike.
+    """
+
+    failures: int
+    """Consecutive failures that open it (0: only the failure rate does)."""
+    rate_bp: int
+    """Failure rate in basis points (5000 = 50%) over the window that opens it (0: off)."""
+    window_ms: int
+    min_requests: int
+    open_ms: int
+    max_open_ms: int
+    success_threshold: int
+    probe_ms: int
+    """How long the half-open probe token lasts before another instance may probe."""
+
+
+class BreakerEvent(NamedTuple):
+    """What one :class:`BreakerUpdate` reports and asks, applied in this order.
+
+    ``reset`` closes the breaker; ``seed_*`` is the caller's last view, adopted
+    only when the store holds no state for the breaker (it just failed over to a
+    fresh store, so an open breaker stays open); ``successes`` then ``failures``
+    are results (``probe``: they come from the half-open probe; a probe with
+    neither hands the token back); ``acquire``
+    asks for the probe token when the open time is over.
+    """
+
+    successes: int = 0
+    failures: int = 0
+    probe: bool = False
+    acquire: bool = False
+    reset: bool = False
+    seed_phase: int = 0
+    seed_remaining_ms: int = 0
+    seed_streak: int = 0
+    jitter: int = 0
+    """Per mille taken off the open time if this update opens the breaker (callers draw 0..100 at random,
+    so openings of different breakers and reopenings don't line up)."""
+
+
+class BreakerResult(NamedTuple):
+    """The breaker after a :class:`BreakerUpdate`."""
+
+    phase: int
+    """0 closed, 1 open, 2 half-open."""
+    remaining_ms: int
+    """Open: ms until a probe may go (0: now). Half-open: ms the probe token still runs."""
+    failures: int
+    """Consecutive failures while closed."""
+    granted: bool
+    """True when the caller may send the request (closed, or it got the probe token)."""
+    reason: int
+    """Why the phase changed with this update (see ``breaker_state.Reason``), 0 when it did not."""
+    streak: int
+    """Openings in a row (the open time grows with it)."""
+
+
+_NOTHING = BreakerEvent()  # a plain read
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerUpdate:
+    """Read and change one breaker's shared state atomically; the result is a :class:`BreakerResult`.
+
+    A key holding anything but breaker state gets a :class:`CommandError` result
+    (the breaker then decides on its instance's own copy).
+    """
+
+    key: str
+    rule: BreakerRule
+    event: BreakerEvent = _NOTHING
+
+
+Command = (Get | Set | Delete | Incr | Publish | IndexAdd | IndexPurge | RateLimit | Heartbeat | BreakerUpdate | Revoke
+           | Revoked)
 """Every operation a policy may put in a request's batch."""
 
 Clock = Callable[[], float]

@@ -2,10 +2,10 @@
 
 Commands come in two kinds, which fall back differently:
 
-- shared state that must hold across instances (``RateLimit``, ``Heartbeat``;
-  breaker state later) goes to the first healthy store of the chain: the
+- shared state that must hold across instances (``RateLimit``, ``Heartbeat``,
+  ``BreakerUpdate``) goes to the first healthy store of the chain: the
   primary (Redis), then each fallback in order (Supabase/Postgres, then memory);
-- per-instance caches (``Get``/``Set``/``Delete``/``Incr``, locks included:
+- per-instance caches (``Get``/``Set``/``Delete``/``Incr``/``IndexAdd``/``IndexPurge``, locks included:
   response and session cache) go to the primary while it is healthy, else to
   memory: a cache miss is acceptable, an error is not.
 
@@ -50,16 +50,17 @@ from dataclasses import dataclass, field
 
 from ..metrics import LIVE_INSTANCES, STORE_MODE, STORE_MODE_CHANGES, STORE_UP
 from .base import (
+    CACHE_COMMANDS,
     Command,
     CommandError,
-    Delete,
     Get,
     Handler,
     Heartbeat,
-    Incr,
     LimitCheck,
     Publish,
     RateLimit,
+    Revoke,
+    Revoked,
     Set,
     Store,
     StoreError,
@@ -101,6 +102,7 @@ class _Member:
     shared: bool  # False for the memory store: its state is per instance
     health: dict[str, _Health] = field(default_factory=lambda: {WRITE: _Health(), READ: _Health()})
     probing: bool = False
+    missed: list[Command] = field(default_factory=list)  # revocations it did not take: replayed on recovery
     meter: StoreMeter = field(init=False)
 
     def __post_init__(self) -> None:
@@ -190,14 +192,19 @@ class FailoverStore(Store):
         if self.budget is not None and self.budget.diverting != self._diverted:  # exhausted, or a new month
             self._diverted = not self._diverted
             self._refresh()
+        if commands and isinstance(commands[0], Revoke):
+            return await self._everywhere(commands, timeout)
         shared: list[int] = []  # which commands are shared state: worked out only once the primary is passed
         for position, member in enumerate(self._members):
             if not member.healthy or (position == 0 and self._diverted):
                 continue
             if not member.shared:  # memory, the last resort: per instance, limits divided by live instances
-                return await member.meter.run(self._degrade(commands), timeout)
+                results = await member.meter.run(self._degrade(commands), timeout)
+                if position > 0:  # revocations live in the shared stores: this instance's memory cannot know
+                    results = [None if isinstance(c, Revoked) else r for c, r in zip(commands, results, strict=True)]
+                return results
             if position > 0:
-                shared = shared or [i for i, c in enumerate(commands) if not isinstance(c, Get | Set | Delete | Incr)]
+                shared = shared or [i for i, c in enumerate(commands) if not isinstance(c, CACHE_COMMANDS)]
                 if not shared:  # only caches: memory, without bothering the fallback
                     return await self._cache.run(commands, timeout)
             try:
@@ -228,6 +235,31 @@ class FailoverStore(Store):
             budget.refund(incr)
             raise
         budget.record(incr, results.pop())
+        return results
+
+    async def _everywhere(self, commands: Sequence[Command], timeout: float | None) -> list[object]:
+        """Revocations go to every healthy store, so they hold after a failover; one shared store must take them."""
+        results: list[object] | None = None
+        errors: list[StoreError] = []
+        taken = False
+        for member in self._members:
+            if not member.healthy:
+                if member.shared:
+                    member.missed.extend(commands)
+                continue
+            try:
+                answer = await member.meter.run(commands, timeout)
+            except StoreError as error:
+                self._failed(member, WRITE, error)
+                errors.append(error)
+                if member.shared:
+                    member.missed.extend(commands)
+                continue
+            if member.shared or results is None:
+                results = answer
+            taken = taken or member.shared
+        if results is None or (not taken and any(m.shared for m in self._members)):
+            raise StoreError(f"no shared store took the revocation: {'; '.join(map(str, errors)) or 'none healthy'}")
         return results
 
     async def _split(self, remote: StoreMeter, commands: Sequence[Command], shared: list[int],
@@ -285,8 +317,8 @@ class FailoverStore(Store):
         live = self.live_instances
         if live <= 1:
             return list(commands)
-        return [RateLimit(tuple(_share(check, live) for check in c.checks)) if isinstance(c, RateLimit) else c
-                for c in commands]
+        return [RateLimit(tuple(_share(check, live) for check in c.checks), c.guard) if isinstance(c, RateLimit)
+                else c for c in commands]
 
     # -- health -----------------------------------------------------------------
 
@@ -347,6 +379,9 @@ class FailoverStore(Store):
                 try:
                     for kind in member.failing():
                         await self._probe_once(member, kind)
+                    if member.missed:  # revocations made while it was down: it refuses those sessions too
+                        await member.store.execute(member.missed)
+                        member.missed = []
                 except StoreError:
                     delay = min(delay * 2, self._probe_max)
                     continue

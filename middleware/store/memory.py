@@ -22,8 +22,11 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from ..breaker_state import State, apply, ttl_ms
 from .base import (
     Algorithm,
+    BreakerResult,
+    BreakerUpdate,
     Clock,
     Command,
     CommandError,
@@ -32,11 +35,15 @@ from .base import (
     Handler,
     Heartbeat,
     Incr,
+    IndexAdd,
+    IndexPurge,
     LimitCheck,
     LimitState,
     Publish,
     RateLimit,
     RateLimitResult,
+    Revoke,
+    Revoked,
     Set,
     Store,
     Subscription,
@@ -117,11 +124,31 @@ class MemoryStore(Store):
             if count:  # after this batch, like a message arriving over the network
                 asyncio.get_running_loop().call_soon(self._fanout.dispatch, command.channel, command.message)
             return count
+        if isinstance(command, IndexAdd):
+            self._index_add(command, now)
+            return None
+        if isinstance(command, IndexPurge):
+            return self._index_purge(command, now)
         if isinstance(command, RateLimit):
             return self._rate_limit(command, now)
         if isinstance(command, Heartbeat):
             return self._heartbeat(command, now)
+        if isinstance(command, Revoked):
+            return self._revoked(command, now)
+        if isinstance(command, Revoke):
+            self._put(command.key, str(command.at_ms), now + max(1, command.ttl_ms))
+            return None
+        if isinstance(command, BreakerUpdate):
+            return self._breaker(command, int(now))
         raise TypeError(f"unknown store command {command!r}")
+
+    def _breaker(self, command: BreakerUpdate, now: int) -> BreakerResult | CommandError:
+        current = self._get(command.key, now)
+        if current is not None and not isinstance(current, State):
+            return CommandError(f"WRONGTYPE: {command.key} holds no breaker state")
+        state, result = apply(current, command.rule, command.event, now)
+        self._put(command.key, state, now + ttl_ms(command.rule))
+        return result
 
     def _delete(self, command: Delete, now: float) -> int:
         if command.if_value is not None:
@@ -143,6 +170,29 @@ class MemoryStore(Store):
             expires = entry.expires_ms
         self._put(command.key, str(value), expires)
         return value
+
+    def _index_add(self, command: IndexAdd, now: float) -> None:
+        found = self._get(command.index, now)
+        members: dict[tuple[str, str], float] = found if isinstance(found, dict) else {}
+        members[(command.label, command.member)] = now + command.ttl_ms
+        live = {member: until for member, until in members.items() if until > now}
+        self._put(command.index, live, max(live.values()))
+
+    def _index_purge(self, command: IndexPurge, now: float) -> int:
+        found = self._get(command.index, now)
+        if not isinstance(found, dict):
+            return 0
+        chosen = [m for m in found if command.label is None or m[0] == command.label]
+        for member in chosen:
+            del found[member]
+        if not found or command.label is None:
+            self._data.pop(command.index, None)
+        deleted = 0
+        for _, key in chosen:
+            if self._get(key, now) is not None:
+                del self._data[key]
+                deleted += 1
+        return deleted
 
     def _get(self, key: str, now: float) -> object:
         entry = self._data.get(key)
@@ -193,11 +243,20 @@ class MemoryStore(Store):
 
     # -- rate limits: phase 1 reads and decides, phase 2 charges (all or none) --
 
+    def _revoked(self, command: Revoked, now: float) -> bool:
+        for key in command.keys:
+            value = self._get(key, now)
+            if isinstance(value, str) and value.lstrip("-").isdigit() and int(value) > command.issued_at_ms:
+                return True
+        return False
+
     def _rate_limit(self, command: RateLimit, now: float) -> RateLimitResult | CommandError:
         for check in command.checks:  # all checked before any is charged, as the script and the SQL do
             if check.quota < 1 or check.window_ms < 1 or check.cost < 0 or check.burst < 0:
                 return CommandError(f"bad limit {check.key}: quota and window_ms must be positive, cost and "
                                     "burst not negative")
+        if command.guard is not None and self._revoked(command.guard, now):
+            return RateLimitResult(False, (), revoked=True)
         plans = [self._plan(check, now) for check in command.checks]
         allowed = all(plan.allowed for plan, check in zip(plans, command.checks, strict=True) if check.enforced)
         states = []

@@ -52,6 +52,8 @@ from urllib.parse import urlsplit
 import httpx
 
 from .base import (
+    BreakerResult,
+    BreakerUpdate,
     Clock,
     Command,
     CommandError,
@@ -64,6 +66,8 @@ from .base import (
     Publish,
     RateLimit,
     RateLimitResult,
+    Revoke,
+    Revoked,
     Set,
     Store,
     StoreConfigurationError,
@@ -129,10 +133,24 @@ def encode_commands(commands: Sequence[Command]) -> list[dict[str, object]]:
                 }
                 for c in command.checks
             ]
-            encoded.append({"op": "ratelimit", "checks": checks})
+            rate_limit: dict[str, object] = {"op": "ratelimit", "checks": checks}
+            if command.guard is not None:
+                rate_limit["guard"] = {"keys": list(command.guard.keys), "issued_at_ms": command.guard.issued_at_ms}
+            encoded.append(rate_limit)
+        elif isinstance(command, Revoked):
+            encoded.append({"op": "revoked", "keys": list(command.keys), "issued_at_ms": command.issued_at_ms})
+        elif isinstance(command, Revoke):
+            encoded.append({"op": "revoke", "key": command.key, "at_ms": str(command.at_ms),
+                            "ttl_ms": command.ttl_ms})
         elif isinstance(command, Heartbeat):
             encoded.append({"op": "heartbeat", "key": command.key, "instance": command.instance,
                             "ttl_ms": command.ttl_ms})
+        elif isinstance(command, BreakerUpdate):
+            event = command.event
+            encoded.append({"op": "breaker", "key": command.key, "rule": list(command.rule),
+                            "event": [event.successes, event.failures, int(event.probe), int(event.acquire),
+                                      int(event.reset), event.seed_phase, event.seed_remaining_ms,
+                                      event.seed_streak, event.jitter]})
         else:
             raise TypeError(f"unknown store command {command!r}")
     return encoded
@@ -167,7 +185,17 @@ def _decode(command: Command, result: object) -> object:
     elif isinstance(command, Delete | Heartbeat | Incr):
         if type(result) is int:
             return result
+    elif isinstance(command, Revoke):
+        return None
+    elif isinstance(command, Revoked):
+        if type(result) is bool:
+            return result
+    elif isinstance(command, BreakerUpdate):
+        if isinstance(result, list) and len(result) == 6 and all(type(v) is int for v in result):
+            return BreakerResult(result[0], result[1], result[2], result[3] == 1, result[4], result[5])
     elif isinstance(command, RateLimit):
+        if command.guard is not None and result == [2]:
+            return RateLimitResult(False, (), revoked=True)
         count = len(command.checks)
         if isinstance(result, list) and len(result) == 1 + 4 * count and all(type(v) is int for v in result):
             states = tuple(
@@ -313,7 +341,7 @@ class _Listener:
             for channel in sorted(self._listening - wanted):
                 await connection.remove_listener(channel, self._notified)
                 self._listening.discard(channel)
-        except (self._pg.PostgresError, self._pg.InterfaceError, OSError) as exc:
+        except (self._pg.PostgresError, self._pg.InterfaceError, self._pg.InternalClientError, OSError) as exc:
             logger.warning("PostgreSQL LISTEN on %s failed (%s); reconnecting", self._where, exc)
             connection.terminate()
 
@@ -335,7 +363,8 @@ class _Listener:
                     self._ready.set()
                     await lost.wait()
                 error: object = "connection closed"
-            except (self._pg.PostgresError, self._pg.InterfaceError, OSError, TimeoutError) as exc:
+            except (self._pg.PostgresError, self._pg.InterfaceError, self._pg.InternalClientError, OSError,
+                    TimeoutError) as exc:
                 error = exc
             finally:
                 if self._connection is not None and not self._connection.is_closed():
@@ -393,7 +422,8 @@ class PostgresStore(_BatchStore):
             raise _Refused(f"{exc.sqlstate}: {exc}") from exc
         except pg.InsufficientPrivilegeError as exc:
             raise StoreError(f"PostgreSQL refused edgeway.batch: {exc}; connect as a role granted EXECUTE") from exc
-        except (pg.PostgresError, pg.InterfaceError, OSError) as exc:
+        except (pg.PostgresError, pg.InterfaceError, pg.InternalClientError, OSError) as exc:
+            # InternalClientError: a connection the server dropped mid-protocol ("cannot switch to state")
             raise StoreError(f"PostgreSQL call failed: {type(exc).__name__}: {exc}") from exc
         return _loads(text, "PostgreSQL")
 

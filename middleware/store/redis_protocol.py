@@ -27,6 +27,8 @@ from collections.abc import Sequence
 from importlib import resources
 
 from .base import (
+    BreakerResult,
+    BreakerUpdate,
     Clock,
     Command,
     CommandError,
@@ -34,10 +36,14 @@ from .base import (
     Get,
     Heartbeat,
     Incr,
+    IndexAdd,
+    IndexPurge,
     LimitState,
     Publish,
     RateLimit,
     RateLimitResult,
+    Revoke,
+    Revoked,
     Set,
     Store,
     StoreError,
@@ -82,7 +88,11 @@ HEARTBEAT_SCRIPT = Script("heartbeat.lua")
 INCR_SCRIPT = Script("incr.lua")
 CAD_SCRIPT = Script("cad.lua")
 SETBIN_SCRIPT = Script("setbin.lua")
-SCRIPTS = (RATE_LIMIT_SCRIPT, HEARTBEAT_SCRIPT, INCR_SCRIPT, CAD_SCRIPT, SETBIN_SCRIPT)
+INDEX_ADD_SCRIPT = Script("index_add.lua")
+INDEX_PURGE_SCRIPT = Script("index_purge.lua")
+BREAKER_SCRIPT = Script("breaker.lua")
+SCRIPTS = (RATE_LIMIT_SCRIPT, HEARTBEAT_SCRIPT, INCR_SCRIPT, CAD_SCRIPT, SETBIN_SCRIPT, INDEX_ADD_SCRIPT,
+           INDEX_PURGE_SCRIPT, BREAKER_SCRIPT)
 """Loaded by each new connection (TCP) or the first pipeline (REST) ahead of any command."""
 _SOURCES = {script.sha: script.source for script in SCRIPTS}
 
@@ -203,6 +213,10 @@ class RedisProtocolStore(Store):
         return [self._decode(command, reply) for command, reply in zip(commands, replies, strict=True)]
 
     def _decode(self, command: Command, reply: object) -> object:
+        if isinstance(command, Revoked) and isinstance(reply, list):
+            value_bytes = self._transport.value_bytes
+            return any(isinstance(value, str | bytes) and _revoked_after(value_bytes(value), command.issued_at_ms)
+                       for value in reply)
         if isinstance(command, Get) and isinstance(reply, str | bytes):
             return self._transport.value_bytes(reply) if command.binary else self._transport.value_text(reply)
         return _decode(command, reply)
@@ -226,9 +240,21 @@ class RedisProtocolStore(Store):
             return ("EVALSHA", INCR_SCRIPT.sha, 1, command.key, command.amount, max(1, command.ttl_ms))
         if isinstance(command, Publish):
             return ("PUBLISH", command.channel, command.message)
+        if isinstance(command, IndexAdd):
+            # the server's clock, as for the member keys' own TTLs
+            return ("EVALSHA", INDEX_ADD_SCRIPT.sha, 1, command.index, f"{command.label}|{command.member}",
+                    max(1, command.ttl_ms))
+        if isinstance(command, IndexPurge):
+            if command.label is None:
+                return ("EVALSHA", INDEX_PURGE_SCRIPT.sha, 1, command.index, "")
+            return ("EVALSHA", INDEX_PURGE_SCRIPT.sha, 1, command.index, "1", command.label)
         if isinstance(command, RateLimit):
-            args: list[RedisArg] = ["EVALSHA", RATE_LIMIT_SCRIPT.sha, len(command.checks)]
+            guard = command.guard
+            args: list[RedisArg] = ["EVALSHA", RATE_LIMIT_SCRIPT.sha,
+                                    len(command.checks) + (len(guard.keys) if guard else 0)]
             args.extend(check.key for check in command.checks)
+            if guard is not None:
+                args.extend(guard.keys)
             args.append("" if self._clock is None else math.floor(self._clock() * 1000))
             for check in command.checks:
                 args.extend(
@@ -241,10 +267,22 @@ class RedisProtocolStore(Store):
                         1 if check.enforced else 0,
                     )
                 )
+            if guard is not None:
+                args.extend((guard.issued_at_ms, len(guard.keys)))
             return tuple(args)
+        if isinstance(command, Revoked):
+            return ("MGET", *command.keys)
+        if isinstance(command, Revoke):
+            return ("SET", command.key, command.at_ms, "PX", max(1, command.ttl_ms))
         if isinstance(command, Heartbeat):
             now: RedisArg = "" if self._clock is None else math.floor(self._clock() * 1000)
             return ("EVALSHA", HEARTBEAT_SCRIPT.sha, 1, command.key, command.instance, command.ttl_ms, now)
+        if isinstance(command, BreakerUpdate):
+            at: RedisArg = "" if self._clock is None else math.floor(self._clock() * 1000)
+            event = command.event
+            return ("EVALSHA", BREAKER_SCRIPT.sha, 1, command.key, at, *command.rule, event.successes,
+                    event.failures, int(event.probe), int(event.acquire), int(event.reset), event.seed_phase,
+                    event.seed_remaining_ms, event.seed_streak, event.jitter)
         raise TypeError(f"unknown store command {command!r}")
 
     @staticmethod
@@ -271,13 +309,38 @@ def _decode(command: Command, reply: object) -> object:
         raise StoreError(f"unexpected GET reply {reply!r}")
     if isinstance(command, Set):
         return reply is not None if command.only_if_absent else None
-    if isinstance(command, Delete | Incr | Publish):
+    if isinstance(command, IndexAdd):
+        return None
+    if isinstance(command, Delete | Incr | Publish | IndexPurge):
         return int(reply)  # type: ignore[call-overload]
     if isinstance(command, RateLimit):
+        if command.guard is not None and reply == [2]:
+            return RateLimitResult(False, (), revoked=True)
         return _decode_rate_limit(reply, len(command.checks))
+    if isinstance(command, Revoke):
+        return None
+    if isinstance(command, Revoked):
+        raise StoreError(f"unexpected MGET reply {reply!r}")
     if isinstance(command, Heartbeat):
         return int(reply)  # type: ignore[call-overload]
+    if isinstance(command, BreakerUpdate):
+        return decode_breaker(reply)
     raise TypeError(f"unknown store command {command!r}")
+
+
+def _revoked_after(value: bytes, issued_at_ms: int) -> bool:
+    return value.lstrip(b"-").isdigit() and int(value) > issued_at_ms
+
+
+def decode_breaker(reply: object) -> BreakerResult:
+    """A breaker update's six integers; StoreError when the reply is anything else."""
+    if not isinstance(reply, list) or len(reply) != 6:
+        raise StoreError(f"unexpected breaker reply {reply!r}")
+    try:
+        phase, remaining, failures, granted, reason, streak = (int(value) for value in reply)
+    except (TypeError, ValueError):
+        raise StoreError(f"unexpected breaker reply {reply!r}") from None
+    return BreakerResult(phase, remaining, failures, granted == 1, reason, streak)
 
 
 def _decode_rate_limit(reply: object, count: int) -> RateLimitResult:

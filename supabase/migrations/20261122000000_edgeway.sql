@@ -98,6 +98,139 @@ language sql stable parallel safe
 set search_path = edgeway, pg_catalog, pg_temp
 as $$ select pg_catalog.to_timestamp(0) + ms * interval '1 millisecond' $$;
 
+-- Circuit breakers: one row per upstream breaker (the Redis hash of lua/breaker.lua).
+create unlogged table if not exists edgeway.breakers (
+  key        text primary key,
+  phase      int not null,     -- 0 closed, 1 open, 2 half-open
+  failures   bigint not null,  -- consecutive failures while closed
+  streak     int not null,     -- openings in a row
+  until_ms   bigint not null,  -- open: when a probe may go; half-open: when the probe token expires
+  successes  int not null,     -- probe successes in half-open
+  widx       bigint not null,  -- failure-rate window index, this window's and the previous one's counts
+  wt bigint not null, wf bigint not null, pt bigint not null, pf bigint not null,
+  expires_at timestamptz not null
+);
+create index if not exists breakers_expires_at_idx on edgeway.breakers (expires_at);
+alter table edgeway.breakers enable row level security;
+revoke all on edgeway.breakers from public;
+
+-- One breaker update (middleware/breaker_state.py `apply`, step for step; lua/breaker.lua does the same).
+-- rule: [failures, rate_bp, window_ms, min_requests, open_ms, max_open_ms, success_threshold, probe_ms]
+-- event: [successes, failures, probe, acquire, reset, seed_phase, seed_remaining_ms, seed_streak, jitter]
+-- Returns [phase, remaining_ms, failures, granted, reason, streak]. The caller holds the key's advisory lock.
+create or replace function edgeway.breaker_update(p_key text, rule jsonb, event jsonb, v_now bigint)
+returns jsonb
+language plpgsql volatile security definer
+set search_path = edgeway, pg_catalog, pg_temp
+as $fn$
+declare
+  r_failures bigint := (rule ->> 0)::bigint; r_rate bigint := (rule ->> 1)::bigint;
+  r_window bigint := (rule ->> 2)::bigint; r_min bigint := (rule ->> 3)::bigint;
+  r_open bigint := (rule ->> 4)::bigint; r_max bigint := (rule ->> 5)::bigint;
+  r_threshold bigint := (rule ->> 6)::bigint; r_probe bigint := (rule ->> 7)::bigint;
+  e_ok bigint := (event ->> 0)::bigint; e_fail bigint := (event ->> 1)::bigint;
+  e_probe boolean := (event ->> 2)::int = 1; e_acquire boolean := (event ->> 3)::int = 1;
+  e_reset boolean := (event ->> 4)::int = 1; seed_phase int := (event ->> 5)::int;
+  seed_remaining bigint := (event ->> 6)::bigint; seed_streak int := (event ->> 7)::int;
+  jitter bigint := (event ->> 8)::bigint;
+  b edgeway.breakers%rowtype;
+  found_row boolean;
+  reason int := 0;
+  idx bigint;
+  weight bigint;
+  total bigint;
+  failed bigint;
+  base bigint;
+  granted boolean;
+  v_streak int;
+begin
+  if r_window is null or r_window <= 0 or r_open is null or r_max is null or r_probe is null then
+    raise exception 'edgeway.batch: bad breaker rule %', rule using errcode = '22023';
+  end if;
+  idx := floor(v_now::numeric / r_window)::bigint;
+  select * into b from edgeway.breakers x where x.key = p_key and x.expires_at > edgeway.ms_to_ts(v_now);
+  found_row := found;
+  if not found_row then
+    b := row(p_key, 0, 0, 0, 0, 0, idx, 0, 0, 0, 0, null)::edgeway.breakers;
+    if seed_phase <> 0 then
+      b.phase := 1; b.streak := greatest(1, seed_streak); b.until_ms := v_now + greatest(0, seed_remaining);
+    end if;
+  end if;
+  if e_reset then
+    if b.phase <> 0 then reason := 5; end if;
+    b := row(p_key, 0, 0, 0, 0, 0, idx, 0, 0, 0, 0, null)::edgeway.breakers;
+  end if;
+  if idx <> b.widx then
+    if idx = b.widx + 1 then
+      b.pt := b.wt; b.pf := b.wf;
+    else
+      b.pt := 0; b.pf := 0;
+    end if;
+    b.wt := 0; b.wf := 0; b.widx := idx;
+  end if;
+
+  if b.phase = 0 then
+    if e_ok > 0 or e_fail > 0 then
+      if e_ok > 0 then b.failures := 0; end if;
+      b.failures := b.failures + e_fail;
+      b.wt := b.wt + e_ok + e_fail;
+      b.wf := b.wf + e_fail;
+      if e_fail > 0 then
+        if r_failures > 0 and b.failures >= r_failures then
+          reason := 1;
+        elsif r_rate > 0 then
+          weight := r_window - (v_now - b.widx * r_window);
+          total := b.pt * weight + b.wt * r_window;
+          failed := b.pf * weight + b.wf * r_window;
+          if total >= r_min * r_window and failed * 10000 >= r_rate * total then reason := 2; end if;
+        end if;
+        if reason in (1, 2) then
+          base := least(r_open, r_max);
+          b := row(p_key, 1, 0, 1, v_now + base - (base * jitter) / 1000, 0, idx, 0, 0, 0, 0, null)::edgeway.breakers;
+        end if;
+      end if;
+    end if;
+  elsif b.phase = 2 and e_probe then
+    if e_fail > 0 then
+      reason := 3;
+      v_streak := b.streak + 1;
+      base := least(r_open * v_streak, r_max);
+      b := row(p_key, 1, 0, v_streak, v_now + base - (base * jitter) / 1000, 0, idx, 0, 0, 0, 0,
+               null)::edgeway.breakers;
+    elsif e_ok > 0 then
+      if b.successes + e_ok >= r_threshold then
+        reason := 4;
+        b := row(p_key, 0, 0, 0, 0, 0, idx, 0, 0, 0, 0, null)::edgeway.breakers;
+      else
+        b.successes := b.successes + e_ok; b.until_ms := v_now;
+      end if;
+    else
+      b.until_ms := least(b.until_ms, v_now);
+    end if;
+  end if;
+
+  granted := b.phase = 0;
+  if e_acquire and b.phase <> 0 and v_now >= b.until_ms then
+    if b.phase = 1 then
+      reason := 6; b.phase := 2; b.successes := 0;
+    end if;
+    b.until_ms := v_now + r_probe;
+    granted := true;
+  end if;
+
+  insert into edgeway.breakers as x (key, phase, failures, streak, until_ms, successes, widx, wt, wf, pt, pf,
+                                     expires_at)
+  values (p_key, b.phase, b.failures, b.streak, b.until_ms, b.successes, b.widx, b.wt, b.wf, b.pt, b.pf,
+          edgeway.ms_to_ts(v_now + 2 * r_window + r_max + 60000))
+  on conflict (key) do update
+    set phase = excluded.phase, failures = excluded.failures, streak = excluded.streak,
+        until_ms = excluded.until_ms, successes = excluded.successes, widx = excluded.widx, wt = excluded.wt,
+        wf = excluded.wf, pt = excluded.pt, pf = excluded.pf, expires_at = excluded.expires_at;
+  return jsonb_build_array(b.phase, case when b.phase = 0 then 0 else greatest(0, b.until_ms - v_now) end,
+                           b.failures, case when granted then 1 else 0 end, reason, b.streak);
+end
+$fn$;
+
 create or replace function edgeway.batch(commands jsonb, now_ms bigint default null) returns jsonb
 language plpgsql volatile security definer
 set search_path = edgeway, pg_catalog, pg_temp
@@ -126,6 +259,7 @@ declare
   cnt bigint; prev bigint; t double precision; ts bigint; est double precision;
   v_remaining bigint; v_reset double precision; v_retry double precision; v_need double precision;
   oldest bigint;
+  v_revoked boolean;
 begin
   if commands is null or jsonb_typeof(commands) <> 'array' then
     raise exception 'edgeway.batch: commands must be a JSON array' using errcode = '22023';
@@ -147,7 +281,7 @@ begin
         case when cmd.body ->> 'op' = 'ratelimit' and jsonb_typeof(cmd.body -> 'checks') = 'array'
              then cmd.body -> 'checks' else '[]'::jsonb end) as chk
       union all
-      select cmd.body ->> 'key' where cmd.body ->> 'op' = 'heartbeat'
+      select cmd.body ->> 'key' where cmd.body ->> 'op' in ('heartbeat', 'breaker')
     ) as k(key)
     where k.key is not null
     order by 1
@@ -242,7 +376,41 @@ begin
       select count(*) into cnt from edgeway.heartbeats h where h.key = v_key;
       v_out := v_out || jsonb_build_array(cnt);
 
+    elsif v_op = 'revoked' or v_op = 'revoke' then
+      if v_op = 'revoke' then
+        insert into edgeway.entries as e (key, value, data, counter, tokens, ts_ms, expires_at)
+        values (v_key, v_cmd ->> 'at_ms', null, null, null, null,
+                edgeway.ms_to_ts(v_now + greatest(1, (v_cmd ->> 'ttl_ms')::bigint)))
+        on conflict (key) do update
+          set value = excluded.value, data = null, counter = null, tokens = null, ts_ms = null,
+              expires_at = excluded.expires_at;
+        v_out := v_out || jsonb_build_array(null);
+      else
+        -- a session is revoked when one of its keys holds a time (ms) after the session's issued_at_ms
+        select exists (
+          select 1 from edgeway.entries e
+          join jsonb_array_elements_text(coalesce(v_cmd -> 'keys', '[]'::jsonb)) as k(key) on e.key = k.key
+          where e.expires_at > v_now_ts and e.value ~ '^-?[0-9]{1,18}$'
+            and e.value::bigint > (v_cmd ->> 'issued_at_ms')::bigint)
+        into v_revoked;
+        v_out := v_out || jsonb_build_array(v_revoked);
+      end if;
+
     elsif v_op = 'ratelimit' then
+      if jsonb_typeof(v_cmd -> 'guard') = 'object' then
+        -- the session's revocation check (ratelimit.lua does the same): a revoked session is charged nothing
+        select exists (
+          select 1 from edgeway.entries e
+          join jsonb_array_elements_text(coalesce(v_cmd -> 'guard' -> 'keys', '[]'::jsonb)) as k(key)
+            on e.key = k.key
+          where e.expires_at > v_now_ts and e.value ~ '^-?[0-9]{1,18}$'
+            and e.value::bigint > (v_cmd -> 'guard' ->> 'issued_at_ms')::bigint)
+        into v_revoked;
+        if v_revoked then
+          v_out := v_out || jsonb_build_array(jsonb_build_array(2));
+          continue;
+        end if;
+      end if;
       v_checks := coalesce(v_cmd -> 'checks', '[]'::jsonb);
       v_n := jsonb_array_length(v_checks);
       v_all_ok := true;
@@ -402,6 +570,9 @@ begin
       end loop;
       v_out := v_out || jsonb_build_array(to_jsonb(v_res));
 
+    elsif v_op = 'breaker' then
+      v_out := v_out || jsonb_build_array(edgeway.breaker_update(v_key, v_cmd -> 'rule', v_cmd -> 'event', v_now));
+
     else
       raise exception 'edgeway.batch: unknown op %', coalesce(v_op, 'null') using errcode = '22023';
     end if;
@@ -422,6 +593,7 @@ declare
   v_entries bigint;
   v_log bigint;
   v_beats bigint;
+  v_breakers bigint;
 begin
   delete from edgeway.entries e where e.expires_at <= v_now_ts;
   get diagnostics v_entries = row_count;
@@ -429,7 +601,9 @@ begin
   get diagnostics v_log = row_count;
   delete from edgeway.heartbeats h where h.expires_at <= v_now_ts;
   get diagnostics v_beats = row_count;
-  return v_entries + v_log + v_beats;
+  delete from edgeway.breakers b where b.expires_at <= v_now_ts;
+  get diagnostics v_breakers = row_count;
+  return v_entries + v_log + v_beats + v_breakers;
 end
 $fn$;
 
@@ -457,6 +631,7 @@ as $fn$ select edgeway.batch(commands, now_ms) $fn$;
 -- new functions to anon and authenticated too).
 revoke all on function edgeway.ms_to_ts(bigint) from public;
 revoke all on function edgeway.batch(jsonb, bigint) from public;
+revoke all on function edgeway.breaker_update(text, jsonb, jsonb, bigint) from public;
 revoke all on function edgeway.cleanup(bigint) from public;
 revoke all on function public.edgeway_batch(jsonb, bigint) from public;
 revoke all on function public.edgeway_events(jsonb) from public;
@@ -468,8 +643,9 @@ begin
   foreach r in array array['anon', 'authenticated'] loop
     if exists (select 1 from pg_catalog.pg_roles where rolname = r) then
       execute format('revoke all on schema edgeway from %I', r);
-      execute format('revoke all on edgeway.entries, edgeway.log_entries, edgeway.heartbeats, edgeway.events from %I',
-                     r);
+      execute format('revoke all on edgeway.entries, edgeway.log_entries, edgeway.heartbeats, edgeway.events, '
+                     'edgeway.breakers from %I', r);
+      execute format('revoke all on function edgeway.breaker_update(text, jsonb, jsonb, bigint) from %I', r);
       execute format('revoke all on function edgeway.ms_to_ts(bigint) from %I', r);
       execute format('revoke all on function edgeway.batch(jsonb, bigint) from %I', r);
       execute format('revoke all on function edgeway.cleanup(bigint) from %I', r);

@@ -9,9 +9,6 @@ inflate the count (it would show as 503s, which the test forbids).
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 import time
 import uuid
 from collections import Counter
@@ -21,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.servers import BRIDGE_TOKEN, UvicornThread, free_port, ok_app, wait_for_port
+from tests.servers import BRIDGE_TOKEN, Gateways, UvicornThread, ok_app
 
 REQUESTS = 500
 QUOTA = 100
@@ -51,33 +48,6 @@ routes:
 def upstream() -> Iterator[UvicornThread]:
     with UvicornThread(ok_app) as server:
         yield server
-
-
-class Gateways:
-    """Two `edgeway serve` processes on one policy."""
-
-    def __init__(self, policy: Path, log_dir: Path) -> None:
-        self.ports = [free_port(), free_port()]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.processes = [
-            subprocess.Popen(
-                [sys.executable, "-m", "edgeway.gateway.cli", "serve", "--policy", str(policy), "--port", str(port),
-                 "--log-level", "warning"],
-                stdout=open(log_dir / f"gateway-{port}.log", "wb"), stderr=subprocess.STDOUT, env=env,  # noqa: SIM115
-            )
-            for port in self.ports
-        ]
-        for port, process in zip(self.ports, self.processes, strict=True):
-            wait_for_port(port, timeout=20, alive=lambda p=process: p.poll() is None)
-
-    def close(self) -> None:
-        for process in self.processes:
-            process.terminate()
-        for process in self.processes:
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
 
 
 @pytest.fixture(params=["redis", "upstash"])

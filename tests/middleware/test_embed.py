@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import httpx
@@ -10,6 +11,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from edgeway.gateway import Edgeway
+from edgeway.middleware.cache import CacheMiddleware
 from edgeway.middleware.ratelimit import Limit, RateLimitMiddleware
 from edgeway.middleware.store.memory import MemoryStore
 
@@ -55,3 +57,45 @@ async def test_add_middleware_as_in_the_readme() -> None:
     async with client(app) as http:
         statuses = [(await http.get("/health")).status_code for _ in range(2)]
     assert statuses == [200, 429]
+
+
+CACHED_POLICY = """\
+version: 1
+upstreams:
+  api: { url: "http://127.0.0.1:9" }
+routes:
+  - match: { path: /api/ai/*, methods: [POST] }
+    upstream: api
+    cache: { ttl: 1h, key: [method, path, body] }
+"""
+
+
+async def test_wrap_caches_as_the_gateway_does(tmp_path: Path) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text(CACHED_POLICY)
+    calls = 0
+
+    async def counted(request):  # type: ignore[no-untyped-def]
+        nonlocal calls
+        calls += 1
+        return JSONResponse({"answer": calls})
+
+    inner = Starlette(routes=[Route("/api/ai/chat", counted, methods=["POST"])])
+    app = Edgeway.from_policy(path, store=MemoryStore()).wrap(inner)
+    async with client(app) as http:
+        first = await http.post("/api/ai/chat", json={"q": "why", "n": 1})
+        await asyncio.sleep(0)  # let the deferred fill run
+        second = await http.post("/api/ai/chat", json={"n": 1.0, "q": "why"})
+    assert first.headers["cache-status"] == "edgeway; fwd=miss; stored"
+    assert second.headers["cache-status"].startswith("edgeway; hit") and second.json() == {"answer": 1}
+    assert calls == 1
+
+
+async def test_cache_middleware_as_in_the_readme() -> None:
+    app = starlette_app()
+    app.add_middleware(CacheMiddleware, store=MemoryStore(), ttl=60, key=["method", "path", "body"])
+    async with client(app) as http:
+        first = await http.post("/api/ai/chat", json={"q": 1})
+        await asyncio.sleep(0)
+        second = await http.post("/api/ai/chat", json={"q": 1})
+    assert second.headers["cache-status"].startswith("edgeway; hit") and second.json() == first.json()

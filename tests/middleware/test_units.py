@@ -71,3 +71,22 @@ def test_bad_durations(text: object) -> None:
 @pytest.mark.parametrize(("text", "size"), [("512", 512), ("64KB", 64_000), ("2MB", 2_000_000), ("1MiB", 1 << 20)])
 def test_sizes(text: str, size: int) -> None:
     assert parse_size(text) == size
+
+
+def test_durations_in_python_are_seconds_or_timedeltas_but_a_policy_file_needs_a_unit() -> None:
+    from datetime import timedelta
+
+    from pydantic import TypeAdapter, ValidationError
+
+    from edgeway.middleware.units import POLICY_FILE, Duration
+
+    python = TypeAdapter(Duration)
+    assert python.validate_python(60) == 60.0
+    assert python.validate_python(0.25) == 0.25
+    assert python.validate_python(timedelta(minutes=2)) == 120.0
+    assert python.validate_python("5m") == 300.0
+    with pytest.raises(ValidationError, match="cannot be negative"):
+        python.validate_python(-1)
+    with pytest.raises(ValidationError, match=r"50 has no unit: add one, e\.g\. 50ms or 50s"):
+        python.validate_python(50, context={POLICY_FILE: True})
+    assert python.validate_python(timedelta(seconds=3), context={POLICY_FILE: True}) == 3.0

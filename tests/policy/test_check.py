@@ -170,3 +170,87 @@ def test_example_policies_are_valid(path: Path) -> None:
 
 def test_shipped_json_schema_matches_the_models() -> None:
     assert SCHEMA_PATH.read_text() == render(), "run: python -m edgeway.gateway.schema"
+
+
+SESSIONS = """\
+version: 1
+upstreams:
+  api: { url: "http://127.0.0.1:9001" }
+routes:
+  - match: { path: /api/* }
+    upstream: api
+    session: required
+    privileged: true
+sessions:
+  provider: supabase
+  ttl: 1h
+"""
+
+
+def test_sessions_without_url_for_supabase() -> None:
+    assert problems(SESSIONS) == [
+        "p.yaml:10:3: sessions: provider: supabase needs url: (the project URL, e.g. ${SUPABASE_URL})"
+    ]
+
+
+def test_jwt_sessions_without_keys() -> None:
+    text = SESSIONS.replace("provider: supabase", "provider: jwt\n  verify: jwt")
+    assert problems(text) == ["p.yaml:10:3: sessions: provider: jwt needs jwks_url: or jwt_secret: to verify tokens"]
+
+
+def test_session_route_without_a_sessions_block() -> None:
+    text = SESSIONS.split("sessions:")[0]
+    assert problems(text) == [
+        "p.yaml:7:14: session: required needs a sessions: block (provider, url) saying how tokens are verified"
+    ]
+
+
+def test_privileged_without_a_session() -> None:
+    text = SESSIONS.replace("    session: required\n", "").replace("provider: supabase", "url: https://a.b")
+    assert problems(text) == ["p.yaml:7:17: privileged: true applies to routes with session: required or optional"]
+
+
+def test_valid_sessions_block_is_typed() -> None:
+    text = SESSIONS.replace("provider: supabase", "url: https://abc.supabase.co\n  claims: [email]\n"
+                            "  headers: { X-Edgeway-Email: email }\n  negative_ttl: 10s")
+    sessions = load_text(text, "p.yaml", {}).policy.sessions
+    assert sessions is not None
+    assert (sessions.ttl, sessions.negative_ttl, sessions.headers) == (3600.0, 10.0, {"x-edgeway-email": "email"})
+    assert sessions.effective_issuer == "https://abc.supabase.co/auth/v1"
+
+
+CACHED = """\
+version: 1
+upstreams:
+  api: { url: "http://127.0.0.1:9001" }
+routes:
+  - match: { path: /ai/*, methods: [GET] }
+    upstream: api
+    cache:
+      key: [method, path, body]
+  - match: { path: /b }
+    upstream: api
+    cache: { max_body: 0, key: [method, cookie] }
+  - match: { path: /c }
+    upstream: api
+    cache: { ttl: origin, body_include: [model], lock_timeout: soon, tag_header: "Cache Tag" }
+"""
+
+
+def test_cache_problems_are_reported_at_their_positions() -> None:
+    assert problems(CACHED) == [
+        "p.yaml:8:12: routes.0.cache.key: `body` keys POST answers, but this route's match.methods excludes POST",
+        "p.yaml:11:24: routes.1.cache.max_body: must be at least 1 byte",
+        "p.yaml:11:32: routes.1.cache.key: unknown cache key part 'cookie': expected method, path, query, body, "
+        "user, header:NAME",
+        "p.yaml:14:64: routes.2.cache.lock_timeout: expected a duration such as 250ms, 30s, 5m, 1h or 7d, got 'soon'",
+        "p.yaml:14:82: routes.2.cache.tag_header: not a header name: 'Cache Tag'",
+    ]
+
+
+def test_a_valid_cache_block_is_typed() -> None:
+    text = VALID + "    cache: { ttl: 1h, key: [method, path, query, 'header:X-Team'], stale_if_error: 10m }\n"
+    cache = load_text(text, "p.yaml", {}).policy.routes[0].cache
+    assert cache is not None and cache.ttl == 3600.0 and cache.stale_if_error == 600.0
+    assert cache.key == ("method", "path", "query", "header:x-team")
+    assert cache.methods == ("GET", "HEAD")

@@ -30,6 +30,7 @@ from edgeway.middleware.store import (
     RateLimitResult,
     Set,
     Store,
+    StoreError,
 )
 from edgeway.middleware.store.memory import MemoryStore
 from edgeway.middleware.store.postgres import PostgresStore
@@ -355,3 +356,22 @@ async def test_random_walk_matches_the_lua_script(dsn: str, redis_url: str, seed
     finally:
         for store in stores:
             await store.close()
+
+
+async def test_a_connection_dropped_mid_protocol_is_a_store_error(dsn: str) -> None:
+    """asyncpg's InternalClientError ("cannot switch to state ...") is a failing store, never a 500."""
+    store = PostgresStore(dsn, timeout=5.0)
+
+    class Broken:
+        def acquire(self) -> Any:
+            raise asyncpg.InternalClientError("cannot switch to state 15; another operation (2) is in progress")
+
+    await store.execute([Get("edgeway-test:k")])  # opens the pool
+    pool = store._pool.value
+    store._pool.value = Broken()  # type: ignore[assignment]
+    try:
+        with pytest.raises(StoreError, match="InternalClientError"):
+            await store.execute([Get("edgeway-test:k")])
+    finally:
+        store._pool.value = pool
+        await store.close()

@@ -25,16 +25,26 @@ from dataclasses import dataclass, field
 import pytest
 import redis.asyncio as aioredis
 
+from edgeway.middleware.breaker_state import State as BreakerState
+from edgeway.middleware.breaker_state import apply as breaker_apply
 from edgeway.middleware.store import (
     Algorithm,
+    BreakerEvent,
+    BreakerResult,
+    BreakerRule,
+    BreakerUpdate,
     CommandError,
     Delete,
     Get,
     Incr,
+    IndexAdd,
+    IndexPurge,
     LimitCheck,
     Publish,
     RateLimit,
     RateLimitResult,
+    Revoke,
+    Revoked,
     Set,
     Store,
     StoreError,
@@ -94,6 +104,8 @@ BACKENDS = ["memory", "fakeredis", "redis", "upstash", "postgres", "supabase"]
 REMOTE = ["fakeredis", "redis", "upstash"]
 remote_only = pytest.mark.parametrize("backend", REMOTE, indirect=True)
 SHARED = [*REMOTE, "postgres", "supabase"]  # state shared by several clients over the network
+CACHES = ["memory", *REMOTE]  # where cache commands go: the failover sends them to memory, never to PostgreSQL
+caches_only = pytest.mark.parametrize("backend", CACHES, indirect=True)
 
 
 @pytest.fixture(params=BACKENDS)
@@ -181,6 +193,42 @@ async def test_set_get_delete_round_trip(store: Store, key: str) -> None:
     assert await store.execute([Set(key + "a", "two", 60_000), Get(key + "a")]) == [None, "two"]
     assert await store.execute([Delete(key + "a")]) == [1]
     assert await store.execute([Get(key + "a"), Delete(key + "a")]) == [None, 0]
+
+
+@caches_only
+async def test_index_purge_deletes_every_recorded_key(store: Store, key: str) -> None:
+    entries = [Set(key + name, name.encode(), 60_000) for name in ("a", "b", "c")]
+    recorded = [IndexAdd(key + "index", key + name, 60_000) for name in ("a", "b", "c")]
+    await store.execute([*entries, *recorded, Set(key + "other", "x", 60_000), Delete(key + "c")])
+    assert await store.execute([IndexPurge(key + "index")]) == [2]  # c was gone already
+    assert await store.execute([Get(key + "a"), Get(key + "b"), Get(key + "other")]) == [None, None, "x"]
+    assert await store.execute([IndexPurge(key + "index"), IndexPurge(key + "never")]) == [0, 0]
+
+
+@caches_only
+async def test_index_purge_by_label_deletes_only_that_labels_keys(store: Store, key: str) -> None:
+    await store.execute([
+        *(Set(key + name, name, 60_000) for name in ("a1", "a2", "b1")),
+        IndexAdd(key + "index", key + "a1", 60_000, "a"),
+        IndexAdd(key + "index", key + "a2", 60_000, "a"),
+        IndexAdd(key + "index", key + "b1", 60_000, "b"),
+    ])
+    assert await store.execute([IndexPurge(key + "index", "a")]) == [2]
+    assert await store.execute([Get(key + "a1"), Get(key + "b1"), IndexPurge(key + "index", "a")]) == [None, "b1", 0]
+    assert await store.execute([IndexPurge(key + "index")]) == [1]
+
+
+@caches_only
+async def test_index_forgets_expired_members(backend: Backend, store: Store, clock: FakeClock, key: str) -> None:
+    await store.execute([Set(key + "short", "1", 100), IndexAdd(key + "index", key + "short", 100),
+                         Set(key + "long", "2", 60_000), IndexAdd(key + "index", key + "long", 60_000)])
+    if backend.remote:
+        await asyncio.sleep(0.25)
+    else:
+        clock.advance(150)
+    # a member added later trims the expired one; a re-created key of that name is not purged through it
+    await store.execute([IndexAdd(key + "index", key + "long", 60_000), Set(key + "short", "3", 60_000)])
+    assert await store.execute([IndexPurge(key + "index"), Get(key + "short")]) == [1, "3"]
 
 
 async def test_ttl_expiry(backend: Backend, store: Store, clock: FakeClock, key: str) -> None:
@@ -529,6 +577,26 @@ async def test_shadow_limits_report_but_never_reject(store: Store, key: str) -> 
     assert again.allowed and not again.states[0].allowed
 
 
+async def test_revocations_by_time_and_the_rate_limit_guard(store: Store, key: str) -> None:
+    """A session is revoked when one of its keys holds a time after its iat; a guarded limit then charges nothing."""
+    user, token = key + "rv:u", key + "rv:t"
+    check = limit(key + "rl", FIXED, 5, 60_000)
+    before, after = T0_MS - 10_000, T0_MS + 10_000
+    assert await store.execute([Revoked((user, token), before)]) == [False]
+    assert await store.execute([Revoke(user, T0_MS, 3_600_000)]) == [None]
+    results = await store.execute([
+        Revoked((token, user), before),
+        Revoked((token, user), after),
+        RateLimit((check,), guard=Revoked((token, user), before)),
+        RateLimit((check,), guard=Revoked((token, user), after)),
+    ])
+    assert results[:2] == [True, False]
+    assert results[2] == RateLimitResult(False, (), revoked=True)
+    assert isinstance(results[3], RateLimitResult) and results[3].allowed and not results[3].revoked
+    assert state(results[3]) == (True, 4, 60_000, 0)  # the guarded, revoked request above was not charged
+
+
+
 async def test_all_algorithms_in_one_request(store: Store, clock: FakeClock, key: str) -> None:
     """One scripted run over every algorithm at once: the literal answers every backend must give."""
     checks = (
@@ -699,6 +767,100 @@ async def test_killed_server_fails_fast_then_recovers(own_redis: RedisServer, ke
         await store.close()
 
 
+# -- circuit breakers: the same state machine on every backend ---------------------
+
+RULE = BreakerRule(failures=3, rate_bp=0, window_ms=10_000, min_requests=20, open_ms=60_000, max_open_ms=150_000,
+                   success_threshold=2, probe_ms=5_000)
+RATE_RULE = RULE._replace(failures=0, rate_bp=5_000, min_requests=4)
+FAIL, OK = BreakerEvent(failures=1), BreakerEvent(successes=1)
+ACQUIRE = BreakerEvent(acquire=True)
+PROBE_OK, PROBE_FAIL = BreakerEvent(successes=1, probe=True), BreakerEvent(failures=1, probe=True)
+BreakerStep = tuple[int, BreakerEvent, tuple[int, int, int, bool, int, int]]
+"""(advance ms, event, expected (phase, remaining_ms, failures, granted, reason, streak))."""
+
+BREAKER_SCENARIOS: dict[str, tuple[BreakerRule, list[BreakerStep]]] = {
+    "a success between failures resets the count": (RULE, [
+        (0, FAIL, (0, 0, 1, True, 0, 0)), (0, FAIL, (0, 0, 2, True, 0, 0)), (0, OK, (0, 0, 0, True, 0, 0)),
+        (0, FAIL, (0, 0, 1, True, 0, 0)), (0, FAIL, (0, 0, 2, True, 0, 0)),
+        (0, FAIL, (1, 60_000, 0, False, 1, 1)),
+    ]),
+    "open, one probe, failed probe reopens longer (jitter off the top)": (RULE, [
+        (0, BreakerEvent(failures=3), (1, 60_000, 0, False, 1, 1)),
+        (1_000, ACQUIRE, (1, 59_000, 0, False, 0, 1)),
+        (59_000, ACQUIRE, (2, 5_000, 0, True, 6, 1)),
+        (10, ACQUIRE, (2, 4_990, 0, False, 0, 1)),
+        (0, FAIL, (2, 4_990, 0, False, 0, 1)),  # not the probe: ignored
+        (0, BreakerEvent(failures=1, probe=True, jitter=100), (1, 108_000, 0, False, 3, 2)),
+        (108_000, ACQUIRE, (2, 5_000, 0, True, 6, 2)),
+        (0, PROBE_FAIL, (1, 150_000, 0, False, 3, 3)),  # capped at max_open_ms
+    ]),
+    "success threshold: probes one at a time until it closes": (RULE, [
+        (0, BreakerEvent(failures=3), (1, 60_000, 0, False, 1, 1)),
+        (60_000, ACQUIRE, (2, 5_000, 0, True, 6, 1)),
+        (100, PROBE_OK, (2, 0, 0, False, 0, 1)),
+        (0, ACQUIRE, (2, 5_000, 0, True, 0, 1)),
+        (0, PROBE_OK, (0, 0, 0, True, 4, 0)),
+    ]),
+    "a lost probe token expires; a probe that says nothing hands it back": (RULE, [
+        (0, BreakerEvent(failures=3), (1, 60_000, 0, False, 1, 1)),
+        (60_000, ACQUIRE, (2, 5_000, 0, True, 6, 1)),
+        (5_000, ACQUIRE, (2, 5_000, 0, True, 0, 1)),
+        (1_000, BreakerEvent(probe=True), (2, 0, 0, False, 0, 1)),
+        (0, ACQUIRE, (2, 5_000, 0, True, 0, 1)),
+    ]),
+    "reset closes; a seed only fills an empty key": (RULE, [
+        (0, BreakerEvent(seed_phase=1, seed_remaining_ms=7_000, seed_streak=2), (1, 7_000, 0, False, 0, 2)),
+        (0, BreakerEvent(seed_phase=0), (1, 7_000, 0, False, 0, 2)),
+        (0, BreakerEvent(reset=True), (0, 0, 0, True, 5, 0)),
+        (0, BreakerEvent(seed_phase=1, seed_remaining_ms=9_000, seed_streak=1), (0, 0, 0, True, 0, 0)),
+    ]),
+    "failure rate trips only past min_requests, over the sliding window": (RATE_RULE, [
+        (0, FAIL, (0, 0, 1, True, 0, 0)), (0, FAIL, (0, 0, 2, True, 0, 0)), (0, FAIL, (0, 0, 3, True, 0, 0)),
+        (10_000, BreakerEvent(successes=3), (0, 0, 0, True, 0, 0)),
+        # previous window 3/3 weighted 1/2 + this one 1/4: 2.5 of 5.5 requests failed, under 50%
+        (5_000, FAIL, (0, 0, 1, True, 0, 0)),
+        (0, FAIL, (1, 60_000, 0, False, 2, 1)),  # 3.5 of 6.5: over
+    ]),
+}
+
+
+@pytest.mark.parametrize("scenario", list(BREAKER_SCENARIOS))
+async def test_breaker_scenarios_match_the_reference(store: Store, clock: FakeClock, key: str,
+                                                     scenario: str) -> None:
+    rule, steps = BREAKER_SCENARIOS[scenario]
+    reference: BreakerState | None = None
+    for number, (advance, event, expected) in enumerate(steps):
+        clock.advance(advance)
+        (result,) = await store.execute([BreakerUpdate(key + "br", rule, event)])
+        reference, want = breaker_apply(reference, rule, event, clock.ms)
+        assert result == BreakerResult(*expected), f"step {number}"
+        assert result == want, f"step {number}: the reference disagrees"
+
+
+# PostgreSQL keeps breakers in a table of their own: no key there can hold another type
+@pytest.mark.parametrize("backend", ["memory", *REMOTE], indirect=True)
+async def test_breaker_key_of_another_type_is_that_commands_error(backend: Backend, store: Store, key: str) -> None:
+    if backend.url is not None:
+        client = aioredis.from_url(backend.url)
+        await client.rpush(key + "br", "x")
+        await client.aclose()
+    else:
+        await store.execute([Set(key + "br", "not a breaker", 60_000)])
+    (result,) = await store.execute([BreakerUpdate(key + "br", RULE, FAIL)])
+    assert isinstance(result, CommandError)
+
+
+@pytest.mark.parametrize("backend", SHARED, indirect=True)
+async def test_exactly_one_probe_among_concurrent_callers(backend: Backend, key: str) -> None:
+    stores = [backend.make() for _ in range(5)]
+    await stores[0].execute([BreakerUpdate(key + "br", RULE._replace(open_ms=1, max_open_ms=1),
+                                           BreakerEvent(failures=3))])
+    await asyncio.sleep(0.01)
+    results = await asyncio.gather(*(
+        s.execute([BreakerUpdate(key + "br", RULE, ACQUIRE)]) for s in stores for _ in range(10)
+    ))
+    granted = [r for (r,) in results if isinstance(r, BreakerResult) and r.granted]
+    assert len(granted) == 1
 # -- regressions of issue 8 (over-admission) ---------------------------------------------
 
 

@@ -1,0 +1,163 @@
+"""The breaker as a route policy (last before the upstream) and as ``CircuitBreakerMiddleware``.
+
+Per request: ``prepare`` adds a command only when the local copy is due for a
+re-read or the open time is over (the probe-token request); ``decide`` lets
+the request through or answers for the upstream — with the cache's stale entry
+(``ctx.stale``), the upstream's static ``fallback:``, or 503
+``upstream_unavailable`` with ``Retry-After`` — and past ``max_in_flight`` with
+503 ``upstream_overloaded``; ``finish`` classifies the response and returns the
+breaker's write, if any.
+
+What counts as a failure (:func:`failed`): the gateway's own 502 ``bad_gateway``
+(``connect``) and 504 ``upstream_timeout`` (``timeout``) when listed in ``on:``,
+an upstream status listed there, and with ``slow_call`` an answer slower than
+that to its first byte. 4xx answers never count, nor does a response cut short
+(the client left): neither says the upstream failed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from .breaker import CircuitBreaker, CircuitOpen, Ticket
+from .breaker_config import BreakerSettings
+from .clientip import IPNetwork
+from .context import RequestContext
+from .pipeline import ASGIApp, PolicyPipeline
+from .policy import Answer, BasePolicy, Completed, Pending, Prepared
+from .responses import ErrorResponse, Response
+from .store import BreakerUpdate, Command, CommandError, Store, StoreError
+
+__all__ = ["BreakerPolicy", "CircuitBreakerMiddleware", "failed"]
+
+_GATEWAY_ERRORS = {b"bad_gateway": "connect", b"upstream_timeout": "timeout"}
+
+
+def failed(response: Completed, settings: BreakerSettings, statuses: frozenset[int]) -> bool | None:
+    """True for a failure, False for a success, None for a response that says nothing about the upstream."""
+    if not response.complete or response.status == 0:
+        return None
+    own = response.header(b"edgeway-error")
+    if own is not None:
+        kind = _GATEWAY_ERRORS.get(own)
+        return True if kind is not None and kind in settings.on else None
+    if response.status in statuses:
+        return True
+    if 400 <= response.status < 500:
+        return None
+    return settings.slow_call is not None and response.elapsed > settings.slow_call
+
+
+class _Request:
+    __slots__ = ("command", "ticket", "write")
+
+    def __init__(self, command: BreakerUpdate | None) -> None:
+        self.command = command
+        self.ticket: Ticket | None = None
+        self.write: BreakerUpdate | None = None
+
+
+class BreakerPolicy(BasePolicy):
+    """A route's use of its upstream's :class:`CircuitBreaker` (shared by all routes to that upstream)."""
+
+    name = "breaker"
+    wants_finish = True
+
+    def __init__(self, breaker: CircuitBreaker) -> None:
+        self.breaker = breaker
+        settings = breaker.settings
+        self._statuses = settings.statuses
+        self._fallback: tuple[int, list[tuple[bytes, bytes]], bytes] | None = None
+        if settings.fallback is not None:
+            headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in settings.fallback.headers.items()]
+            self._fallback = (settings.fallback.status, headers, settings.fallback.body.encode())
+
+    def prepare(self, ctx: RequestContext) -> Prepared:
+        command = self.breaker.before()
+        return Prepared(() if command is None else (command,), _Request(command))
+
+    def decide(self, ctx: RequestContext, prepared: Prepared, results: Sequence[object]) -> Answer | None:
+        request: _Request = prepared.state  # type: ignore[assignment]
+        return self._admit(ctx, request, results[0] if results else None)
+
+    def store_failed(self, ctx: RequestContext, prepared: Prepared,
+                     error: StoreError | CommandError) -> Answer | Pending | None:
+        request: _Request = prepared.state  # type: ignore[assignment]
+        return self._admit(ctx, request, error)
+
+    def _admit(self, ctx: RequestContext, request: _Request, result: object) -> Answer | None:
+        admitted = self.breaker.admit(request.command, result)
+        if isinstance(admitted, Ticket):
+            request.ticket = admitted
+            if admitted.probe:
+                ctx.outcomes["breaker"] = "probe"
+            return None
+        return self._refusal(ctx, admitted)
+
+    def _refusal(self, ctx: RequestContext, refused: CircuitOpen) -> Answer:
+        name = self.breaker.name
+        retry_after = (b"retry-after", str(refused.retry_after).encode())
+        if refused.overloaded:
+            ctx.outcomes["breaker"] = "overloaded"
+            return ErrorResponse(503, "upstream_overloaded", f"upstream {name} has too many requests in flight",
+                                 extra={"upstream": name}, headers=[retry_after])
+        if ctx.stale is not None:
+            ctx.outcomes["breaker"] = "stale"
+            stale: Answer = ctx.stale
+            return stale
+        if self._fallback is not None:
+            ctx.outcomes["breaker"] = "fallback"
+            status, headers, body = self._fallback
+            return Response(status, [*headers, (b"edgeway-error", b"upstream_unavailable"), retry_after,
+                                     (b"content-length", str(len(body)).encode())], [body] if body else [])
+        ctx.outcomes["breaker"] = "open"
+        return ErrorResponse(503, "upstream_unavailable", f"upstream {name} is failing; its circuit breaker is open",
+                             extra={"upstream": name}, headers=[retry_after])
+
+    def finish(self, ctx: RequestContext, prepared: Prepared, response: Completed) -> Sequence[Command]:
+        request: _Request = prepared.state  # type: ignore[assignment]
+        ticket = request.ticket
+        if ticket is None:
+            return ()
+        outcome = failed(response, self.breaker.settings, self._statuses)
+        if ticket.probe and outcome is None and response.complete and response.status:
+            outcome = False  # a 4xx to the probe: the upstream answers, that is all a probe asks
+        request.write = self.breaker.record(ticket, outcome)
+        return () if request.write is None else (request.write,)
+
+    def written(self, ctx: RequestContext, prepared: Prepared, outcome: Sequence[object] | StoreError) -> None:
+        request: _Request = prepared.state  # type: ignore[assignment]
+        if request.write is not None:
+            self.breaker.written(request.write, outcome if isinstance(outcome, StoreError) else outcome[0])
+
+
+class CircuitBreakerMiddleware(PolicyPipeline):
+    """A circuit breaker around an ASGI app (or part of one), without a policy file.
+
+    >>> breaker = CircuitBreaker("backend", BreakerSettings(failures=5, open_for="30s"), store=store)
+    >>> app = CircuitBreakerMiddleware(app, breaker=breaker)
+
+    The app's 5xx answers listed in ``on:`` count as failures; while open the
+    middleware answers 503 ``upstream_unavailable`` (or the settings'
+    ``fallback``) without calling the app. Pass the same ``breaker`` to several
+    middlewares, or use it with ``async with breaker:`` in code: they share one state.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        breaker: CircuitBreaker | None = None,
+        store: Store | None = None,
+        settings: BreakerSettings | None = None,
+        name: str = "app",
+        key_prefix: str = "edgeway:",
+        trusted_proxies: Iterable[str | IPNetwork] = (),
+    ) -> None:
+        if breaker is None:
+            if store is None:
+                raise TypeError("CircuitBreakerMiddleware needs a breaker= or a store= to build one")
+            breaker = CircuitBreaker(name, settings, store=store, key_prefix=key_prefix)
+        self.breaker = breaker
+        super().__init__(app, policies=[BreakerPolicy(breaker)], store=breaker.store,
+                         trusted_proxies=trusted_proxies, route=breaker.name)
