@@ -145,7 +145,7 @@ routes:
     upstream: api
     cache: { ttl: 1h, key: [method, path, query] }
     session: optional
-sessions: { provider: jwt }
+sessions: { provider: jwt, jwt_secret: "explain-test-secret-of-32-bytes!!" }
 """)
     code, lines = run(capsys, "explain", str(policy), "GET", "/cached/a?x=1")
     assert code == 0
