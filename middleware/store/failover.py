@@ -65,6 +65,7 @@ from .base import (
     Subscription,
 )
 from .memory import MemoryStore
+from .notify import stop
 
 logger = logging.getLogger("edgeway.store")
 
@@ -235,10 +236,10 @@ class FailoverStore(Store):
         raise StoreError("no store answers")
 
     async def close(self) -> None:
-        for task in [*self._tasks, *([self._heartbeat] if self._heartbeat else [])]:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        """Stop probes and heartbeats, then close every store of the chain (and so every subscription)."""
+        tasks = [*self._tasks, *([self._heartbeat] if self._heartbeat else [])]
         self._heartbeat = None
+        await asyncio.gather(*(stop(task, "a store probe or heartbeat") for task in tasks))
         for member in self._members:
             await member.store.close()
 
