@@ -29,6 +29,11 @@ STORE_MODE = Gauge("edgeway_store_mode", "1 for the store currently serving shar
 STORE_MODE_CHANGES = Counter(
     "edgeway_store_mode_changes_total", "Failovers and recoveries between stores.", ["from_mode", "to_mode"]
 )
+STORE_FALLBACKS = Counter(
+    "edgeway_store_fallbacks_total",
+    "Store batches that failed or timed out on one store of the chain and went on to the next one.",
+    ["store"],  # the store that failed them; its quota did not decide them (counters don't move between stores)
+)
 CACHE_REQUESTS = Counter(
     "edgeway_cache_requests_total",
     "Requests on cached routes by what the cache did.",

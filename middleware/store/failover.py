@@ -48,7 +48,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ..metrics import STORE_MODE, STORE_MODE_CHANGES, STORE_UP
+from ..metrics import STORE_FALLBACKS, STORE_MODE, STORE_MODE_CHANGES, STORE_UP
 from .base import (
     CACHE_COMMANDS,
     Command,
@@ -192,6 +192,7 @@ class FailoverStore(Store):
                 else:
                     results = await self._split(member.store, commands, shared, timeout)
             except StoreError as error:
+                STORE_FALLBACKS.labels(member.store.kind).inc()
                 self._failed(member, work_kind(commands), error)
                 continue
             if member.health[WRITE].failures or member.health[READ].failures:  # the common case skips this
