@@ -52,6 +52,7 @@ from edgeway.middleware.store import (
 )
 from edgeway.middleware.store.failover import FailoverStore
 from edgeway.middleware.store.memory import MemoryStore
+from edgeway.middleware.store.notify import stop
 from edgeway.middleware.store.postgres import PostgresStore, SupabaseStore
 from edgeway.middleware.store.redis import RedisStore
 from edgeway.middleware.store.upstash import UpstashStore
@@ -1072,3 +1073,19 @@ async def test_close_while_a_subscribe_is_connecting_never_hangs(redis_url: str,
         await close_within_bound(store)
         await asyncio.wait_for(subscribing, CLOSE_BOUND)
         assert left_running(before) == [], f"after {turns} loop turns"
+
+
+async def test_stop_repeats_a_cancellation_that_was_swallowed() -> None:
+    swallowed = asyncio.Event()
+
+    async def listener() -> None:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            swallowed.set()  # as 3.11's wait_for does when the awaited connect completes with the cancellation
+        await asyncio.sleep(3600)
+
+    task = asyncio.ensure_future(listener())
+    await asyncio.sleep(0)
+    await asyncio.wait_for(stop(task, "a listener"), CLOSE_BOUND)
+    assert swallowed.is_set() and task.cancelled()
