@@ -61,11 +61,34 @@ PG_TARGET = "edgeway-2-limits-postgres-fallback"  # Redis unreachable: limits en
 CACHE_TARGET = "edgeway-cache-hit"  # the gateway answering a 1 KB JSON body from its cache (Redis)
 BREAKER_TARGET = "breaker-closed"  # edgeway-2-limits with a (never tripping) breaker on the upstream
 TARGETS = ("upstream", "nginx-proxy", "raw-aiohttp", "baseline", "edgeway", "edgeway-2-limits", BREAKER_TARGET,
-           "edgeway-2-limits-memory", PG_TARGET, "slowapi", CACHE_TARGET, "starlette-json")
+           "edgeway-2-limits-memory", PG_TARGET, "slowapi", CACHE_TARGET, "starlette-json",
+           "session-warm")
 ASGI_APPS = {"raw-aiohttp": "baseline_proxy:raw_app", "baseline": "baseline_proxy:starlette_app",
              "slowapi": "slowapi_proxy:app", "starlette-json": "plain_app:app"}  # served from bench/ with uvicorn
 JSON_TARGETS = (CACHE_TARGET, "starlette-json")  # GET JSON_PATH (1 KB JSON) instead of PATH
-REDIS_TARGETS = ("edgeway-2-limits", BREAKER_TARGET, "slowapi", CACHE_TARGET)
+REDIS_TARGETS = ("edgeway-2-limits", BREAKER_TARGET, "slowapi", CACHE_TARGET, "session-warm")
+# session-warm: edgeway-2-limits behind `session: required` with one token, verified locally (HS256 secret) and
+# then served from the instance's session cache: what sessions add on the warm path (revocation read included)
+SESSION_SECRET = "bench-session-secret-of-at-least-32-bytes"
+
+
+def _session_token() -> str:
+    import base64
+    import hashlib
+    import hmac
+
+    def part(value: dict[str, Any]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(value).encode()).rstrip(b"=").decode()
+
+    now = int(time.time())
+    head = part({"alg": "HS256", "typ": "JWT"})
+    body = part({"sub": "bench-user", "aud": "authenticated", "role": "authenticated", "iat": now,
+                 "exp": now + 86400, "session_id": "bench-session"})
+    mac = hmac.new(SESSION_SECRET.encode(), f"{head}.{body}".encode(), hashlib.sha256).digest()
+    return f"{head}.{body}.{base64.urlsafe_b64encode(mac).rstrip(b'=').decode()}"
+
+
+HEADERS = {"session-warm": {"Authorization": f"Bearer {_session_token()}"}}  # sent by wrk and the readiness check
 TWO_LIMITS = [{"rate": "1000000/minute", "key": "ip"}, {"rate": "100000000/day", "key": "ip"}]
 PATH, BODY = "/1k.txt", b"x" * 1023 + b"\n"
 WRK = ["wrk", "-t2", "-c32", "--latency"]
@@ -77,7 +100,8 @@ UVICORN = ["-m", "uvicorn", "--host", "127.0.0.1", "--workers", "1", "--loop", "
 GOALS = (("edgeway", "raw-aiohttp", 0.85), ("edgeway", "baseline", 0.90), ("edgeway-2-limits", "baseline", 0.75),
          ("edgeway-2-limits", "slowapi", 2.0), (CACHE_TARGET, "edgeway", 2.0),
          (CACHE_TARGET, "starlette-json", 1.0),
-         (BREAKER_TARGET, "edgeway-2-limits", 0.95))  # req/s ratios (of medians): target, reference, minimum
+         (BREAKER_TARGET, "edgeway-2-limits", 0.95),
+         ("session-warm", "edgeway-2-limits", 0.90))  # req/s ratios (of medians): target, reference, minimum
 CACHE_CACHE = {"ttl": "1h"}  # CACHE_TARGET's route: `cache:` with the default key (method, path, query)
 PG_REFERENCES = ("baseline", "edgeway-2-limits")  # PG_TARGET's ratio lines (recorded, no goal)
 PG_TIMEOUT, PG_MODE = "200ms", "postgres"  # its store timeout; the mode readyz must report
@@ -302,7 +326,8 @@ def ensure_tools(need_redis: bool, need_postgres: bool) -> None:
 
 
 def wait_ready(procs: Processes, name: str, url: str, timeout: float = 30.0) -> None:
-    """Poll ``url`` until it answers 200 with the 1 KB body; fail early if the process died."""
+    """Poll ``url`` (with the target's HEADERS) until it answers 200 with the 1 KB body; fail early if the process
+    died."""
     expected = JSON_BODY if url.endswith(JSON_PATH) else BODY
     deadline, last = time.monotonic() + timeout, "no answer"
     while time.monotonic() < deadline:
@@ -310,7 +335,8 @@ def wait_ready(procs: Processes, name: str, url: str, timeout: float = 30.0) -> 
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"{name} exited with code {proc.returncode}:\n{log_tail(name)}")
         try:
-            with urllib.request.urlopen(url, timeout=5) as response:
+            request = urllib.request.Request(url, headers=HEADERS.get(name, {}))
+            with urllib.request.urlopen(request, timeout=5) as response:
                 status, body = response.status, response.read()
             if status == 200 and body == expected:
                 return
@@ -368,9 +394,9 @@ def start_redis(procs: Processes, tmp: Path, target: str) -> int:
 
 
 def write_policy(tmp: Path, name: str, upstream_port: int, store: dict[str, Any], limits: bool,
-                 cache: dict[str, Any] | None = None, breaker: bool = False) -> Path:
-    """An Edgeway policy: one route /* to the upstream, optionally with the two limits, a cache or a breaker
-    (JSON is YAML)."""
+                 cache: dict[str, Any] | None = None, breaker: bool = False, session: bool = False) -> Path:
+    """An Edgeway policy: one route /* to the upstream, optionally with the two limits, a cache, a breaker or a
+    session (JSON is YAML)."""
     route: dict[str, Any] = {"match": {"path": "/*"}, "upstream": "origin"}
     if limits:
         route["limits"] = TWO_LIMITS
@@ -379,7 +405,10 @@ def write_policy(tmp: Path, name: str, upstream_port: int, store: dict[str, Any]
     origin: dict[str, Any] = {"url": f"http://127.0.0.1:{upstream_port}"}
     if breaker:
         origin["breaker"] = {"failures": 5, "open_for": "30s"}
-    policy = {"version": 1, "store": store, "upstreams": {"origin": origin}, "routes": [route]}
+    policy: dict[str, Any] = {"version": 1, "store": store, "upstreams": {"origin": origin}, "routes": [route]}
+    if session:
+        route["session"] = "required"
+        policy["sessions"] = {"provider": "jwt", "jwt_secret": SESSION_SECRET, "audience": "authenticated"}
     path = tmp / f"{name}.yaml"
     path.write_text(json.dumps(policy, indent=2))
     return path
@@ -406,7 +435,8 @@ def start_target(procs: Processes, target: str, tmp: Path, upstream_port: int, r
             store = {"url": f"redis://127.0.0.1:{free_port()}", "timeout": PG_TIMEOUT,  # nothing listens there
                      "fallback": [{"postgres": {"dsn": pg_dsn}}, "memory"]}
         policy = write_policy(tmp, target, upstream_port, store, limits=target not in ("edgeway", CACHE_TARGET),
-                              cache=CACHE_CACHE if target == CACHE_TARGET else None, breaker=target == BREAKER_TARGET)
+                              cache=CACHE_CACHE if target == CACHE_TARGET else None, breaker=target == BREAKER_TARGET,
+                              session=target == "session-warm")
         procs.start(target, [str(VENV_BIN / "edgeway"), "serve", "--policy", str(policy), "--port", str(port)])
     return f"http://127.0.0.1:{port}{JSON_PATH if target in JSON_TARGETS else PATH}"
 
@@ -497,8 +527,9 @@ def parse_wrk(text: str) -> WrkResult:
                      int(non2xx[1]) if non2xx else 0, sum(map(int, sockets.groups())) if sockets else 0)
 
 
-def run_wrk(url: str, seconds: int) -> str:
-    done = subprocess.run([*WRK, f"-d{seconds}s", url], capture_output=True, text=True,
+def run_wrk(url: str, seconds: int, headers: dict[str, str] | None = None) -> str:
+    extra = [arg for name, value in (headers or {}).items() for arg in ("-H", f"{name}: {value}")]
+    done = subprocess.run([*WRK, *extra, f"-d{seconds}s", url], capture_output=True, text=True,
                           timeout=seconds + 60)
     if done.returncode != 0:
         raise RuntimeError(f"wrk failed ({done.returncode}): {done.stderr or done.stdout}")
@@ -528,11 +559,11 @@ def measure(procs: Processes, outcome: Outcome, round_no: int, args: argparse.Na
         if cluster is not None:
             settle_pg(outcome, cluster)
         if round_no == 1 and args.warmup > 0:
-            run_wrk(outcome.url, args.warmup)
+            run_wrk(outcome.url, args.warmup, HEADERS.get(target))
             time.sleep(STATS_FLUSH if cluster is not None else SETTLE)
         before = redis_snapshot(client) if client else None
         pg_before = cluster.snapshot() if cluster is not None else None
-        text = run_wrk(outcome.url, args.duration)
+        text = run_wrk(outcome.url, args.duration, HEADERS.get(target))
         ended = time.monotonic()
         after = redis_snapshot(client) if client else None  # before the in-flight rest: wrk did not count it
         time.sleep(SETTLE)  # and neither the next target's run nor this target's next one sees it

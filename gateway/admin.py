@@ -20,6 +20,7 @@ from edgeway.middleware.cache_signals import purge
 from edgeway.middleware.context import Scope
 from edgeway.middleware.metrics import STORE_UP
 from edgeway.middleware.responses import ErrorResponse, Receive, Send
+from edgeway.middleware.session import revoke
 from edgeway.middleware.store import StoreError
 from edgeway.middleware.store.failover import FailoverStore
 
@@ -65,6 +66,7 @@ class AdminEndpoints:
         admin: dict[tuple[str, str], Callable[[Scope, Send], Awaitable[None]]] = {
             ("GET", "status"): self.status, ("POST", "reload"): self.reload,
             ("POST", "cache/purge"): functools.partial(self.cache_purge, receive=receive),
+            ("POST", "sessions/revoke"): functools.partial(self.revoke_session, receive=receive),
         }
         if name in public:
             if method not in ("GET", "HEAD"):
@@ -154,6 +156,23 @@ class AdminEndpoints:
                         "limits": [str(limit.rate) for limit in r.limits]} for r in policy.routes],
             "uptime_seconds": round(time.time() - _STARTED, 1),
         }, scope)
+
+    async def revoke_session(self, scope: Scope, send: Send, *, receive: Receive) -> None:
+        """``POST /_edgeway/sessions/revoke``: see :func:`edgeway.middleware.session.revoke`."""
+        sessions = self.gateway.sessions
+        if sessions is None:
+            await ErrorResponse(404, "sessions_disabled", "no sessions: block in the policy")(scope, receive, send)
+            return
+        try:
+            body = json.loads(await _read_body(receive))
+        except ValueError as error:  # not JSON, or too large
+            await ErrorResponse(400, "bad_request", f"the body must be JSON: {error}")(scope, receive, send)
+            return
+        status, answer = await revoke(sessions, body)
+        if status != 200:
+            await ErrorResponse(status, answer.pop("error"), answer.pop("message", None))(scope, receive, send)
+            return
+        await _json(send, status, answer, scope)
 
     async def cache_purge(self, scope: Scope, send: Send, *, receive: Receive) -> None:
         """``POST /_edgeway/cache/purge``: the body names what (see :func:`edgeway.middleware.cache.purge`)."""

@@ -24,6 +24,7 @@ from edgeway.middleware.clientip import TrustedProxies
 from edgeway.middleware.context import SCOPE_KEY, RequestContext, Scope
 from edgeway.middleware.pipeline import Throttled
 from edgeway.middleware.responses import ErrorResponse, Receive, Send, bad_request
+from edgeway.middleware.session import SessionService
 from edgeway.middleware.store import Clock, Store
 
 from .admin import AdminEndpoints
@@ -100,6 +101,11 @@ class Gateway:
         """The running policy's circuit breakers by upstream name."""
         return self._active.breakers
 
+    @property
+    def sessions(self) -> SessionService | None:
+        """The running policy's session service (revocations go through it), or None without sessions:."""
+        return self._active.routes.sessions
+
     async def apply(self, loaded: LoadedPolicy) -> None:
         """Switch to a new valid policy at once; requests already running finish on the old one, whose
         upstream sessions (and store, if it changed) close once their longest read timeout has passed."""
@@ -123,6 +129,7 @@ class Gateway:
                 await proxy.close()
             for breaker in old.breakers.values():
                 await breaker.close()
+            await old.routes.close()
             if close_store:
                 await old.store.close()
 
@@ -147,6 +154,7 @@ class Gateway:
             await proxy.close()
         for breaker in self._active.breakers.values():
             await breaker.close()
+        await self._active.routes.close()
         await self._active.store.close()
 
     # -- ASGI -----------------------------------------------------------------

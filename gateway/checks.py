@@ -94,6 +94,10 @@ def warnings(policy: Policy, data: Mapping[str, Any], locate: Locate,
         found.append(Problem(*locate(("user_from",), False),
                              "warning: user_from is believed only from trusted_proxies, and none are listed, so it "
                              "never supplies a user"))
+    if mode == "in-app" and "server" in data:
+        found.append(Problem(*locate(("server",), True),
+                             "warning: server: configures the connections `edgeway serve` accepts; inside an app "
+                             "your own server (uvicorn, ...) does that, so these settings do nothing here"))
     if mode == "gateway" and policy.user_from is None:
         for i, route in enumerate(policy.routes):
             if route.session != "off":

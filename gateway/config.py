@@ -15,6 +15,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 from edgeway.middleware.breaker_config import BreakerSettings
 from edgeway.middleware.cache_settings import CacheSettings
 from edgeway.middleware.ratelimit import Limit
+from edgeway.middleware.session_settings import SessionSettings
 from edgeway.middleware.store.failover import MIN_PROBE_INTERVAL
 from edgeway.middleware.units import Duration, Size
 
@@ -178,7 +179,10 @@ class Route(Model):
     upstream: str | None = Field(None, description="The upstream to proxy to; in-app policies leave it out.")
     limits: tuple[Limit, ...] = ()
     cache: CacheSettings | None = None
-    session: Literal["required", "optional", "off"] = "off"
+    session: Literal["required", "optional", "off"] = Field(
+        "off", description="required: 401 without a valid token; optional: anonymous allowed (see sessions:).")
+    privileged: bool = Field(
+        False, description="With a session: 503 rather than open when revocations cannot be read from any store.")
 
     @property
     def route_id(self) -> str:
@@ -189,10 +193,7 @@ class Route(Model):
         return f"{path}@{','.join(sorted(self.match.methods))}" if self.match.methods else path
 
 
-class Sessions(Model):
-    provider: Literal["supabase", "jwt"] = "supabase"
-    url: str | None = None
-    ttl: Duration = 86400.0
+Sessions = SessionSettings
 
 
 class ServerConfig(Model):

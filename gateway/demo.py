@@ -41,6 +41,9 @@ routes:
     upstream: sample
     limits:
       - {{ rate: 8/minute, key: header:X-Api-Key, on_missing: ip, algorithm: token-bucket }}
+  - match: {{ path: /api/me }}                       # signed-in users only (Supabase Auth session)
+    upstream: sample
+    session: required
   - match: {{ path: /api/ask, methods: [POST] }}      # an AI answer: computed once, then served from the cache
     upstream: sample
     cache: {{ ttl: 1h, key: [method, path, body], body_exclude: [user] }}
@@ -48,6 +51,9 @@ routes:
     upstream: flaky
   - match: {{ path: /* }}
     upstream: sample
+sessions:
+  url: "http://127.0.0.1:{upstream_port}"            # the sample also plays Supabase Auth (/auth/v1/user)
+  anon_key: demo-anon-key
 """
 
 UPSTREAM_CALLS: Counter[str] = Counter()
@@ -67,6 +73,51 @@ async def sample_upstream(scope: dict[str, Any], receive: Callable[[], Awaitable
     await send({"type": "http.response.start", "status": 200,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})
+
+
+class _SampleAuth:
+    """The sample's stand-in for Supabase Auth: ``/auth/v1/user`` knows one opaque session token."""
+
+    token = "demo-session-token"
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.user_calls = 0
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable[[], Awaitable[Any]],
+                       send: Callable[[Any], Awaitable[None]]) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/auth/v1/"):
+            if scope["type"] == "http" and scope["path"] == "/api/me":
+                user = dict(scope["headers"]).get(b"x-edgeway-user", b"")
+                body = b'{"you are": "' + user + b'"}'
+                await send({"type": "http.response.start", "status": 200,
+                            "headers": [(b"content-type", b"application/json")]})
+                await send({"type": "http.response.body", "body": body})
+                return
+            await self.app(scope, receive, send)
+            return
+        if scope["path"] == "/auth/v1/user":
+            self.user_calls += 1
+        known = dict(scope["headers"]).get(b"authorization") == f"Bearer {self.token}".encode()
+        status, body = (200, b'{"id": "demo-user", "role": "authenticated"}') if known else (403, b'{"msg": "bad_jwt"}')
+        if scope["path"] != "/auth/v1/user":
+            status, body = 200, b'{"keys": []}'
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": body})
+
+
+async def _demo_sessions(client: httpx.AsyncClient, auth: _SampleAuth, requests: int, out: Any) -> int:
+    """Step 6: a protected route; returns the number of problems seen."""
+    out.write("\n6. GET /api/me (session: required; the token is validated by the auth provider, then cached)\n")
+    anonymous = await client.get("/api/me")
+    out.write(f"  without a token: {anonymous.status_code} {anonymous.json().get('error')} "
+              f"(WWW-Authenticate: {anonymous.headers.get('www-authenticate', '')})\n")
+    bearer = {"authorization": f"Bearer {auth.token}"}
+    statuses = Counter([(await client.get("/api/me", headers=bearer)).status_code for _ in range(requests)])
+    out.write(f"  with a token: {statuses.get(200, 0)} allowed of {requests}; "
+              f"the auth provider was called {auth.user_calls} time(s)\n")
+    return int(anonymous.status_code != 401) + int(statuses.get(200, 0) != requests) + int(auth.user_calls != 1)
 
 
 def _free_port() -> int:
@@ -147,8 +198,10 @@ async def _run(requests: int, out: Any) -> int:
         policy_path = Path(tmp) / "demo.yaml"
         policy_path.write_text(DEMO_POLICY.format(upstream_port=upstream_port, flaky_port=flaky_port))
         gateway = create_app(policy_path)
+        auth = _SampleAuth(sample_upstream)
         servers = [
-            uvicorn.Server(uvicorn.Config(sample_upstream, port=upstream_port, log_level="error", lifespan="on")),
+            uvicorn.Server(uvicorn.Config(auth, port=upstream_port, log_level="error", lifespan="on",
+                                          interface="asgi3")),
             uvicorn.Server(uvicorn.Config(gateway, port=gateway_port, log_level="error", lifespan="on",
                                           proxy_headers=False)),
         ]
@@ -181,6 +234,7 @@ async def _run(requests: int, out: Any) -> int:
                     _report(step, out)
                 cached = await _cache_demo(client, out)
                 breaker_ok = await _breaker_demo(client, flaky_port, out)
+                session_problems = await _demo_sessions(client, auth, requests // 4, out)
                 ready = (await client.get("/_edgeway/readyz")).json()
             out.write(f"\nreadyz: status={ready['status']} store={ready['store']['kind']} "
                       f"policy version={ready['policy']['version']}\n")
@@ -191,6 +245,9 @@ async def _run(requests: int, out: Any) -> int:
                 out.write("PROBLEM: the breaker did not open, short-circuit, probe and close as expected\n")
                 return 1
             missing = sum(step.missing_fields for step in steps)
+            if session_problems:
+                out.write("PROBLEM: the protected route did not answer 401 / 200 with one provider call\n")
+                return 1
             if missing:
                 out.write(f"PROBLEM: {missing} limited response(s) lacked their RateLimit/Retry-After fields\n")
                 return 1

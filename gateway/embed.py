@@ -90,6 +90,10 @@ class EdgewayMiddleware:
         if kind != "http":
             await self.app(scope, receive, send)
             return
+        headers = scope["headers"]
+        if any(name.startswith(b"x-edgeway-") for name, _ in headers):
+            # identity fields are Edgeway's alone: a client's copies never reach the app, on any route
+            scope["headers"] = [pair for pair in headers if not pair[0].startswith(b"x-edgeway-")]
         found = self.routes.match(scope["path"], scope["method"])
         if isinstance(found, set):
             await self.app(scope, receive, send)
@@ -102,6 +106,7 @@ class EdgewayMiddleware:
             if message["type"] == "lifespan.shutdown.complete":
                 for breaker in self.routes.breakers.values():  # their subscriptions before the store
                     await breaker.close()
+                await self.routes.close()
                 await self.edgeway.store.close()
             await send(message)
 

@@ -124,6 +124,8 @@ def upstream_request_headers(ctx: RequestContext, *, drop_underscores: bool = Tr
     if connection:
         named = connection_named(value.decode("latin-1") for value in connection)
         out = [pair for pair in out if pair[0] not in named]
+    for name, value in ctx.identity:  # the session policy's own X-Edgeway-* fields
+        out.append((name.decode("latin-1"), value.decode("latin-1")))
     proto = ctx.scope.get("scheme", "http")
     xff = ", ".join(prior_xff) if trusted else ""
     out.append(("x-forwarded-for", f"{xff}, {peer}" if xff else peer))

@@ -326,6 +326,15 @@ def _cross_checks(data: dict[str, Any], built: _Built, mode: Mode) -> None:
                 f"; defined: {', '.join(upstreams)}" if upstreams else "; no upstreams are defined")
             line, col = _locate(built, ("routes", i, "upstream"), key=False)
             built.problems.append(Problem(line, col, f"unknown upstream '{name}'{hint}"))
+        session = route.get("session", "off")
+        if session in ("required", "optional") and not isinstance(data.get("sessions"), dict):
+            line, col = _locate(built, ("routes", i, "session"), key=False)
+            built.problems.append(Problem(line, col, f"session: {session} needs a sessions: block (provider, url) "
+                                                     "saying how tokens are verified"))
+        if route.get("privileged") is True and session not in ("required", "optional"):
+            line, col = _locate(built, ("routes", i, "privileged"), key=False)
+            built.problems.append(Problem(line, col, "privileged: true applies to routes with session: required or "
+                                                     "optional"))
         match = route.get("match")
         _check_cache_methods(route, i, match, built)
         if isinstance(match, dict) and isinstance(match.get("path"), str):

@@ -21,6 +21,7 @@ from edgeway.middleware.clientip import TrustedProxies
 from edgeway.middleware.pipeline import PolicyPipeline
 from edgeway.middleware.policy import Policy as RoutePolicy
 from edgeway.middleware.ratelimit import RateLimitPolicy
+from edgeway.middleware.session import SessionPolicy, SessionService
 from edgeway.middleware.store import Clock, Store
 from edgeway.middleware.users import UserSource, user_source
 
@@ -65,11 +66,13 @@ def build_breakers(policy: Policy, store: Store, clock: Clock | None = None) -> 
 
 def route_policies(route: Route, name: str, policy: Policy, store: Store, app: Any = None,
                    user_from: UserSource | None = None, breakers: Mapping[str, CircuitBreaker] | None = None,
-                   clock: Clock | None = None) -> list[RoutePolicy]:
-    """The policy objects of one route, in the order they run (the breaker last, before the upstream);
-    ``app`` is what they guard (the upstream's proxy, or the wrapped app), which the cache calls to refresh
-    stale entries in the background."""
+                   clock: Clock | None = None, sessions: SessionService | None = None) -> list[RoutePolicy]:
+    """The policy objects of one route, in the order they run (session first, the breaker last, before the
+    upstream); ``app`` is what they guard (the upstream's proxy, or the wrapped app), which the cache calls to
+    refresh stale entries in the background; ``sessions`` is the policy's one session service."""
     policies: list[RoutePolicy] = []
+    if route.session != "off" and sessions is not None:
+        policies.append(SessionPolicy(sessions, mode=route.session, privileged=route.privileged, route=name))
     if route.limits:
         policies.append(RateLimitPolicy(route.limits, route=name, key_prefix=policy.key_prefix,
                                         user_from=user_from or user_source(policy.user_from)))
@@ -90,10 +93,14 @@ class RouteTable:
                  breakers: Mapping[str, CircuitBreaker] | None = None, clock: Clock | None = None) -> None:
         self.breakers = dict(breakers) if breakers is not None else build_breakers(policy, store, clock)
         routes = []
+        self.sessions = SessionService(policy.sessions, store, key_prefix=policy.key_prefix,
+                                       clock=clock or time.time) if policy.sessions is not None else None
+        """One session service (result caches, JWKS, provider client) for all the routes of the policy."""
         for route in policy.routes:
             name = route.route_id  # never the position in the file: inserting a route must not reset counters
             app = endpoint(route)
-            policies = route_policies(route, name, policy, store, app, user_from, self.breakers, clock)
+            policies = route_policies(route, name, policy, store, app, user_from, self.breakers, clock,
+                                      self.sessions)
             if policies:
                 app = PolicyPipeline(app, policies=policies, store=store, trusted_proxies=trusted, route=name)
             match = route.match
@@ -102,6 +109,11 @@ class RouteTable:
             routes.append(CompiledRoute(name, pattern, pattern[:-1] if pattern.endswith("*") else None, methods, app,
                                         match.case_insensitive, match.allow_semicolons, match.allow_backslashes))
         self.routes = tuple(routes)
+
+    async def close(self) -> None:
+        """Release what the routes hold beyond the store (the session provider's connections)."""
+        if self.sessions is not None:
+            await self.sessions.close()
 
     def cache_policies(self, *, pattern: str | None = None, path: str | None = None,
                        method: str = "GET") -> list[CachePolicy]:

@@ -98,7 +98,7 @@ class _Refusal(Exception):
         self.message = message
 
 
-class _EdgeLimits:
+class _EdgeLimits(asyncio.Protocol):
     """What both protocols add: the head timer, the connection cap and refusals."""
 
     settings: ServerConfig
@@ -107,6 +107,14 @@ class _EdgeLimits:
     connections: set[Any]
     cycle: Any
     _head_timer: asyncio.TimerHandle | None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._admit()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_head_timer()
+        super().connection_lost(exc)
 
     def _admit(self) -> bool:
         """Called once the connection is made: False (and a 503) when the process has too many."""
@@ -160,14 +168,6 @@ class EdgeHttpToolsProtocol(_EdgeLimits, HttpToolsProtocol):
         parser = httptools.HttpRequestParser(self)
         parser.set_dangerous_leniencies(lenient_data_after_close=True)
         return parser
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        self._admit()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._cancel_head_timer()
-        super().connection_lost(exc)
 
     def send_400_response(self, msg: str) -> None:
         self._refuse(400, msg)
@@ -280,14 +280,6 @@ class EdgeH11Protocol(_EdgeLimits, H11Protocol):
                 self._message = f"HTTP/{event.http_version.decode()} is not supported: use HTTP/1.1"
                 raise h11.RemoteProtocolError(self._message)
         return event
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        self._admit()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._cancel_head_timer()
-        super().connection_lost(exc)
 
     def send_400_response(self, msg: str) -> None:
         status, message, self._status, self._message = self._status, self._message, 400, ""

@@ -13,6 +13,8 @@ from .breaker_policy import CircuitBreakerMiddleware
 from .cache import CacheMiddleware, CachePolicy
 from .cache_settings import CacheSettings
 from .ratelimit import Limit, RateLimitMiddleware
+from .session import SessionMiddleware, SessionSettings, SessionUser, current_user, optional_user
 
 __all__ = ["BreakerSettings", "CacheMiddleware", "CachePolicy", "CacheSettings", "CircuitBreaker",
-           "CircuitBreakerMiddleware", "CircuitOpen", "Limit", "RateLimitMiddleware"]
+           "CircuitBreakerMiddleware", "CircuitOpen", "Limit", "RateLimitMiddleware", "SessionMiddleware",
+           "SessionSettings", "SessionUser", "current_user", "optional_user"]

@@ -13,7 +13,7 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from .clientip import TrustedProxies, parse_forwarded_for, parse_x_forwarded_for
-from .store.base import Command
+from .store.base import Command, Revoked
 
 SCOPE_KEY = "edgeway.context"
 
@@ -23,8 +23,8 @@ Scope = MutableMapping[str, Any]
 class RequestContext:
     """Facts about one request, computed lazily and at most once."""
 
-    __slots__ = ("_client_ip", "_headers", "_query", "body", "body_too_large", "deferred", "outcomes",
-                 "response_headers", "route", "scope", "stale", "trusted", "user")
+    __slots__ = ("_client_ip", "_headers", "_query", "body", "body_too_large", "deferred", "identity", "outcomes",
+                 "response_headers", "revocation", "route", "scope", "stale", "trusted", "user")
 
     def __init__(self, scope: Scope, trusted: TrustedProxies, route: str = "") -> None:
         self.scope = scope
@@ -33,6 +33,11 @@ class RequestContext:
         self.user: str | None = None
         """The verified user id (set by the session policy, or the app's own authentication)."""
         self.response_headers: list[tuple[bytes, bytes]] = []
+        self.identity: list[tuple[bytes, bytes]] = []
+        """``X-Edgeway-*`` headers the session policy vouches for (the user id, claims): the proxy sends these
+        and drops every client-supplied ``X-Edgeway-*`` field."""
+        self.revocation: Revoked | None = None
+        """The session's revocation check, which the rate limiter adds to its command as a guard."""
         self.body: bytes | None = None
         """The request body, when a policy asked the pipeline to read it and it fit the limit."""
         self.body_too_large = False

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter, Gauge, Histogram
 
 RATELIMIT_DECISIONS = Counter(
     "edgeway_ratelimit_decisions_total",
@@ -67,4 +67,29 @@ BREAKER_SHORT_CIRCUITED = Counter(
     "edgeway_breaker_short_circuited_total",
     "Requests answered without calling the upstream because its breaker was open (or past max_in_flight).",
     ["upstream"],
+)
+
+# -- session cache (names as issue 13 defines them) -----------------------------------------------
+
+_SLOW = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+SESSION_CACHE = Counter(
+    "edgeway_session_cache_total",
+    "Session lookups by cache result.",
+    ["result"],  # hit | miss | negative (a cached refusal)
+)
+SESSION_PROVIDER_CALLS = Counter(
+    "edgeway_session_provider_calls_total",
+    "Calls to the session provider (Supabase Auth /user, JWKS fetch), by outcome.",
+    ["outcome"],  # valid | invalid | error | timeout
+)
+SESSION_PROVIDER_SECONDS = Histogram(
+    "edgeway_session_provider_seconds",
+    "Latency of session provider calls.",
+    buckets=_SLOW,
+)
+SESSION_REVOCATIONS_UNCHECKED = Counter(
+    "edgeway_session_revocations_unchecked_total",
+    "Requests let through without a revocation check because no shared store could be read.",
+    ["route"],
 )

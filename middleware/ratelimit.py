@@ -359,7 +359,8 @@ class RateLimitPolicy(BasePolicy):
                 compiled.local_block.inc()
             return self._reject(ctx, active, blocked)
         frozen = tuple(checks)
-        return Prepared((RateLimit(frozen),), _Request(active, frozen))
+        # a revoked session is refused by the session policy in decide; the guard keeps it from being charged
+        return Prepared((RateLimit(frozen, ctx.revocation),), _Request(active, frozen))
 
     def decide(self, ctx: RequestContext, prepared: Prepared, results: Sequence[object]) -> ErrorResponse | None:
         request = prepared.state
@@ -367,6 +368,8 @@ class RateLimitPolicy(BasePolicy):
             return None
         result = results[0]
         assert isinstance(result, RateLimitResult)
+        if result.revoked:  # nothing was checked: the session policy answers (401) before this runs
+            return None
         self._count(request.active, result)
         if result.allowed:
             ctx.response_headers.extend(self.fields.headers(self._states(request.active, result.states)))

@@ -59,7 +59,7 @@ def client(app: object) -> httpx.AsyncClient:
 
 
 def test_the_readme_has_the_python_blocks_this_test_runs() -> None:
-    assert len(blocks("python")) == 5
+    assert len(blocks("python")) == 6
     assert {"policy.yaml", "users.yaml"} <= set(policy_files())
 
 
@@ -109,3 +109,11 @@ async def test_a_breaker_around_a_provider_call(project: Path, monkeypatch: pyte
             await asyncio.sleep(0.05)  # the breaker's write, in the background
     assert statuses == [502] * 5 + [503] * 2
     assert response.headers["retry-after"] in {str(n) for n in range(27, 31)}  # 30s less up to 10% jitter
+
+
+async def test_the_session_middleware_refuses_a_request_without_a_token(project: Path) -> None:
+    app = run_block(5)
+    async with client(app) as http:
+        forged = await http.get("/me", headers={"x-edgeway-user": "admin"})
+    assert forged.status_code == 401 and forged.json()["error"] == "unauthorized"
+    assert forged.headers["www-authenticate"].startswith("Bearer")

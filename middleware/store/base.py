@@ -63,6 +63,8 @@ __all__ = [
     "Publish",
     "RateLimit",
     "RateLimitResult",
+    "Revoke",
+    "Revoked",
     "Set",
     "Store",
     "StoreConfigurationError",
@@ -247,6 +249,35 @@ class RateLimitResult(NamedTuple):
     allowed: bool
     """True when every enforced limit admits the request; only then is any limit charged."""
     states: tuple[LimitState, ...]
+    revoked: bool = False
+    """True when the command's guard found the session revoked: nothing was checked nor charged."""
+
+
+@dataclass(frozen=True, slots=True)
+class Revoked:
+    """Whether a session is revoked: one of ``keys`` holds a time (ms) later than ``issued_at_ms``.
+
+    The result is ``True`` or ``False``; ``None`` when the store serving the
+    request cannot know (the per-instance memory fallback of a shared chain),
+    so the session policy applies its failure mode. It is shared state: it
+    fails over to Supabase/Postgres like rate limits, never to memory caches.
+    """
+
+    keys: tuple[str, ...]
+    issued_at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Revoke:
+    """Record a revocation: ``key`` holds ``at_ms`` (sessions issued before it are refused) for ``ttl_ms``.
+
+    The result is ``None``. A :class:`FailoverStore` writes it to every
+    healthy store of its chain, so it survives the primary failing later.
+    """
+
+    key: str
+    at_ms: int
+    ttl_ms: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,6 +289,9 @@ class RateLimit:
     """
 
     checks: tuple[LimitCheck, ...]
+    guard: Revoked | None = None
+    """A revocation check run first, atomically: when it finds the session revoked nothing is charged and the
+    result is ``RateLimitResult(False, (), revoked=True)``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -346,7 +380,8 @@ class BreakerUpdate:
     event: BreakerEvent = _NOTHING
 
 
-Command = Get | Set | Delete | Incr | Publish | IndexAdd | IndexPurge | RateLimit | Heartbeat | BreakerUpdate
+Command = (Get | Set | Delete | Incr | Publish | IndexAdd | IndexPurge | RateLimit | Heartbeat | BreakerUpdate | Revoke
+           | Revoked)
 """Every operation a policy may put in a request's batch."""
 
 Clock = Callable[[], float]

@@ -59,6 +59,8 @@ from .base import (
     LimitCheck,
     Publish,
     RateLimit,
+    Revoke,
+    Revoked,
     Set,
     Store,
     StoreError,
@@ -99,6 +101,7 @@ class _Member:
     shared: bool  # False for the memory store: its state is per instance
     health: dict[str, _Health] = field(default_factory=lambda: {WRITE: _Health(), READ: _Health()})
     probing: bool = False
+    missed: list[Command] = field(default_factory=list)  # revocations it did not take: replayed on recovery
 
     @property
     def healthy(self) -> bool:
@@ -176,12 +179,17 @@ class FailoverStore(Store):
 
     async def execute(self, commands: Sequence[Command], *, timeout: float | None = None) -> list[object]:
         self._start_heartbeat()
+        if commands and isinstance(commands[0], Revoke):
+            return await self._everywhere(commands, timeout)
         shared: list[int] = []  # which commands are shared state: worked out only once the primary is passed
         for position, member in enumerate(self._members):
             if not member.healthy:
                 continue
             if not member.shared:  # memory, the last resort: per instance, limits divided by live instances
-                return await member.store.execute(self._degrade(commands), timeout=timeout)
+                results = await member.store.execute(self._degrade(commands), timeout=timeout)
+                if position > 0:  # revocations live in the shared stores: this instance's memory cannot know
+                    results = [None if isinstance(c, Revoked) else r for c, r in zip(commands, results, strict=True)]
+                return results
             if position > 0:
                 shared = shared or [i for i, c in enumerate(commands) if not isinstance(c, CACHE_COMMANDS)]
                 if not shared:  # only caches: memory, without bothering the fallback
@@ -199,6 +207,31 @@ class FailoverStore(Store):
                 self._succeeded(member, work_kind(commands))
             return results
         raise StoreError("no store left: every store in the chain failed (store.fallback: [] allows none)")
+
+    async def _everywhere(self, commands: Sequence[Command], timeout: float | None) -> list[object]:
+        """Revocations go to every healthy store, so they hold after a failover; one shared store must take them."""
+        results: list[object] | None = None
+        errors: list[StoreError] = []
+        taken = False
+        for member in self._members:
+            if not member.healthy:
+                if member.shared:
+                    member.missed.extend(commands)
+                continue
+            try:
+                answer = await member.store.execute(commands, timeout=timeout)
+            except StoreError as error:
+                self._failed(member, WRITE, error)
+                errors.append(error)
+                if member.shared:
+                    member.missed.extend(commands)
+                continue
+            if member.shared or results is None:
+                results = answer
+            taken = taken or member.shared
+        if results is None or (not taken and any(m.shared for m in self._members)):
+            raise StoreError(f"no shared store took the revocation: {'; '.join(map(str, errors)) or 'none healthy'}")
+        return results
 
     async def _split(self, remote: Store, commands: Sequence[Command], shared: list[int],
                      timeout: float | None) -> list[object]:
@@ -250,8 +283,8 @@ class FailoverStore(Store):
         live = self.live_instances
         if live <= 1:
             return list(commands)
-        return [RateLimit(tuple(_share(check, live) for check in c.checks)) if isinstance(c, RateLimit) else c
-                for c in commands]
+        return [RateLimit(tuple(_share(check, live) for check in c.checks), c.guard) if isinstance(c, RateLimit)
+                else c for c in commands]
 
     # -- health -----------------------------------------------------------------
 
@@ -311,6 +344,9 @@ class FailoverStore(Store):
                 try:
                     for kind in member.failing():
                         await self._probe_once(member, kind)
+                    if member.missed:  # revocations made while it was down: it refuses those sessions too
+                        await member.store.execute(member.missed)
+                        member.missed = []
                 except StoreError:
                     delay = min(delay * 2, self._probe_max)
                     continue

@@ -42,6 +42,8 @@ from .base import (
     Publish,
     RateLimit,
     RateLimitResult,
+    Revoke,
+    Revoked,
     Set,
     Store,
     Subscription,
@@ -135,6 +137,11 @@ class MemoryStore(Store):
             return self._rate_limit(command, now)
         if isinstance(command, Heartbeat):
             return self._heartbeat(command, now)
+        if isinstance(command, Revoked):
+            return self._revoked(command, now)
+        if isinstance(command, Revoke):
+            self._put(command.key, str(command.at_ms), now + max(1, command.ttl_ms))
+            return None
         if isinstance(command, BreakerUpdate):
             return self._breaker(command, int(now))
         raise TypeError(f"unknown store command {command!r}")
@@ -240,11 +247,20 @@ class MemoryStore(Store):
 
     # -- rate limits: phase 1 reads and decides, phase 2 charges (all or none) --
 
+    def _revoked(self, command: Revoked, now: float) -> bool:
+        for key in command.keys:
+            value = self._get(key, now)
+            if isinstance(value, str) and value.lstrip("-").isdigit() and int(value) > command.issued_at_ms:
+                return True
+        return False
+
     def _rate_limit(self, command: RateLimit, now: float) -> RateLimitResult | CommandError:
         for check in command.checks:  # all checked before any is charged, as the script and the SQL do
             if check.quota < 1 or check.window_ms < 1 or check.cost < 0 or check.burst < 0:
                 return CommandError(f"bad limit {check.key}: quota and window_ms must be positive, cost and "
                                     "burst not negative")
+        if command.guard is not None and self._revoked(command.guard, now):
+            return RateLimitResult(False, (), revoked=True)
         plans = [self._plan(check, now) for check in command.checks]
         allowed = all(plan.allowed for plan, check in zip(plans, command.checks, strict=True) if check.enforced)
         states = []

@@ -66,6 +66,8 @@ from .base import (
     Publish,
     RateLimit,
     RateLimitResult,
+    Revoke,
+    Revoked,
     Set,
     Store,
     StoreConfigurationError,
@@ -131,7 +133,15 @@ def encode_commands(commands: Sequence[Command]) -> list[dict[str, object]]:
                 }
                 for c in command.checks
             ]
-            encoded.append({"op": "ratelimit", "checks": checks})
+            rate_limit: dict[str, object] = {"op": "ratelimit", "checks": checks}
+            if command.guard is not None:
+                rate_limit["guard"] = {"keys": list(command.guard.keys), "issued_at_ms": command.guard.issued_at_ms}
+            encoded.append(rate_limit)
+        elif isinstance(command, Revoked):
+            encoded.append({"op": "revoked", "keys": list(command.keys), "issued_at_ms": command.issued_at_ms})
+        elif isinstance(command, Revoke):
+            encoded.append({"op": "revoke", "key": command.key, "at_ms": str(command.at_ms),
+                            "ttl_ms": command.ttl_ms})
         elif isinstance(command, Heartbeat):
             encoded.append({"op": "heartbeat", "key": command.key, "instance": command.instance,
                             "ttl_ms": command.ttl_ms})
@@ -175,10 +185,17 @@ def _decode(command: Command, result: object) -> object:
     elif isinstance(command, Delete | Heartbeat | Incr):
         if type(result) is int:
             return result
+    elif isinstance(command, Revoke):
+        return None
+    elif isinstance(command, Revoked):
+        if type(result) is bool:
+            return result
     elif isinstance(command, BreakerUpdate):
         if isinstance(result, list) and len(result) == 6 and all(type(v) is int for v in result):
             return BreakerResult(result[0], result[1], result[2], result[3] == 1, result[4], result[5])
     elif isinstance(command, RateLimit):
+        if command.guard is not None and result == [2]:
+            return RateLimitResult(False, (), revoked=True)
         count = len(command.checks)
         if isinstance(result, list) and len(result) == 1 + 4 * count and all(type(v) is int for v in result):
             states = tuple(

@@ -42,6 +42,8 @@ from .base import (
     Publish,
     RateLimit,
     RateLimitResult,
+    Revoke,
+    Revoked,
     Set,
     Store,
     StoreError,
@@ -200,6 +202,10 @@ class RedisProtocolStore(Store):
         return [self._decode(command, reply) for command, reply in zip(commands, replies, strict=True)]
 
     def _decode(self, command: Command, reply: object) -> object:
+        if isinstance(command, Revoked) and isinstance(reply, list):
+            value_bytes = self._transport.value_bytes
+            return any(isinstance(value, str | bytes) and _revoked_after(value_bytes(value), command.issued_at_ms)
+                       for value in reply)
         if isinstance(command, Get) and isinstance(reply, str | bytes):
             return self._transport.value_bytes(reply) if command.binary else self._transport.value_text(reply)
         return _decode(command, reply)
@@ -232,8 +238,12 @@ class RedisProtocolStore(Store):
                 return ("EVALSHA", INDEX_PURGE_SCRIPT.sha, 1, command.index, "")
             return ("EVALSHA", INDEX_PURGE_SCRIPT.sha, 1, command.index, "1", command.label)
         if isinstance(command, RateLimit):
-            args: list[RedisArg] = ["EVALSHA", RATE_LIMIT_SCRIPT.sha, len(command.checks)]
+            guard = command.guard
+            args: list[RedisArg] = ["EVALSHA", RATE_LIMIT_SCRIPT.sha,
+                                    len(command.checks) + (len(guard.keys) if guard else 0)]
             args.extend(check.key for check in command.checks)
+            if guard is not None:
+                args.extend(guard.keys)
             args.append("" if self._clock is None else math.floor(self._clock() * 1000))
             for check in command.checks:
                 args.extend(
@@ -246,7 +256,13 @@ class RedisProtocolStore(Store):
                         1 if check.enforced else 0,
                     )
                 )
+            if guard is not None:
+                args.extend((guard.issued_at_ms, len(guard.keys)))
             return tuple(args)
+        if isinstance(command, Revoked):
+            return ("MGET", *command.keys)
+        if isinstance(command, Revoke):
+            return ("SET", command.key, command.at_ms, "PX", max(1, command.ttl_ms))
         if isinstance(command, Heartbeat):
             now: RedisArg = "" if self._clock is None else math.floor(self._clock() * 1000)
             return ("EVALSHA", HEARTBEAT_SCRIPT.sha, 1, command.key, command.instance, command.ttl_ms, now)
@@ -283,12 +299,22 @@ def _decode(command: Command, reply: object) -> object:
     if isinstance(command, Delete | Incr | Publish | IndexPurge):
         return int(reply)  # type: ignore[call-overload]
     if isinstance(command, RateLimit):
+        if command.guard is not None and reply == [2]:
+            return RateLimitResult(False, (), revoked=True)
         return _decode_rate_limit(reply, len(command.checks))
+    if isinstance(command, Revoke):
+        return None
+    if isinstance(command, Revoked):
+        raise StoreError(f"unexpected MGET reply {reply!r}")
     if isinstance(command, Heartbeat):
         return int(reply)  # type: ignore[call-overload]
     if isinstance(command, BreakerUpdate):
         return decode_breaker(reply)
     raise TypeError(f"unknown store command {command!r}")
+
+
+def _revoked_after(value: bytes, issued_at_ms: int) -> bool:
+    return value.lstrip(b"-").isdigit() and int(value) > issued_at_ms
 
 
 def decode_breaker(reply: object) -> BreakerResult:

@@ -259,6 +259,7 @@ declare
   cnt bigint; prev bigint; t double precision; ts bigint; est double precision;
   v_remaining bigint; v_reset double precision; v_retry double precision; v_need double precision;
   oldest bigint;
+  v_revoked boolean;
 begin
   if commands is null or jsonb_typeof(commands) <> 'array' then
     raise exception 'edgeway.batch: commands must be a JSON array' using errcode = '22023';
@@ -375,7 +376,41 @@ begin
       select count(*) into cnt from edgeway.heartbeats h where h.key = v_key;
       v_out := v_out || jsonb_build_array(cnt);
 
+    elsif v_op = 'revoked' or v_op = 'revoke' then
+      if v_op = 'revoke' then
+        insert into edgeway.entries as e (key, value, data, counter, tokens, ts_ms, expires_at)
+        values (v_key, v_cmd ->> 'at_ms', null, null, null, null,
+                edgeway.ms_to_ts(v_now + greatest(1, (v_cmd ->> 'ttl_ms')::bigint)))
+        on conflict (key) do update
+          set value = excluded.value, data = null, counter = null, tokens = null, ts_ms = null,
+              expires_at = excluded.expires_at;
+        v_out := v_out || jsonb_build_array(null);
+      else
+        -- a session is revoked when one of its keys holds a time (ms) after the session's issued_at_ms
+        select exists (
+          select 1 from edgeway.entries e
+          join jsonb_array_elements_text(coalesce(v_cmd -> 'keys', '[]'::jsonb)) as k(key) on e.key = k.key
+          where e.expires_at > v_now_ts and e.value ~ '^-?[0-9]{1,18}$'
+            and e.value::bigint > (v_cmd ->> 'issued_at_ms')::bigint)
+        into v_revoked;
+        v_out := v_out || jsonb_build_array(v_revoked);
+      end if;
+
     elsif v_op = 'ratelimit' then
+      if jsonb_typeof(v_cmd -> 'guard') = 'object' then
+        -- the session's revocation check (ratelimit.lua does the same): a revoked session is charged nothing
+        select exists (
+          select 1 from edgeway.entries e
+          join jsonb_array_elements_text(coalesce(v_cmd -> 'guard' -> 'keys', '[]'::jsonb)) as k(key)
+            on e.key = k.key
+          where e.expires_at > v_now_ts and e.value ~ '^-?[0-9]{1,18}$'
+            and e.value::bigint > (v_cmd -> 'guard' ->> 'issued_at_ms')::bigint)
+        into v_revoked;
+        if v_revoked then
+          v_out := v_out || jsonb_build_array(jsonb_build_array(2));
+          continue;
+        end if;
+      end if;
       v_checks := coalesce(v_cmd -> 'checks', '[]'::jsonb);
       v_n := jsonb_array_length(v_checks);
       v_all_ok := true;

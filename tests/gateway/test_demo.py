@@ -28,3 +28,12 @@ def test_demo_shows_the_breaker_opening_short_circuiting_probing_and_closing() -
     text = out.getvalue()
     assert "3 reached the upstream (503), then the breaker opened: 3 answered by Edgeway without calling it" in text
     assert "one probe went through (200) and closed the breaker: the next 3 requests got 200, 200, 200" in text
+
+
+@pytest.mark.usefixtures("quiet_loggers_restored")
+def test_demo_shows_a_protected_route() -> None:
+    out = io.StringIO()
+    assert run_demo(requests=16, out=out) == 0
+    text = out.getvalue()
+    assert "without a token: 401 unauthorized" in text
+    assert "with a token: 4 allowed of 4; the auth provider was called 1 time(s)" in text

@@ -172,6 +172,53 @@ def test_shipped_json_schema_matches_the_models() -> None:
     assert SCHEMA_PATH.read_text() == render(), "run: python -m edgeway.gateway.schema"
 
 
+SESSIONS = """\
+version: 1
+upstreams:
+  api: { url: "http://127.0.0.1:9001" }
+routes:
+  - match: { path: /api/* }
+    upstream: api
+    session: required
+    privileged: true
+sessions:
+  provider: supabase
+  ttl: 1h
+"""
+
+
+def test_sessions_without_url_for_supabase() -> None:
+    assert problems(SESSIONS) == [
+        "p.yaml:10:3: sessions: provider: supabase needs url: (the project URL, e.g. ${SUPABASE_URL})"
+    ]
+
+
+def test_jwt_sessions_without_keys() -> None:
+    text = SESSIONS.replace("provider: supabase", "provider: jwt\n  verify: jwt")
+    assert problems(text) == ["p.yaml:10:3: sessions: provider: jwt needs jwks_url: or jwt_secret: to verify tokens"]
+
+
+def test_session_route_without_a_sessions_block() -> None:
+    text = SESSIONS.split("sessions:")[0]
+    assert problems(text) == [
+        "p.yaml:7:14: session: required needs a sessions: block (provider, url) saying how tokens are verified"
+    ]
+
+
+def test_privileged_without_a_session() -> None:
+    text = SESSIONS.replace("    session: required\n", "").replace("provider: supabase", "url: https://a.b")
+    assert problems(text) == ["p.yaml:7:17: privileged: true applies to routes with session: required or optional"]
+
+
+def test_valid_sessions_block_is_typed() -> None:
+    text = SESSIONS.replace("provider: supabase", "url: https://abc.supabase.co\n  claims: [email]\n"
+                            "  headers: { X-Edgeway-Email: email }\n  negative_ttl: 10s")
+    sessions = load_text(text, "p.yaml", {}).policy.sessions
+    assert sessions is not None
+    assert (sessions.ttl, sessions.negative_ttl, sessions.headers) == (3600.0, 10.0, {"x-edgeway-email": "email"})
+    assert sessions.effective_issuer == "https://abc.supabase.co/auth/v1"
+
+
 CACHED = """\
 version: 1
 upstreams:

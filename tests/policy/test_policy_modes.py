@@ -242,3 +242,10 @@ def test_the_upstash_bridge_says_what_to_install(monkeypatch: pytest.MonkeyPatch
     assert main(["upstash-bridge"]) == 1
     assert "pip install 'edgeway[bridge]'" in capsys.readouterr().err
 
+
+
+def test_server_settings_in_an_in_app_policy_are_a_warning() -> None:
+    (warning,) = load_text(IN_APP.replace("version: 1", "version: 1\nserver: { header_timeout: 5s }"), "p.yaml",
+                           {}).warnings
+    assert (warning.line, warning.col) == (2, 1)
+    assert warning.message.startswith("warning: server: configures the connections `edgeway serve` accepts")

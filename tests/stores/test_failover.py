@@ -19,6 +19,8 @@ from edgeway.middleware.store import (
     Publish,
     RateLimit,
     RateLimitResult,
+    Revoke,
+    Revoked,
     Set,
     Store,
     StoreError,
@@ -196,6 +198,40 @@ async def test_readiness_and_description_show_the_chain() -> None:
     await store.ping()  # memory answers
     assert [entry["healthy"] for entry in store.status()] == [False, True]
     assert "(down)" in store.describe()
+    await store.close()
+
+
+async def test_revocations_are_written_everywhere_and_survive_the_primary_failing() -> None:
+    primary, fallback, memory = Shared("redis"), Shared("postgres"), MemoryStore()
+    store = FailoverStore(primary, [fallback, memory], failures=1, probe_initial=60)
+    assert await store.execute([Revoke("rv:u:1", 1_000, 60_000)]) == [None]
+    assert len(primary.batches) == len(fallback.batches) == 1
+    primary.up = False
+    assert await store.execute([Revoked(("rv:u:1",), 500)]) == [True]  # read from the fallback
+    guarded = RateLimit(limit().checks, Revoked(("rv:u:1",), 500))
+    assert await store.execute([guarded]) == [RateLimitResult(False, (), revoked=True)]
+    fallback.up = False
+    # only this instance's memory is left: it cannot know about revocations made elsewhere
+    assert await store.execute([Revoked(("rv:u:1",), 500), Get("x")]) == [None, None]
+    with pytest.raises(StoreError, match="no shared store took the revocation"):
+        await store.execute([Revoke("rv:u:2", 1_000, 60_000)])
+    await store.close()
+
+
+async def test_revocations_made_while_the_primary_is_down_are_replayed_when_it_returns() -> None:
+    primary, fallback = Shared("redis"), Shared("postgres")
+    store = FailoverStore(primary, [fallback], failures=1, probe_initial=0.01, probe_max=0.02)
+    primary.up = False
+    await store.execute([limit()])  # marks it down
+    await store.execute([Revoke("rv:t:1", 2_000, 60_000)])
+    primary.up = True
+    for _ in range(200):  # until the probe finds it answering (bounded: a few seconds at most)
+        await store.execute([limit()])
+        if store.kind == "redis":
+            break
+        await asyncio.sleep(0.01)
+    assert await primary.inner.execute([Revoked(("rv:t:1",), 1_000)]) == [True]
+    assert await store.execute([Revoked(("rv:t:1",), 1_000)]) == [True]
     await store.close()
 
 

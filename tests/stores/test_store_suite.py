@@ -45,6 +45,8 @@ from edgeway.middleware.store import (
     Publish,
     RateLimit,
     RateLimitResult,
+    Revoke,
+    Revoked,
     Set,
     Store,
     StoreError,
@@ -576,6 +578,26 @@ async def test_shadow_limits_report_but_never_reject(store: Store, key: str) -> 
     assert only_shadow.allowed
     again = await hit(store, limit(key + "alone", LOG, 1, 10_000, enforced=False))
     assert again.allowed and not again.states[0].allowed
+
+
+async def test_revocations_by_time_and_the_rate_limit_guard(store: Store, key: str) -> None:
+    """A session is revoked when one of its keys holds a time after its iat; a guarded limit then charges nothing."""
+    user, token = key + "rv:u", key + "rv:t"
+    check = limit(key + "rl", FIXED, 5, 60_000)
+    before, after = T0_MS - 10_000, T0_MS + 10_000
+    assert await store.execute([Revoked((user, token), before)]) == [False]
+    assert await store.execute([Revoke(user, T0_MS, 3_600_000)]) == [None]
+    results = await store.execute([
+        Revoked((token, user), before),
+        Revoked((token, user), after),
+        RateLimit((check,), guard=Revoked((token, user), before)),
+        RateLimit((check,), guard=Revoked((token, user), after)),
+    ])
+    assert results[:2] == [True, False]
+    assert results[2] == RateLimitResult(False, (), revoked=True)
+    assert isinstance(results[3], RateLimitResult) and results[3].allowed and not results[3].revoked
+    assert state(results[3]) == (True, 4, 60_000, 0)  # the guarded, revoked request above was not charged
+
 
 
 async def test_all_algorithms_in_one_request(store: Store, clock: FakeClock, key: str) -> None:

@@ -2,7 +2,7 @@
 -- KEYS[i]  the base key of limit i (all share one hash tag, so one Cluster slot)
 -- ARGV[1]  "now" in ms, or "" to use the server clock (TIME): instances with skewed clocks agree
 -- ARGV[2+6(i-1) ..]  algorithm, quota, window_ms, cost, burst, enforced (1|0) for limit i
--- Returns {allowed, then per limit: allowed, remaining, reset_ms, retry_after_ms}.
+-- Returns {allowed, then per limit: allowed, remaining, reset_ms, retry_after_ms}, or {2} (see the guard).
 -- Semantics mirror middleware/store/memory.py exactly; the shared store suite checks both.
 
 local SLACK = 1000
@@ -12,7 +12,13 @@ if not now then
   now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
-local n = #KEYS
+-- A revocation guard (the session's Revoked check) may follow: its keys after the limits' keys, and
+-- ARGV ends with issued_at_ms and the guard's key count. A revoked session is charged nothing: returns {2}.
+local n, guards, issued = #KEYS, 0, 0
+if (#ARGV - 1) % 6 == 2 then
+  guards, issued = tonumber(ARGV[#ARGV]), tonumber(ARGV[#ARGV - 1])
+  n = n - guards
+end
 local plans = {}
 local all_ok = true
 local ALGORITHMS = {['fixed-window'] = true, ['sliding-window'] = true, ['sliding-log'] = true,
@@ -20,8 +26,9 @@ local ALGORITHMS = {['fixed-window'] = true, ['sliding-window'] = true, ['slidin
 local LOG_CHUNK = 500  -- ZADD members per call: unpack() of thousands of arguments fails in Lua
 
 -- validate every limit before touching any key: a bad argument must not leave earlier limits charged
-if #ARGV ~= 1 + 6 * n then
-  return redis.error_reply('ERR edgeway: expected ' .. (1 + 6 * n) .. ' arguments, got ' .. #ARGV)
+local expected = 1 + 6 * n + (guards > 0 and 2 or 0)
+if #ARGV ~= expected then
+  return redis.error_reply('ERR edgeway: expected ' .. expected .. ' arguments, got ' .. #ARGV)
 end
 for i = 1, n do
   local base = 2 + (i - 1) * 6
@@ -35,6 +42,10 @@ for i = 1, n do
     return redis.error_reply('ERR edgeway: bad limit ' .. KEYS[i] .. ': quota and window_ms must be positive, '
       .. 'cost and burst whole and not negative')
   end
+end
+for g = n + 1, n + guards do
+  local at = tonumber(redis.call('GET', KEYS[g]) or '')
+  if at and at > issued then return {2} end
 end
 
 -- phase 1: read (with type-checking commands, so WRONGTYPE stops the script here) and decide
