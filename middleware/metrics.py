@@ -84,6 +84,11 @@ STORE_FAILURES = Counter(
     "Store batches that failed or timed out, by the failure mode applied.",
     ["route", "mode"],  # open | closed
 )
+STORE_FALLBACKS = Counter(
+    "edgeway_store_fallbacks_total",
+    "Store batches that failed or timed out on one store of the chain and went on to the next one.",
+    ["store"],  # the store that failed them; its quota did not decide them (counters don't move between stores)
+)
 
 # -- response cache ---------------------------------------------------------------------------------
 
@@ -234,7 +239,7 @@ FAMILIES = (
     CACHE_REQUESTS, CACHE_STORED_BYTES, CACHE_STORES,
     BREAKER_STATE, BREAKER_TRANSITIONS, BREAKER_SHORT_CIRCUITED,
     SESSION_CACHE, SESSION_PROVIDER_CALLS, SESSION_PROVIDER_SECONDS, SESSION_REVOCATIONS_UNCHECKED,
-    STORE_UP, STORE_MODE, STORE_MODE_CHANGES, STORE_CALL_SECONDS, STORE_ERRORS, STORE_COMMANDS,
+    STORE_UP, STORE_MODE, STORE_MODE_CHANGES, STORE_FALLBACKS, STORE_CALL_SECONDS, STORE_ERRORS, STORE_COMMANDS,
     STORE_BUDGET_USED, STORE_BUDGET_LIMIT, STORE_MEMORY_USED, STORE_MEMORY_MAX, LIVE_INSTANCES,
     POLICY_RELOADS, POLICY_VERSION,
 )

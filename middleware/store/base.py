@@ -443,7 +443,9 @@ class Store(abc.ABC):
         raise StoreError(f"the {self.kind} store carries no notifications")
 
     async def close(self) -> None:
-        """Release connections; the store may be used again afterwards (it reconnects)."""
+        """Release connections and end every subscription made through this store, promptly even when
+        the backend is unreachable; the store may be used again afterwards (it reconnects, and only new
+        subscriptions hear anything)."""
         return None
 
     async def start(self) -> None:

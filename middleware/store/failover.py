@@ -48,7 +48,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ..metrics import LIVE_INSTANCES, STORE_MODE, STORE_MODE_CHANGES, STORE_UP
+from ..metrics import LIVE_INSTANCES, STORE_FALLBACKS, STORE_MODE, STORE_MODE_CHANGES, STORE_UP
 from .base import (
     CACHE_COMMANDS,
     Command,
@@ -69,6 +69,7 @@ from .base import (
 from .budget import CommandBudget
 from .memory import MemoryStore
 from .metering import StoreMeter
+from .notify import stop
 
 logger = logging.getLogger("edgeway.store")
 
@@ -215,6 +216,7 @@ class FailoverStore(Store):
                 else:
                     results = await self._split(member.meter, commands, shared, timeout)
             except StoreError as error:
+                STORE_FALLBACKS.labels(member.store.kind).inc()
                 self._failed(member, work_kind(commands), error)
                 continue
             if member.health[WRITE].failures or member.health[READ].failures:  # the common case skips this
@@ -304,10 +306,10 @@ class FailoverStore(Store):
         return await primary.store.memory_usage() if primary.healthy else None
 
     async def close(self) -> None:
-        for task in [*self._tasks, *([self._heartbeat] if self._heartbeat else [])]:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        """Stop probes and heartbeats, then close every store of the chain (and so every subscription)."""
+        tasks = [*self._tasks, *([self._heartbeat] if self._heartbeat else [])]
         self._heartbeat = None
+        await asyncio.gather(*(stop(task, "a store probe or heartbeat") for task in tasks))
         for member in self._members:
             await member.store.close()
 

@@ -87,6 +87,10 @@ class MemoryStore(Store):
         """In-process fan-out: only subscribers of this same MemoryStore object hear a Publish."""
         return await self._fanout.add(channel, handler)
 
+    async def close(self) -> None:
+        """End every subscription (the data stays: the store may be used again)."""
+        self._fanout.close_all()
+
     def _now_ms(self) -> float:
         return math.floor(self._clock() * 1000)
 

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import random
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from .base import Handler, Subscription
 
@@ -19,6 +20,7 @@ logger = logging.getLogger("edgeway.store")
 
 RETRY_INITIAL = 0.1
 RETRY_MAX = 5.0
+STOP_WAIT = 2.0  # seconds close() waits for a cancelled listener before giving up on it (and saying so)
 
 
 def deliver(handler: Handler, channel: str, message: str) -> None:
@@ -42,6 +44,9 @@ class FanoutSubscription(Subscription):
         if not self._closed:
             self._closed = True
             await self._fanout.remove(self)
+
+    def _end(self) -> None:
+        self._closed = True  # the store closed: its listener is gone, closing later has nothing to do
 
 
 class Fanout:
@@ -70,6 +75,14 @@ class Fanout:
         if not handlers and self._handlers.pop(subscription.channel, None) is not None and self._on_change:
             await self._on_change()
 
+    def close_all(self) -> None:
+        """End every subscription, as closing the store does: no handler is called again, and a later
+        ``close()`` of one of them does nothing (it must not restart a listener of a closed store)."""
+        for subscriptions in self._handlers.values():
+            for subscription in subscriptions:
+                subscription._end()
+        self._handlers.clear()
+
     def count(self, channel: str) -> int:
         return len(self._handlers.get(channel, ()))
 
@@ -79,6 +92,34 @@ class Fanout:
         for subscription in handlers:
             deliver(subscription.handler, channel, message)
         return len(handlers)
+
+
+async def stop(task: asyncio.Task[Any] | None, what: str, *, wait: float = STOP_WAIT,
+               failing_is_normal: bool = False) -> None:
+    """Cancel a background task and wait, at most ``wait`` seconds, until it has ended.
+
+    The cancellation is repeated while waiting: one can be swallowed (Python 3.11's
+    ``asyncio.wait_for`` returns the result of a connect that completes as the cancellation
+    lands), and a listener that lives on would hold its store's ``close()`` forever. The task's
+    exception is retrieved (logged unless ``failing_is_normal``), so none is reported unretrieved.
+    """
+    if task is None:
+        return
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    try:
+        while not task.done():
+            task.cancel()
+            left = deadline - loop.time()
+            if left <= 0:
+                logger.error("%s did not stop within %gs of being cancelled; left behind", what, wait)
+                return
+            await asyncio.wait((task,), timeout=min(left, 0.05))
+    except asyncio.CancelledError:
+        task.cancel()  # the caller gave up waiting, not on stopping the task
+        raise
+    if not task.cancelled() and (error := task.exception()) is not None and not failing_is_normal:
+        logger.error("%s failed before it was stopped", what, exc_info=error)
 
 
 class Backoff:

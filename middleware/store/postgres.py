@@ -75,7 +75,7 @@ from .base import (
     StoreTimeout,
     Subscription,
 )
-from .notify import Backoff, Fanout
+from .notify import Backoff, Fanout, stop
 from .opening import SharedOpen
 
 if TYPE_CHECKING:
@@ -377,11 +377,11 @@ class _Listener:
             await backoff.wait()
 
     async def close(self) -> None:
+        """Stop the listener (its connection is terminated) and end every subscription made through it."""
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        self._fanout.close_all()
+        await stop(task, f"the PostgreSQL listener of {self._where}")
+        self._ready.set()
 
 
 class PostgresStore(_BatchStore):
@@ -510,11 +510,10 @@ class _Poller:
             await asyncio.sleep(POLL_EVERY)
 
     async def close(self) -> None:
+        """Stop polling and end every subscription made through it."""
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        self._fanout.close_all()
+        await stop(task, f"the notification poller of {self._where}")
 
 
 class SupabaseStore(_BatchStore):

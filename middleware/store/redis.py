@@ -27,7 +27,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 import hiredis
 
 from .base import Clock, Handler, StoreConfigurationError, StoreError, Subscription
-from .notify import Backoff, Fanout
+from .notify import Backoff, Fanout, stop
 from .opening import SharedOpen
 from .redis_protocol import SCRIPTS, RedisCommand, RedisProtocolStore, ReplyError, Transport
 
@@ -223,6 +223,7 @@ class RespTransport(Transport):
         self._connect_timeout = connect_timeout
         self._connection: SharedOpen[_RespProtocol] = SharedOpen(self._open)
         self._pending: set[asyncio.Task[None]] = set()
+        self._abandoned: set[asyncio.Future[_RespProtocol]] = set()  # openings recycle() walked away from
 
     def describe(self) -> str:
         if self._address.socket is not None:
@@ -266,7 +267,8 @@ class RespTransport(Transport):
             context = address.ssl_context()
             connecting = (loop.create_unix_connection(_RespProtocol, address.socket) if address.socket is not None
                           else loop.create_connection(_RespProtocol, address.host, address.port, ssl=context))
-            transport, protocol = await asyncio.wait_for(connecting, self._connect_timeout)
+            async with asyncio.timeout(self._connect_timeout):  # not wait_for: see _PubSub._listen
+                transport, protocol = await connecting
         except (TimeoutError, OSError) as exc:
             raise StoreError(f"cannot connect to Redis at {self.describe()}: {exc or 'timed out'}") from exc
         if address.socket is None:  # TCP only: a unix socket has no peer that can vanish silently
@@ -282,7 +284,8 @@ class RespTransport(Transport):
         if setup:
             # every failure here closes the socket and becomes a StoreError for all who wait on this connect
             try:
-                replies = await asyncio.wait_for(protocol.submit(setup, loop), self._connect_timeout)
+                async with asyncio.timeout(self._connect_timeout):
+                    replies = await protocol.submit(setup, loop)
             except (TimeoutError, StoreError, OSError) as exc:
                 protocol.abandon("connection setup failed")
                 raise StoreError(f"Redis at {self.describe()} did not complete AUTH/SELECT: {exc or 'timed out'}"
@@ -297,16 +300,23 @@ class RespTransport(Transport):
         return protocol
 
     def recycle(self) -> None:
-        protocol, _ = self._connection.take()
+        protocol, opening = self._connection.take()
         if protocol is not None:
             protocol.abandon("recycled after a timeout or a server that cannot serve")
+        if opening is not None and not opening.done():  # it runs on for its callers; close() still ends it
+            self._abandoned.add(opening)
+            opening.add_done_callback(self._abandoned.discard)
 
     async def close(self) -> None:
+        """Close the connection and end what is still connecting (callers waiting on it get a StoreError)."""
         protocol, opening = self._connection.take()
         if protocol is not None:
             protocol.close()
-        if opening is not None and not opening.done():
-            opening.cancel()
+        openings = [*self._abandoned, *([opening] if opening is not None else [])]
+        self._abandoned.clear()
+        work = [task for task in (*openings, *self._pending) if isinstance(task, asyncio.Task)]
+        what = f"a connect to Redis at {self.describe()}"
+        await asyncio.gather(*(stop(task, what, failing_is_normal=True) for task in work))
 
 
 class _PubSub:
@@ -378,9 +388,10 @@ class _PubSub:
     async def _listen(self, backoff: Backoff) -> None:
         address = self._address
         context = ssl.create_default_context() if address.tls else None
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(address.host, address.port, ssl=context), _CONNECT_TIMEOUT
-        )
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancellation (close())
+        # that lands as the connect completes, and the listener would live on
+        async with asyncio.timeout(_CONNECT_TIMEOUT):
+            reader, writer = await asyncio.open_connection(address.host, address.port, ssl=context)
         self._writer = writer
         _keepalive(writer.get_extra_info("socket"))
         if address.password is not None:
@@ -408,14 +419,15 @@ class _PubSub:
                     self._release(channel)
 
     async def close(self) -> None:
+        """Stop the listener and end every subscription made through this store."""
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        self._fanout.close_all()
+        await stop(task, f"the Redis subscriber of {self._where}")
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+        self._sent, self._up = set(), False
+        self._confirmed.clear()
         self._release()
 
 

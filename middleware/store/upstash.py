@@ -32,7 +32,7 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 import aiohttp
 
 from .base import Clock, Handler, StoreConfigurationError, StoreError, Subscription
-from .notify import Backoff, Fanout
+from .notify import Backoff, Fanout, stop
 from .redis_protocol import SCRIPTS, RedisCommand, RedisProtocolStore, ReplyError, Transport
 
 _HTTP_DEADLINE = 10.0  # seconds; the store timeout answers callers long before this
@@ -180,10 +180,8 @@ class UpstashTransport(Transport):
     async def close(self) -> None:
         # like a closed TCP connection: requests still in flight fail now rather than hold
         # shutdown for up to _HTTP_DEADLINE (their callers' own timeouts have usually fired)
-        for task in self._tasks:
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        tasks = list(self._tasks)
+        await asyncio.gather(*(stop(task, "an Upstash request", failing_is_normal=True) for task in tasks))
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -285,10 +283,8 @@ class _Streams:
             self._confirmed[channel] = asyncio.Event()
             self._tasks[channel] = asyncio.get_running_loop().create_task(self._run(channel))
         for channel in set(self._tasks) - wanted:
-            task = self._tasks.pop(channel)
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task  # its response is closed before the subscription counts as closed
+            # its response is closed before the subscription counts as closed
+            await stop(self._tasks.pop(channel), f"the Upstash stream of {channel!r}")
             self._confirmed.pop(channel, None)
 
     async def _run(self, channel: str) -> None:
@@ -336,12 +332,14 @@ class _Streams:
                         backoff.reset()
 
     async def close(self) -> None:
-        tasks = list(self._tasks.values())
+        """Close every stream and end every subscription made through this store."""
+        tasks = list(self._tasks.items())
         self._tasks.clear()
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
+        self._fanout.close_all()
+        await asyncio.gather(*(stop(task, f"the Upstash stream of {channel!r}") for channel, task in tasks))
+        for confirmed in self._confirmed.values():
+            confirmed.set()  # a subscribe() still waiting for its stream returns now
+        self._confirmed.clear()
         if self._session is not None:
             await self._session.close()
             self._session = None

@@ -309,3 +309,20 @@ async def test_start_heartbeats_before_any_request() -> None:
     await wait_until(lambda: busy._live == 2 or idle._live == 2)
     await idle.close()
     await busy.close()
+
+
+async def test_a_batch_that_falls_over_is_decided_by_the_fallbacks_counters_and_counted() -> None:
+    """Counters don't move between stores, for one request either: a batch the primary failed (a timeout
+    under load, the primary still healthy) is decided by the next store, whose counter has not seen the
+    primary's traffic. That is the whole of the over-admission a burst can get, and it is counted."""
+    primary, fallback = Shared("redis"), Shared("postgres")
+    store = FailoverStore(primary, [fallback], failures=3, probe_initial=60)
+    sample = ("edgeway_store_fallbacks_total", {"store": "redis"})
+    before = REGISTRY.get_sample_value(*sample) or 0.0
+    assert await admitted(store, limit(quota=5), 7) == 5
+    primary.up = False
+    assert await admitted(store, limit(quota=5), 2) == 2  # decided by the fallback's own, empty counter
+    primary.up = True
+    assert await admitted(store, limit(quota=5), 1) == 0  # back on the primary's exact count
+    assert store.kind == "redis"
+    assert REGISTRY.get_sample_value(*sample) == before + 2

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -52,6 +54,7 @@ from edgeway.middleware.store import (
 )
 from edgeway.middleware.store.failover import FailoverStore
 from edgeway.middleware.store.memory import MemoryStore
+from edgeway.middleware.store.notify import stop
 from edgeway.middleware.store.postgres import PostgresStore, SupabaseStore
 from edgeway.middleware.store.redis import RedisStore
 from edgeway.middleware.store.upstash import UpstashStore
@@ -987,3 +990,124 @@ async def test_postgres_listener_survives_a_restart(key: str) -> None:
         finally:
             await publisher.close()
             await subscriber.close()
+
+
+# -- closing a store closes its subscriptions ---------------------------------------
+
+CLOSE_BOUND = 5.0  # seconds: a bound that proves "never hangs", not a speed target
+
+
+@pytest.fixture
+async def loop_errors() -> AsyncIterator[list[dict[str, object]]]:
+    """What reaches the loop's exception handler ("Task was destroyed but it is pending", "never retrieved")."""
+    loop = asyncio.get_running_loop()
+    seen: list[dict[str, object]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: seen.append(context))
+    yield seen
+    gc.collect()  # a pending task dropped by a closed store is reported when it is collected
+    loop.set_exception_handler(previous)
+
+
+async def close_within_bound(store: Store) -> None:
+    """Close ``store``; fails (never hangs) unless it has ended within CLOSE_BOUND."""
+    closing = asyncio.ensure_future(store.close())
+    done, _ = await asyncio.wait((closing,), timeout=CLOSE_BOUND)
+    if not done:
+        closing.cancel()
+        pytest.fail(f"{store.describe()}: close() did not end within {CLOSE_BOUND} s")
+    closing.result()
+
+
+def left_running(before: set[asyncio.Task[Any]]) -> list[str]:
+    return [repr(task.get_coro()) for task in asyncio.all_tasks() - before
+            if task is not asyncio.current_task() and not task.done()]
+
+
+async def test_closing_the_store_ends_its_subscriptions(backend: Backend, key: str) -> None:
+    before = asyncio.all_tasks()
+    store = backend.make()
+    old, old_handler = inbox()
+    first = await store.subscribe(key, old_handler)
+    await store.subscribe(key + "b", old_handler)
+    await close_within_bound(store)  # the subscriptions are still open
+    assert left_running(before) == []
+    await first.close()  # already ended with the store: nothing to do, nothing restarted
+    assert left_running(before) == []
+    # the store may be used again; what was subscribed before the close hears nothing
+    new, new_handler = inbox()
+    await store.subscribe(key, new_handler)
+    publisher = store if backend.name == "memory" else backend.make()
+    await publisher.execute([Publish(key + "b", "to the ended one"), Publish(key, "after the close")])
+    assert await asyncio.wait_for(new.get(), DELIVERY) == "after the close"  # published after the other
+    assert old.empty()
+
+
+STOPPED = ["alive", "killed", "unreachable"]
+CHAINS = ["redis", "upstash", "redis+memory", "redis+postgres"]
+
+
+@pytest.mark.parametrize("state", STOPPED)
+@pytest.mark.parametrize("chain", CHAINS)
+async def test_closing_a_store_with_a_live_subscription_ends_promptly(
+    chain: str, state: str, own_redis: RedisServer, bridges: list[UvicornThread], key: str,
+    request: pytest.FixtureRequest, loop_errors: list[dict[str, object]],
+) -> None:
+    """Subscribed, then closed without closing the subscription, while Redis is up, killed, or never was."""
+    before = asyncio.all_tasks()
+    url = own_redis.url if state != "unreachable" else f"redis://127.0.0.1:{free_port()}"
+    primary = remote_store("upstash" if chain == "upstash" else "redis", url, timeout=0.5, bridges=bridges)
+    store = primary
+    if chain == "redis+memory":
+        store = FailoverStore(primary, [MemoryStore()], failures=1, probe_initial=0.05)
+    elif chain == "redis+postgres":
+        fallback = PostgresStore(request.getfixturevalue("postgres_dsn"), timeout=2.0)
+        store = FailoverStore(primary, [fallback, MemoryStore()], failures=1, probe_initial=0.05)
+    received, handler = inbox()
+    await store.subscribe(key, handler)
+    if state == "killed":
+        own_redis.kill()
+    with contextlib.suppress(StoreError):  # a failover store answers from its fallback; Redis alone fails
+        await store.execute([Publish(key, "one"), Incr(key + "n", ttl_ms=60_000)])
+    if state == "alive":
+        assert await asyncio.wait_for(received.get(), DELIVERY) == "one"
+    else:
+        await asyncio.sleep(0.2)  # the listener is reconnecting with backoff, probes are running
+    await close_within_bound(store)
+    assert left_running(before) == []
+    gc.collect()
+    assert [context.get("message") for context in loop_errors] == []
+
+
+async def test_close_while_a_subscribe_is_connecting_never_hangs(redis_url: str, key: str) -> None:
+    """close() lands at every point of the subscriber's connect, also as it completes.
+
+    On Python 3.11 ``asyncio.wait_for`` returns the result of an awaited connect when
+    the cancellation lands just as it completes; the listener then lived on and close()
+    waited for it forever.
+    """
+    before = asyncio.all_tasks()
+    for turns in range(40):
+        store = RedisStore(redis_url, timeout=2.0)
+        subscribing = asyncio.ensure_future(store.subscribe(key, lambda message: None))
+        for _ in range(turns):
+            await asyncio.sleep(0)
+        await close_within_bound(store)
+        await asyncio.wait_for(subscribing, CLOSE_BOUND)
+        assert left_running(before) == [], f"after {turns} loop turns"
+
+
+async def test_stop_repeats_a_cancellation_that_was_swallowed() -> None:
+    swallowed = asyncio.Event()
+
+    async def listener() -> None:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            swallowed.set()  # as 3.11's wait_for does when the awaited connect completes with the cancellation
+        await asyncio.sleep(3600)
+
+    task = asyncio.ensure_future(listener())
+    await asyncio.sleep(0)
+    await asyncio.wait_for(stop(task, "a listener"), CLOSE_BOUND)
+    assert swallowed.is_set() and task.cancelled()
