@@ -60,7 +60,9 @@ if not (VENV_BIN / "python").exists():
 PG_TARGET = "edgeway-2-limits-postgres-fallback"  # Redis unreachable: limits enforced through PostgreSQL
 CACHE_TARGET = "edgeway-cache-hit"  # the gateway answering a 1 KB JSON body from its cache (Redis)
 BREAKER_TARGET = "breaker-closed"  # edgeway-2-limits with a (never tripping) breaker on the upstream
-TARGETS = ("upstream", "nginx-proxy", "raw-aiohttp", "baseline", "edgeway", "edgeway-2-limits", BREAKER_TARGET,
+QUIET_TARGET = "edgeway-access-log-off"  # edgeway with `serve --access-log off`: the access log's cost (no goal)
+TARGETS = ("upstream", "nginx-proxy", "raw-aiohttp", "baseline", "edgeway", QUIET_TARGET, "edgeway-2-limits",
+           BREAKER_TARGET,
            "edgeway-2-limits-memory", PG_TARGET, "slowapi", CACHE_TARGET, "starlette-json",
            "session-warm")
 ASGI_APPS = {"raw-aiohttp": "baseline_proxy:raw_app", "baseline": "baseline_proxy:starlette_app",
@@ -130,7 +132,8 @@ under uvicorn with Edgeway's server settings: **raw-aiohttp** ("raw aiohttp forw
 forwarder with no framework, the reference for the gateway's proxy hot path; **baseline** ("a bare
 Starlette proxy on raw aiohttp with no policies"), a Starlette app with one catch-all route whose
 endpoint returns a `StreamingResponse` over the aiohttp response. **edgeway**: `edgeway serve`, one
-route `/*`, no policies. **edgeway-2-limits**: the same with two limits (`1000000/minute`,
+route `/*`, no policies, default settings (access log and metrics on). **edgeway-access-log-off**: the
+same with `--access-log off`. **edgeway-2-limits**: the same with two limits (`1000000/minute`,
 `100000000/day`, key `ip`: never rejecting) on a private `redis-server`; **edgeway-2-limits-memory**:
 on `memory://`. **breaker-closed**: edgeway-2-limits with a circuit breaker on the upstream
 (`failures: 5`), closed throughout (the upstream never fails).
@@ -434,10 +437,13 @@ def start_target(procs: Processes, target: str, tmp: Path, upstream_port: int, r
                 raise RuntimeError("no PostgreSQL cluster for it")
             store = {"url": f"redis://127.0.0.1:{free_port()}", "timeout": PG_TIMEOUT,  # nothing listens there
                      "fallback": [{"postgres": {"dsn": pg_dsn}}, "memory"]}
-        policy = write_policy(tmp, target, upstream_port, store, limits=target not in ("edgeway", CACHE_TARGET),
+        policy = write_policy(tmp, target, upstream_port, store,
+                              limits=target not in ("edgeway", QUIET_TARGET, CACHE_TARGET),
                               cache=CACHE_CACHE if target == CACHE_TARGET else None, breaker=target == BREAKER_TARGET,
                               session=target == "session-warm")
-        procs.start(target, [str(VENV_BIN / "edgeway"), "serve", "--policy", str(policy), "--port", str(port)])
+        quiet = ["--access-log", "off"] if target == QUIET_TARGET else []
+        procs.start(target, [str(VENV_BIN / "edgeway"), "serve", "--policy", str(policy), "--port", str(port),
+                             *quiet])
     return f"http://127.0.0.1:{port}{JSON_PATH if target in JSON_TARGETS else PATH}"
 
 
@@ -681,6 +687,12 @@ def render(outcomes: list[Outcome], args: argparse.Namespace, command: str) -> s
             ratio = rps[PG_TARGET] / rps[against] if PG_TARGET in rps and against in rps else None
             note = " (flagged: see Problems)" if {PG_TARGET, against} & flagged else ""
             lines.append(f"- {PG_TARGET} / {against}: " + ("not measured" if ratio is None else f"{ratio:.2f}{note}"))
+    if QUIET_TARGET in rps and "edgeway" in rps:
+        lines += ["", "Access log (recorded, no goal): `edgeway` writes one JSON line per request to stdout (the "
+                  f"default); {QUIET_TARGET} is the same with `--access-log off`.", "",
+                  f"- edgeway / {QUIET_TARGET}: {rps['edgeway'] / rps[QUIET_TARGET]:.2f} "
+                  f"({1e6 / rps['edgeway'] - 1e6 / rps[QUIET_TARGET]:+.1f} us of wall time per request at 32 "
+                  "connections)"]
     stores = [f"- {o.target}: {o.store.summary()}" for o in outcomes if o.store and o.store.requests]
     stores += [f"- PostgreSQL work per request, {o.target}: {o.pg.summary()} (statistics read {STATS_FLUSH:g} s "
                "after each run, once flushed: they include the requests still in flight when wrk stopped and the "
