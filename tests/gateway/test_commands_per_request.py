@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import httpx
@@ -73,3 +74,49 @@ def test_commands_per_request_on_real_redis(redis_server: RedisServer, echo: Ech
             ready = httpx.get(f"{served.url}/_edgeway/readyz").json()
             assert ready["store"]["budget"]["used"] == 2 and ready["store"]["budget"]["limit"] == 500_000
             assert ready["store"]["budget"]["pending"] == 20
+
+
+def policy_of_each(redis_url: str, echo_port: int, prefix: str) -> str:
+    return f"""
+version: 1
+store: {{ url: "{redis_url}", key_prefix: "{prefix}", timeout: 1s, instances: 1 }}
+upstreams:
+  echo: {{ url: "http://127.0.0.1:{echo_port}" }}
+  guarded:
+    url: "http://127.0.0.1:{echo_port}"
+    breaker: {{ failures: 3, open_for: 30s }}
+routes:
+  - match: {{ path: /cached/* }}
+    upstream: echo
+    cache: {{ ttl: 1h }}
+  - match: {{ path: /guarded/* }}
+    upstream: guarded
+"""
+
+
+def test_commands_per_request_of_the_cache_and_a_closed_breaker(redis_server: RedisServer, echo: EchoApp) -> None:
+    """README's table: a cache hit is one GET; a miss that is stored costs its lookup, its fill lock and the
+    fill; a closed breaker costs nothing per request."""
+    url = redis_server.url
+    prefix = f"cpr-{uuid.uuid4().hex[:8]}:"
+    app = gateway.create_app(gateway.load_text(policy_of_each(url, echo.port, prefix)))  # type: ignore[attr-defined]
+    with UvicornThread(app, proxy_headers=False) as served:
+        assert httpx.get(f"{served.url}/cached/warm-up").status_code == 200
+        assert httpx.get(f"{served.url}/guarded/warm-up").status_code == 200
+        monitor = Monitor(url)
+        for _ in range(20):
+            assert httpx.get(f"{served.url}/guarded/x").status_code == 200
+        assert monitor.sent() == []
+
+        monitor = Monitor(url)
+        miss = httpx.get(f"{served.url}/cached/new")
+        assert miss.headers["cache-status"] == "edgeway; fwd=miss; stored"
+        time.sleep(0.3)  # the fill is a deferred write: let it reach Redis before the mark
+        missed = monitor.sent()
+
+        monitor = Monitor(url)
+        for _ in range(10):
+            assert httpx.get(f"{served.url}/cached/new").headers["cache-status"].startswith("edgeway; hit")
+        assert monitor.sent() == ["GET"] * 10
+    print("cache miss, stored:", " ".join(missed))
+    assert missed[0] == "GET" and "SET" in missed
