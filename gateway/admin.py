@@ -1,51 +1,43 @@
-"""``/_edgeway/*``: health, readiness, metrics, and the token-guarded admin API.
+"""``/_edgeway/*``: health, readiness, metrics, the OpenAPI document, and the token-guarded admin API.
 
-The admin API is off unless ``admin.token`` is set, and the token is compared
-in constant time. Health and metrics never need it.
+Operations are described, and handlers registered, in
+:mod:`edgeway.gateway.admin_api`. The admin API is off (404 ``admin_disabled``)
+unless ``admin.token`` is set; the token is compared in constant time (digests
+of equal length, so neither content nor length leaks) and only its digest is
+kept. Health, readiness, metrics and the document never need it.
 """
 
 from __future__ import annotations
 
-import functools
+import hashlib
 import hmac
 import json
+import os
 import time
-from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from edgeway.middleware.breaker import reset_breaker
 from edgeway.middleware.cache_signals import purge
 from edgeway.middleware.context import Scope
-from edgeway.middleware.metrics import STORE_UP
+from edgeway.middleware.metrics import STORE_UP, scrape
 from edgeway.middleware.responses import ErrorResponse, Receive, Send
 from edgeway.middleware.session import revoke
 from edgeway.middleware.store import StoreError
 from edgeway.middleware.store.failover import FailoverStore
 
+from .admin_api import JSON, AdminError, AdminRequest, Operation, handler, match, openapi
+
 if TYPE_CHECKING:
     from .app import Gateway
 
 _STARTED = time.time()
-_MAX_ADMIN_BODY = 64 * 1024
+MAX_BODY = 64 * 1024
 
 
-async def _read_body(receive: Receive) -> bytes:
-    body = b""
-    more = True
-    while more:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            break
-        body += message.get("body", b"")
-        if len(body) > _MAX_ADMIN_BODY:
-            raise ValueError(f"the request body is larger than {_MAX_ADMIN_BODY} bytes")
-        more = message.get("more_body", False)
-    return body
-
-
-async def _json(send: Send, status: int, payload: dict[str, Any], scope: Scope) -> None:
+async def _json(send: Send, status: int, payload: JSON, scope: Scope) -> None:
     body = json.dumps(payload, separators=(",", ":")).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
@@ -53,57 +45,68 @@ async def _json(send: Send, status: int, payload: dict[str, Any], scope: Scope) 
     await send({"type": "http.response.body", "body": body if scope["method"] != "HEAD" else b""})
 
 
+def token_digest(token: str) -> bytes:
+    """What the gateway keeps of the admin token: its SHA-256."""
+    return hashlib.sha256(token.encode()).digest()
+
+
 class AdminEndpoints:
-    """Dispatches ``/_edgeway/<name>``; see SPEC.md for the contract."""
+    """Dispatches ``/_edgeway/<path>`` through the operation table; see SPEC.md for the contract."""
 
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
+        self._public = {"healthz": self.healthz, "readyz": self.readyz, "metrics": self.metrics,
+                        "openapi": self.document}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        name = scope["path"].removeprefix("/_edgeway/").rstrip("/")
-        method = scope["method"]
-        public = {"healthz": self.healthz, "readyz": self.readyz, "metrics": self.metrics}
-        admin: dict[tuple[str, str], Callable[[Scope, Send], Awaitable[None]]] = {
-            ("GET", "status"): self.status, ("POST", "reload"): self.reload,
-            ("POST", "cache/purge"): functools.partial(self.cache_purge, receive=receive),
-            ("POST", "sessions/revoke"): functools.partial(self.revoke_session, receive=receive),
-        }
-        if name in public:
-            if method not in ("GET", "HEAD"):
-                await ErrorResponse(405, "method_not_allowed", "use GET",
-                                    headers=[(b"allow", b"GET, HEAD")])(scope, receive, send)
-                return
-            await public[name](scope, send)
+        path = scope["path"].removeprefix("/_edgeway/").rstrip("/")
+        operation, params, allowed = match(scope["method"], path)
+        if operation is None:
+            if allowed:
+                await ErrorResponse(405, "method_not_allowed", f"use {', '.join(allowed)}",
+                                    headers=[(b"allow", ", ".join(allowed).encode())])(scope, receive, send)
+            else:
+                await ErrorResponse(404, "no_route", f"no gateway endpoint {scope['path']}")(scope, receive, send)
             return
-        if (method, name) in admin:
-            refusal = self._refusal(scope)
-            if refusal is not None:
-                await refusal(scope, receive, send)
-                return
-            await admin[(method, name)](scope, send)
+        if not operation.admin:
+            await self._public[operation.operation_id](scope, send)
             return
-        if method == "POST" and name.startswith("breakers/") and name.endswith("/reset"):
-            refusal = self._refusal(scope)
-            if refusal is not None:
-                await refusal(scope, receive, send)
-                return
-            status, answer = await reset_breaker(self.gateway.breakers, name[len("breakers/"):-len("/reset")])
-            await _json(send, status, answer, scope)
+        refusal = self._refusal(scope)
+        if refusal is not None:
+            await refusal(scope, receive, send)
             return
-        await ErrorResponse(404, "no_route", f"no gateway endpoint {scope['path']}")(scope, receive, send)
+        try:
+            status, payload = await self._run(operation, params, scope, receive)
+        except AdminError as error:
+            await ErrorResponse(error.status, error.code, error.message, extra=error.extra)(scope, receive, send)
+            return
+        await _json(send, status, payload, scope)
+
+    async def _run(self, operation: Operation, params: dict[str, str], scope: Scope,
+                   receive: Receive) -> tuple[int, JSON]:
+        if operation.handler is None:
+            raise AdminError(501, "not_implemented", f"{operation.method} /_edgeway/{operation.path} is not "
+                             "available in this build")
+        body = await _read_json(receive) if operation.body is not None else None
+        query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
+        return await operation.handler(AdminRequest(self.gateway, scope, params, query, body))
 
     def _refusal(self, scope: Scope) -> ErrorResponse | None:
-        token = self.gateway.loaded.policy.admin.token
-        if not token:
+        expected = self.gateway.admin_token_digest
+        if expected is None:
             return ErrorResponse(404, "admin_disabled", "the admin API is off: set admin.token in the policy")
-        supplied = b""
+        supplied: bytes | None = None
         for key, value in scope["headers"]:
-            if key == b"authorization" and value[:7].lower() == b"bearer ":
-                supplied = value[7:].strip()
-        if not hmac.compare_digest(supplied, token.encode()):
+            if key == b"authorization":
+                scheme, _, credentials = value.partition(b" ")
+                # a second Authorization header is ambiguous: refuse rather than pick one
+                supplied = credentials.strip() if supplied is None and scheme.lower() == b"bearer" else b""
+        if supplied is None or not hmac.compare_digest(hashlib.sha256(supplied).digest(), expected):
             return ErrorResponse(401, "unauthorized", "admin endpoints need Authorization: Bearer <admin token>",
                                  headers=[(b"www-authenticate", b'Bearer realm="edgeway-admin"')])
         return None
+
+    # -- public ---------------------------------------------------------------------------------------
 
     async def healthz(self, scope: Scope, send: Send) -> None:
         await _json(send, 200, {"status": "ok"}, scope)
@@ -112,7 +115,7 @@ class AdminEndpoints:
         """200 while some store serves shared state (``degraded`` when it is a fallback), else 503."""
         gateway = self.gateway
         store = gateway.store
-        payload: dict[str, Any] = {
+        payload: JSON = {
             "policy": {"source": gateway.loaded.source, "version": gateway.loaded.version},
         }
         failover = isinstance(store, FailoverStore)  # it keeps edgeway_store_up per store from health itself
@@ -127,81 +130,169 @@ class AdminEndpoints:
             return
         if not failover:
             STORE_UP.labels(store.kind).set(1)
-        chain = store.status() if isinstance(store, FailoverStore) else [
-            {"kind": store.kind, "location": store.describe(), "healthy": True}
-        ]
-        degraded = not chain[0]["healthy"]
-        payload["status"] = "degraded" if degraded else "ready"
+        chain = store_chain(gateway)
+        payload["status"] = "ready" if chain[0]["healthy"] else "degraded"
         payload["store"] = {"kind": store.kind, "mode": store.kind, "location": store.describe(), "chain": chain}
         if isinstance(store, FailoverStore):
             payload["store"]["live_instances"] = store.live_instances
+            if store.budget is not None:
+                payload["store"]["budget"] = store.budget.status()
         await _json(send, 200, payload, scope)
 
     async def metrics(self, scope: Scope, send: Send) -> None:
-        body = generate_latest()
+        body = scrape()
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", CONTENT_TYPE_LATEST.encode()),
                                 (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+        await send({"type": "http.response.body", "body": body if scope["method"] != "HEAD" else b""})
 
-    async def status(self, scope: Scope, send: Send) -> None:
-        gateway = self.gateway
-        policy = gateway.loaded.policy
-        await _json(send, 200, {
-            "policy": {"source": gateway.loaded.source, "version": gateway.loaded.version},
-            "store": {"kind": gateway.store.kind, "location": gateway.store.describe()},
-            "upstreams": {name: up.url for name, up in policy.upstreams.items()},
-            "breakers": {name: breaker.status() for name, breaker in gateway.breakers.items()},
-            "routes": [{"path": r.match.path, "methods": r.match.methods, "upstream": r.upstream,
-                        "limits": [str(limit.rate) for limit in r.limits]} for r in policy.routes],
-            "uptime_seconds": round(time.time() - _STARTED, 1),
-        }, scope)
+    async def document(self, scope: Scope, send: Send) -> None:
+        from . import __version__  # the package's __init__ imports this module first
 
-    async def revoke_session(self, scope: Scope, send: Send, *, receive: Receive) -> None:
-        """``POST /_edgeway/sessions/revoke``: see :func:`edgeway.middleware.session.revoke`."""
-        sessions = self.gateway.sessions
-        if sessions is None:
-            await ErrorResponse(404, "sessions_disabled", "no sessions: block in the policy")(scope, receive, send)
-            return
-        try:
-            body = json.loads(await _read_body(receive))
-        except ValueError as error:  # not JSON, or too large
-            await ErrorResponse(400, "bad_request", f"the body must be JSON: {error}")(scope, receive, send)
-            return
-        status, answer = await revoke(sessions, body)
-        if status != 200:
-            await ErrorResponse(status, answer.pop("error"), answer.pop("message", None))(scope, receive, send)
-            return
-        await _json(send, status, answer, scope)
+        await _json(send, 200, openapi(__version__), scope)
 
-    async def cache_purge(self, scope: Scope, send: Send, *, receive: Receive) -> None:
-        """``POST /_edgeway/cache/purge``: the body names what (see :func:`edgeway.middleware.cache.purge`)."""
-        try:
-            body = json.loads(await _read_body(receive))
-            routes = self.gateway.routes
-            if isinstance(body, dict) and isinstance(body.get("route"), str):
-                policies = routes.cache_policies(pattern=body["route"])
-                if not policies:
-                    raise ValueError(f"no route with a cache has match.path {body['route']!r}")
-            elif isinstance(body, dict) and isinstance(body.get("url"), str):
-                method = body.get("method", "GET")
-                policies = routes.cache_policies(path=body["url"].partition("?")[0],
-                                                 method=method.upper() if isinstance(method, str) else "GET")
-            else:
-                policies = routes.cache_policies()
-            answer = await purge(self.gateway.store, policies, body)
-        except (ValueError, UnicodeDecodeError) as exc:
-            await ErrorResponse(400, "bad_request", str(exc))(scope, receive, send)
-            return
-        except StoreError as exc:
-            await ErrorResponse(503, "store_unavailable", f"the purge did not reach the store: {exc}")(
-                scope, receive, send)
-            return
-        await _json(send, 200, answer, scope)
 
-    async def reload(self, scope: Scope, send: Send) -> None:
-        before = self.gateway.loaded.version
-        ok = await self.gateway.reload()
-        await _json(send, 200 if ok else 422, {
-            "reloaded": ok, "version": self.gateway.loaded.version, "previous": before,
-        }, scope)
+async def _read_json(receive: Receive) -> JSON:
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise AdminError(400, "bad_request", "the client left before sending the body")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > MAX_BODY:
+            raise AdminError(413, "payload_too_large", f"admin request bodies are limited to {MAX_BODY} bytes")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    try:
+        body = json.loads(b"".join(chunks) or b"null")
+    except ValueError:
+        raise AdminError(400, "bad_request", "the body must be a JSON object") from None
+    if not isinstance(body, dict):
+        raise AdminError(400, "bad_request", "the body must be a JSON object")
+    return body
+
+
+def store_chain(gateway: Gateway) -> list[dict[str, object]]:
+    """Each store of the chain with its health (a lone store counts as healthy while it answers)."""
+    store = gateway.store
+    if isinstance(store, FailoverStore):
+        return store.status()
+    return [{"kind": store.kind, "location": store.describe(), "healthy": True}]
+
+
+def _public_url(url: str) -> str:
+    """An upstream URL without credentials (``http://user:pass@host`` -> ``http://host``)."""
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+
+
+# -- admin operations served by the gateway itself ----------------------------------------------------
+
+
+@handler("GET", "status")
+async def status(request: AdminRequest) -> tuple[int, JSON]:
+    gateway = request.gateway
+    policy = gateway.loaded.policy
+    store = gateway.store
+    store_info: dict[str, Any] = {"kind": store.kind, "mode": store.kind, "location": store.describe(),
+                                  "chain": store_chain(gateway)}
+    if isinstance(store, FailoverStore):
+        store_info["live_instances"] = store.live_instances
+        if store.budget is not None:
+            store_info["budget"] = store.budget.status()
+    upstreams = {
+        name: {"url": _public_url(up.url), "timeout": up.timeout.model_dump(mode="json"),
+               "breaker": up.breaker.model_dump(mode="json") if up.breaker else None}
+        for name, up in policy.upstreams.items()
+    }
+    routes = [
+        {"name": route.route_id, **route.model_dump(mode="json")}
+        for route in policy.routes
+    ]
+    return 200, {
+        "instance": {"id": gateway.instance_id, "pid": os.getpid(), "version": gateway.loaded.version,
+                     "uptime_seconds": round(time.time() - _STARTED, 1)},
+        "policy": {"source": gateway.loaded.source, "version": gateway.loaded.version},
+        "store": store_info,
+        "upstreams": upstreams,
+        "routes": routes,
+        "breakers": {name: breaker.status() for name, breaker in gateway.breakers.items()},
+        "instances": [gateway.cluster.here(), *await gateway.cluster.ask("roll-call")],
+    }
+
+
+@handler("POST", "reload")
+async def reload(request: AdminRequest) -> tuple[int, JSON]:
+    """Re-read the policy file; with ``?all=1`` every instance sharing the store does, and the answer lists
+    what each now serves (instances that did not answer in time are missing from the list)."""
+    gateway = request.gateway
+    before = gateway.loaded.version
+    everywhere = request.query.get("all", "0") not in ("", "0", "false")
+    if gateway.policy_path is None:
+        raise AdminError(409, "no_policy_file", "this gateway was built from a policy object, not a file")
+    if everywhere and not gateway.cluster.available:
+        raise AdminError(409, "broadcast_unavailable", f"the {gateway.store.kind} store carries no notifications "
+                         "between instances: reload each one, or use a Redis store")
+    problems = await gateway.reload_file()
+    if problems is not None:
+        raise AdminError(422, "invalid_policy", "the policy file is invalid; the running policy keeps serving",
+                         extra={"reloaded": False, "version": before, "problems": problems.splitlines()})
+    answer: JSON = {"reloaded": True, "version": gateway.loaded.version, "previous": before}
+    if everywhere:
+        answer["broadcast"] = True
+        answer["instances"] = [gateway.cluster.here(reloaded=True), *await gateway.cluster.ask("reload")]
+    return 200, answer
+
+
+def _refused(status: int, answer: JSON) -> AdminError:
+    return AdminError(status, str(answer.pop("error", "bad_request")), str(answer.pop("message", "")), extra=answer)
+
+
+@handler("POST", "cache/purge")
+async def cache_purge(request: AdminRequest) -> tuple[int, JSON]:
+    """The body names what (see :func:`edgeway.middleware.cache_signals.purge`); entries live in the shared
+    store, so a purge holds for every instance at once."""
+    body = request.body or {}
+    routes = request.gateway.routes
+    try:
+        if isinstance(body.get("route"), str):
+            policies = routes.cache_policies(pattern=body["route"])
+            if not policies:
+                raise ValueError(f"no route with a cache has match.path {body['route']!r}")
+        elif isinstance(body.get("url"), str):
+            method = body.get("method", "GET")
+            policies = routes.cache_policies(path=body["url"].partition("?")[0],
+                                             method=method.upper() if isinstance(method, str) else "GET")
+        else:
+            policies = routes.cache_policies()
+        answer: JSON = await purge(request.gateway.store, policies, body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise AdminError(400, "bad_request", str(exc)) from None
+    except StoreError as exc:
+        raise AdminError(503, "store_unavailable", f"the purge did not reach the store: {exc}") from None
+    return 200, answer
+
+
+@handler("POST", "sessions/revoke")
+async def revoke_session(request: AdminRequest) -> tuple[int, JSON]:
+    """See :func:`edgeway.middleware.session.revoke`."""
+    sessions = request.gateway.sessions
+    if sessions is None:
+        raise AdminError(404, "sessions_disabled", "no sessions: block in the policy")
+    status, answer = await revoke(sessions, request.body or {})
+    if status != 200:
+        raise _refused(status, answer)
+    return 200, answer
+
+
+@handler("POST", "breakers/{upstream}/reset")
+async def breaker_reset(request: AdminRequest) -> tuple[int, JSON]:
+    """Close an upstream's breaker for every instance sharing the store."""
+    status, answer = await reset_breaker(request.gateway.breakers, request.params["upstream"])
+    if status != 200:
+        raise _refused(status, answer)
+    return 200, answer

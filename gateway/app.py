@@ -14,31 +14,42 @@ running one.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import os
+import re
 import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgeway.middleware import metrics
 from edgeway.middleware.breaker import CircuitBreaker
 from edgeway.middleware.clientip import TrustedProxies
 from edgeway.middleware.context import SCOPE_KEY, RequestContext, Scope
 from edgeway.middleware.pipeline import Throttled
-from edgeway.middleware.responses import ErrorResponse, Receive, Send, bad_request
+from edgeway.middleware.responses import ErrorResponse, Message, Receive, Send, bad_request
 from edgeway.middleware.session import SessionService
-from edgeway.middleware.store import Clock, Store
+from edgeway.middleware.store import Clock, Store, StoreError
+from edgeway.middleware.store.failover import FailoverStore
 
-from .admin import AdminEndpoints
+from .accesslog import AccessLog
+from .admin import AdminEndpoints, token_digest
+from .cluster import Cluster
 from .config import Policy, Route, ServerConfig
 from .errors import PolicyError, Problem
 from .headers import request_problem
 from .loader import LoadedPolicy, load_policy
 from .proxy import UpstreamProxy
-from .routing import RouteTable, build_breakers, needs_normalizing, normalize_path
+from .routing import RouteMeter, RouteTable, build_breakers, needs_normalizing, normalize_path
 from .stores import build_store
 
 logger = logging.getLogger("edgeway")
 
 ADMIN_PREFIX = "/_edgeway/"
+MEMORY_SAMPLE_EVERY = 60.0
+_REQUEST_ID = b"x-request-id"
+_VALID_ID = re.compile(rb"[\x21-\x7e]{1,128}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +60,7 @@ class _Active:
     breakers: dict[str, CircuitBreaker]
     store: Store
     trusted: TrustedProxies
+    admin_digest: bytes | None
     reject_underscores: bool
 
 
@@ -56,14 +68,25 @@ class Gateway:
     """The gateway ASGI app. Build it with :func:`create_app`."""
 
     def __init__(self, loaded: LoadedPolicy, *, store: Store | None = None, clock: Clock | None = None,
-                 policy_path: str | None = None) -> None:
+                 policy_path: str | None = None, access_log: AccessLog | None = None,
+                 watch: float | None = None) -> None:
         self._clock = clock
+        self._instance_id = os.urandom(6).hex()
         self._fixed_store = store
         self.policy_path = policy_path
+        self.access_log = access_log
         self._active = self._compile(loaded, store)
         self._retiring: set[asyncio.Task[None]] = set()
+        self._sampler: asyncio.Task[None] | None = None
+        self._watch = watch if policy_path is not None else None
+        self._watcher: asyncio.Task[None] | None = None
         self._errors = Throttled()
         self.admin = AdminEndpoints(self)
+        self.cluster = Cluster(self)
+        self._unrouted = RouteMeter("none")
+        self._admin_meter = RouteMeter("admin")
+        self._version_gauge = metrics.POLICY_VERSION.labels(loaded.version)
+        self._version_gauge.set(1)
 
     # -- building -------------------------------------------------------------
 
@@ -76,8 +99,9 @@ class Gateway:
                    for name, upstream in policy.upstreams.items()}
         routes = RouteTable(policy, store, trusted, lambda route: proxies[_upstream_of(route, loaded)],
                             breakers=breakers, clock=self._clock)
+        token = policy.admin.token
         return _Active(loaded, routes, tuple(proxies.values()), breakers, store, trusted,
-                       policy.server.headers_with_underscores == "reject")
+                       token_digest(token) if token else None, policy.server.headers_with_underscores == "reject")
 
     @property
     def loaded(self) -> LoadedPolicy:
@@ -91,6 +115,17 @@ class Gateway:
     @property
     def store(self) -> Store:
         return self._active.store
+
+    @property
+    def admin_token_digest(self) -> bytes | None:
+        """SHA-256 of the policy's admin token; None while the admin API is off."""
+        return self._active.admin_digest
+
+    @property
+    def instance_id(self) -> str:
+        """This process's id among the instances sharing the store (the heartbeat's, when there is one)."""
+        store = self._active.store
+        return store.instance_id if isinstance(store, FailoverStore) else self._instance_id
 
     @property
     def routes(self) -> RouteTable:
@@ -119,7 +154,12 @@ class Gateway:
         task = asyncio.get_running_loop().create_task(self._retire(old, not same_store, min(grace, 300.0)))
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
+        self._version_gauge.set(0)
+        self._version_gauge = metrics.POLICY_VERSION.labels(loaded.version)
+        self._version_gauge.set(1)
         logger.info("policy %s (version %s) applied", loaded.source, loaded.version)
+        if not same_store and self.cluster.available:
+            await self.cluster.store_changed()
 
     async def _retire(self, old: _Active, close_store: bool, after: float) -> None:
         try:
@@ -137,16 +177,31 @@ class Gateway:
         """Re-read the policy file; on any problem keep the running policy and log every problem."""
         if self.policy_path is None:
             return False
+        return await self.reload_file() is None
+
+    async def reload_file(self) -> str | None:
+        """Re-read the policy file: None when applied, else its problems (FILE:LINE:COL lines), logged, with
+        the running policy kept."""
+        assert self.policy_path is not None, "reload_file needs a gateway built from a file"
         try:
             # off the event loop: parsing and validating a large policy must never stall traffic
             loaded = await asyncio.to_thread(load_policy, self.policy_path, mode="gateway")
         except PolicyError as exc:
+            metrics.POLICY_RELOADS.labels("failed").inc()
             logger.error("policy reload failed, keeping version %s:\n%s", self._active.loaded.version, exc)
-            return False
+            return str(exc)
         await self.apply(loaded)
-        return True
+        metrics.POLICY_RELOADS.labels("ok").inc()
+        return None
 
     async def close(self) -> None:
+        self._version_gauge.set(0)
+        await self.cluster.close()
+        for task in (self._sampler, self._watcher):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        self._sampler = self._watcher = None
         for task in list(self._retiring):
             task.cancel()
         await asyncio.gather(*self._retiring, return_exceptions=True)
@@ -172,19 +227,44 @@ class Gateway:
             await send({"type": "websocket.close", "code": 1008})
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
         active = self._active
+        ctx = RequestContext(scope, active.trusted)
+        scope[SCOPE_KEY] = ctx
+        ctx.request_id = _request_id(scope)
+        status = 500  # what the client sees if the app fails before answering (the server sends it)
+        log = self.access_log
+
+        async def observed(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        meter = self._unrouted
+        try:
+            meter = await self._route(active, ctx, scope, receive, observed)
+        finally:
+            elapsed = time.perf_counter() - started
+            meter.record(scope["method"], status, elapsed)
+            if log is not None:
+                log.record(ctx, status, elapsed, active.store.kind)
+
+    async def _route(self, active: _Active, ctx: RequestContext, scope: Scope, receive: Receive,
+                     send: Send) -> RouteMeter:
         problem = request_problem(scope, reject_underscores=active.reject_underscores)
         if problem is not None:
             await bad_request(problem)(scope, receive, send)
-            return
+            return self._unrouted
         path: str = scope["path"]
         odd = needs_normalizing(path, scope.get("raw_path"))
         if odd:
             path, scope["raw_path"] = normalize_path(path, scope.get("raw_path"))
             scope["path"] = path
         if path.startswith(ADMIN_PREFIX):
+            ctx.route = "admin"
             await self.admin(scope, receive, send)
-            return
+            return self._admin_meter
         found = active.routes.match(path, scope["method"])
         if isinstance(found, set):
             if found:
@@ -192,18 +272,19 @@ class Gateway:
                                     headers=[(b"allow", ", ".join(sorted(found)).encode())])(scope, receive, send)
             else:
                 await ErrorResponse(404, "no_route", f"no route matches {path}")(scope, receive, send)
-            return
+            return self._unrouted
         if odd:
             if ";" in path and not found.allow_semicolons:
                 await bad_request("';' path parameters are not allowed on this route (match.allow_semicolons)")(
                     scope, receive, send)
-                return
+                return self._unrouted
             if "\\" in path and not found.allow_backslashes:
                 await bad_request("'\\' is not allowed in paths on this route (match.allow_backslashes)")(
                     scope, receive, send)
-                return
-        scope[SCOPE_KEY] = RequestContext(scope, active.trusted, found.name)
+                return self._unrouted
+        ctx.route = found.name
         await found.app(scope, receive, send)
+        return found.meter
 
     async def _failed(self, exc: Exception, scope: Scope, receive: Receive, send: Send) -> None:
         self._errors.warning("request %s %s failed: %s: %s (traceback at debug level)", scope.get("method"),
@@ -224,11 +305,59 @@ class Gateway:
             if message["type"] == "lifespan.startup":
                 self._install_reload_signal()
                 await self.store.start()  # heartbeats from now: peers count this instance before it serves
+                loop = asyncio.get_running_loop()
+                self._sampler = loop.create_task(self._sample_store())
+                if self._watch is not None:
+                    self._watcher = loop.create_task(self._watch_file(self._watch))
+                await self.cluster.start()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 await self.close()
+                metrics.process_exiting()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+    async def _watch_file(self, every: float) -> None:
+        """``--watch``: reload when the policy file's content changes (a stat per ``every`` seconds; the file
+        is read only when its size, time or inode moved, which also catches a Kubernetes ConfigMap swap)."""
+        assert self.policy_path is not None
+        path = Path(self.policy_path)
+
+        def signature() -> tuple[int, int, int] | None:
+            try:
+                stat = path.stat()
+            except OSError:
+                return None
+            return stat.st_mtime_ns, stat.st_size, stat.st_ino
+
+        seen = signature()
+        while True:
+            await asyncio.sleep(every)
+            now = signature()
+            if now is None or now == seen:
+                continue
+            seen = now
+            try:
+                text = path.read_bytes()
+            except OSError:
+                continue
+            if hashlib.sha256(text).hexdigest()[:12] != self._active.loaded.version:
+                logger.info("policy file %s changed: reloading", path)
+                await self.reload()
+
+    async def _sample_store(self) -> None:
+        """Store memory for the metrics, every MEMORY_SAMPLE_EVERY seconds: never on a request's path."""
+        while True:
+            store = self._active.store
+            try:
+                usage = await store.memory_usage()
+            except StoreError as error:
+                logger.debug("store memory sample failed: %s", error)
+                usage = None
+            if usage is not None:
+                metrics.STORE_MEMORY_USED.labels(store.kind).set(usage[0])
+                metrics.STORE_MEMORY_MAX.labels(store.kind).set(usage[1])
+            await asyncio.sleep(MEMORY_SAMPLE_EVERY)
 
     def _install_reload_signal(self) -> None:
         if self.policy_path is None:
@@ -242,6 +371,29 @@ class Gateway:
             logger.debug("SIGHUP reload not available in this process")
 
 
+def _request_id(scope: Scope) -> str:
+    """The client's ``X-Request-Id`` when it is 1-128 visible ASCII characters; otherwise a new one, put in the
+    request in its place so the upstream, the access log and the client's trace agree."""
+    headers = scope["headers"]
+    found = -1
+    for position, (name, value) in enumerate(headers):
+        if name == _REQUEST_ID:
+            if _VALID_ID.fullmatch(value):
+                client: str = value.decode("ascii")
+                return client
+            found = position
+            break
+    generated = os.urandom(12).hex()
+    pair = (_REQUEST_ID, generated.encode())
+    if not isinstance(headers, list):
+        headers = scope["headers"] = list(headers)
+    if found >= 0:
+        headers[found] = pair
+    else:
+        headers.append(pair)  # the server built this list for this request alone
+    return generated
+
+
 def _upstream_of(route: Route, loaded: LoadedPolicy) -> str:
     if route.upstream is None:  # the loader refuses this in gateway mode; a Policy object may still hold it
         raise PolicyError(loaded.source, [Problem(1, 1, f"route {route.route_id} has no upstream: the gateway "
@@ -250,8 +402,13 @@ def _upstream_of(route: Route, loaded: LoadedPolicy) -> str:
 
 
 def create_app(policy: LoadedPolicy | Policy | str | Path, *, store: Store | None = None,
-               clock: Clock | None = None) -> Gateway:
-    """Build the gateway from a policy file path, a loaded policy, or a :class:`Policy` object."""
+               clock: Clock | None = None, access_log: AccessLog | None = None,
+               watch: float | None = None) -> Gateway:
+    """Build the gateway from a policy file path, a loaded policy, or a :class:`Policy` object.
+
+    ``access_log`` writes one line per request (see :mod:`edgeway.gateway.accesslog`); None: no access log.
+    ``watch``: seconds between checks of the policy file, reloaded when it changes (a file path only).
+    """
     path: str | None = None
     if isinstance(policy, str | Path):
         path = str(policy)
@@ -260,4 +417,4 @@ def create_app(policy: LoadedPolicy | Policy | str | Path, *, store: Store | Non
         loaded = LoadedPolicy(policy, "<object>", "object")
     else:
         loaded = policy
-    return Gateway(loaded, store=store, clock=clock, policy_path=path)
+    return Gateway(loaded, store=store, clock=clock, policy_path=path, access_log=access_log, watch=watch)

@@ -10,7 +10,17 @@ from __future__ import annotations
 import ipaddress
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
 from edgeway.middleware.breaker_config import BreakerSettings
 from edgeway.middleware.cache_settings import CacheSettings
@@ -59,6 +69,22 @@ def _fallback_list(value: object) -> object:
     return value
 
 
+def _monthly(value: object) -> int:
+    text = str(value).replace("_", "").replace(" ", "")
+    count, sep, period = text.partition("/")
+    if sep and period == "month" and count.isdigit() and int(count) > 0:
+        return int(count)
+    raise ValueError(f"a budget is N/month, such as 500000/month (Upstash's free tier), got {value!r}")
+
+
+MonthlyBudget = Annotated[
+    int,
+    BeforeValidator(_monthly),
+    PlainSerializer(lambda count: f"{count}/month"),
+    WithJsonSchema({"type": "string", "pattern": r"^[0-9_]+\s*/\s*month$", "description": "N/month"}),
+]
+
+
 class StoreConfig(Model):
     """Where shared state lives."""
 
@@ -79,11 +105,27 @@ class StoreConfig(Model):
         None, ge=1, description="Static instance count for degraded limits (default: counted by heartbeats)."
     )
     min_instances: int = Field(1, ge=1, description="Floor of the heartbeat count for degraded limits.")
+    budget: MonthlyBudget | None = Field(
+        None, description="Commands the primary store may take per calendar month (UTC), e.g. 500000/month: counted "
+        "in the store by every instance; a warning at 80%."
+    )
+    on_budget_exhausted: Literal["alert", "fallback"] = Field(
+        "alert", description="alert: only tell (log, metrics, readyz); fallback: shared state moves to the next "
+        "store of the chain until the month turns."
+    )
 
     @field_validator("fallback", mode="before")
     @classmethod
     def _fallback(cls, value: object) -> object:
         return _fallback_list(value)
+
+    @model_validator(mode="after")
+    def _budget(self) -> StoreConfig:
+        if self.budget is not None and self.url.lower().startswith("memory://"):
+            raise ValueError("store.budget counts commands sent to a remote store; memory:// sends none")
+        if self.on_budget_exhausted == "fallback" and self.fallback == ():
+            raise ValueError("on_budget_exhausted: fallback needs a store to fall back to (store.fallback is [])")
+        return self
 
     @field_validator("probe_interval")
     @classmethod

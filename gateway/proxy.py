@@ -41,7 +41,7 @@ from yarl import URL
 from edgeway.middleware.breaker import CircuitBreaker
 from edgeway.middleware.clientip import TrustedProxies
 from edgeway.middleware.context import RequestContext, Scope
-from edgeway.middleware.metrics import DROPPED_HEADERS, UPSTREAM_ERRORS
+from edgeway.middleware.metrics import DROPPED_HEADERS, UPSTREAM_ERRORS, UPSTREAM_SECONDS
 from edgeway.middleware.pipeline import Throttled
 from edgeway.middleware.responses import ErrorResponse, Receive, Send
 
@@ -163,6 +163,7 @@ class UpstreamProxy:
         self._errors = Throttled()
         self._bad_gateway = UPSTREAM_ERRORS.labels(name, "bad_gateway")
         self._timeouts = UPSTREAM_ERRORS.labels(name, "upstream_timeout")
+        self._latency = UPSTREAM_SECONDS.labels(name)
         retry = upstream.breaker.retry if upstream.breaker is not None else None
         self._retry = Retrier(retry, breaker, clock=clock or time.monotonic) \
             if retry is not None and breaker is not None else None
@@ -225,6 +226,8 @@ class UpstreamProxy:
             return
         session = self._session or self._open()
         started = False
+        ctx.upstream = self.name
+        sent_at = time.perf_counter()
         request: Callable[..., AbstractAsyncContextManager[aiohttp.ClientResponse]] = session.request
         if self._retry is not None and self._retry.replayable(ctx, scope["method"], body):
             request = self._retry.sender(session, lambda: watch.gone)
@@ -233,6 +236,8 @@ class UpstreamProxy:
                 scope["method"], URL(target, encoded=True), headers=headers, data=body,
                 allow_redirects=False, compress=None, chunked=None,
             ) as response:
+                ctx.upstream_seconds = waited = time.perf_counter() - sent_at
+                self._latency.observe(waited)
                 await send({"type": "http.response.start", "status": response.status,
                             "headers": downstream_response_headers(response.raw_headers)})
                 started = True

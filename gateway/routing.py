@@ -14,10 +14,13 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
+from prometheus_client.metrics import Counter
+
 from edgeway.middleware.breaker import CircuitBreaker
 from edgeway.middleware.breaker_policy import BreakerPolicy
 from edgeway.middleware.cache import CachePolicy
 from edgeway.middleware.clientip import TrustedProxies
+from edgeway.middleware.metrics import REQUEST_SECONDS, REQUESTS
 from edgeway.middleware.pipeline import PolicyPipeline
 from edgeway.middleware.policy import Policy as RoutePolicy
 from edgeway.middleware.ratelimit import RateLimitPolicy
@@ -25,7 +28,37 @@ from edgeway.middleware.session import SessionPolicy, SessionService
 from edgeway.middleware.store import Clock, Store
 from edgeway.middleware.users import UserSource, user_source
 
-from .config import Policy, Route
+from .config import HTTP_METHODS, Policy, Route
+
+_METHODS = frozenset(HTTP_METHODS)
+
+
+class RouteMeter:
+    """A route's request metrics, label children bound once (``labels()`` per request costs more than
+    the increment); children per (method, status) are bound the first time that pair is seen."""
+
+    __slots__ = ("_requests", "duration", "name")
+
+    def __init__(self, name: str, methods: tuple[str, ...] = ()) -> None:
+        self.name = name
+        self.duration = REQUEST_SECONDS.labels(name)
+        self._requests: dict[tuple[str, int], Counter] = {}
+        for method in methods:  # the common answer, so the route shows in a scrape before its first request
+            self._child(method, 200)
+
+    def _child(self, method: str, status: int) -> Counter:
+        if method not in _METHODS:
+            method = "OTHER"
+        child = self._requests[(method, status)] = REQUESTS.labels(self.name, method, str(status))
+        return child
+
+    def record(self, method: str, status: int, seconds: float) -> None:
+        """Count one answered request and its duration."""
+        child = self._requests.get((method, status))
+        if child is None:
+            child = self._child(method, status)
+        child.inc()
+        self.duration.observe(seconds)
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +70,8 @@ class CompiledRoute:
     prefix: str | None
     methods: frozenset[str] | None
     app: Any
+    upstream: str | None
+    meter: RouteMeter
     fold: bool = False  # match.case_insensitive: pattern and prefix are lower case, compared with the path's
     allow_semicolons: bool = False
     allow_backslashes: bool = False
@@ -106,8 +141,10 @@ class RouteTable:
             match = route.match
             pattern = match.path.lower() if match.case_insensitive else match.path
             methods = frozenset(match.methods) if match.methods else None
+            meter = RouteMeter(name, match.methods or ("GET",))
             routes.append(CompiledRoute(name, pattern, pattern[:-1] if pattern.endswith("*") else None, methods, app,
-                                        match.case_insensitive, match.allow_semicolons, match.allow_backslashes))
+                                        route.upstream, meter, match.case_insensitive, match.allow_semicolons,
+                                        match.allow_backslashes))
         self.routes = tuple(routes)
 
     async def close(self) -> None:

@@ -57,8 +57,14 @@ def build_store(config: StoreConfig, clock: Clock | None = None, *, key_prefix: 
     chain = store_chain(config, clock)
     if len(chain) == 1 and isinstance(chain[0], MemoryStore):
         return chain[0]
+    budget = None
+    if config.budget is not None and redis_enabled(config):
+        from edgeway.middleware.store.budget import CommandBudget
+
+        budget = CommandBudget(config.budget, on_exhausted=config.on_budget_exhausted, key_prefix=config.key_prefix,
+                               store=chain[0].kind, clock=clock)
     return FailoverStore(
-        chain[0], chain[1:],
+        chain[0], chain[1:], budget=budget,
         failures=config.failures, window=config.failure_window, probe_initial=config.probe_interval,
         instances=config.instances, min_instances=config.min_instances,
         key_prefix=config.key_prefix if key_prefix is None else key_prefix,

@@ -24,7 +24,8 @@ class RequestContext:
     """Facts about one request, computed lazily and at most once."""
 
     __slots__ = ("_client_ip", "_headers", "_query", "body", "body_too_large", "deferred", "identity", "outcomes",
-                 "response_headers", "revocation", "route", "scope", "stale", "trusted", "user")
+                 "request_id", "response_headers", "revocation", "route", "scope", "stale", "trusted", "upstream",
+                 "upstream_seconds", "user")
 
     def __init__(self, scope: Scope, trusted: TrustedProxies, route: str = "") -> None:
         self.scope = scope
@@ -48,6 +49,12 @@ class RequestContext:
         """Writes a policy wants sent now, off the critical path (see :meth:`defer`)."""
         self.outcomes: dict[str, str] = {}
         """What each policy did (``{"cache": "hit"}``), for the access log and metrics."""
+        self.upstream: str | None = None
+        """The upstream the gateway called, if it did."""
+        self.upstream_seconds: float | None = None
+        """Time until the upstream's response headers arrived; None when it was not called."""
+        self.request_id: str = ""
+        """``X-Request-Id`` of the request, or the one the gateway generated and forwarded."""
         self._client_ip: str | None = None
         self._headers: dict[str, list[str]] | None = None
         self._query: dict[str, list[str]] | None = None

@@ -352,11 +352,13 @@ class RateLimitPolicy(BasePolicy):
                                      window_ms, compiled.cost, compiled.burst, compiled.enforced))
             active.append(compiled)
         if not checks:
+            ctx.outcomes["limit"] = "exempt"
             return Prepared()
         blocked = self._blocks.get(tuple(check.key for check in checks), max(check.cost for check in checks))
         if blocked is not None:
             for compiled in active:
                 compiled.local_block.inc()
+            ctx.outcomes["limit"] = "rejected"
             return self._reject(ctx, active, blocked)
         frozen = tuple(checks)
         # a revoked session is refused by the session policy in decide; the guard keeps it from being charged
@@ -371,6 +373,7 @@ class RateLimitPolicy(BasePolicy):
         if result.revoked:  # nothing was checked: the session policy answers (401) before this runs
             return None
         self._count(request.active, result)
+        ctx.outcomes["limit"] = "allowed" if result.allowed else "rejected"
         if result.allowed:
             ctx.response_headers.extend(self.fields.headers(self._states(request.active, result.states)))
             return None
@@ -384,6 +387,7 @@ class RateLimitPolicy(BasePolicy):
         if not isinstance(prepared.state, _Request):
             return None
         closed = any(c.limit.on_store_failure == "closed" and c.limit.mode == "enforce" for c in prepared.state.active)
+        ctx.outcomes["limit"] = "store_failed"
         STORE_FAILURES.labels(self.route, "closed" if closed else "open").inc()
         if closed:
             return ErrorResponse(503, "store_unavailable", "rate limits cannot be checked right now",

@@ -422,6 +422,11 @@ class Store(abc.ABC):
     async def ping(self) -> None:
         """Raise :class:`StoreError` unless the store answers."""
 
+    async def memory_usage(self) -> tuple[int, int] | None:
+        """``(used bytes, limit bytes)`` as the store reports them (limit 0: none), or None when it
+        cannot tell. Called by a background sampler for metrics, never per request."""
+        return None
+
     notifies: bool = False
     """Whether :meth:`subscribe` works on this backend (``False``: it raises :class:`StoreError`)."""
 

@@ -48,7 +48,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ..metrics import STORE_FALLBACKS, STORE_MODE, STORE_MODE_CHANGES, STORE_UP
+from ..metrics import LIVE_INSTANCES, STORE_FALLBACKS, STORE_MODE, STORE_MODE_CHANGES, STORE_UP
 from .base import (
     CACHE_COMMANDS,
     Command,
@@ -66,7 +66,9 @@ from .base import (
     StoreError,
     Subscription,
 )
+from .budget import CommandBudget
 from .memory import MemoryStore
+from .metering import StoreMeter
 from .notify import stop
 
 logger = logging.getLogger("edgeway.store")
@@ -102,6 +104,10 @@ class _Member:
     health: dict[str, _Health] = field(default_factory=lambda: {WRITE: _Health(), READ: _Health()})
     probing: bool = False
     missed: list[Command] = field(default_factory=list)  # revocations it did not take: replayed on recovery
+    meter: StoreMeter = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.meter = StoreMeter(self.store)
 
     @property
     def healthy(self) -> bool:
@@ -128,11 +134,13 @@ class FailoverStore(Store):
         key_prefix: str = "edgeway:",
         instance_id: str | None = None,
         heartbeat_every: float = HEARTBEAT_EVERY,
+        budget: CommandBudget | None = None,
     ) -> None:
         chain = [primary, *fallbacks]
         self._members = [_Member(store, shared=not isinstance(store, MemoryStore)) for store in chain]
         memory = [m.store for m in self._members if isinstance(m.store, MemoryStore)]
-        self._cache = memory[0] if memory else MemoryStore()  # where caches go when the primary is down
+        cache = memory[0] if memory else MemoryStore()  # where caches go when the primary is down
+        self._cache = next((m.meter for m in self._members if m.store is cache), None) or StoreMeter(cache)
         self._failures = failures
         self._window = window
         self._probe_initial = max(probe_initial, MIN_PROBE_INTERVAL)
@@ -147,6 +155,9 @@ class FailoverStore(Store):
         self._heartbeat: asyncio.Task[None] | None = None
         self._probe_key = f"{key_prefix}probe:{self.instance_id}"
         self._mode = primary.kind
+        self.budget = budget
+        """``store.budget`` of the primary, when set."""
+        self._diverted = False  # the budget keeps the primary out of use (on_budget_exhausted: fallback)
         STORE_MODE.labels(self._mode).set(1)
         self._refresh()
 
@@ -179,26 +190,31 @@ class FailoverStore(Store):
 
     async def execute(self, commands: Sequence[Command], *, timeout: float | None = None) -> list[object]:
         self._start_heartbeat()
+        if self.budget is not None and self.budget.diverting != self._diverted:  # exhausted, or a new month
+            self._diverted = not self._diverted
+            self._refresh()
         if commands and isinstance(commands[0], Revoke):
             return await self._everywhere(commands, timeout)
         shared: list[int] = []  # which commands are shared state: worked out only once the primary is passed
         for position, member in enumerate(self._members):
-            if not member.healthy:
+            if not member.healthy or (position == 0 and self._diverted):
                 continue
             if not member.shared:  # memory, the last resort: per instance, limits divided by live instances
-                results = await member.store.execute(self._degrade(commands), timeout=timeout)
+                results = await member.meter.run(self._degrade(commands), timeout)
                 if position > 0:  # revocations live in the shared stores: this instance's memory cannot know
                     results = [None if isinstance(c, Revoked) else r for c, r in zip(commands, results, strict=True)]
                 return results
             if position > 0:
                 shared = shared or [i for i, c in enumerate(commands) if not isinstance(c, CACHE_COMMANDS)]
                 if not shared:  # only caches: memory, without bothering the fallback
-                    return await self._cache.execute(commands, timeout=timeout)
+                    return await self._cache.run(commands, timeout)
             try:
-                if position == 0 or len(shared) == len(commands):
-                    results = await member.store.execute(commands, timeout=timeout)
+                if position == 0:
+                    results = await self._primary(member, commands, timeout)
+                elif len(shared) == len(commands):
+                    results = await member.meter.run(commands, timeout)
                 else:
-                    results = await self._split(member.store, commands, shared, timeout)
+                    results = await self._split(member.meter, commands, shared, timeout)
             except StoreError as error:
                 STORE_FALLBACKS.labels(member.store.kind).inc()
                 self._failed(member, work_kind(commands), error)
@@ -207,6 +223,21 @@ class FailoverStore(Store):
                 self._succeeded(member, work_kind(commands))
             return results
         raise StoreError("no store left: every store in the chain failed (store.fallback: [] allows none)")
+
+    async def _primary(self, member: _Member, commands: Sequence[Command], timeout: float | None) -> list[object]:
+        """A batch to the primary, with the budget's increment folded in when one is due."""
+        budget = self.budget
+        incr = budget.charge(len(commands)) if budget is not None else None
+        if incr is None:
+            return await member.meter.run(commands, timeout)
+        assert budget is not None
+        try:
+            results = await member.meter.run([*commands, incr], timeout)
+        except StoreError:
+            budget.refund(incr)
+            raise
+        budget.record(incr, results.pop())
+        return results
 
     async def _everywhere(self, commands: Sequence[Command], timeout: float | None) -> list[object]:
         """Revocations go to every healthy store, so they hold after a failover; one shared store must take them."""
@@ -219,7 +250,7 @@ class FailoverStore(Store):
                     member.missed.extend(commands)
                 continue
             try:
-                answer = await member.store.execute(commands, timeout=timeout)
+                answer = await member.meter.run(commands, timeout)
             except StoreError as error:
                 self._failed(member, WRITE, error)
                 errors.append(error)
@@ -233,14 +264,14 @@ class FailoverStore(Store):
             raise StoreError(f"no shared store took the revocation: {'; '.join(map(str, errors)) or 'none healthy'}")
         return results
 
-    async def _split(self, remote: Store, commands: Sequence[Command], shared: list[int],
+    async def _split(self, remote: StoreMeter, commands: Sequence[Command], shared: list[int],
                      timeout: float | None) -> list[object]:
         """Shared state on a fallback store, caches in memory; results back in command order."""
         shared_set = set(shared)
         local = [i for i in range(len(commands)) if i not in shared_set]
         results: list[object] = [None] * len(commands)
-        remote_results = await remote.execute([commands[i] for i in shared], timeout=timeout)
-        local_results = await self._cache.execute([commands[i] for i in local], timeout=timeout)
+        remote_results = await remote.run([commands[i] for i in shared], timeout)
+        local_results = await self._cache.run([commands[i] for i in local], timeout) if local else []
         for i, value in zip(shared, remote_results, strict=True):
             results[i] = value
         for i, value in zip(local, local_results, strict=True):
@@ -268,6 +299,11 @@ class FailoverStore(Store):
                     continue
                 return
         raise StoreError("no store answers")
+
+    async def memory_usage(self) -> tuple[int, int] | None:
+        """The primary's memory, while it is healthy (the fallbacks' is not what fills up)."""
+        primary = self._members[0]
+        return await primary.store.memory_usage() if primary.healthy else None
 
     async def close(self) -> None:
         """Stop probes and heartbeats, then close every store of the chain (and so every subscription)."""
@@ -308,7 +344,8 @@ class FailoverStore(Store):
         """Mode and up-ness from health: the first healthy store serves shared state."""
         for member in self._members:
             STORE_UP.labels(member.store.kind).set(1 if member.healthy else 0)
-        serving = next((m for m in self._members if m.healthy), self._members[-1])
+        serving = next((m for i, m in enumerate(self._members) if m.healthy and not (i == 0 and self._diverted)),
+                       self._members[-1])
         self._set_mode(serving.store.kind)
 
     def _set_mode(self, mode: str) -> None:
@@ -367,9 +404,10 @@ class FailoverStore(Store):
         beat = Heartbeat(self._heartbeat_key, self.instance_id, HEARTBEAT_TTL_MS)
         while True:
             for member in self._members:
-                if member.healthy and member.shared:
+                if member.healthy and member.shared and not (self._diverted and member is self._members[0]):
                     try:
-                        (live,) = await member.store.execute([beat], timeout=1.0)
+                        (live,) = await (self._primary(member, [beat], 1.0) if member is self._members[0]
+                                         else member.meter.run([beat], 1.0))
                     except StoreError as error:
                         self._failed(member, WRITE, error)
                         continue
@@ -378,6 +416,7 @@ class FailoverStore(Store):
                         continue
                     self._succeeded(member, WRITE)
                     self._live = int(live)  # type: ignore[call-overload]
+                    LIVE_INSTANCES.set(self._live)
                     break
             await asyncio.sleep(self._heartbeat_every)
 

@@ -171,6 +171,17 @@ class RedisProtocolStore(Store):
         if isinstance(replies[0], ReplyError):
             raise StoreError(f"PING failed: {replies[0]}")
 
+    async def memory_usage(self) -> tuple[int, int] | None:
+        replies = await wait_for_batch(self._transport.submit([("INFO", "memory")]), self._timeout_or(1.0) * 20)
+        info = replies[0]
+        if isinstance(info, ReplyError) or not isinstance(info, bytes | str):
+            return None  # e.g. a hosted Redis that does not offer INFO
+        fields = dict(line.split(":", 1) for line in _text(info).splitlines() if ":" in line)
+        try:
+            return int(fields["used_memory"]), int(fields.get("maxmemory", "0"))
+        except (KeyError, ValueError):
+            return None
+
     async def _send(self, encoded: Sequence[RedisCommand], deadline: float | None) -> list[object]:
         try:
             replies = await wait_for_batch(self._transport.submit(encoded), deadline)
@@ -277,6 +288,10 @@ class RedisProtocolStore(Store):
     @staticmethod
     def _with_source(command: RedisCommand) -> RedisCommand:
         return ("EVAL", _SOURCES[str(command[1])], *command[2:])
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
 
 def _is_noscript(reply: object) -> bool:

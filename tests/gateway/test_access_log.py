@@ -1,0 +1,200 @@
+"""The access log: one line per request with the policies' outcomes, request ids passed through or generated
+and forwarded, and never a token, cookie, API key, query value or body."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from edgeway import gateway
+from edgeway.gateway.accesslog import AccessLog, user_hash
+from edgeway.gateway.asgi import app_from_env
+from edgeway.middleware.clientip import TrustedProxies
+from edgeway.middleware.context import RequestContext
+from tests.gateway.conftest import EchoApp, marker, wait_until
+from tests.gateway.test_metrics import serve, stop
+from tests.servers import UvicornThread, free_port, wait_for_port
+
+SECRETS = {
+    "token": "tok-5f1c2a9e-bearer-secret",
+    "cookie": "sb-ref-auth-token=cookie-7d3e-secret",
+    "apikey": "key-0b9d44-api-secret",
+    "query": "q-value-91aa-secret",
+    "body": "body-c0ffee-secret",
+}
+
+
+class Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+@dataclass
+class Logged:
+    url: str
+    lines: list[str]
+
+    def entry(self, path: str) -> dict[str, Any]:
+        """The line of the request to ``path`` (written just after its response went out)."""
+        assert wait_until(lambda: any(json.loads(line)["path"] == path for line in self.lines)), path
+        (entry,) = [json.loads(line) for line in self.lines if json.loads(line)["path"] == path]
+        return entry  # type: ignore[no-any-return]
+
+
+def policy(echo_port: int) -> str:
+    return f"""
+version: 1
+upstreams:
+  echo: {{ url: "http://127.0.0.1:{echo_port}" }}
+routes:
+  - match: {{ path: /limited/* }}
+    upstream: echo
+    limits: [{{ rate: 1/minute, key: header:x-client }}]
+  - match: {{ path: /api/* }}
+    upstream: echo
+"""
+
+
+@pytest.fixture(scope="module")
+def logged(echo: EchoApp) -> Iterator[Logged]:
+    handler = Lines()
+    logger = logging.getLogger("tests.access")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    app = gateway.create_app(gateway.load_text(policy(echo.port)),  # type: ignore[attr-defined]
+                             access_log=AccessLog("json", logger=logger))
+    with UvicornThread(app, http="httptools", proxy_headers=False) as server:
+        yield Logged(server.url, handler.lines)
+    logger.removeHandler(handler)
+
+
+def test_one_json_line_with_every_field(logged: Logged, echo: EchoApp) -> None:
+    token = marker()
+    response = httpx.get(f"{logged.url}/api/{token}", params={"page": "2"})
+    assert response.status_code == 200
+    entry = logged.entry(f"/api/{token}")
+    assert set(entry) == {"time", "route", "method", "path", "status", "latency_ms", "upstream", "upstream_ms",
+                          "limit", "cache", "breaker", "session", "user", "store", "request_id"}
+    assert entry["route"] == "/api/*"
+    assert (entry["method"], entry["path"], entry["status"]) == ("GET", f"/api/{token}", 200)
+    assert entry["upstream"] == "echo" and entry["store"] == "memory"
+    assert 0 <= entry["upstream_ms"] <= entry["latency_ms"]
+    assert entry["time"].endswith("Z") and entry["time"][10] == "T"
+
+
+def test_request_id_is_passed_through(logged: Logged, echo: EchoApp) -> None:
+    token = marker()
+    httpx.get(f"{logged.url}/api/{token}", headers={"x-request-id": "req-from-client-1"})
+    assert logged.entry(f"/api/{token}")["request_id"] == "req-from-client-1"
+    (seen,) = echo.find(token)
+    assert [v for k, v in seen["headers"] if k == "x-request-id"] == ["req-from-client-1"]
+
+
+@pytest.mark.parametrize("sent", ["has spaces in it", "x" * 129])
+def test_an_unusable_request_id_is_replaced(logged: Logged, echo: EchoApp, sent: str) -> None:
+    token = marker()
+    httpx.get(f"{logged.url}/api/{token}", headers={"x-request-id": sent})
+    generated = logged.entry(f"/api/{token}")["request_id"]
+    assert len(generated) == 24
+    (seen,) = echo.find(token)
+    assert [v for k, v in seen["headers"] if k == "x-request-id"] == [generated]
+
+
+def test_request_id_is_generated_and_forwarded(logged: Logged, echo: EchoApp) -> None:
+    token = marker()
+    httpx.get(f"{logged.url}/api/{token}")
+    generated = logged.entry(f"/api/{token}")["request_id"]
+    assert len(generated) == 24
+    (seen,) = echo.find(token)
+    assert [v for k, v in seen["headers"] if k == "x-request-id"] == [generated]
+
+
+def test_limit_decision_is_logged(logged: Logged) -> None:
+    client = marker()
+    statuses = [httpx.get(f"{logged.url}/limited/{client}/{n}", headers={"x-client": client}).status_code
+                for n in range(2)]
+    assert statuses == [200, 429]
+    first, second = logged.entry(f"/limited/{client}/0"), logged.entry(f"/limited/{client}/1")
+    assert (first["limit"], second["limit"]) == ("allowed", "rejected")
+    assert second["upstream"] is None and second["upstream_ms"] is None
+
+
+def test_gateway_answers_and_admin_requests_are_logged(logged: Logged) -> None:
+    token = marker()
+    httpx.get(f"{logged.url}/nowhere/{token}")
+    assert (logged.entry(f"/nowhere/{token}")["status"], logged.entry(f"/nowhere/{token}")["route"]) == (404, None)
+    httpx.get(f"{logged.url}/_edgeway/healthz")
+    healthz = logged.entry("/_edgeway/healthz")
+    assert (healthz["status"], healthz["route"]) == (200, "admin")
+
+
+def test_no_token_cookie_api_key_query_value_or_body_is_logged(logged: Logged) -> None:
+    start = len(logged.lines)
+    token = marker()
+    httpx.post(
+        f"{logged.url}/api/{token}",
+        params={"api_key": SECRETS["query"]},
+        headers={"authorization": f"Bearer {SECRETS['token']}", "cookie": SECRETS["cookie"],
+                 "apikey": SECRETS["apikey"], "x-api-key": SECRETS["apikey"]},
+        content=SECRETS["body"],
+    )
+    assert logged.entry(f"/api/{token}")["status"] == 200
+    text = "\n".join(logged.lines[start:])
+    for name, secret in SECRETS.items():
+        assert secret not in text, name
+    assert "api_key" not in text
+
+
+def test_text_format_is_one_readable_line() -> None:
+    handler = Lines()
+    logger = logging.getLogger("tests.access.text")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    ctx = RequestContext({"method": "GET", "path": "/api/x", "headers": []}, TrustedProxies(()), "/api/*")
+    ctx.upstream, ctx.upstream_seconds, ctx.user, ctx.request_id = "echo", 0.004, "u-1", "r1"
+    ctx.outcomes["limit"] = "allowed"
+    AccessLog("text", logger=logger).record(ctx, 200, 0.0055, "redis")
+    (line,) = handler.lines
+    assert '200 GET "/api/x" 5.5ms route=/api/* upstream=echo upstream_ms=4.0 limit=allowed' in line
+    assert f"user={user_hash('u-1')}" in line and "u-1 " not in line and "store=redis request_id=r1" in line
+
+
+def test_app_from_env_follows_the_serve_options(tmp_path: Path, echo: EchoApp,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text(policy(echo.port))  # type: ignore[attr-defined]
+    monkeypatch.setenv("EDGEWAY_POLICY", str(path))
+    monkeypatch.delenv("EDGEWAY_LOG_FORMAT", raising=False)
+    monkeypatch.setenv("EDGEWAY_ACCESS_LOG", "off")
+    assert app_from_env().access_log is None
+    monkeypatch.setenv("EDGEWAY_ACCESS_LOG", "on")
+    log = app_from_env().access_log
+    assert log is not None and log.format == "json"  # not a terminal
+
+
+def test_serve_writes_json_lines_to_stdout_and_no_uvicorn_access_log(tmp_path: Path, echo: EchoApp) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text(policy(echo.port))  # type: ignore[attr-defined]
+    port = free_port()
+    process = serve(path, port, tmp_path)
+    try:
+        wait_for_port(port, timeout=30)
+        token = marker()
+        assert httpx.get(f"http://127.0.0.1:{port}/api/{token}").status_code == 200
+    finally:
+        out, err = stop(process)
+    entries = [json.loads(line) for line in out.splitlines() if line.strip()]
+    assert [e["path"] for e in entries] == [f"/api/{token}"]
+    assert f"/api/{token}" not in err  # uvicorn's own access log stays off
