@@ -13,7 +13,9 @@ so a reload applies to new connections):
 - ``max_connections``: past it a new connection gets 503 and is closed;
 - ``max_header_bytes`` / ``max_headers``: 431 before anything is forwarded;
 - trailer fields are dropped (nginx and Envoy do the same);
-- only origin-form targets (``/path``) and HTTP/1.0 or 1.1 are served (400 / 505).
+- only origin-form targets (``/path``) and HTTP/1.0 or 1.1 are served (400 / 505);
+- a response's head goes out in one socket write with its first body chunk when that follows at
+  once (:mod:`~edgeway.gateway.coalesce`; never later than the next event-loop turn).
 
 Every refusal is a JSON body with ``error`` and ``Edgeway-Error``, then the
 connection closes. ``edgeway serve`` uses these classes (``--http`` picks the
@@ -37,6 +39,7 @@ from uvicorn.server import ServerState
 
 from edgeway.middleware.pipeline import Throttled
 
+from .coalesce import CoalescingWriter
 from .config import ServerConfig
 
 logger = logging.getLogger("edgeway.server")
@@ -107,14 +110,45 @@ class _EdgeLimits(asyncio.Protocol):
     connections: set[Any]
     cycle: Any
     _head_timer: asyncio.TimerHandle | None
+    _writer: CoalescingWriter
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        self._writer = CoalescingWriter(self.transport, self.loop)
         self._admit()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_timer()
+        self._writer.discard()
         super().connection_lost(exc)
+
+    # Request cycles write through self._writer; everything the protocol itself writes, closes or
+    # decides from here on must come after what the writer holds
+    def _adopt_cycle(self) -> None:
+        """Hand the newest request cycle the coalescing writer instead of the raw transport."""
+        cycle = self.cycle
+        if cycle is not None and cycle.transport is self.transport:
+            cycle.transport = self._writer
+
+    def data_received(self, data: bytes) -> None:
+        self._writer.flush()
+        super().data_received(data)
+
+    def eof_received(self) -> None:
+        self._writer.flush()
+        super().eof_received()
+
+    def pause_writing(self) -> None:
+        self._writer.flush()
+        super().pause_writing()
+
+    def timeout_keep_alive_handler(self) -> None:
+        self._writer.flush()
+        super().timeout_keep_alive_handler()  # type: ignore[misc]
+
+    def shutdown(self) -> None:
+        self._writer.flush()
+        super().shutdown()  # type: ignore[misc]
 
     def _admit(self) -> bool:
         """Called once the connection is made: False (and a 503) when the process has too many."""
@@ -142,6 +176,7 @@ class _EdgeLimits(asyncio.Protocol):
     def _refuse(self, status: int, message: str) -> None:
         """Answer ``status`` unless a response is already under way, then close the connection."""
         self._cancel_head_timer()
+        self._writer.flush()
         if self.transport.is_closing():
             return
         if self.cycle is None or self.cycle.response_complete:
@@ -173,6 +208,7 @@ class EdgeHttpToolsProtocol(_EdgeLimits, HttpToolsProtocol):
         self._refuse(400, msg)
 
     def data_received(self, data: bytes) -> None:
+        self._writer.flush()
         self._unset_keepalive_if_required()
         try:
             self.parser.feed_data(data)
@@ -241,6 +277,7 @@ class EdgeHttpToolsProtocol(_EdgeLimits, HttpToolsProtocol):
             self._stop(400, "absolute-form or malformed request target: send a path such as /api/x")
         self._head_size = 0  # from here it counts trailer bytes
         super().on_headers_complete()
+        self._adopt_cycle()
 
 
 class EdgeH11Protocol(_EdgeLimits, H11Protocol):
@@ -280,6 +317,10 @@ class EdgeH11Protocol(_EdgeLimits, H11Protocol):
                 self._message = f"HTTP/{event.http_version.decode()} is not supported: use HTTP/1.1"
                 raise h11.RemoteProtocolError(self._message)
         return event
+
+    def handle_events(self) -> None:
+        super().handle_events()
+        self._adopt_cycle()
 
     def send_400_response(self, msg: str) -> None:
         status, message, self._status, self._message = self._status, self._message, 400, ""
