@@ -11,12 +11,13 @@ their id. Lines go to the ``edgeway.access`` logger (stdout under
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
 import sys
 import time
-from typing import Literal
+from typing import Literal, TextIO
 
 from edgeway.middleware.context import RequestContext
 
@@ -112,6 +113,56 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, separators=(",", ":"))
 
 
+class BatchedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A stream handler that writes the lines of one event-loop turn in one write.
+
+    A plain ``StreamHandler`` writes and flushes every record: one system call per
+    request on the access log, a third of the proxy's throughput at full load.
+    Here records are formatted at once and queued; the queue is written and
+    flushed when the event loop finishes its turn (``call_soon``), so lines keep
+    their order and never wait longer than that. Outside an event loop a record
+    is written at once.
+    """
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__(stream)
+        self._queued: list[str] = []
+        self._scheduled = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record)
+        except Exception:  # logging's own contract: a bad record is reported, never raised into the caller
+            self.handleError(record)
+            return
+        self._queued.append(line)
+        if self._scheduled:
+            return
+        try:
+            asyncio.get_running_loop().call_soon(self.flush)
+            self._scheduled = True
+        except RuntimeError:  # no running loop: write now
+            self.flush()
+
+    def flush(self) -> None:
+        self._scheduled = False
+        if not self._queued:
+            return
+        lines, self._queued = self._queued, []
+        self.acquire()
+        try:
+            self.stream.write("\n".join(lines) + "\n")
+            self.stream.flush()
+        except (OSError, ValueError):  # stdout closed or gone: the log is lost, the request is not
+            pass
+        finally:
+            self.release()
+
+    def close(self) -> None:
+        self.flush()
+        super().close()
+
+
 def configure_logging(fmt: LogFormat, *, access_log: bool, level: str = "info") -> None:
     """Set up the ``edgeway`` loggers for a gateway process: events on stderr, access lines on stdout.
 
@@ -132,7 +183,7 @@ def configure_logging(fmt: LogFormat, *, access_log: bool, level: str = "info") 
     events.addHandler(err)
     events.setLevel(level.upper())
     events.propagate = False
-    out = logging.StreamHandler(sys.stdout)
+    out = BatchedStreamHandler(sys.stdout)
     out.setFormatter(logging.Formatter("%(message)s"))
     out._edgeway = True  # type: ignore[attr-defined]
     access.addHandler(out)

@@ -17,6 +17,7 @@ import asyncio
 import hashlib
 import logging
 import os
+import random
 import re
 import signal
 import time
@@ -383,7 +384,7 @@ def _request_id(scope: Scope) -> str:
                 return client
             found = position
             break
-    generated = os.urandom(12).hex()
+    generated = f"{random.getrandbits(96):024x}"  # a trace id, not a secret: no system call per request
     pair = (_REQUEST_ID, generated.encode())
     if not isinstance(headers, list):
         headers = scope["headers"] = list(headers)

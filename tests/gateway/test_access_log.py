@@ -3,6 +3,8 @@ and forwarded, and never a token, cookie, API key, query value or body."""
 
 from __future__ import annotations
 
+import asyncio
+import io
 import json
 import logging
 from collections.abc import Iterator
@@ -14,7 +16,7 @@ import httpx
 import pytest
 
 from edgeway import gateway
-from edgeway.gateway.accesslog import AccessLog, user_hash
+from edgeway.gateway.accesslog import AccessLog, BatchedStreamHandler, user_hash
 from edgeway.gateway.asgi import app_from_env
 from edgeway.middleware.clientip import TrustedProxies
 from edgeway.middleware.context import RequestContext
@@ -198,3 +200,42 @@ def test_serve_writes_json_lines_to_stdout_and_no_uvicorn_access_log(tmp_path: P
     entries = [json.loads(line) for line in out.splitlines() if line.strip()]
     assert [e["path"] for e in entries] == [f"/api/{token}"]
     assert f"/api/{token}" not in err  # uvicorn's own access log stays off
+
+
+class CountingStream(io.StringIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+
+async def test_the_lines_of_one_loop_turn_go_out_in_one_write_in_order() -> None:
+    stream = CountingStream()
+    handler = BatchedStreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger(f"edgeway.test-batched-{id(stream)}")
+    logger.addHandler(handler)
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    try:
+        for n in range(5):
+            logger.info("line %d", n)
+        assert stream.getvalue() == ""  # queued until the loop's turn ends
+        await asyncio.sleep(0)
+        assert stream.getvalue() == "".join(f"line {n}\n" for n in range(5)) and stream.writes == 1
+        logger.info("next")
+        await asyncio.sleep(0)
+        assert stream.getvalue().endswith("line 4\nnext\n") and stream.writes == 2
+    finally:
+        logger.removeHandler(handler)
+
+
+def test_outside_an_event_loop_a_line_is_written_at_once() -> None:
+    stream = CountingStream()
+    handler = BatchedStreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.handle(logging.LogRecord("edgeway.access", logging.INFO, __file__, 1, "now", None, None))
+    assert stream.getvalue() == "now\n"
