@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from metrics_cost import timed as metrics_cost_timed
 from pg import STATS_FLUSH, PgSnapshot, PostgresCluster, postgres_bin, postgres_version
 from plain_app import JSON_BODY, JSON_PATH
 
@@ -447,6 +448,14 @@ def start_target(procs: Processes, target: str, tmp: Path, upstream_port: int, r
     return f"http://127.0.0.1:{port}{JSON_PATH if target in JSON_TARGETS else PATH}"
 
 
+def metrics_cost(requests: int, mode: str | None) -> float:
+    """Microseconds of ``RouteMeter.record`` per request, in one worker (None) or multiprocess mode."""
+    if mode is None:
+        return metrics_cost_timed(requests, None)
+    with tempfile.TemporaryDirectory(prefix="edgeway-metrics-") as directory:
+        return metrics_cost_timed(requests, directory)
+
+
 def start_postgres(outcome: Outcome) -> PostgresCluster | None:
     """PG_TARGET's private cluster, started, migrated and its snapshot cost measured; None (target failed) if not.
 
@@ -688,11 +697,16 @@ def render(outcomes: list[Outcome], args: argparse.Namespace, command: str) -> s
             note = " (flagged: see Problems)" if {PG_TARGET, against} & flagged else ""
             lines.append(f"- {PG_TARGET} / {against}: " + ("not measured" if ratio is None else f"{ratio:.2f}{note}"))
     if QUIET_TARGET in rps and "edgeway" in rps:
-        lines += ["", "Access log (recorded, no goal): `edgeway` writes one JSON line per request to stdout (the "
-                  f"default); {QUIET_TARGET} is the same with `--access-log off`.", "",
+        single, multi = metrics_cost(50_000, None), metrics_cost(50_000, "multiprocess")
+        lines += ["", "Access log and metrics (recorded, no goal): `edgeway` writes one JSON line per request to "
+                  f"stdout (the default); {QUIET_TARGET} is the same with `--access-log off`. The request metrics "
+                  "have no off switch: their per-request work (`RouteMeter.record`) is timed in-process, in this "
+                  "run, by `bench/metrics_cost.py`.", "",
                   f"- edgeway / {QUIET_TARGET}: {rps['edgeway'] / rps[QUIET_TARGET]:.2f} "
                   f"({1e6 / rps['edgeway'] - 1e6 / rps[QUIET_TARGET]:+.1f} us of wall time per request at 32 "
-                  "connections)"]
+                  "connections)",
+                  f"- metrics per request: {single:.2f} us with one worker, {multi:.2f} us under `--workers N` "
+                  "(multiprocess files)"]
     stores = [f"- {o.target}: {o.store.summary()}" for o in outcomes if o.store and o.store.requests]
     stores += [f"- PostgreSQL work per request, {o.target}: {o.pg.summary()} (statistics read {STATS_FLUSH:g} s "
                "after each run, once flushed: they include the requests still in flight when wrk stopped and the "
