@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.servers import BRIDGE_TOKEN, FakeRedisThread, RedisServer, UvicornThread
+from tests.servers import BRIDGE_TOKEN, FakeRedisThread, FlakyUpstream, RedisServer, UvicornThread
 
 
 @pytest.fixture(scope="session")
@@ -75,3 +75,19 @@ def postgrest_stub(postgres_dsn: str) -> Iterator[UvicornThread]:
 
     with UvicornThread(create_postgrest_app(postgres_dsn, SERVICE_KEY)) as server:
         yield server
+
+
+@pytest.fixture(scope="module")
+def flaky() -> Iterator[tuple[FlakyUpstream, UvicornThread]]:
+    """One :class:`FlakyUpstream` per test module, served by uvicorn."""
+    upstream = FlakyUpstream()
+    with UvicornThread(upstream) as server:
+        yield upstream, server
+
+
+@pytest.fixture
+def upstream(flaky: tuple[FlakyUpstream, UvicornThread]) -> FlakyUpstream:
+    """The module's flaky upstream, answering 200 at once again and with its counts cleared."""
+    app = flaky[0]
+    app.status, app.hang, app.gate, app.calls = 200, 0.0, None, {}
+    return app

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import httpx
 import pytest
@@ -28,20 +28,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-@pytest.fixture(scope="module")
-def flaky() -> Iterator[tuple[FlakyUpstream, UvicornThread]]:
-    upstream = FlakyUpstream()
-    with UvicornThread(upstream) as server:
-        yield upstream, server
-
-
-@pytest.fixture
-def upstream(flaky: tuple[FlakyUpstream, UvicornThread]) -> FlakyUpstream:
-    app = flaky[0]
-    app.status, app.hang, app.gate, app.calls = 200, 0.0, None, {}
-    return app
 
 
 def policy(url: str, breaker: str, *, read: str = "5s", cache: str | None = None) -> str:

@@ -50,20 +50,6 @@ routes:
 """
 
 
-@pytest.fixture(scope="module")
-def flaky() -> Iterator[tuple[FlakyUpstream, UvicornThread]]:
-    upstream = FlakyUpstream()
-    with UvicornThread(upstream) as server:
-        yield upstream, server
-
-
-@pytest.fixture
-def upstream(flaky: tuple[FlakyUpstream, UvicornThread]) -> FlakyUpstream:
-    app = flaky[0]
-    app.status, app.hang, app.gate, app.calls = 200, 0.0, None, {}
-    return app
-
-
 def start(tmp_path: Path, redis: RedisServer, postgres: PostgresServer, upstream_url: str, *,
           open_for: str) -> tuple[Gateways, str]:
     prefix = f"live-{uuid.uuid4().hex[:8]}:"
