@@ -111,6 +111,23 @@ async def settle(app: PolicyPipeline) -> None:
 # -- CLOSED -> OPEN -------------------------------------------------------------------------------
 
 
+async def call_client_gone(app: PolicyPipeline) -> int:
+    """One GET whose client has already left (receive says disconnect); the status it was answered with."""
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "GET", "path": "/x", "raw_path": b"/x", "query_string": b"",
+             "headers": [], "client": ("203.0.113.9", 1234)}
+    await app(scope, receive, send)
+    await settle(app)
+    return int(sent[0]["status"])
+
+
 async def test_opens_after_exactly_n_consecutive_failures() -> None:
     h = Harness(BreakerSettings(failures=3))
     assert await h.answers(503, 503) == [503, 503]
@@ -491,19 +508,7 @@ async def test_a_response_cut_short_does_not_count() -> None:
         # the client left here: the response never ends
 
     app = CircuitBreakerMiddleware(cut_short, breaker=breaker)
-    sent: list[dict[str, Any]] = []
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.disconnect"}
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-
-    scope = {"type": "http", "method": "GET", "path": "/x", "raw_path": b"/x", "query_string": b"",
-             "headers": [], "client": ("203.0.113.9", 1234)}
-    await app(scope, receive, send)
-    await settle(app)
-    assert sent[0]["status"] == 503
+    assert await call_client_gone(app) == 503
     assert breaker.phase == Phase.CLOSED
     assert breaker.in_flight == 0
 
@@ -520,26 +525,11 @@ async def test_a_probe_whose_client_left_hands_the_token_back() -> None:
 
     app = CircuitBreakerMiddleware(upstream, breaker=breaker)
 
-    async def call() -> int:
-        sent: list[dict[str, Any]] = []
-
-        async def receive() -> dict[str, Any]:
-            return {"type": "http.disconnect"}
-
-        async def send(message: dict[str, Any]) -> None:
-            sent.append(message)
-
-        scope = {"type": "http", "method": "GET", "path": "/x", "raw_path": b"/x", "query_string": b"",
-                 "headers": [], "client": ("203.0.113.9", 1234)}
-        await app(scope, receive, send)
-        await settle(app)
-        return int(sent[0]["status"])
-
-    assert await call() == 503  # opens
+    assert await call_client_gone(app) == 503  # opens
     clock.now += 5
     mode.update(status=200, cut=True)
-    assert await call() == 200  # the probe, cut short: says nothing
+    assert await call_client_gone(app) == 200  # the probe, cut short: says nothing
     assert breaker.phase == Phase.HALF_OPEN
     mode["cut"] = False
-    assert await call() == 200  # the next request probes at once, not after the probe timeout
+    assert await call_client_gone(app) == 200  # the next request probes at once, not after the probe timeout
     assert breaker.phase == Phase.CLOSED
