@@ -399,16 +399,21 @@ def raw_http(port: int, payload: bytes, *, timeout: float = 5.0, source: str | N
     with socket.create_connection((HOST, port), timeout=timeout,
                                   source_address=(source, 0) if source else None) as sock:
         sock.sendall(payload)
-        data = bytearray()
-        while True:
-            try:
-                chunk = sock.recv(65536)
-            except (ConnectionResetError, TimeoutError):
-                break
-            if not chunk:
-                break
-            data += chunk
-    return parse_response(bytes(data))
+        return parse_response(read_until_closed(sock))
+
+
+def read_until_closed(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection (or resets it, or the socket times out)."""
+    data = bytearray()
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except (ConnectionResetError, TimeoutError):
+            break
+        if not chunk:
+            break
+        data += chunk
+    return bytes(data)
 
 
 def parse_response(data: bytes) -> RawResponse:

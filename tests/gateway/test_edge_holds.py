@@ -18,7 +18,17 @@ from prometheus_client import REGISTRY
 
 from tests.servers import HOST, free_port
 
-from .conftest import EchoApp, RawUpstream, Served, marker, parse_response, raw_http, serve_gateway, wait_until
+from .conftest import (
+    EchoApp,
+    RawUpstream,
+    Served,
+    marker,
+    parse_response,
+    raw_http,
+    read_until_closed,
+    serve_gateway,
+    wait_until,
+)
 
 
 def edge_policy(echo_port: int, raw_port: int, *, server: str = "") -> str:
@@ -62,19 +72,6 @@ def assert_json_error(response: object, status: int, code: str) -> None:
     assert response.status == status, response.raw  # type: ignore[attr-defined]
     assert response.header("edgeway-error") == code  # type: ignore[attr-defined]
     assert response.json()["error"] == code  # type: ignore[attr-defined]
-
-
-def read_until_closed(sock: socket.socket) -> bytes:
-    data = bytearray()
-    while True:
-        try:
-            chunk = sock.recv(65536)
-        except (ConnectionResetError, TimeoutError):
-            break
-        if not chunk:
-            break
-        data += chunk
-    return bytes(data)
 
 
 # --------------------------------------------------------------------------- 1. stalled uploads
