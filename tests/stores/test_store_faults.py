@@ -13,10 +13,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 import redis.asyncio as aioredis
+import uvloop
 
 from edgeway.middleware.store import (
     Algorithm,
@@ -130,6 +132,76 @@ async def test_failover_comes_back_from_a_black_holed_flow(proxy: BlackholeProxy
         assert isinstance(result, RateLimitResult) and result.allowed
     finally:
         await store.close()
+
+
+# -- event-loop lag is not the store being slow --------------------------------------------------------
+# uvloop runs due timers before it polls for I/O: when the loop stalled in an I/O callback past the timeout,
+# the deadline fires before the reply, already in the socket, is read. Each test runs on its own loop, both kinds.
+
+LOOPS = [pytest.param(asyncio.new_event_loop, id="asyncio"), pytest.param(uvloop.new_event_loop, id="uvloop")]
+LAG = 0.3  # seconds the loop stalls: six store timeouts
+
+
+async def _stalled_call(store: Store, during_stall: Callable[[], None]) -> list[object]:
+    """A batch is written, then the loop's next I/O poll stalls past the timeout (a blocking callback, or the
+    process descheduled at full CPU); ``during_stall`` runs at the start of the stall."""
+    loop = asyncio.get_running_loop()
+    stall, trigger = socket.socketpair()
+
+    def stalled() -> None:
+        stall.recv(1)
+        during_stall()
+        time.sleep(LAG)
+
+    loop.add_reader(stall.fileno(), stalled)
+    try:
+        call = asyncio.ensure_future(store.execute([LIMIT]))
+        await asyncio.sleep(0)  # the call submits its batch
+        await asyncio.sleep(0)  # the batch is written
+        trigger.send(b"x")
+        return await call
+    finally:
+        loop.remove_reader(stall.fileno())
+        stall.close()
+        trigger.close()
+
+
+@pytest.mark.parametrize("new_loop", LOOPS)
+def test_a_stalled_loop_with_the_reply_buffered_is_not_a_store_failure(
+        new_loop: Callable[[], asyncio.AbstractEventLoop]) -> None:
+    async def scenario(server: RedisServer) -> None:
+        store = FailoverStore(RedisStore(server.url, timeout=0.05), [MemoryStore()], failures=1, probe_initial=60)
+        try:
+            await store.execute([LIMIT])  # connected, scripts loaded
+            server.pause()  # the batch cannot be answered before the stall starts ...
+            (result,) = await _stalled_call(store, server.resume)  # ... and is, during it: the reply waits unread
+            assert isinstance(result, RateLimitResult) and result.allowed
+            assert store.status()[0]["healthy"]  # one failure (failures=1) would have marked it down
+        finally:
+            server.resume()
+            await store.close()
+
+    with RedisServer() as server, asyncio.Runner(loop_factory=new_loop) as runner:
+        runner.run(scenario(server))
+
+
+@pytest.mark.parametrize("new_loop", LOOPS)
+def test_a_stalled_loop_does_not_hide_a_silent_store(
+        redis_server: RedisServer, new_loop: Callable[[], asyncio.AbstractEventLoop]) -> None:
+    async def scenario() -> None:
+        proxy = await BlackholeProxy(redis_server.port).start()
+        store = RedisStore(proxy.url, timeout=0.05)
+        try:
+            await store.execute([LIMIT])
+            proxy.blackhole()
+            with pytest.raises(StoreTimeout):  # after one more turn for the reader, as long as the lag at most
+                await _stalled_call(store, lambda: None)
+        finally:
+            await store.close()
+            await proxy.close()
+
+    with asyncio.Runner(loop_factory=new_loop) as runner:
+        runner.run(scenario())
 
 
 async def test_redis_connections_use_tcp_keepalive(redis_url: str) -> None:
