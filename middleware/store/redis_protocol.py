@@ -136,20 +136,17 @@ class Transport(abc.ABC):
         """Location without credentials."""
 
 
-LATE = 0.005
-"""Seconds a deadline's timer may fire late before the lag is the event loop's, not the store's."""
-
-
 def _expire(future: asyncio.Future[list[object]], timeout: float, due: float | None,
             loop: asyncio.AbstractEventLoop) -> None:
     if future.done():
         return
-    late = loop.time() - due if due is not None else 0.0
-    if late > LATE:
-        # The loop ran late (blocked, or the process descheduled at full CPU): the reply may be in the
-        # socket, unread, since uvloop runs due timers before it polls. Lag is not the store being slow:
-        # the reader gets one more turn, as long as the lag (at most the timeout), then the batch fails.
-        loop.call_later(min(late, timeout), _expire, future, timeout, None, loop)
+    if due is not None:
+        # The reply may be in the socket, unread: the loop stalled (busy, or the process descheduled at full
+        # CPU) since it last polled for I/O, and uvloop runs due timers before it polls again. Loop lag is not
+        # the store being slow: the reader gets one more turn — as long as the timer was late, at least a
+        # millisecond, at most the timeout — and only then does the batch fail.
+        late = loop.time() - due
+        loop.call_later(min(max(late, 0.001), timeout), _expire, future, timeout, None, loop)
         return
     future.set_exception(StoreTimeout(f"store did not answer within {timeout * 1000:.0f} ms"))
 
@@ -157,8 +154,9 @@ def _expire(future: asyncio.Future[list[object]], timeout: float, due: float | N
 async def wait_for_batch(future: asyncio.Future[list[object]], timeout: float | None) -> list[object]:
     """Await a batch with a deadline, using a timer rather than a task (cheap on the hot path).
 
-    Only the store's time counts: a timer that fires late gives the reply one more turn (see ``_expire``),
-    so a store that is really silent still fails within the timeout while the loop keeps time.
+    Only the store's time counts: when the timer fires, the reader gets one more turn (see ``_expire``), so
+    event-loop lag is not taken for a slow store, and a store that is really silent still fails about when
+    the timeout says.
     """
     if timeout is None:
         return await future
