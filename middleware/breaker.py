@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import enum
 import functools
 import logging
 import math
@@ -58,7 +59,7 @@ from .store import (
     Subscription,
 )
 
-__all__ = ["CircuitBreaker", "CircuitOpen", "Ticket", "reset_breaker"]
+__all__ = ["Admission", "CircuitBreaker", "CircuitOpen", "Ticket", "reset_breaker"]
 
 logger = logging.getLogger("edgeway.breaker")
 
@@ -80,13 +81,21 @@ class CircuitOpen(Exception):
         super().__init__(f"circuit breaker {upstream!r} {what}; retry in {retry_after}s")
 
 
+class Admission(enum.Enum):
+    """How :meth:`CircuitBreaker.admit` let a call through."""
+
+    CALL = "call"
+    PROBE = "probe"
+    """The half-open probe: its result closes or reopens the breaker."""
+
+
 class Ticket:
-    """One admitted call: whether it is the half-open probe, and whether it already failed."""
+    """One call inside ``async with breaker:``: how it was admitted, and whether it already failed."""
 
-    __slots__ = ("failed", "probe")
+    __slots__ = ("admission", "failed")
 
-    def __init__(self, probe: bool) -> None:
-        self.probe = probe
+    def __init__(self, admission: Admission) -> None:
+        self.admission = admission
         self.failed = False
 
 
@@ -151,9 +160,13 @@ class CircuitBreaker:
         return max(1, math.ceil(self._until - now))
 
     def before(self) -> BreakerUpdate | None:
-        """The command a request must carry, if any: a probe-token request, a due re-read, or nothing."""
+        """The command a request must carry, if any: a probe-token request, a due re-read, or nothing.
+
+        Closed and not due for a re-read (nearly every request): a clock read and two comparisons.
+        """
         now = self._clock()
-        self._listen()
+        if self._subscribing is None:
+            self._listen()
         if self._phase != Phase.CLOSED and now >= self._until:
             # one request per instance asks for the token; the others wait for its answer
             self._until = now + self.sync_interval
@@ -164,11 +177,14 @@ class CircuitBreaker:
             return self._command(BreakerEvent(successes=self._take_pending()))
         return None
 
-    def admit(self, command: BreakerUpdate | None, result: object) -> Ticket | CircuitOpen:
-        """After the batch: a :class:`Ticket` for a call that may go, or why it may not."""
-        now = self._clock()
+    def admit(self, command: BreakerUpdate | None, result: object) -> Admission | CircuitOpen:
+        """After the batch: how a call may go (pass it to :meth:`record` when it ends), or why it may not.
+
+        Closed with no command (nearly every request): an in-flight count, nothing allocated.
+        """
         probe = False
         if command is not None:
+            now = self._clock()
             if isinstance(result, BreakerResult):
                 self._learn(result, now)
                 probe = command.event.acquire and result.granted and result.phase == Phase.HALF_OPEN
@@ -178,20 +194,21 @@ class CircuitBreaker:
         if not probe and self._phase != Phase.CLOSED:
             self._short_circuited.inc()
             # half-open: the probe is out, its answer may close the breaker any moment
-            return CircuitOpen(self.name, 1 if self._phase == Phase.HALF_OPEN else self.retry_after(now))
+            return CircuitOpen(self.name, 1 if self._phase == Phase.HALF_OPEN else self.retry_after())
         if self._max_in_flight is not None and self.in_flight >= self._max_in_flight:
             self._short_circuited.inc()
             return CircuitOpen(self.name, 1, overloaded=True)
         self.in_flight += 1
-        return Ticket(probe)
+        return Admission.PROBE if probe else Admission.CALL
 
-    def record(self, ticket: Ticket, failed: bool | None) -> BreakerUpdate | None:
+    def record(self, admission: Admission, failed: bool | None) -> BreakerUpdate | None:
         """The call ended: failed True/False, or None when it says nothing (4xx, the client left).
 
-        Returns the write to make, if any; pass its outcome to :meth:`written`.
+        Returns the write to make, if any (none for a success while closed with no failures known);
+        pass its outcome to :meth:`written`.
         """
         self.in_flight -= 1
-        if ticket.probe:
+        if admission is Admission.PROBE:
             if failed is None:  # nothing learned: hand the token back so the next call probes
                 return self._command(BreakerEvent(probe=True))
             event = BreakerEvent(failures=1, probe=True) if failed else BreakerEvent(successes=1, probe=True)
@@ -267,7 +284,7 @@ class CircuitBreaker:
         admitted = self.admit(command, result)
         if isinstance(admitted, CircuitOpen):
             raise admitted
-        self._calls.set((*self._calls.get(), admitted))
+        self._calls.set((*self._calls.get(), Ticket(admitted)))
         return self
 
     async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None,
@@ -279,7 +296,7 @@ class CircuitBreaker:
             failed: bool | None = None  # the caller gave up: says nothing about the upstream
         else:
             failed = error is not None or ticket.failed
-        command = self.record(ticket, failed)
+        command = self.record(ticket.admission, failed)
         if command is not None:
             self._spawn(self._write(command))
 

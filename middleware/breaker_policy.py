@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from .breaker import CircuitBreaker, CircuitOpen, Ticket
+from .breaker import Admission, CircuitBreaker, CircuitOpen
 from .breaker_config import BreakerSettings
 from .clientip import IPNetwork
 from .context import RequestContext
@@ -48,15 +48,6 @@ def failed(response: Completed, settings: BreakerSettings, statuses: frozenset[i
     return settings.slow_call is not None and response.elapsed > settings.slow_call
 
 
-class _Request:
-    __slots__ = ("command", "ticket", "write")
-
-    def __init__(self, command: BreakerUpdate | None) -> None:
-        self.command = command
-        self.ticket: Ticket | None = None
-        self.write: BreakerUpdate | None = None
-
-
 class BreakerPolicy(BasePolicy):
     """A route's use of its upstream's :class:`CircuitBreaker` (shared by all routes to that upstream)."""
 
@@ -66,33 +57,36 @@ class BreakerPolicy(BasePolicy):
     def __init__(self, breaker: CircuitBreaker) -> None:
         self.breaker = breaker
         settings = breaker.settings
+        self._settings = settings
         self._statuses = settings.statuses
         self._fallback: tuple[int, list[tuple[bytes, bytes]], bytes] | None = None
         if settings.fallback is not None:
             headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in settings.fallback.headers.items()]
             self._fallback = (settings.fallback.status, headers, settings.fallback.body.encode())
 
+    # Per request, ``prepared.state`` is None until the call is admitted, then its Admission, and after
+    # ``finish`` the write it returned, if any (for ``written``). A closed breaker allocates nothing of its own.
+
     def prepare(self, ctx: RequestContext) -> Prepared:
         command = self.breaker.before()
-        return Prepared(() if command is None else (command,), _Request(command))
+        return Prepared() if command is None else Prepared((command,))
 
     def decide(self, ctx: RequestContext, prepared: Prepared, results: Sequence[object]) -> Answer | None:
-        request: _Request = prepared.state  # type: ignore[assignment]
-        return self._admit(ctx, request, results[0] if results else None)
+        return self._admit(ctx, prepared, results[0] if results else None)
 
     def store_failed(self, ctx: RequestContext, prepared: Prepared,
                      error: StoreError | CommandError) -> Answer | Pending | None:
-        request: _Request = prepared.state  # type: ignore[assignment]
-        return self._admit(ctx, request, error)
+        return self._admit(ctx, prepared, error)
 
-    def _admit(self, ctx: RequestContext, request: _Request, result: object) -> Answer | None:
-        admitted = self.breaker.admit(request.command, result)
-        if isinstance(admitted, Ticket):
-            request.ticket = admitted
-            if admitted.probe:
-                ctx.outcomes["breaker"] = "probe"
-            return None
-        return self._refusal(ctx, admitted)
+    def _admit(self, ctx: RequestContext, prepared: Prepared, result: object) -> Answer | None:
+        command = prepared.commands[0] if prepared.commands else None
+        admitted = self.breaker.admit(command if isinstance(command, BreakerUpdate) else None, result)
+        if isinstance(admitted, CircuitOpen):
+            return self._refusal(ctx, admitted)
+        prepared.state = admitted
+        if admitted is Admission.PROBE:
+            ctx.outcomes["breaker"] = "probe"
+        return None
 
     def _refusal(self, ctx: RequestContext, refused: CircuitOpen) -> Answer:
         name = self.breaker.name
@@ -115,20 +109,22 @@ class BreakerPolicy(BasePolicy):
                              extra={"upstream": name}, headers=[retry_after])
 
     def finish(self, ctx: RequestContext, prepared: Prepared, response: Completed) -> Sequence[Command]:
-        request: _Request = prepared.state  # type: ignore[assignment]
-        ticket = request.ticket
-        if ticket is None:
-            return ()
-        outcome = failed(response, self.breaker.settings, self._statuses)
-        if ticket.probe and outcome is None and response.complete and response.status:
+        admission = prepared.state
+        if not isinstance(admission, Admission):
+            return ()  # not admitted: answered before the call
+        outcome = failed(response, self._settings, self._statuses)
+        if admission is Admission.PROBE and outcome is None and response.complete and response.status:
             outcome = False  # a 4xx to the probe: the upstream answers, that is all a probe asks
-        request.write = self.breaker.record(ticket, outcome)
-        return () if request.write is None else (request.write,)
+        write = self.breaker.record(admission, outcome)
+        if write is None:
+            return ()
+        prepared.state = write
+        return (write,)
 
     def written(self, ctx: RequestContext, prepared: Prepared, outcome: Sequence[object] | StoreError) -> None:
-        request: _Request = prepared.state  # type: ignore[assignment]
-        if request.write is not None:
-            self.breaker.written(request.write, outcome if isinstance(outcome, StoreError) else outcome[0])
+        write = prepared.state
+        if isinstance(write, BreakerUpdate):
+            self.breaker.written(write, outcome if isinstance(outcome, StoreError) else outcome[0])
 
 
 class CircuitBreakerMiddleware(PolicyPipeline):

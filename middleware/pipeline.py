@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Iterable, Sequence
 from typing import Any
 
 from .clientip import IPNetwork, TrustedProxies
@@ -116,7 +116,8 @@ class PolicyPipeline:
         self._request_body_limit = max((policy.request_body_limit for policy in self.policies), default=0)
         self._body_limit = max((policy.response_body_limit for policy in self.policies), default=0)
         self._respond = tuple(i for i, policy in enumerate(self.policies) if policy.wants_respond)
-        self._track = bool(self._respond) or any(policy.wants_finish for policy in self.policies)
+        self._finishing = tuple(i for i, policy in enumerate(self.policies) if policy.wants_finish)
+        self._track = bool(self._respond or self._finishing)
         self._background: set[asyncio.Task[None]] = set()
         self._store_failures = Throttled()
 
@@ -223,11 +224,13 @@ class PolicyPipeline:
                     break
             if refused is not None:  # this request's error, not an outage: the policy's failure mode decides
                 self._store_failures.warning("store %s refused a command: %s", self.store.describe(), refused)
-                answer = await _settled(policy.store_failed(ctx, prep, refused))
+                outcome = policy.store_failed(ctx, prep, refused)
             else:
-                answer = await _settled(policy.decide(ctx, prep, own))
-            if answer is not None:
-                return answer
+                outcome = policy.decide(ctx, prep, own)
+            if outcome is not None:  # (awaited only when it waits: a coroutine per policy costs on every request)
+                answer = await _settled(outcome) if isinstance(outcome, Pending) else outcome
+                if answer is not None:
+                    return answer
         return None
 
     async def _answer(self, response: Answer, ctx: RequestContext, scope: Scope, receive: Receive,
@@ -244,10 +247,10 @@ class PolicyPipeline:
                 await self.app(scope, receive, send)
                 return
 
-            async def send_adding_headers(message: Message) -> None:
+            def send_adding_headers(message: Message) -> Awaitable[None]:  # send's own awaitable: no extra level
                 if message["type"] == "http.response.start":
                     message["headers"] = [*message.get("headers", ()), *extra]
-                await send(message)
+                return send(message)
 
             await self.app(scope, receive, send_adding_headers)
             return
@@ -260,12 +263,13 @@ class PolicyPipeline:
     def _finish(self, ctx: RequestContext, prepared: list[Prepared], response: Completed) -> None:
         writes: list[Command] = []
         shares: list[tuple[Policy, Prepared, int]] = []
-        for policy, prep in zip(self.policies, prepared, strict=True):
-            if policy.wants_finish:
-                mine = policy.finish(ctx, prep, response)
-                if mine:
-                    writes.extend(mine)
-                    shares.append((policy, prep, len(mine)))
+        policies = self.policies
+        for index in self._finishing:
+            policy, prep = policies[index], prepared[index]
+            mine = policy.finish(ctx, prep, response)
+            if mine:
+                writes.extend(mine)
+                shares.append((policy, prep, len(mine)))
         if ctx.deferred:
             writes.extend(ctx.deferred)
             ctx.deferred = None
@@ -300,6 +304,10 @@ class PolicyPipeline:
                 offset += count
 
 
+async def _dropped() -> None:
+    """What sending a replaced response's own body amounts to: nothing."""
+
+
 async def _settled(outcome: Answer | Pending | None) -> Answer | None:
     """A decision, once any wait it asked for is over."""
     if isinstance(outcome, Pending):
@@ -331,8 +339,25 @@ class _Tracked:
         self.started = time.monotonic()
         self.elapsed = 0.0
 
-    async def send(self, message: Message) -> None:
+    def send(self, message: Message) -> Awaitable[None]:
+        """Watch one message on its way; returns the server's own awaitable (no coroutine level of its own)
+        unless a policy's answer replaces the response."""
         kind = message["type"]
+        if kind == "http.response.body":
+            if not message.get("more_body", False):
+                self.complete = True  # the app handed over its whole response
+            if self.replaced:
+                return _dropped()
+            chunks = self.chunks
+            if chunks is not None:
+                body = message.get("body", b"")
+                self.size += len(body)
+                if self.size <= self.limit:
+                    if body:
+                        chunks.append(body)
+                else:
+                    self.chunks = None
+            return self.upstream_send(message)
         if kind == "http.response.start":
             self.elapsed = time.monotonic() - self.started
             extra = self.ctx.response_headers
@@ -346,30 +371,11 @@ class _Tracked:
                     # the policy answers instead (a stale entry for a 502); the app's own body is dropped
                     self.replaced = True
                     self.chunks = None
-                    await answer(self.scope, self.receive, self.upstream_send)
-                    return
+                    return answer(self.scope, self.receive, self.upstream_send)
             if self.ctx.deferred:
                 self.pipeline._write_soon(self.ctx.deferred)
                 self.ctx.deferred = None
-        elif kind == "http.response.body":
-            if self.replaced:
-                if not message.get("more_body", False):
-                    self.complete = True
-                return
-            chunks = self.chunks
-            if chunks is not None:
-                body = message.get("body", b"")
-                self.size += len(body)
-                if self.size <= self.limit:
-                    if body:
-                        chunks.append(body)
-                else:
-                    self.chunks = None
-            await self.upstream_send(message)
-            if not message.get("more_body", False):
-                self.complete = True
-            return
-        await self.upstream_send(message)
+        return self.upstream_send(message)
 
     def completed(self) -> Completed:
         start = self.start

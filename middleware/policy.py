@@ -94,10 +94,11 @@ class Completed:
     """The response as the policies see it in ``finish``.
 
     ``chunks`` holds the body as the app sent it (event boundaries kept) when a
-    policy asked for it and it fit the limit, else None. ``complete`` is False
-    when the response was cut short (the client left, the app failed);
-    ``status`` is 0 when it never started. ``elapsed`` is the seconds from the
-    request's arrival to the response start (time to first byte).
+    policy asked for it and it fit the limit, else None. ``complete`` is True
+    once the app handed over its last body message, False when the response was
+    cut short (the client left, the app failed); ``status`` is 0 when it never
+    started. ``elapsed`` is the seconds from the request's arrival to the
+    response start (time to first byte).
     """
 
     __slots__ = ("chunks", "complete", "elapsed", "headers", "status")
@@ -117,8 +118,9 @@ class Completed:
 
     def header(self, name: bytes) -> bytes | None:
         """First value of a response header (``name`` in lower case)."""
+        size = len(name)
         for key, value in self.headers:
-            if key.lower() == name:
+            if len(key) == size and key.lower() == name:
                 return value
         return None
 

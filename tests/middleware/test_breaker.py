@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from edgeway.middleware import BreakerSettings, CircuitBreaker, CircuitBreakerMiddleware, CircuitOpen
+from edgeway.middleware.breaker import Admission
 from edgeway.middleware.breaker_config import FallbackResponse
 from edgeway.middleware.breaker_policy import BreakerPolicy
 from edgeway.middleware.breaker_state import Phase
@@ -176,6 +177,17 @@ async def test_a_closed_breaker_with_no_failures_sends_no_store_command() -> Non
     h.clock.now += 1.0  # the local copy is re-read at most once per sync interval
     await h.answers(*[200] * 50)
     assert h.store.breaker_commands == before + 1
+
+
+async def test_a_closed_breaker_costs_a_request_an_in_flight_count_and_nothing_else() -> None:
+    h = Harness(BreakerSettings(failures=3))
+    await h.answers(200)  # the first request re-reads the shared state
+    breaker = h.breaker
+    assert breaker.before() is None  # no command, no re-read due
+    assert breaker.admit(None, None) is Admission.CALL and breaker.in_flight == 1
+    assert breaker.record(Admission.CALL, False) is None and breaker.in_flight == 0  # no write for a success
+    await h.answers(200, 404, 200)
+    assert breaker.in_flight == 0 and breaker.status()["failures"] == 0
 
 
 async def test_failure_rate_trips_only_past_min_requests() -> None:

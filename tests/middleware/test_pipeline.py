@@ -343,3 +343,43 @@ async def test_finish_runs_when_the_app_never_started_a_response() -> None:
     with pytest.raises(RuntimeError):
         await run(PolicyPipeline(crashed, policies=[watcher], store=CountingStore()), http_scope())
     assert watcher.finished[0].status == 0 and not watcher.finished[0].complete
+
+
+class Headers(BasePolicy):
+    """Adds a response header (as rate limits do); nothing to watch."""
+
+    name = "headers"
+
+    def prepare(self, ctx: RequestContext) -> Prepared | Answer | Pending:
+        ctx.response_headers.append((b"x-added", b"1"))
+        return Prepared()
+
+    def decide(self, ctx: RequestContext, prepared: Prepared, results: Sequence[object]) -> Answer | Pending | None:
+        return None
+
+
+@pytest.mark.parametrize("policy", [Watcher, Headers], ids=["watched", "headers-added"])
+async def test_the_response_goes_out_through_the_servers_own_awaitables(policy: type[BasePolicy]) -> None:
+    """The pipeline looks at each message on its way but adds no coroutine level of its own (they cost on
+    every message): the app awaits exactly what the server's send returned."""
+    returned: list[object] = []
+    handed: list[object] = []
+
+    def send(message: Message) -> asyncio.Future[None]:
+        done = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        returned.append(done)
+        return done
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        for message in ({"type": "http.response.start", "status": 200, "headers": []},
+                        {"type": "http.response.body", "body": b"ok"}):
+            awaitable = send(message)
+            handed.append(awaitable)
+            await awaitable
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    await PolicyPipeline(app, policies=[policy()], store=CountingStore())(http_scope(), receive, send)
+    assert handed == returned and len(returned) == 2
