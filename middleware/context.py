@@ -34,7 +34,7 @@ class RequestContext:
         self.user: str | None = None
         """The verified user id (set by the session policy, or the app's own authentication)."""
         self.response_headers: list[tuple[bytes, bytes]] = []
-        self.identity: list[tuple[bytes, bytes]] = []
+        self.identity: Sequence[tuple[bytes, bytes]] = ()
         """``X-Edgeway-*`` headers the session policy vouches for (the user id, claims): the proxy sends these
         and drops every client-supplied ``X-Edgeway-*`` field."""
         self.revocation: Revoked | None = None

@@ -39,7 +39,7 @@ from .responses import ErrorResponse, Receive, Send
 from .session_cache import Known, NeedKeys, NeedRemote, ProviderFailure, SessionService
 from .session_settings import SessionSettings, SessionUser
 from .store import CommandError, Revoke, Revoked, Store, StoreError
-from .tokens import TokenError, request_token, token_digest, unverified_claims
+from .tokens import TokenError, bearer_token, cookie_token, token_digest, unverified_claims
 
 __all__ = ["SessionMiddleware", "SessionPolicy", "SessionService", "SessionSettings", "SessionUser",
            "current_user", "optional_user", "revoke"]
@@ -75,12 +75,23 @@ def auth_unavailable(detail: str) -> ErrorResponse:
     return ErrorResponse(503, "auth_unavailable", detail, headers=[(b"retry-after", b"1")])
 
 
-class _Request:
-    __slots__ = ("digest", "known")
+class _Grant:
+    """What an admitted token adds to each of its requests, built once per token (kept in ``Known.grant``)."""
 
-    def __init__(self, digest: str, known: Known) -> None:
+    __slots__ = ("commands", "digest", "identity")
+
+    def __init__(self, digest: str, identity: tuple[tuple[bytes, bytes], ...], check: Revoked) -> None:
         self.digest = digest
-        self.known = known
+        self.identity = identity
+        self.commands = (check,)
+
+
+def _authorization(headers: Sequence[tuple[bytes, bytes]]) -> str | None:
+    """The first Authorization value, found without building the context's header dict (one field is needed)."""
+    for name, value in headers:
+        if len(name) == 13 and name.lower() == b"authorization":
+            return value.decode("latin-1")
+    return None
 
 
 class SessionPolicy(BasePolicy):
@@ -106,7 +117,10 @@ class SessionPolicy(BasePolicy):
     def prepare(self, ctx: RequestContext) -> Prepared | ErrorResponse | Pending:
         service = self.service
         try:
-            token = request_token(ctx.header("authorization"), ctx.headers.get("cookie", ()), service.cookie)
+            authorization = _authorization(ctx.scope["headers"])
+            token = bearer_token(authorization)  # the Bearer header wins over the cookie
+            if token is None and service.cookie is not None:
+                token = cookie_token(ctx.headers.get("cookie", ()), service.cookie)
         except TokenError as error:
             return unauthorized(error.reason, str(error))
         if token is None:
@@ -144,25 +158,31 @@ class SessionPolicy(BasePolicy):
         user = known.user
         if user is None:
             return unauthorized(known.reason)
+        grant: _Grant | None = known.grant
+        if grant is None:
+            grant = known.grant = self._grant(digest, known, user)
         ctx.user = user.id
+        ctx.identity = grant.identity
+        scope = ctx.scope
+        # in-app the identity travels in the scope's headers; client copies of X-Edgeway-* never do
+        headers = [pair for pair in scope["headers"] if not pair[0].startswith(b"x-edgeway-")]
+        headers += grant.identity
+        scope["headers"] = headers
+        scope.setdefault("state", {})["user"] = user
+        ctx.revocation = grant.commands[0]
+        refresh = self.service.refresh_shared(digest, known, now)
+        return Prepared(grant.commands if refresh is None else (*grant.commands, refresh), known)
+
+    def _grant(self, digest: str, known: Known, user: SessionUser) -> _Grant:
         identity = [(b"x-edgeway-user", _header_value(user.id))]
         for name, path in self._headers:
             value = user.claims.get(path)
             if value is not None:
                 identity.append((name, _header_value(value)))
-        ctx.identity = identity
-        scope = ctx.scope
-        # in-app the identity travels in the scope's headers; client copies of X-Edgeway-* never do
-        scope["headers"] = [pair for pair in scope["headers"] if not pair[0].startswith(b"x-edgeway-")] + identity
-        scope.setdefault("state", {})["user"] = user
         keys = [self._token_key + digest, self._user_key + _digest(user.id)]
         if known.sid is not None:
             keys.append(self._sid_key + _digest(known.sid))
-        check = Revoked(tuple(keys), known.iat_ms)
-        ctx.revocation = check
-        refresh = self.service.refresh_shared(digest, known, now)
-        commands = (check,) if refresh is None else (check, refresh)
-        return Prepared(commands, _Request(digest, known))
+        return _Grant(digest, tuple(identity), Revoked(tuple(keys), known.iat_ms))
 
     def _anonymous(self, ctx: RequestContext) -> Prepared:
         scope = ctx.scope
@@ -172,14 +192,13 @@ class SessionPolicy(BasePolicy):
         return Prepared()
 
     def decide(self, ctx: RequestContext, prepared: Prepared, results: Sequence[object]) -> ErrorResponse | None:
-        request = prepared.state
-        if not isinstance(request, _Request):
+        known = prepared.state
+        if not isinstance(known, Known):
             return None
         revoked = results[0]
         if revoked is True:
             service = self.service
-            known = request.known
-            service.remember(request.digest, service.refused("revoked", service.clock(), known.until))
+            service.remember(known.grant.digest, service.refused("revoked", service.clock(), known.until))
             return unauthorized("revoked")
         if revoked is None:
             return self._unchecked_revocations("no shared store answered")
@@ -187,7 +206,7 @@ class SessionPolicy(BasePolicy):
 
     def store_failed(self, ctx: RequestContext, prepared: Prepared,
                      error: StoreError | CommandError) -> ErrorResponse | None:
-        if not isinstance(prepared.state, _Request):
+        if not isinstance(prepared.state, Known):
             return None
         return self._unchecked_revocations(str(error))
 

@@ -62,9 +62,13 @@ _NEGATIVE = SESSION_CACHE.labels("negative")
 
 
 class Known:
-    """What this instance knows of one token (mutable: a hit slides ``until``)."""
+    """What this instance knows of one token (mutable: a hit slides ``until``).
 
-    __slots__ = ("exp", "iat_ms", "reason", "remote", "sid", "stored_at", "until", "user")
+    ``grant`` is the session policy's per-token work on an admitted request (identity headers, the
+    revocation check), done on the first request and reused by every warm one.
+    """
+
+    __slots__ = ("exp", "grant", "iat_ms", "reason", "remote", "sid", "stored_at", "until", "user")
 
     def __init__(self, user: SessionUser | None, *, reason: str = "", until: float, exp: float | None = None,
                  iat_ms: int = 0, sid: str | None = None, remote: bool = False, stored_at: float = 0.0) -> None:
@@ -76,6 +80,7 @@ class Known:
         self.sid = sid
         self.remote = remote
         self.stored_at = stored_at
+        self.grant: Any = None
 
     def encode(self) -> str:
         """The shared cache's value: the user id, role and asked-for claims, or the refusal; never the token."""

@@ -313,11 +313,22 @@ def cookie_access_token(value: str) -> str:
 
 def request_token(authorization: str | None, cookie_headers: Sequence[str], cookie_name: str | None) -> str | None:
     """The request's session token: the Bearer header wins over the cookie; None when it has neither."""
-    token = bearer(authorization)
+    token = bearer_token(authorization)
     if token is not None:
-        if len(token) > MAX_TOKEN_BYTES:
-            raise TokenError("oversized", "the bearer token is too large")
         return token
+    return cookie_token(cookie_headers, cookie_name)
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer`` value, refused when oversized; None without one."""
+    token = bearer(authorization)
+    if token is not None and len(token) > MAX_TOKEN_BYTES:
+        raise TokenError("oversized", "the bearer token is too large")
+    return token
+
+
+def cookie_token(cookie_headers: Sequence[str], cookie_name: str | None) -> str | None:
+    """The access token in the auth cookie ``cookie_name`` (Supabase SSR), or None."""
     if cookie_name is None or not cookie_headers:
         return None
     value = cookie_session(parse_cookies(cookie_headers), cookie_name)

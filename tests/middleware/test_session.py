@@ -34,7 +34,7 @@ from edgeway.middleware.session import (
     optional_user,
     revoke,
 )
-from edgeway.middleware.store import Store
+from edgeway.middleware.store import Revoked, Store
 from edgeway.middleware.store.failover import FailoverStore
 from edgeway.middleware.store.memory import MemoryStore
 from edgeway.middleware.store.redis import RedisStore
@@ -277,6 +277,35 @@ async def test_revoked_by_token_session_and_user(make: Any, auth: AuthServer) ->
     # a token issued after the user's revoked-after time passes
     later = auth.issue("user-user", iat=int(time.time()) + 2)
     assert (await other_instance.get(later)).status_code == 200
+
+
+class RevocationCounter(MemoryStore):
+    """The memory store, counting the revocation checks sent with each batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.checks: list[int] = []
+
+    async def execute(self, commands: Any, *, timeout: float | None = None) -> list[object]:
+        self.checks.append(sum(isinstance(command, Revoked) for command in commands))
+        return await super().execute(commands, timeout=timeout)
+
+
+async def test_a_warm_token_is_verified_once_and_its_revocation_checked_on_every_request(
+        make: Any, auth: AuthServer) -> None:
+    store = RevocationCounter()
+    session = make(store=store, jwt_secret=HS_SECRET, headers={"X-Edgeway-Role": "role"})
+    verified: list[str] = []
+    verify = session.service.verify_local
+    session.service.verify_local = lambda token, now: verified.append(token) or verify(token, now)
+    token = auth.issue("warm", "HS256")
+    bodies = [(await session.get(token)).json() for _ in range(5)]
+    assert bodies == [{"headers": {"x-edgeway-user": "warm", "x-edgeway-role": "authenticated"},
+                       "user": {"id": "warm", "role": "authenticated", "claims": {"role": "authenticated"}}}] * 5
+    assert verified == [token]  # parsed and verified once; the warm requests reuse the result
+    assert store.checks == [1] * 5  # ... and every one of them checks the revocations
+    await revoke(session.service, {"user": "warm"})
+    assert (await session.get(token)).status_code == 401
 
 
 @pytest.mark.parametrize("body", [{}, {"token": ""}, {"token": "a", "user": "b"}, {"jti": 5}, [],
