@@ -12,6 +12,7 @@ their id. Lines go to the ``edgeway.access`` logger (stdout under
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import logging
@@ -32,6 +33,7 @@ def default_format() -> LogFormat:
     return "text" if sys.stdout.isatty() else "json"
 
 
+@functools.lru_cache(maxsize=4096)  # a user's requests come in runs: hash each id once, not per line
 def user_hash(user: str) -> str:
     """A stable, non-reversible tag for a user id: enough to follow one user through the log."""
     return hashlib.blake2b(user.encode(), digest_size=6).hexdigest()

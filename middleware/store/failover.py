@@ -105,13 +105,14 @@ class _Member:
     probing: bool = False
     missed: list[Command] = field(default_factory=list)  # revocations it did not take: replayed on recovery
     meter: StoreMeter = field(init=False)
+    healthy: bool = True
+    """Every kind of work healthy: kept in step with ``health`` by :meth:`recount` (read on every call)."""
 
     def __post_init__(self) -> None:
         self.meter = StoreMeter(self.store)
 
-    @property
-    def healthy(self) -> bool:
-        return all(health.healthy for health in self.health.values())
+    def recount(self) -> None:
+        self.healthy = all(health.healthy for health in self.health.values())
 
     def failing(self) -> list[str]:
         return [kind for kind, health in self.health.items() if not health.healthy]
@@ -332,6 +333,7 @@ class FailoverStore(Store):
         health.failures += 1
         if health.healthy and health.failures >= self._failures:
             health.healthy = False
+            member.recount()
             logger.warning("store %s marked down after %d failed %ss (%s); using the next store",
                            member.store.describe(), health.failures, kind, error)
             self._refresh()
@@ -389,6 +391,7 @@ class FailoverStore(Store):
                     continue
                 for health in member.health.values():
                     health.healthy, health.failures = True, 0
+                member.recount()
                 logger.warning("store %s answers again; using it", member.store.describe())
                 self._refresh()
         finally:
