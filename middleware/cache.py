@@ -106,6 +106,7 @@ class CachePolicy(BasePolicy):
     name = "cache"
     wants_respond = True
     wants_finish = True
+    decides_from_memory = True  # prepare only reads; a hot entry is answered by decide at once
 
     def __init__(self, settings: CacheSettings, *, store: Store, route: str = "default",
                  key_prefix: str = "edgeway:", clock: Callable[[], float] = time.time,
