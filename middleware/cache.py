@@ -70,6 +70,7 @@ _MEMO_ENTRIES, _MEMO_MAX_VALUE = 256, 16_384  # decoded entries kept per route: 
 # seconds without reading it again (purges clear them at once); per route at most HOT_ENTRIES of at most
 # HOT_MAX_SIZE bytes each (8 MB)
 HOT_FOR, HOT_ENTRIES, HOT_MAX_SIZE = 1.0, 128, 65_536
+_KEYS_KEPT = 1024  # primary keys remembered per route (method, host, path, query -> key)
 _CONDITIONAL = frozenset({b"if-none-match", b"if-modified-since"})
 _SESSION_COOKIE = re.compile(rb"(?:^|;)\s*sb-[^=;]*-auth-token")
 _WATCHED = frozenset({b"host", b"authorization", b"cookie", b"content-length", b"transfer-encoding", *_CONDITIONAL,
@@ -127,6 +128,8 @@ class CachePolicy(BasePolicy):
         self.cookies_ignored = settings.cookies == "ignore"
         self._decoded: dict[str, tuple[bytes, Entry]] = {}
         self._hot: dict[str, tuple[Entry, float]] = {}  # primary key -> (fresh entry, served from memory until)
+        self._plain_key = set(self.parts) <= {"method", "path", "query"}
+        self._keys: dict[tuple[str, bytes, str, bytes], str] = {}  # request target -> primary key
         self.request_body_limit = settings.max_request_body if self.key_has_body else 0
         self.response_body_limit = settings.max_body
         self.prefix = f"{key_prefix}cache:"
@@ -154,6 +157,20 @@ class CachePolicy(BasePolicy):
         return digest((method.encode(), path.encode("utf-8", "surrogateescape"), query))[:32]
 
     def _primary(self, ctx: RequestContext, method: str, host: bytes) -> str:
+        """The request's primary key; for a key of method, path and query only, remembered per request target
+        (a hot entry's hits skip the query parsing and hashing)."""
+        if not self._plain_key:
+            return self._digest(ctx, method, host)
+        scope = ctx.scope
+        target = (method, host, scope["path"], scope.get("query_string", b""))
+        key = self._keys.get(target)
+        if key is None:
+            if len(self._keys) >= _KEYS_KEPT:
+                del self._keys[next(iter(self._keys))]
+            key = self._keys[target] = self._digest(ctx, method, host)
+        return key
+
+    def _digest(self, ctx: RequestContext, method: str, host: bytes) -> str:
         scope = ctx.scope
         parts: list[bytes] = []
         for part in self.parts:
