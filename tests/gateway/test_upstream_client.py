@@ -24,7 +24,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from edgeway.gateway.upstream import HIGH_WATER, Pool, Response, UpstreamError, UpstreamTimeout
+from edgeway.gateway.upstream import Pool, Response, UpstreamError, UpstreamTimeout
+from edgeway.gateway.upstream_connection import HIGH_WATER
 
 from .conftest import RawRequest, read_request
 
