@@ -94,7 +94,7 @@ class Connection(asyncio.Protocol):
         """Write the request and wait for the response head (``UpstreamError`` if it never comes)."""
         transport = self.transport
         assert transport is not None
-        if self.closed:
+        if self.closed or transport.is_closing():  # uvloop refuses writes to a closing transport
             raise ConnectionClosed("the upstream closed the connection")
         if body is None:
             transport.write(head)
@@ -115,13 +115,15 @@ class Connection(asyncio.Protocol):
         assert transport is not None
         try:
             async for chunk in body:
-                if self.closed:
+                if self.closed or transport.is_closing():
                     return
                 if chunk:
                     transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
                     if self._writing_paused:
                         await self._drained()
-            if chunked and not self.closed:
+            if self.closed or transport.is_closing():
+                return
+            if chunked:
                 transport.write(b"0\r\n\r\n")
             self.sent = True
         except UpstreamError as exc:

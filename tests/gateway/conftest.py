@@ -361,6 +361,10 @@ async def raw_script(request: RawRequest, writer: asyncio.StreamWriter) -> bool:
         await writer.drain()
         await asyncio.sleep(0.05)
         return False
+    if kind == "once":  # answers as if keeping the connection alive, then closes it
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nonce")
+        await writer.drain()
+        return False
     if kind == "hop":  # hop-by-hop response fields, one named in Connection
         writer.write(
             b"HTTP/1.1 200 OK\r\n"
