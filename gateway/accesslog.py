@@ -15,6 +15,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import re
 import sys
 import time
 from typing import Literal, TextIO
@@ -54,8 +55,31 @@ class _Clock:
         return f"{self._prefix}.{int((now - second) * 1000):03d}Z"
 
 
+_PLAIN = re.compile(r'[^\x20\x21\x23-\x5b\x5d-\x7e]')  # what a JSON string must escape (and non-ASCII)
+
+
+def _json_str(value: str | None) -> str:
+    """``value`` as a JSON string (or null), escaping only when it has to: most paths and ids need none."""
+    if value is None:
+        return "null"
+    if _PLAIN.search(value) is None:
+        return f'"{value}"'
+    return json.dumps(value)
+
+
+def _ms(seconds: float | None) -> str:
+    return "null" if seconds is None else repr(round(seconds * 1000, 3))
+
+
 class AccessLog:
-    """Writes one line per request to the ``edgeway.access`` logger, as JSON or text."""
+    """Writes one line per request to the ``edgeway.access`` logger, as JSON or text.
+
+    A JSON line is built as text directly (no dict, no ``json.dumps`` unless a
+    value needs escaping) and, when the logger's only output is the gateway's
+    :class:`BatchedStreamHandler`, queued there without a ``LogRecord``: the
+    line costs about 2 us instead of 15 (bench/RESULTS.md). Any other logging
+    setup (an app's own handlers or filters) gets an ordinary ``logger.info``.
+    """
 
     def __init__(self, fmt: LogFormat = "json", *, logger: logging.Logger | None = None) -> None:
         self.format = fmt
@@ -64,38 +88,60 @@ class AccessLog:
 
     def record(self, ctx: RequestContext, status: int, seconds: float, store: str) -> None:
         """Log the finished request ``ctx`` answered with ``status`` after ``seconds``."""
-        if not self._logger.isEnabledFor(logging.INFO):
+        logger = self._logger
+        if not logger.isEnabledFor(logging.INFO):
             return
+        line = self._json(ctx, status, seconds, store) if self.format == "json" else \
+            self._text(ctx, status, seconds, store)
+        handlers = logger.handlers
+        if len(handlers) == 1 and not logger.filters and not logger.propagate and \
+                type(handlers[0]) is BatchedStreamHandler and handlers[0].level <= logging.INFO:
+            handlers[0].enqueue(line)
+        else:
+            logger.info(line)
+
+    def _json(self, ctx: RequestContext, status: int, seconds: float, store: str) -> str:
+        scope = ctx.scope
+        outcomes = ctx.outcomes
+        get = outcomes.get
+        line = (f'{{"time":"{self._clock.now()}","route":{_json_str(ctx.route or None)},'
+                f'"method":{_json_str(scope["method"])},"path":{_json_str(scope["path"])},"status":{status},'
+                f'"latency_ms":{_ms(seconds)},"upstream":{_json_str(ctx.upstream)},'
+                f'"upstream_ms":{_ms(ctx.upstream_seconds)},"limit":{_json_str(get("limit"))},'
+                f'"cache":{_json_str(get("cache"))},"breaker":{_json_str(get("breaker"))},'
+                f'"session":{_json_str(get("session"))},'
+                f'"user":{_json_str(user_hash(ctx.user) if ctx.user else None)},"store":{_json_str(store)},'
+                f'"request_id":{_json_str(ctx.request_id)}')
+        if not _KNOWN_SET.issuperset(outcomes):  # outcomes of policies beyond the four above
+            line += "".join(f",{json.dumps(name)}:{_json_str(value)}" for name, value in outcomes.items()
+                            if name not in _KNOWN and name not in _FIELDS)
+        return line + "}"
+
+    def _text(self, ctx: RequestContext, status: int, seconds: float, store: str) -> str:
         scope = ctx.scope
         up = ctx.upstream_seconds
         outcomes = ctx.outcomes
         fields: dict[str, object] = {
-            "time": self._clock.now(),
             "route": ctx.route or None,
-            "method": scope["method"],
-            "path": scope["path"],
-            "status": status,
-            "latency_ms": round(seconds * 1000, 3),
             "upstream": ctx.upstream,
             "upstream_ms": round(up * 1000, 3) if up is not None else None,
-            "limit": outcomes.get("limit"),
-            "cache": outcomes.get("cache"),
-            "breaker": outcomes.get("breaker"),
-            "session": outcomes.get("session"),
+            **{name: outcomes.get(name) for name in _KNOWN},
             "user": user_hash(ctx.user) if ctx.user else None,
             "store": store,
             "request_id": ctx.request_id,
         }
-        for name, value in outcomes.items():  # outcomes of policies beyond the four above
+        for name, value in outcomes.items():
             fields.setdefault(name, value)
-        if self.format == "json":
-            line = json.dumps(fields, separators=(",", ":"))
-        else:
-            head = f"{fields['time']} {status} {scope['method']} {json.dumps(scope['path'])} {fields['latency_ms']}ms"
-            rest = " ".join(f"{k}={v}" for k, v in fields.items()
-                            if v is not None and k not in ("time", "status", "method", "path", "latency_ms"))
-            line = f"{head} {rest}"
-        self._logger.info(line)
+        head = (f"{self._clock.now()} {status} {scope['method']} {json.dumps(scope['path'])} "
+                f"{round(seconds * 1000, 3)}ms")
+        rest = " ".join(f"{k}={v}" for k, v in fields.items() if v is not None)
+        return f"{head} {rest}"
+
+
+_KNOWN = ("limit", "cache", "breaker", "session")  # the four policies' outcomes, always in a line
+_KNOWN_SET = frozenset(_KNOWN)
+_FIELDS = frozenset({"time", "route", "method", "path", "status", "latency_ms", "upstream", "upstream_ms", "user",
+                     "store", "request_id"})
 
 
 class JsonFormatter(logging.Formatter):
@@ -114,15 +160,20 @@ class JsonFormatter(logging.Formatter):
 
 
 class BatchedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """A stream handler that writes the lines of one event-loop turn in one write.
+    """A stream handler that writes queued lines together, at most ``FLUSH_EVERY`` seconds after the first.
 
     A plain ``StreamHandler`` writes and flushes every record: one system call per
     request on the access log, a third of the proxy's throughput at full load.
     Here records are formatted at once and queued; the queue is written and
-    flushed when the event loop finishes its turn (``call_soon``), so lines keep
-    their order and never wait longer than that. Outside an event loop a record
-    is written at once.
+    flushed ``FLUSH_EVERY`` seconds after its first line, or at once when it holds
+    ``FLUSH_LINES`` lines (nginx's ``access_log ... buffer= flush=``, with a
+    short delay), so lines keep their order and one write carries many. The
+    queue is written on shutdown too (``logging.shutdown`` flushes every
+    handler). Outside an event loop a record is written at once.
     """
+
+    FLUSH_EVERY = 0.05
+    FLUSH_LINES = 256
 
     def __init__(self, stream: TextIO) -> None:
         super().__init__(stream)
@@ -135,17 +186,27 @@ class BatchedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
         except Exception:  # logging's own contract: a bad record is reported, never raised into the caller
             self.handleError(record)
             return
-        self._queued.append(line)
+        self.enqueue(line)
+
+    def enqueue(self, line: str) -> None:
+        """Queue one formatted line (the access log calls this directly, without a ``LogRecord``)."""
+        queued = self._queued
+        queued.append(line)
         if self._scheduled:
+            if len(queued) >= self.FLUSH_LINES:
+                self.flush()
             return
         try:
-            asyncio.get_running_loop().call_soon(self.flush)
+            asyncio.get_running_loop().call_later(self.FLUSH_EVERY, self._flush_due)
             self._scheduled = True
         except RuntimeError:  # no running loop: write now
             self.flush()
 
-    def flush(self) -> None:
+    def _flush_due(self) -> None:
         self._scheduled = False
+        self.flush()
+
+    def flush(self) -> None:
         if not self._queued:
             return
         lines, self._queued = self._queued, []

@@ -21,6 +21,7 @@ import random
 import re
 import signal
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +52,7 @@ ADMIN_PREFIX = "/_edgeway/"
 MEMORY_SAMPLE_EVERY = 60.0
 _REQUEST_ID = b"x-request-id"
 _VALID_ID = re.compile(rb"[\x21-\x7e]{1,128}")
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,47 +218,47 @@ class Gateway:
     # -- ASGI -----------------------------------------------------------------
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        kind = scope["type"]
-        if kind == "http":
-            try:
-                await self._http(scope, receive, send)
-            except Exception as exc:  # a bug or an unforeseen input must not print a traceback per request
-                await self._failed(exc, scope, receive, send)
-        elif kind == "lifespan":
-            await self._lifespan(receive, send)
-        else:  # websocket: not proxied (yet); refuse the handshake
-            await send({"type": "websocket.close", "code": 1008})
-
-    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            if scope["type"] == "lifespan":
+                await self._lifespan(receive, send)
+            else:  # websocket: not proxied (yet); refuse the handshake
+                await send({"type": "websocket.close", "code": 1008})
+            return
+        # one coroutine from here to the route's app: every level of await costs on each suspension
         started = time.perf_counter()
         active = self._active
         ctx = RequestContext(scope, active.trusted)
         scope[SCOPE_KEY] = ctx
         ctx.request_id = _request_id(scope)
         status = 500  # what the client sees if the app fails before answering (the server sends it)
-        log = self.access_log
 
-        async def observed(message: Message) -> None:
+        def observed(message: Message) -> Awaitable[None]:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-            await send(message)
+            return send(message)
 
         meter = self._unrouted
         try:
-            meter = await self._route(active, ctx, scope, receive, observed)
+            app, meter = self._dispatch(active, ctx, scope)
+            await app(scope, receive, observed)
+        except Exception as exc:  # a bug or an unforeseen input must not print a traceback per request
+            await self._failed(exc, scope, receive, send)
         finally:
             elapsed = time.perf_counter() - started
             meter.record(scope["method"], status, elapsed)
-            if log is not None:
-                log.record(ctx, status, elapsed, active.store.kind)
+            if self.access_log is not None:
+                self.access_log.record(ctx, status, elapsed, active.store.kind)
 
-    async def _route(self, active: _Active, ctx: RequestContext, scope: Scope, receive: Receive,
-                     send: Send) -> RouteMeter:
+    def _dispatch(self, active: _Active, ctx: RequestContext, scope: Scope) -> tuple[ASGIApp, RouteMeter]:
+        """The app that answers this request (its route's, the admin API, or an error) and its meter.
+
+        Refusals come first: request sanity (400), then the route table
+        (404 no_route, 405); a path is normalised (``//``, ``%2F``) before it is matched.
+        """
         problem = request_problem(scope, reject_underscores=active.reject_underscores)
         if problem is not None:
-            await bad_request(problem)(scope, receive, send)
-            return self._unrouted
+            return bad_request(problem), self._unrouted
         path: str = scope["path"]
         odd = needs_normalizing(path, scope.get("raw_path"))
         if odd:
@@ -264,28 +266,22 @@ class Gateway:
             scope["path"] = path
         if path.startswith(ADMIN_PREFIX):
             ctx.route = "admin"
-            await self.admin(scope, receive, send)
-            return self._admin_meter
+            return self.admin, self._admin_meter
         found = active.routes.match(path, scope["method"])
         if isinstance(found, set):
             if found:
-                await ErrorResponse(405, "method_not_allowed", f"{scope['method']} is not allowed on {path}",
-                                    headers=[(b"allow", ", ".join(sorted(found)).encode())])(scope, receive, send)
-            else:
-                await ErrorResponse(404, "no_route", f"no route matches {path}")(scope, receive, send)
-            return self._unrouted
+                return ErrorResponse(405, "method_not_allowed", f"{scope['method']} is not allowed on {path}",
+                                     headers=[(b"allow", ", ".join(sorted(found)).encode())]), self._unrouted
+            return ErrorResponse(404, "no_route", f"no route matches {path}"), self._unrouted
         if odd:
             if ";" in path and not found.allow_semicolons:
-                await bad_request("';' path parameters are not allowed on this route (match.allow_semicolons)")(
-                    scope, receive, send)
-                return self._unrouted
+                return bad_request("';' path parameters are not allowed on this route (match.allow_semicolons)"), \
+                    self._unrouted
             if "\\" in path and not found.allow_backslashes:
-                await bad_request("'\\' is not allowed in paths on this route (match.allow_backslashes)")(
-                    scope, receive, send)
-                return self._unrouted
+                return bad_request("'\\' is not allowed in paths on this route (match.allow_backslashes)"), \
+                    self._unrouted
         ctx.route = found.name
-        await found.app(scope, receive, send)
-        return found.meter
+        return found.app, found.meter
 
     async def _failed(self, exc: Exception, scope: Scope, receive: Receive, send: Send) -> None:
         self._errors.warning("request %s %s failed: %s: %s (traceback at debug level)", scope.get("method"),

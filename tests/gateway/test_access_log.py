@@ -212,7 +212,7 @@ class CountingStream(io.StringIO):
         return super().write(text)
 
 
-async def test_the_lines_of_one_loop_turn_go_out_in_one_write_in_order() -> None:
+async def test_queued_lines_go_out_together_in_order_soon_after_the_first() -> None:
     stream = CountingStream()
     handler = BatchedStreamHandler(stream)
     handler.setFormatter(logging.Formatter("%(message)s"))
@@ -223,14 +223,48 @@ async def test_the_lines_of_one_loop_turn_go_out_in_one_write_in_order() -> None
     try:
         for n in range(5):
             logger.info("line %d", n)
-        assert stream.getvalue() == ""  # queued until the loop's turn ends
         await asyncio.sleep(0)
+        assert stream.getvalue() == ""  # queued: one write for many lines
+        await asyncio.sleep(BatchedStreamHandler.FLUSH_EVERY * 2)
         assert stream.getvalue() == "".join(f"line {n}\n" for n in range(5)) and stream.writes == 1
         logger.info("next")
-        await asyncio.sleep(0)
+        await asyncio.sleep(BatchedStreamHandler.FLUSH_EVERY * 2)
         assert stream.getvalue().endswith("line 4\nnext\n") and stream.writes == 2
     finally:
         logger.removeHandler(handler)
+
+
+async def test_a_full_queue_is_written_at_once() -> None:
+    stream = CountingStream()
+    handler = BatchedStreamHandler(stream)
+    for n in range(BatchedStreamHandler.FLUSH_LINES):
+        handler.enqueue(f"line {n}")
+    assert stream.writes == 1 and stream.getvalue().count("\n") == BatchedStreamHandler.FLUSH_LINES
+    handler.enqueue("after")
+    handler.close()  # shutdown writes what is queued
+    assert stream.getvalue().endswith("\nafter\n") and stream.writes == 2
+
+
+@pytest.mark.parametrize("path", ["/plain", '/q"uote', "/back\\slash", "/caf\u00e9/\u2603", "/ctl\x01\x7f", "/tab\t"])
+async def test_json_lines_are_valid_json_for_any_path_and_id(path: str) -> None:
+    stream = CountingStream()
+    handler = BatchedStreamHandler(stream)
+    logger = logging.getLogger(f"edgeway.test-json-{id(stream)}")
+    logger.addHandler(handler)
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    scope = {"type": "http", "method": "GET", "path": path, "headers": [], "client": ("10.0.0.1", 1)}
+    ctx = RequestContext(scope, TrustedProxies([]))
+    ctx.route, ctx.request_id, ctx.upstream, ctx.upstream_seconds = 'r"1', 'id\\"x', "origin", 0.0015
+    ctx.outcomes.update({"cache": "hit", "quota": 'a"b', "status": "ignored: a fixed field"})
+    AccessLog("json", logger=logger).record(ctx, 200, 0.25, "redis")
+    handler.flush()
+    entry = json.loads(stream.getvalue())
+    assert entry["path"] == path and entry["route"] == 'r"1' and entry["request_id"] == 'id\\"x'
+    assert entry["status"] == 200 and entry["latency_ms"] == 250.0 and entry["upstream_ms"] == 1.5
+    assert entry["cache"] == "hit" and entry["limit"] is None and entry["quota"] == 'a"b'
+    assert list(entry)[:15] == ["time", "route", "method", "path", "status", "latency_ms", "upstream", "upstream_ms",
+                                "limit", "cache", "breaker", "session", "user", "store", "request_id"]
 
 
 def test_outside_an_event_loop_a_line_is_written_at_once() -> None:
