@@ -22,7 +22,7 @@ from prometheus_client import REGISTRY
 from edgeway.middleware import cache
 from edgeway.middleware.policy import Answer
 from tests.gateway.conftest import Served, parse_response, raw_http, read_until_closed, serve_gateway
-from tests.servers import HOST, UvicornThread
+from tests.servers import HOST, UvicornThread, lifespan
 
 
 class Origin:
@@ -33,9 +33,7 @@ class Origin:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            while (await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
+            await lifespan(receive, send)
             return
         while (await receive()).get("more_body"):
             pass

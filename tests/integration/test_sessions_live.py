@@ -30,7 +30,7 @@ from edgeway.middleware.store import Command, Store
 from edgeway.middleware.store.memory import MemoryStore
 from edgeway.middleware.store.redis import RedisStore
 from tests.auth_server import ANON_KEY, USER_PATH, AuthServer
-from tests.servers import Gateways, RedisServer, UvicornThread
+from tests.servers import Gateways, RedisServer, UvicornThread, lifespan
 
 ADMIN = "admin-secret-token"
 
@@ -67,9 +67,7 @@ class Recorder:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            while (await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
+            await lifespan(receive, send)
             return
         seen = [[k.decode(), v.decode()] for k, v in scope["headers"] if k.startswith(b"x-edgeway-")]
         body = json.dumps(seen).encode()
