@@ -357,11 +357,13 @@ class EdgeHttpToolsProtocol(_EdgeLimits, HttpToolsProtocol):
         if answer is None:
             return False
         keep_alive = version != "1.0" and parser.should_keep_alive()
-        self._writer.flush()
-        self.transport.write(answer_bytes(answer, head=method == b"HEAD", keep_alive=keep_alive))
+        # through the coalescing writer: sent at the end of this event-loop turn with whatever else this
+        # connection writes in it (measured: about half the CPU per hit of a write here and now, as the
+        # loop answers every connection that is ready before it writes and polls again)
+        self._writer.write(answer_bytes(answer, head=method == b"HEAD", keep_alive=keep_alive))
         self._answered = True
         if not keep_alive:
-            self.transport.close()
+            self._writer.close()  # what it holds first, then the close
         self.on_response_complete()
         return True
 
