@@ -175,6 +175,7 @@ class WrkResult:
     p99: float
     non2xx: int
     socket_errors: int
+    cpu_us: float | None = None  # the target's server processes' CPU (user + system) per request in this run
 
 
 Snapshot = tuple[dict[str, int], int]
@@ -301,6 +302,26 @@ class Processes:
         """Stop everything, the last started first (targets before their upstream and Redis)."""
         for name in reversed(list(self.running)):
             self.stop(name)
+
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def group_cpu(pgid: int) -> float:
+    """CPU seconds (user + system) used so far by the processes of one process group (a target and its
+    workers; every target runs in a group of its own), from /proc."""
+    total = 0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        if int(fields[2]) == pgid:  # pgrp; then utime and stime at 11 and 12
+            total += int(fields[11]) + int(fields[12])
+    return total / CLOCK_TICKS
 
 
 def log_tail(name: str, lines: int = 30) -> str:
@@ -578,12 +599,17 @@ def measure(procs: Processes, outcome: Outcome, round_no: int, args: argparse.Na
             time.sleep(STATS_FLUSH if cluster is not None else SETTLE)
         before = redis_snapshot(client) if client else None
         pg_before = cluster.snapshot() if cluster is not None else None
+        group = procs.running[target].pid if target in procs.running else None
+        cpu_before = group_cpu(group) if group is not None else 0.0
         text = run_wrk(outcome.url, args.duration, HEADERS.get(target))
+        cpu = group_cpu(group) - cpu_before if group is not None else None
         ended = time.monotonic()
         after = redis_snapshot(client) if client else None  # before the in-flight rest: wrk did not count it
         time.sleep(SETTLE)  # and neither the next target's run nor this target's next one sees it
         (OUT / f"wrk-{target}-r{round_no}.txt").write_text(text)
         result = parse_wrk(text)
+        if cpu is not None and result.requests:
+            result.cpu_us = cpu / result.requests * 1e6
     except Exception as exc:  # one failing target must not stop the others
         outcome.failed = True
         outcome.problems.append(f"round {round_no} failed: {exc}")
@@ -659,16 +685,19 @@ def render(outcomes: list[Outcome], args: argparse.Namespace, command: str) -> s
              f"{args.warmup:g} s warm-up per target in round 1 only; each run `{' '.join(WRK)} "
              f"-d{args.duration:g}s`, GET {PATH}, a {len(BODY)}-byte static file)",
              "- req/s: median over the rounds; p50/p99: of the median round; spread: min-max req/s over the "
-             "rounds", "",
-             f"| target | req/s | spread | p50 | p99 | {''.join(f'vs {ref} | ' for ref in refs)}errors |",
-             f"|---|---:|---|---:|---:|{'---:|' * len(refs)}---|"]
+             "rounds; CPU: the target's own processes' CPU time (user + system, /proc) per request, median over "
+             "the rounds (steadier than req/s on a shared machine; wrk and the upstream are not in it)", "",
+             f"| target | req/s | spread | p50 | p99 | CPU/req | {''.join(f'vs {ref} | ' for ref in refs)}errors |",
+             f"|---|---:|---|---:|---:|---:|{'---:|' * len(refs)}---|"]
     for o in outcomes:
         if o.runs:
             low, high = min(run.rps for run in o.runs), max(run.rps for run in o.runs)
+            cpus = [run.cpu_us for run in o.runs if run.cpu_us is not None]
             cells = [f"{o.rps:,.0f}", f"{low:,.0f}-{high:,.0f}", fmt_time(o.median_run.p50),
-                     fmt_time(o.median_run.p99), *(f"{o.rps / rps[ref]:.2f}" for ref in refs)]
+                     fmt_time(o.median_run.p99), f"{statistics.median(cpus):.0f} us" if cpus else "-",
+                     *(f"{o.rps / rps[ref]:.2f}" for ref in refs)]
         else:
-            cells = ["-"] * (4 + len(refs))
+            cells = ["-"] * (5 + len(refs))
         lines.append(f"| {o.target} | {' | '.join(cells)} | {'**FLAGGED**' if o.problems else 'none'} |")
     lines += ["", "Goals:", ""]
     for target, against, goal in GOALS:

@@ -30,6 +30,7 @@ from edgeway.middleware.breaker import CircuitBreaker
 from edgeway.middleware.clientip import TrustedProxies
 from edgeway.middleware.context import SCOPE_KEY, RequestContext, Scope
 from edgeway.middleware.pipeline import Throttled
+from edgeway.middleware.policy import Answer
 from edgeway.middleware.responses import ErrorResponse, Message, Receive, Send, bad_request
 from edgeway.middleware.session import SessionService
 from edgeway.middleware.store import Clock, Store, StoreError
@@ -249,6 +250,39 @@ class Gateway:
             meter.record(scope["method"], status, elapsed)
             if self.access_log is not None:
                 self.access_log.record(ctx, status, elapsed, active.store.kind)
+
+    def answer_now(self, scope: Scope) -> Answer | None:
+        """The answer to a request that can be decided from memory alone (a hot cache entry on a route whose
+        only policy is the cache), counted and logged as ``__call__`` would; None: serve it normally (nothing
+        was answered, counted or logged).
+
+        :mod:`edgeway.gateway.server` calls this from the connection's protocol for a bodiless request, and
+        writes the answer itself: no ASGI task, no store round trip. Requests that need more than a plain
+        route match (a path to normalise, the admin API, a refusal) are left to ``__call__``.
+        """
+        active = self._active
+        if not active.routes.answers_now:
+            return None
+        path: str = scope["path"]
+        if path.startswith(ADMIN_PREFIX) or needs_normalizing(path, scope.get("raw_path")):
+            return None
+        found = active.routes.match(path, scope["method"])
+        if isinstance(found, set) or not found.answers_now:
+            return None
+        if request_problem(scope, reject_underscores=active.reject_underscores) is not None:
+            return None
+        started = time.perf_counter()
+        ctx = RequestContext(scope, active.trusted, found.name)
+        scope[SCOPE_KEY] = ctx
+        answer: Answer | None = found.app.answer_now(ctx)
+        if answer is None:
+            return None
+        ctx.request_id = _request_id(scope)
+        elapsed = time.perf_counter() - started
+        found.meter.record(scope["method"], answer.status, elapsed)
+        if self.access_log is not None:
+            self.access_log.record(ctx, answer.status, elapsed, active.store.kind)
+        return answer
 
     def _dispatch(self, active: _Active, ctx: RequestContext, scope: Scope) -> tuple[ASGIApp, RouteMeter]:
         """The app that answers this request (its route's, the admin API, or an error) and its meter.

@@ -9,9 +9,10 @@
      +-- ValueError
           +-- StoreConfigurationError   (middleware.store) a store URL that cannot work
 
-Upstream failures are not exceptions past the proxy: :mod:`edgeway.gateway.proxy`
-maps them at the boundary to 502 ``bad_gateway`` (connect) and 504
-``upstream_timeout`` (timeout), logged once.
+Upstream failures (:mod:`edgeway.gateway.upstream`: ``UpstreamError`` and its
+``UpstreamTimeout``) are not exceptions past the proxy: :mod:`edgeway.gateway.proxy`
+maps them at the boundary to 502 ``bad_gateway`` (no connection, a reset, a
+malformed response) and 504 ``upstream_timeout`` (timeout), logged once.
 """
 
 from __future__ import annotations

@@ -16,8 +16,6 @@ from collections.abc import Iterable, Sequence
 
 from edgeway.middleware.context import RequestContext, Scope
 
-from .rawheaders import RAW_MARK
-
 HOP_BY_HOP = frozenset(
     {
         "connection",
@@ -33,15 +31,15 @@ HOP_BY_HOP = frozenset(
 )
 _FORWARDING = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded", "x-real-ip"})
 # ``Expect: 100-continue`` is answered on the client's hop (the server sends 100 once the body is read);
-# passed on, aiohttp would hold the body until the upstream sent its own 100, stalling (until the read
-# timeout) on an upstream that just waits for the body, as RFC 9110 §10.1.1 allows. nginx drops it too.
+# the body is then sent upstream at once, so the upstream has nothing to expect. nginx drops it too.
 # ``Content-Length`` is set again by the proxy from the body it sends (normalised: "5 " is 5)
 _REQUEST_DROP = HOP_BY_HOP | {"expect", "host", "content-length"}
 # forwarding fields: re-added with this hop appended; from an untrusted peer the client's own are dropped
 _DROP_TRUSTED = frozenset(name.encode() for name in _REQUEST_DROP | {"x-forwarded-for", "forwarded"})
 _DROP_UNTRUSTED = frozenset(name.encode() for name in _REQUEST_DROP | _FORWARDING)
 _HOP_BY_HOP_BYTES = frozenset(name.encode() for name in HOP_BY_HOP)
-# control characters h11 lets through in field values but aiohttp refuses to send (ValueError -> a bare 500)
+# control characters h11 lets through in field values: header bytes go upstream as they came, and a CR or
+# LF there would end the field (or the head) early
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 # RFC 3986 host (IP-literal, or reg-name which covers IPv4) with an optional port; no userinfo, no spaces,
 # no '/', '?', '#', '"': anything else could smuggle data into X-Forwarded-Host and Forwarded
@@ -67,9 +65,9 @@ def _for_node(address: str) -> str:
     return forwarded_value(f"[{address}]" if ":" in address else address)
 
 
-def upstream_request_headers(ctx: RequestContext, *, drop_underscores: bool = True) -> tuple[list[tuple[str, str]],
-                                                                                              int]:
-    """Headers to send upstream and how many names with ``_`` were dropped.
+def upstream_request_headers(ctx: RequestContext, *, drop_underscores: bool = True) -> tuple[
+        list[tuple[bytes, bytes]], int]:
+    """Headers to send upstream, as the client's bytes, and how many names with ``_`` were dropped.
 
     Client headers minus hop-by-hop/identity, plus forwarding fields. Names
     with ``_`` are dropped when ``drop_underscores``: CGI/WSGI upstreams map
@@ -78,65 +76,56 @@ def upstream_request_headers(ctx: RequestContext, *, drop_underscores: bool = Tr
     ``Host`` is dropped: the upstream is addressed by its own name (like
     nginx's ``proxy_set_header Host $proxy_host``); the client's host goes in
     ``X-Forwarded-Host`` and ``Forwarded``. One pass over the raw header list
-    (ASGI names are lower case): this runs for every proxied request.
+    (ASGI names are lower case): this runs for every proxied request. Values
+    are never decoded, so any byte a client may send (obs-text too) goes on unchanged.
     """
     peer = ctx.peer
     trusted = peer in ctx.trusted
     drop = _DROP_TRUSTED if trusted else _DROP_UNTRUSTED
-    out: list[tuple[str, str]] = []
+    out: list[tuple[bytes, bytes]] = []
     host = ""
     connection: list[bytes] = []
-    prior_xff: list[str] = []
-    prior_forwarded: list[str] = []
+    prior_xff: list[bytes] = []
+    prior_forwarded: list[bytes] = []
     has_proto = has_host = False
     dropped = 0
-    latin: list[int] | None = None  # positions in ``out`` of values that are not valid UTF-8
-    for name, value in ctx.scope["headers"]:
+    for pair in ctx.scope["headers"]:
+        name = pair[0]
         if drop_underscores and b"_" in name:
             dropped += 1
             continue
         if name in drop:
             if name == b"host":
-                host = host or value.decode("latin-1")
+                host = host or pair[1].decode("latin-1")
             elif name == b"connection":
-                connection.append(value)
+                connection.append(pair[1])
             elif name == b"x-forwarded-for":
-                prior_xff.append(value.decode("latin-1"))
+                prior_xff.append(pair[1])
             elif name == b"forwarded":
-                prior_forwarded.append(value.decode("latin-1"))
+                prior_forwarded.append(pair[1])
             continue
         if name.startswith(b"x-edgeway-"):
             continue
         if trusted:
             has_proto = has_proto or name == b"x-forwarded-proto"
             has_host = has_host or name == b"x-forwarded-host"
-        try:
-            text = value.decode("utf-8")  # aiohttp writes values as UTF-8: valid UTF-8 goes on byte-exact
-        except UnicodeDecodeError:
-            text = value.decode("latin-1")
-            latin = latin or []
-            latin.append(len(out))
-        out.append((name.decode("latin-1"), text))
-    if latin is not None:
-        # non-UTF-8 bytes: every value as Latin-1 text, which rawheaders writes back byte for byte
-        out = [(n, v if i in latin else v.encode("utf-8").decode("latin-1")) for i, (n, v) in enumerate(out)]
-        out.append((RAW_MARK, "1"))
+        out.append(pair)
     if connection:
-        named = connection_named(value.decode("latin-1") for value in connection)
+        named = {name.encode("latin-1") for name in connection_named(value.decode("latin-1") for value in connection)}
         out = [pair for pair in out if pair[0] not in named]
-    for name, value in ctx.identity:  # the session policy's own X-Edgeway-* fields
-        out.append((name.decode("latin-1"), value.decode("latin-1")))
+    out.extend(ctx.identity)  # the session policy's own X-Edgeway-* fields
     proto = ctx.scope.get("scheme", "http")
-    xff = ", ".join(prior_xff) if trusted else ""
-    out.append(("x-forwarded-for", f"{xff}, {peer}" if xff else peer))
+    address = peer.encode("latin-1")
+    xff = b", ".join(prior_xff) if trusted else b""
+    out.append((b"x-forwarded-for", xff + b", " + address if xff else address))
     if not has_proto:
-        out.append(("x-forwarded-proto", proto))
+        out.append((b"x-forwarded-proto", proto.encode("latin-1")))
     if host and not has_host:
-        out.append(("x-forwarded-host", host))
+        out.append((b"x-forwarded-host", host.encode("latin-1")))
     element = f"for={_for_node(peer)};proto={forwarded_value(proto)}" + (
         f";host={forwarded_value(host, quote=True)}" if host else "")
-    prior = ", ".join(prior_forwarded) if trusted else ""
-    out.append(("forwarded", f"{prior}, {element}" if prior else element))
+    prior = b", ".join(prior_forwarded) if trusted else b""
+    out.append((b"forwarded", prior + b", " + element.encode("latin-1") if prior else element.encode("latin-1")))
     return out, dropped
 
 

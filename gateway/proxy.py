@@ -1,14 +1,11 @@
 """Streams one request to an upstream and its response back; nothing else.
 
-aiohttp carries the hot path (measured in bench/RESULTS.md: httpx's own
-transport reached a fraction of its throughput under concurrency). One pooled
-session per upstream, created on first use inside the running loop, with:
-
-- no cookie jar (one user's upstream ``Set-Cookie`` must never ride on the
-  next user's request);
-- no decompression (bytes pass through as sent, the client's own
-  ``Accept-Encoding`` decides) and no auto-added request headers;
-- redirects passed back, never followed.
+The exchange itself is Edgeway's own HTTP/1.1 client (:mod:`.upstream`): one
+keep-alive pool per upstream, the request head written from the client's
+header bytes, the response's raw header pairs and body chunks passed on as
+they arrive. Nothing is added (no ``User-Agent``, ``Accept-Encoding``), nothing
+is decompressed (the client's own ``Accept-Encoding`` decides), no cookie is
+kept between requests, and redirects are passed back, never followed.
 
 Request bodies up to ``server.request_buffer`` (64 KiB) are read whole
 before a pooled connection is taken, so a client that stalls mid-upload never
@@ -23,7 +20,7 @@ Failures before the response starts become JSON errors: connect failure 502
 ``bad_gateway``, timeout 504 ``upstream_timeout``. After it starts, a failing
 upstream aborts the client connection (the response is left incomplete), so a
 truncated body never looks like a complete one. A client that disconnects
-cancels the upstream request.
+cancels the upstream request (its connection is closed, never pooled).
 """
 
 from __future__ import annotations
@@ -31,12 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
-from contextlib import AbstractAsyncContextManager
-from typing import Any
-
-import aiohttp
-from yarl import URL
+from collections.abc import AsyncIterator, Callable
 
 from edgeway.middleware.breaker import CircuitBreaker
 from edgeway.middleware.clientip import TrustedProxies
@@ -47,14 +39,12 @@ from edgeway.middleware.responses import ErrorResponse, Receive, Send
 
 from .config import ServerConfig, Upstream
 from .headers import downstream_response_headers, request_body_length, upstream_request_headers
-from .rawheaders import ByteExactRequest, install
 from .retry import Retrier
+from .upstream import Pool, Response, UpstreamError, UpstreamTimeout
 
 logger = logging.getLogger("edgeway.proxy")
 
 WATCH_AFTER = 0.1  # seconds a request runs before its client's disconnects are watched (see _Watch)
-_SKIP_AUTO = frozenset({"User-Agent", "Accept", "Accept-Encoding", "Content-Type"})
-
 
 _CLOSE = ((b"connection", b"close"),)  # the rest of an unread body must not be parsed as a next request
 
@@ -103,7 +93,7 @@ class _Watch:
         self.receive = receive
         self.task: asyncio.Task[None] | None = None
         self.handle: asyncio.TimerHandle | None = None
-        # the proxying task, captured here: arm() may run inside aiohttp's body-writer task
+        # the proxying task, captured here: arm() may run inside the upstream client's body-writer task
         # (the request body generator), which is not the task to cancel
         victim = asyncio.current_task()
         assert victim is not None
@@ -147,9 +137,9 @@ class UpstreamProxy:
         self.base = upstream.url
         self.upstream = upstream
         self.trusted = trusted
-        self._session: aiohttp.ClientSession | None = None
-        # one slot per pooled connection: waiting for a slot is bounded (pool timeout, max_pending), waiting
-        # inside aiohttp's connector is not
+        self._pool: Pool | None = None
+        # one slot per pooled connection, taken before a connection: waiting for a slot is bounded (pool
+        # timeout, max_pending), and the pool never waits
         self._slots = asyncio.Semaphore(upstream.max_connections)
         self._waiting = 0
         self._buffer = server.request_buffer
@@ -157,9 +147,6 @@ class UpstreamProxy:
         self._body_timeout = server.client_body_timeout
         self._drop_underscores = server.headers_with_underscores == "drop"
         self._dropped = DROPPED_HEADERS.labels("underscore")
-        self._timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=upstream.timeout.connect, sock_read=upstream.timeout.read
-        )
         self._errors = Throttled()
         self._bad_gateway = UPSTREAM_ERRORS.labels(name, "bad_gateway")
         self._timeouts = UPSTREAM_ERRORS.labels(name, "upstream_timeout")
@@ -168,37 +155,28 @@ class UpstreamProxy:
         self._retry = Retrier(retry, breaker, clock=clock or time.monotonic) \
             if retry is not None and breaker is not None else None
 
-    def _open(self) -> aiohttp.ClientSession:
-        install()
-        connector = aiohttp.TCPConnector(limit=self.upstream.max_connections, ttl_dns_cache=60,
-                                         enable_cleanup_closed=False)
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            cookie_jar=aiohttp.DummyCookieJar(),
-            auto_decompress=False,
-            skip_auto_headers=_SKIP_AUTO,
-            timeout=self._timeout,
-            request_class=ByteExactRequest,
-        )
-        return self._session
+    def _open(self) -> Pool:
+        timeout = self.upstream.timeout
+        self._pool = Pool(self.base, connect_timeout=timeout.connect, read_timeout=timeout.read)
+        return self._pool
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         ctx = RequestContext.of(scope, self.trusted)
         headers, dropped = upstream_request_headers(ctx, drop_underscores=self._drop_underscores)
         if dropped:
             self._dropped.inc(dropped)
-        target = self.base + (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
+        target: bytes = scope.get("raw_path") or scope["path"].encode()
         if scope.get("query_string"):
-            target += "?" + scope["query_string"].decode("latin-1")
+            target += b"?" + scope["query_string"]
         watch = _Watch(receive)
         length = request_body_length(scope)
         state: _Body | None = None
-        body: Any = None
+        body: bytes | AsyncIterator[bytes] | None = None
         if length == 0:
             watch.arm()
         else:
@@ -212,58 +190,46 @@ class UpstreamProxy:
             except _BodyRefused as refused:
                 await refused.response(scope, receive, send)
                 return
-            if complete:
-                body = head
-            else:
-                body = self._stream(head, receive, watch, state)
-                if length is not None:
-                    headers.append(("content-length", str(length)))
+            body = head if complete else self._stream(head, receive, watch, state)
         if not self._slots.locked():
             await self._slots.acquire()  # immediate: a slot is free
         elif not await self._wait_for_slot():
             await self._overloaded(scope, receive, send, close=length != 0)
             watch.stop()
             return
-        session = self._session or self._open()
+        pool = self._pool or self._open()
+        method: str = scope["method"]
+        response: Response | None = None
         started = False
         ctx.upstream = self.name
         sent_at = time.perf_counter()
-        request: Callable[..., AbstractAsyncContextManager[aiohttp.ClientResponse]] = session.request
-        if self._retry is not None and self._retry.replayable(ctx, scope["method"], body):
-            request = self._retry.sender(session, lambda: watch.gone)
         try:
-            async with request(
-                scope["method"], URL(target, encoded=True), headers=headers, data=body,
-                allow_redirects=False, compress=None, chunked=None,
-            ) as response:
-                ctx.upstream_seconds = waited = time.perf_counter() - sent_at
-                self._latency.observe(waited)
-                await send({"type": "http.response.start", "status": response.status,
-                            "headers": downstream_response_headers(response.raw_headers)})
-                started = True
-                content = response.content
-                while True:
-                    chunk = await content.readany()
-                    if not chunk:
-                        await send({"type": "http.response.body", "body": b"", "more_body": False})
-                        break
-                    last = content.at_eof()
-                    await send({"type": "http.response.body", "body": chunk, "more_body": not last})
-                    if last:
-                        break
+            if self._retry is not None and self._retry.replayable(ctx, method, body):
+                response = await self._retry.send(pool, method, target, headers, body, lambda: watch.gone)
+            else:
+                response = await pool.request(method, target, headers, body, length=length)
+            ctx.upstream_seconds = waited = time.perf_counter() - sent_at
+            self._latency.observe(waited)
+            await send({"type": "http.response.start", "status": response.status,
+                        "headers": downstream_response_headers(response.headers)})
+            started = True
+            while True:
+                chunk = await response.read()
+                if not chunk:
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+                    break
+                last = response.done
+                await send({"type": "http.response.body", "body": chunk, "more_body": not last})
+                if last:
+                    break
         except asyncio.CancelledError:
             if not watch.gone:
                 raise
-            return  # the client left: the upstream request is cancelled with us
-        except _ClientGone:
-            return
-        except _BodyRefused as refused:
-            if not started:
-                await refused.response(scope, receive, send)
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            return  # the client left: the upstream connection is closed with us
+        except UpstreamError as exc:
             if watch.gone:
                 return
-            if state is not None and state.refused is not None:  # the body stream failed in aiohttp's writer
+            if state is not None and state.refused is not None:  # the body stream failed in the client's writer
                 if not started:
                     await state.refused.response(scope, receive, send)
                 return
@@ -273,6 +239,8 @@ class UpstreamProxy:
                 return  # leaving the response incomplete makes the server close the connection
             await self._failed(exc, scope, receive, send)
         finally:
+            if response is not None:
+                response.release()
             self._slots.release()
             watch.stop()
 
@@ -331,7 +299,7 @@ class UpstreamProxy:
             parts.append(chunk)
         return b"".join(parts), not more
 
-    async def _stream(self, head: bytes, receive: Receive, watch: _Watch, state: _Body) -> Any:
+    async def _stream(self, head: bytes, receive: Receive, watch: _Watch, state: _Body) -> AsyncIterator[bytes]:
         yield head
         more = True
         while more:
@@ -340,7 +308,7 @@ class UpstreamProxy:
                 yield chunk
 
     async def _failed(self, exc: BaseException, scope: Scope, receive: Receive, send: Send) -> None:
-        if isinstance(exc, asyncio.TimeoutError | aiohttp.ServerTimeoutError):
+        if isinstance(exc, UpstreamTimeout):
             self._timeouts.inc()
             self._errors.warning("upstream %s timed out: %s", self.name, _describe(exc))
             response = ErrorResponse(504, "upstream_timeout", f"upstream {self.name} did not answer in time",

@@ -16,18 +16,16 @@ import asyncio
 import math
 import random
 import time
-from collections.abc import Callable
-from types import TracebackType
-from typing import Any
-
-import aiohttp
+from collections.abc import AsyncIterable, Callable
 
 from edgeway.middleware.breaker import CircuitBreaker
 from edgeway.middleware.breaker_config import IDEMPOTENT_METHODS, RetrySettings
 from edgeway.middleware.breaker_state import Phase
 from edgeway.middleware.context import RequestContext
 
-__all__ = ["Retrier", "RetryBudget", "Retrying"]
+from .upstream import Pool, Response, UpstreamError
+
+__all__ = ["Retrier", "RetryBudget"]
 
 BUDGET_WINDOW = 10.0
 
@@ -100,44 +98,22 @@ class Retrier:
             return None
         return self._rng.uniform(0, min(self.settings.max_backoff, self.settings.backoff * 2**attempt))
 
-    def sender(self, session: aiohttp.ClientSession, gone: Callable[[], bool]) -> Callable[..., Retrying]:
-        """A stand-in for ``session.request`` that sends again while this policy allows (``gone()``: the
-        client left, stop)."""
-
-        def request(method: str, url: Any, **options: Any) -> Retrying:
-            return Retrying(self, session, gone, method, url, options)
-
-        return request
-
-
-class Retrying:
-    """An ``async with`` over the last attempt's response (like ``session.request``'s own)."""
-
-    def __init__(self, retrier: Retrier, session: aiohttp.ClientSession, gone: Callable[[], bool], method: str,
-                 url: Any, options: dict[str, Any]) -> None:
-        self._retrier, self._session, self._gone = retrier, session, gone
-        self._method, self._url, self._options = method, url, options
-        self._response: aiohttp.ClientResponse | None = None
-
-    async def __aenter__(self) -> aiohttp.ClientResponse:
+    async def send(self, pool: Pool, method: str, target: bytes, headers: list[tuple[bytes, bytes]],
+                   body: bytes | AsyncIterable[bytes] | None, gone: Callable[[], bool]) -> Response:
+        """``pool.request`` sent again while this policy allows; the last attempt's response (or its error).
+        Only for a request :meth:`replayable` accepted; ``gone()``: the client left, stop."""
         attempt = 0
         while True:
             try:
-                response = await self._session.request(self._method, self._url, **self._options)
-            except (TimeoutError, aiohttp.ClientError, OSError):
-                wait = None if self._gone() else self._retrier.again(attempt)
+                response = await pool.request(method, target, headers, body)
+            except UpstreamError:
+                wait = None if gone() else self.again(attempt)
                 if wait is None:
                     raise
             else:
-                wait = self._retrier.again(attempt) if response.status in self._retrier.statuses else None
+                wait = self.again(attempt) if response.status in self.statuses else None
                 if wait is None:
-                    self._response = response
                     return response
                 response.release()
             attempt += 1
             await asyncio.sleep(wait)
-
-    async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None,
-                        traceback: TracebackType | None) -> None:
-        if self._response is not None:
-            await self._response.__aexit__(kind, error, traceback)

@@ -75,6 +75,7 @@ class CompiledRoute:
     fold: bool = False  # match.case_insensitive: pattern and prefix are lower case, compared with the path's
     allow_semicolons: bool = False
     allow_backslashes: bool = False
+    answers_now: bool = False  # app.answer_now may answer from memory (a cache-only route)
 
     def path_matches(self, path: str) -> bool:
         if self.fold:
@@ -144,8 +145,10 @@ class RouteTable:
             meter = RouteMeter(name, match.methods or ("GET",))
             routes.append(CompiledRoute(name, pattern, pattern[:-1] if pattern.endswith("*") else None, methods, app,
                                         route.upstream, meter, match.case_insensitive, match.allow_semicolons,
-                                        match.allow_backslashes))
+                                        match.allow_backslashes, isinstance(app, PolicyPipeline) and app.memory_only))
         self.routes = tuple(routes)
+        self.answers_now = any(route.answers_now for route in self.routes)
+        """Whether some route may be answered from memory (see ``Gateway.answer_now``)."""
 
     async def close(self) -> None:
         """Release what the routes hold beyond the store (the session provider's connections)."""

@@ -66,6 +66,11 @@ logger = logging.getLogger("edgeway.cache")
 WAIT_INITIAL, WAIT_MAX = 0.01, 0.25  # seconds: backoff between re-reads while another request fills
 _MIN_TTL_MS = 1000
 _MEMO_ENTRIES, _MEMO_MAX_VALUE = 256, 16_384  # decoded entries kept per route: at most 4 MB
+# hot entries: a fresh entry read from the store is served from this instance's memory for up to HOT_FOR
+# seconds without reading it again (purges clear them at once); per route at most HOT_ENTRIES of at most
+# HOT_MAX_SIZE bytes each (8 MB)
+HOT_FOR, HOT_ENTRIES, HOT_MAX_SIZE = 1.0, 128, 65_536
+_KEYS_KEPT = 1024  # primary keys remembered per route (method, host, path, query -> key)
 _CONDITIONAL = frozenset({b"if-none-match", b"if-modified-since"})
 _SESSION_COOKIE = re.compile(rb"(?:^|;)\s*sb-[^=;]*-auth-token")
 _WATCHED = frozenset({b"host", b"authorization", b"cookie", b"content-length", b"transfer-encoding", *_CONDITIONAL,
@@ -89,6 +94,7 @@ class _Request:
     cache_status: bytes = b""
     replaced_by: Entry | None = None  # the entry refreshed by a 304
     conditional_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    hot: Entry | None = None  # a fresh entry this instance read less than HOT_FOR seconds ago
 
 
 def _status(*parts: str) -> bytes:
@@ -101,6 +107,7 @@ class CachePolicy(BasePolicy):
     name = "cache"
     wants_respond = True
     wants_finish = True
+    decides_from_memory = True  # prepare only reads; a hot entry is answered by decide at once
 
     def __init__(self, settings: CacheSettings, *, store: Store, route: str = "default",
                  key_prefix: str = "edgeway:", clock: Callable[[], float] = time.time,
@@ -120,6 +127,9 @@ class CachePolicy(BasePolicy):
         self.key_has_user = "user" in settings.key
         self.cookies_ignored = settings.cookies == "ignore"
         self._decoded: dict[str, tuple[bytes, Entry]] = {}
+        self._hot: dict[str, tuple[Entry, float]] = {}  # primary key -> (fresh entry, served from memory until)
+        self._plain_key = set(self.parts) <= {"method", "path", "query"}
+        self._keys: dict[tuple[str, bytes, str, bytes], str] = {}  # request target -> primary key
         self.request_body_limit = settings.max_request_body if self.key_has_body else 0
         self.response_body_limit = settings.max_body
         self.prefix = f"{key_prefix}cache:"
@@ -128,6 +138,7 @@ class CachePolicy(BasePolicy):
         self.channel = f"{self.prefix}filled"
         self.purge_channel = f"{self.prefix}purged"
         self._purges = purges(store, self.purge_channel)
+        self._purges.on_purge(self.forget_hot)
         self._counters = {s: CACHE_REQUESTS.labels(route, s) for s in ("hit", "miss", "stale", "bypass", "collapsed")}
         self._stored_bytes = CACHE_STORED_BYTES.labels(route)
         self._tag_header = settings.tag_header.lower().encode() if settings.tag_header else None
@@ -146,6 +157,20 @@ class CachePolicy(BasePolicy):
         return digest((method.encode(), path.encode("utf-8", "surrogateescape"), query))[:32]
 
     def _primary(self, ctx: RequestContext, method: str, host: bytes) -> str:
+        """The request's primary key; for a key of method, path and query only, remembered per request target
+        (a hot entry's hits skip the query parsing and hashing)."""
+        if not self._plain_key:
+            return self._digest(ctx, method, host)
+        scope = ctx.scope
+        target = (method, host, scope["path"], scope.get("query_string", b""))
+        key = self._keys.get(target)
+        if key is None:
+            if len(self._keys) >= _KEYS_KEPT:
+                del self._keys[next(iter(self._keys))]
+            key = self._keys[target] = self._digest(ctx, method, host)
+        return key
+
+    def _digest(self, ctx: RequestContext, method: str, host: bytes) -> str:
         scope = ctx.scope
         parts: list[bytes] = []
         for part in self.parts:
@@ -200,12 +225,33 @@ class CachePolicy(BasePolicy):
             return Prepared((), _Request(detail=detail, status="bypass",
                                          cache_status=_status("fwd=bypass", f"detail={detail}")))
         primary = self._primary(ctx, "GET" if method == "HEAD" else method, host)
+        hot = self._hot.get(primary)
+        if hot is not None:
+            now = self.clock()
+            if now < hot[1] and hot[0].ttl(now) > 0:  # no store command: answered from memory in decide
+                return Prepared((), _Request(key=primary, primary=primary, conditional=conditional, hot=hot[0]))
+            del self._hot[primary]
         return Prepared((Get(primary, binary=True),), _Request(key=primary, primary=primary, conditional=conditional))
+
+    def forget_hot(self) -> None:
+        """Drop the entries served from memory (a purge ran here or in another instance)."""
+        self._hot.clear()
+
+    def _keep_hot(self, key: str, entry: Entry, now: float) -> None:
+        if entry.size > HOT_MAX_SIZE:
+            return
+        hot = self._hot
+        if key not in hot and len(hot) >= HOT_ENTRIES:
+            del hot[next(iter(hot))]
+        hot[key] = (entry, now + HOT_FOR)
 
     def decide(self, ctx: RequestContext, prepared: Prepared, results: Sequence[object]) -> Answer | Pending | None:
         state: _Request = prepared.state  # type: ignore[assignment]
         if state.detail is not None:
             return None
+        if state.hot is not None:
+            now = self.clock()
+            return self._hit(ctx, state, state.hot, now, _status("hit", f"ttl={int(state.hot.ttl(now))}"), "hit")
         found = results[0]
         entry = self._decode(state.key, found if isinstance(found, bytes) else None)
         if entry is not None and entry.kind == VARY:
@@ -249,6 +295,8 @@ class CachePolicy(BasePolicy):
         if entry is not None:
             ttl = entry.ttl(now)
             if ttl > 0:
+                if state.key == state.primary and entry.kind == RESPONSE:
+                    self._keep_hot(state.key, entry, now)
                 return self._hit(ctx, state, entry, now, _status("hit", f"ttl={int(ttl)}"), "hit")
             stale_for = -ttl
             if stale_for < entry.stale_while_revalidate:

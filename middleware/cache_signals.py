@@ -21,7 +21,7 @@ import json
 import logging
 import uuid
 import weakref
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING
 
 from .store import Command, IndexPurge, Publish, Store, StoreError
@@ -77,6 +77,20 @@ class Purges:
         self.listening = False
         self.id = uuid.uuid4().hex  # this instance's broadcasts come back to it: it skips them
         self._tasks: set[asyncio.Task[None]] = set()
+        self._forget: list[weakref.WeakMethod[Callable[[], None]]] = []
+
+    def on_purge(self, forget: Callable[[], None]) -> None:
+        """Call ``forget`` (a bound method, held weakly: a replaced policy's cache goes away) on every purge:
+        what an instance keeps in memory must go with the store's entries."""
+        self._forget = [ref for ref in self._forget if ref() is not None]
+        self._forget.append(weakref.WeakMethod(forget))
+
+    def purged(self) -> None:
+        """A purge ran (here, or broadcast by another instance): memory copies go."""
+        for ref in self._forget:
+            forget = ref()
+            if forget is not None:
+                forget()
 
     def listen(self) -> None:
         """Subscribe (once, in the background) where the store carries notifications."""
@@ -102,6 +116,7 @@ class Purges:
         except (ValueError, TypeError, KeyError, AttributeError):
             logger.warning("ignored a malformed cache purge broadcast: %.200s", message)
             return
+        self.purged()
         self._spawn(self._run(commands))
 
     async def _run(self, commands: list[Command]) -> None:
@@ -173,5 +188,6 @@ async def purge(store: Store, policies: Sequence[CachePolicy], body: object) -> 
     channel = policies[0].purge_channel
     broadcast = json.dumps({"from": purges(store, channel).id, "purge": [[c.index, c.label] for c in commands]})
     batch: list[Command] = [*commands, Publish(channel, broadcast)]
+    purges(store, channel).purged()
     results = await store.execute(batch)
     return {"purged": sum(r for r in results[: len(commands)] if isinstance(r, int))}

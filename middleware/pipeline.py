@@ -120,6 +120,33 @@ class PolicyPipeline:
         self._track = bool(self._respond or self._finishing)
         self._background: set[asyncio.Task[None]] = set()
         self._store_failures = Throttled()
+        # answer_now applies: one policy that decides from memory (with more, an answer also runs the others'
+        # finish), reading no body, on every path
+        self.memory_only = len(self.policies) == 1 and self.policies[0].decides_from_memory and \
+            not self._request_body_limit and not self.paths
+
+    def answer_now(self, ctx: RequestContext) -> Answer | None:
+        """The answer when every policy decides from memory alone (a hot cache entry), computed without
+        awaiting; None: nothing was decided, changed or counted, and the request runs through ``__call__``.
+
+        The server calls this to write such an answer straight from the connection's protocol, with no
+        ASGI task (edgeway serve's cache-hit fast path); the answer is the one ``__call__`` would send.
+        """
+        if not self.memory_only:
+            return None
+        policy = self.policies[0]
+        prepared = policy.prepare(ctx)
+        if not isinstance(prepared, Prepared) or prepared.commands:
+            return None
+        answer = policy.decide(ctx, prepared, ())
+        if isinstance(answer, Pending):  # the contract says it cannot; never leave an awaitable behind
+            close = getattr(answer.awaitable, "close", None)
+            if close is not None:
+                close()
+            return None
+        if answer is not None and ctx.response_headers:
+            answer.headers.extend(ctx.response_headers)
+        return answer
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or (self.paths and not self.paths.applies(scope["path"])):

@@ -60,9 +60,14 @@ Headers = Sequence[tuple[bytes, bytes]]
 
 
 class Answer(Protocol):
-    """A response Edgeway sends itself (an error, a cached response): an ASGI app with editable headers."""
+    """A response Edgeway sends itself (an error, a cached response): an ASGI app with editable headers,
+    whose status and body chunks a server may also write itself (:meth:`PolicyPipeline.answer_now`)."""
 
+    status: int
     headers: list[tuple[bytes, bytes]]
+
+    @property
+    def chunks(self) -> Sequence[bytes]: ...
 
     async def __call__(self, scope: MutableMapping[str, Any], receive: Receive, send: Send) -> None: ...
 
@@ -137,6 +142,10 @@ class Policy(Protocol):
     """True when ``respond`` must see the response start."""
     wants_finish: bool
     """False when ``finish`` never returns writes nor needs to run, so the pipeline can skip tracking."""
+    decides_from_memory: bool
+    """True when ``prepare`` changes nothing (it may be run and its result dropped) and, having returned no
+    commands, ``decide`` answers without awaiting (a hot cache entry). A route whose policies all say so can
+    be answered by :meth:`PolicyPipeline.answer_now`, without an ASGI task or a store round trip."""
 
     def prepare(self, ctx: RequestContext) -> Prepared | Answer | Pending:
         """Commands for the shared batch, an immediate answer, or a wait for one of those."""
@@ -172,6 +181,7 @@ class BasePolicy:
     response_body_limit = 0
     wants_respond = False
     wants_finish = False
+    decides_from_memory = False
 
     def store_failed(self, ctx: RequestContext, prepared: Prepared,
                      error: StoreError | CommandError) -> Answer | Pending | None:

@@ -46,6 +46,11 @@ class ErrorResponse:
             *headers,
         ]
 
+    @property
+    def chunks(self) -> Sequence[bytes]:
+        """The body as one chunk (what a server writing the answer itself sends)."""
+        return (self.body,)
+
     async def __call__(self, scope: MutableMapping[str, Any], receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": self.status, "headers": self.headers})
         await send({"type": "http.response.body", "body": self.body if scope.get("method") != "HEAD" else b""})

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import hashes, hmac
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
-from tests.servers import UvicornThread
+from tests.servers import UvicornThread, lifespan
 
 ANON_KEY = "test-anon-key"
 HS_SECRET = "legacy-jwt-secret-with-at-least-32-characters"
@@ -136,9 +136,7 @@ class AuthServer:
 
     async def app(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            while (await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
+            await lifespan(receive, send)
             return
         path = scope["path"]
         self.calls[path] += 1

@@ -422,12 +422,17 @@ def apply_migration(dsn: str, path: Path = MIGRATION_PATH) -> None:
         pool.submit(asyncio.run, apply()).result(timeout=60)
 
 
+async def lifespan(receive: Any, send: Any) -> None:
+    """A test app's side of the ASGI lifespan protocol: started at once, stopped when asked."""
+    while (await receive())["type"] != "lifespan.shutdown":
+        await send({"type": "lifespan.startup.complete"})
+    await send({"type": "lifespan.shutdown.complete"})
+
+
 async def ok_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     """The smallest upstream: every request gets 200 ``ok`` (lifespan supported)."""
     if scope["type"] == "lifespan":
-        while (await receive())["type"] != "lifespan.shutdown":
-            await send({"type": "lifespan.startup.complete"})
-        await send({"type": "lifespan.shutdown.complete"})
+        await lifespan(receive, send)
         return
     await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
     await send({"type": "http.response.body", "body": b"ok"})

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+import uvloop
 
 from edgeway import gateway
 from edgeway.gateway.server import uvicorn_options
@@ -47,6 +48,13 @@ def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
             return True
         time.sleep(0.01)
     return condition()
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Callable[[], Any]]:
+    """The upstream client's tests run on asyncio's loop and on uvloop (``edgeway serve`` runs on uvloop)."""
+    if item.path.name == "test_upstream_client.py":
+        return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+    return {"asyncio": asyncio.new_event_loop}
 
 
 # --------------------------------------------------------------------------- echo upstream (ASGI under uvicorn)
@@ -249,6 +257,30 @@ class RawRequest:
         return [name.lower() for name, _ in self.headers]
 
 
+async def read_request(reader: asyncio.StreamReader) -> RawRequest | None:
+    """One request off an HTTP/1.1 connection (head, and a Content-Length or chunked body); None at EOF."""
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except asyncio.IncompleteReadError:
+        return None
+    lines = head.decode("latin-1").split("\r\n")
+    method, target, _ = lines[0].split(" ", 2)
+    headers = [(n.strip(), v.strip()) for n, _, v in (line.partition(":") for line in lines[1:] if line)]
+    lower = {n.lower(): v for n, v in headers}
+    body = b""
+    if lower.get("transfer-encoding", "").lower() == "chunked":
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+            if size == 0:
+                await reader.readuntil(b"\r\n")
+                break
+            body += await reader.readexactly(size)
+            await reader.readexactly(2)
+    elif "content-length" in lower:
+        body = await reader.readexactly(int(lower["content-length"]))
+    return RawRequest(head, method, target, headers, body)
+
+
 Script = Callable[[RawRequest, asyncio.StreamWriter], Awaitable[bool]]
 
 
@@ -288,7 +320,7 @@ class RawUpstream:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while True:
-                request = await self._read(reader)
+                request = await read_request(reader)
                 if request is None:
                     break
                 self.requests.append(request)
@@ -299,29 +331,6 @@ class RawUpstream:
         finally:
             with contextlib.suppress(Exception):
                 writer.close()
-
-    @staticmethod
-    async def _read(reader: asyncio.StreamReader) -> RawRequest | None:
-        try:
-            head = await reader.readuntil(b"\r\n\r\n")
-        except asyncio.IncompleteReadError:
-            return None
-        lines = head.decode("latin-1").split("\r\n")
-        method, target, _ = lines[0].split(" ", 2)
-        headers = [(n.strip(), v.strip()) for n, _, v in (line.partition(":") for line in lines[1:] if line)]
-        lower = {n.lower(): v for n, v in headers}
-        body = b""
-        if lower.get("transfer-encoding", "").lower() == "chunked":
-            while True:
-                size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
-                if size == 0:
-                    await reader.readuntil(b"\r\n")
-                    break
-                body += await reader.readexactly(size)
-                await reader.readexactly(2)
-        elif "content-length" in lower:
-            body = await reader.readexactly(int(lower["content-length"]))
-        return RawRequest(head, method, target, headers, body)
 
     def start(self) -> RawUpstream:
         self._thread.start()
@@ -351,6 +360,10 @@ async def raw_script(request: RawRequest, writer: asyncio.StreamWriter) -> bool:
         writer.write(b"3e8\r\n" + b"z" * 1000 + b"\r\n")
         await writer.drain()
         await asyncio.sleep(0.05)
+        return False
+    if kind == "once":  # answers as if keeping the connection alive, then closes it
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nonce")
+        await writer.drain()
         return False
     if kind == "hop":  # hop-by-hop response fields, one named in Connection
         writer.write(

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from tests.gateway.conftest import Served, raw_http, serve_gateway
-from tests.servers import UvicornThread
+from tests.servers import UvicornThread, lifespan
 
 TOKEN = "purge-token"
 BIG = 10 * 1024 * 1024
@@ -34,9 +34,7 @@ class Upstream:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            while (await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
+            await lifespan(receive, send)
             return
         body = b""
         more = True

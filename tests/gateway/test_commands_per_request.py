@@ -10,6 +10,7 @@ import pytest
 import redis
 
 from edgeway import gateway
+from edgeway.middleware.cache import HOT_FOR
 from tests.gateway.conftest import EchoApp
 from tests.servers import RedisServer, UvicornThread
 
@@ -95,8 +96,8 @@ routes:
 
 
 def test_commands_per_request_of_the_cache_and_a_closed_breaker(redis_server: RedisServer, echo: EchoApp) -> None:
-    """README's table: a cache hit is one GET; a miss that is stored costs its lookup, its fill lock and the
-    fill; a closed breaker costs nothing per request."""
+    """README's table: a cache hit is one GET (none while the entry is hot in memory); a miss that is stored
+    costs its lookup, its fill lock and the fill; a closed breaker costs nothing per request."""
     url = redis_server.url
     prefix = f"cpr-{uuid.uuid4().hex[:8]}:"
     app = gateway.create_app(gateway.load_text(policy_of_each(url, echo.port, prefix)))  # type: ignore[attr-defined]
@@ -115,8 +116,12 @@ def test_commands_per_request_of_the_cache_and_a_closed_breaker(redis_server: Re
         missed = monitor.sent()
 
         monitor = Monitor(url)
+        started = time.monotonic()
         for _ in range(10):
             assert httpx.get(f"{served.url}/cached/new").headers["cache-status"].startswith("edgeway; hit")
-        assert monitor.sent() == ["GET"] * 10
+        elapsed = time.monotonic() - started
+        hits = monitor.sent()
+        # the first hit reads the entry; the next ones within HOT_FOR are answered from this instance's memory
+        assert set(hits) == {"GET"} and 1 <= len(hits) <= 1 + int(elapsed / HOT_FOR), hits
     print("cache miss, stored:", " ".join(missed))
     assert missed[0] == "GET" and "SET" in missed

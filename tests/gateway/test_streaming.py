@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from .conftest import HOST, STREAM_DATA, EchoApp, Served, marker, raw_http, wait_until
+from .conftest import HOST, STREAM_DATA, EchoApp, RawUpstream, Served, marker, raw_http, wait_until
 
 UPLOAD = random.Random(5).randbytes(5 * 1024 * 1024)
 
@@ -130,6 +130,16 @@ def test_upstream_dying_mid_chunked_response_never_terminates_it(gw: Served) -> 
     assert response.header("transfer-encoding") == "chunked"
     assert b"y" * 1000 in response.raw
     assert not response.raw.endswith(b"0\r\n\r\n")  # no terminating chunk reached the client
+
+
+def test_an_upstream_closing_its_kept_alive_connections_costs_no_error(gw: Served, raw_upstream: RawUpstream) -> None:
+    """Each connection the upstream closes after one answer is dropped from the pool (or, when the close
+    crosses the next request, that request is sent again on a new connection): every client gets its 200."""
+    token = marker()
+    with httpx.Client(timeout=5) as client:
+        answers = [client.get(f"{gw.url}/raw/once/{token}") for _ in range(20)]
+    assert [(r.status_code, r.content) for r in answers] == [(200, b"once")] * 20
+    assert len(raw_upstream.find(token)) == 20
 
 
 # ----------------------------------------------------------------------------- client disconnects

@@ -23,7 +23,7 @@ import redis.asyncio as aioredis
 
 from edgeway.middleware import CacheMiddleware
 from edgeway.middleware.store.redis import RedisStore
-from tests.servers import BRIDGE_TOKEN, Gateways, UvicornThread
+from tests.servers import BRIDGE_TOKEN, Gateways, UvicornThread, lifespan
 
 CLIENTS = 50
 ENTRIES = 100
@@ -48,9 +48,7 @@ class SlowModel:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            while (await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
+            await lifespan(receive, send)
             return
         more = True
         while more:

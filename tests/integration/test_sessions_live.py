@@ -25,11 +25,12 @@ import redis
 
 from edgeway.gateway import Edgeway, create_app
 from edgeway.gateway.loader import load_text
+from edgeway.middleware import cache
 from edgeway.middleware.store import Command, Store
 from edgeway.middleware.store.memory import MemoryStore
 from edgeway.middleware.store.redis import RedisStore
 from tests.auth_server import ANON_KEY, USER_PATH, AuthServer
-from tests.servers import Gateways, RedisServer, UvicornThread
+from tests.servers import Gateways, RedisServer, UvicornThread, lifespan
 
 ADMIN = "admin-secret-token"
 
@@ -66,9 +67,7 @@ class Recorder:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            while (await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
+            await lifespan(receive, send)
             return
         seen = [[k.decode(), v.decode()] for k, v in scope["headers"] if k.startswith(b"x-edgeway-")]
         body = json.dumps(seen).encode()
@@ -191,8 +190,10 @@ ROUND_TRIP = {
 
 @pytest.mark.parametrize("path", list(ROUND_TRIP))
 async def test_one_store_round_trip_per_request_with_session_user_limit_and_cache(
-        auth: AuthServer, upstream: UvicornThread, own_redis: RedisServer, path: str) -> None:
+        auth: AuthServer, upstream: UvicornThread, own_redis: RedisServer, path: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """session: required + key: user limit (+ cache), token verified locally: one batch per request."""
+    monkeypatch.setattr(cache, "HOT_FOR", 0.0)  # every hit reads its entry (none answered from memory)
     store = CountingStore(RedisStore(own_redis.url, timeout=5))
     gateway = create_app(load_text(policy_text(own_redis.url, upstream, auth)), store=store)
     bearer = {"authorization": f"Bearer {auth.issue('dave')}"}

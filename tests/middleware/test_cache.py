@@ -21,6 +21,7 @@ import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
 
 from edgeway.middleware import CacheMiddleware
+from edgeway.middleware.cache import HOT_ENTRIES, HOT_FOR, HOT_MAX_SIZE
 from edgeway.middleware.cache_signals import purge
 from edgeway.middleware.store import Store, StoreError
 from edgeway.middleware.store.memory import MemoryStore
@@ -208,6 +209,67 @@ async def test_one_store_round_trip_per_hit(make: Make) -> None:
     cached.app.store.execute = counting  # type: ignore[method-assign]
     await cached.get()
     assert executed == [1]
+
+
+def count_batches(cached: Cached) -> list[int]:
+    """The sizes of the store batches the cache's pipeline sends from now on."""
+    executed: list[int] = []
+    real = cached.store.execute
+
+    async def counting(commands: Any, **kwargs: Any) -> list[object]:
+        executed.append(len(commands))
+        return await real(commands, **kwargs)
+
+    cached.app.store = cached.store
+    cached.app.store.execute = counting  # type: ignore[method-assign]
+    return executed
+
+
+async def test_a_hot_entry_is_answered_from_memory_for_hot_for_seconds(make: Make) -> None:
+    cached = make(ttl=60)
+    await cached.get()  # a miss, stored
+    await cached.get()  # a hit read from the store: hot from now
+    executed = count_batches(cached)
+    for step in range(3):
+        cached.clock.now += HOT_FOR / 4
+        hit = await cached.get()
+        assert hit.headers["cache-status"] == f"edgeway; hit; ttl={int(60 - (step + 1) * HOT_FOR / 4)}"
+        assert hit.headers["age"] == str(int((step + 1) * HOT_FOR / 4)) and call(hit) == 1
+    assert executed == []  # no store command while hot
+    cached.clock.now += HOT_FOR
+    assert call(await cached.get()) == 1 and executed == [1]  # read again once the hot window ended
+
+
+async def test_a_hot_entry_still_expires_on_time(make: Make) -> None:
+    cached = make(ttl=60)
+    cached.origin.reply = Reply(headers=[(b"cache-control", b"max-age=2")])
+    await cached.get()
+    cached.clock.now += 1.5
+    assert (await cached.get()).headers["cache-status"] == "edgeway; hit; ttl=0"  # hot until 1.5 + HOT_FOR
+    cached.clock.now += 0.6  # past max-age, within the hot window
+    assert call(await cached.get()) == 2 and cached.origin.calls == 2
+
+
+async def test_a_purge_drops_hot_entries_at_once(make: Make) -> None:
+    cached = make(ttl=60)
+    await cached.get()
+    await cached.get()  # hot
+    assert await purge(cached.store, [cached.app.cache], {"all": True}) == {"purged": 1}
+    assert call(await cached.get()) == 2  # no hot copy survived the purge
+
+
+async def test_hot_entries_are_bounded_in_number_and_size(make: Make) -> None:
+    cached = make(ttl=60)
+    for n in range(HOT_ENTRIES + 5):
+        await cached.get(f"/n{n}")
+        await cached.get(f"/n{n}")
+    assert len(cached.app.cache._hot) == HOT_ENTRIES
+    big = b"x" * (HOT_MAX_SIZE + 1)
+    cached.origin.by_path["/big"] = Reply(chunks=[big])
+    await cached.get("/big")
+    assert (await cached.get("/big")).content == big
+    executed = count_batches(cached)
+    assert (await cached.get("/big")).content == big and executed == [1]  # never answered from memory
 
 
 # -- POST answers keyed by the JSON body ---------------------------------------------------------
@@ -658,6 +720,10 @@ async def test_a_purge_is_broadcast_to_other_instances(redis_url: str) -> None:
         for app in apps:  # each instance listens once it served a request
             async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://c.test") as client:
                 await client.get("/q")
+                while app._background:  # the fill
+                    await asyncio.gather(*app._background)
+                await client.get("/q")  # a hit: hot in this instance's memory
+        assert apps[1].cache._hot
         channel = apps[0].cache.purge_channel
         redis = aioredis.Redis.from_url(redis_url)
         try:
@@ -668,12 +734,14 @@ async def test_a_purge_is_broadcast_to_other_instances(redis_url: str) -> None:
         finally:
             await redis.aclose()
         assert await purge(here, [apps[0].cache], {"all": True}) == {"purged": 1}
+        assert not apps[0].cache._hot
         for _ in range(100):  # bounded: 5 s
             if any(isinstance(c, IndexPurge) for batch in there.batches for c in batch):
                 break
             await asyncio.sleep(0.05)
         ran = [c for batch in there.batches for c in batch if isinstance(c, IndexPurge)]
         assert ran == [IndexPurge(apps[1].cache.route_index)]
+        assert not apps[1].cache._hot  # its memory copies went with the broadcast
     finally:
         await here.close()
         await there.inner.close()
