@@ -44,6 +44,9 @@ _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 # RFC 3986 host (IP-literal, or reg-name which covers IPv4) with an optional port; no userinfo, no spaces,
 # no '/', '?', '#', '"': anything else could smuggle data into X-Forwarded-Host and Forwarded
 _HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|(?:[A-Za-z0-9\-._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})*)(?::[0-9]*)?")
+# Host values that passed _HOST: a client's few hosts are checked once (bounded; past it, every time)
+_VALID_HOSTS: set[bytes] = set()
+_VALID_HOSTS_KEPT = 1024
 # RFC 9110 token characters: a Forwarded parameter value that is not a token must be a quoted-string
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
@@ -200,8 +203,11 @@ def request_problem(scope: Scope, *, reject_underscores: bool = False) -> str | 
         return "more than one Host header"
     if not hosts and scope.get("http_version") == "1.1":
         return "missing Host header"
-    if hosts and not _HOST.fullmatch(host):
-        return "invalid Host header: expected host[:port] (a name, an IPv4 address or an [IPv6] literal)"
+    if hosts and host not in _VALID_HOSTS:
+        if not _HOST.fullmatch(host):
+            return "invalid Host header: expected host[:port] (a name, an IPv4 address or an [IPv6] literal)"
+        if len(_VALID_HOSTS) < _VALID_HOSTS_KEPT:
+            _VALID_HOSTS.add(host)
     if underscore and reject_underscores:
         return "header names with '_' are not allowed (headers_with_underscores: reject)"
     if _CONTROL.search(b"\t".join(values)):
