@@ -143,22 +143,12 @@ def _expire(future: asyncio.Future[list[object]], timeout: float, due: float | N
     if due is not None:
         # The reply may be in the socket, unread: the loop stalled (busy, or the process descheduled at full
         # CPU) since it last polled for I/O, and uvloop runs due timers before it polls again. Loop lag is not
-        # the store being slow: the reader gets one more turn first (see _one_more_turn).
+        # the store being slow: the reader gets one more turn — a timer armed now fires only after the next
+        # poll, as long as this one fired late, at least a millisecond, at most the timeout — then it fails.
         extra = min(max(loop.time() - due, 0.001), timeout)
-        loop.call_soon(_one_more_turn, future, timeout, extra, loop)
+        loop.call_later(extra, _expire, future, timeout, None, loop)
         return
     future.set_exception(StoreTimeout(f"store did not answer within {timeout * 1000:.0f} ms"))
-
-
-def _one_more_turn(future: asyncio.Future[list[object]], timeout: float, extra: float,
-                   loop: asyncio.AbstractEventLoop) -> None:
-    """The last deadline, armed from a ready callback: the loop polls for I/O before it can fire.
-
-    (A timer armed from a timer callback may fire in the same timers phase, with no poll between.)
-    ``extra`` is as long as the first deadline fired late, at least a millisecond, at most the timeout.
-    """
-    if not future.done():
-        loop.call_later(extra, _expire, future, timeout, None, loop)
 
 
 async def wait_for_batch(future: asyncio.Future[list[object]], timeout: float | None) -> list[object]:

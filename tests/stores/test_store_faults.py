@@ -186,49 +186,6 @@ def test_a_stalled_loop_with_the_reply_buffered_is_not_a_store_failure(
 
 
 @pytest.mark.parametrize("new_loop", LOOPS)
-def test_the_readers_extra_turn_includes_an_io_poll(new_loop: Callable[[], asyncio.AbstractEventLoop]) -> None:
-    """The deadline fires about on time after a stall, then more timers of the same phase keep the loop busy:
-    the extra turn must still include a poll (a timer armed from a timer callback can fire in the same phase)."""
-    async def scenario(server: RedisServer) -> None:
-        store = RedisStore(server.url, timeout=0.05)
-        loop = asyncio.get_running_loop()
-        try:
-            await store.execute([LIMIT])
-            server.pause()
-            call = asyncio.ensure_future(store.execute([LIMIT]))
-            await asyncio.sleep(0)  # the batch is submitted (its deadline armed) ...
-
-            def busy_timer() -> None:  # ... and a timer due with it, run after it, that keeps the phase going
-                time.sleep(0.005)
-                loop.call_later(10, lambda: None)  # (uvloop reads the clock when it arms a timer)
-
-            loop.call_later(0.05, busy_timer)
-            await asyncio.sleep(0)  # the batch is written
-            stall, trigger = socket.socketpair()
-
-            def stalled() -> None:  # the next poll stalls until just past the deadline; Redis answers meanwhile
-                stall.recv(1)
-                server.resume()
-                time.sleep(0.052)
-
-            loop.add_reader(stall.fileno(), stalled)
-            trigger.send(b"x")
-            try:
-                (result,) = await call
-            finally:
-                loop.remove_reader(stall.fileno())
-                stall.close()
-                trigger.close()
-            assert isinstance(result, RateLimitResult) and result.allowed
-        finally:
-            server.resume()
-            await store.close()
-
-    with RedisServer() as server, asyncio.Runner(loop_factory=new_loop) as runner:
-        runner.run(scenario(server))
-
-
-@pytest.mark.parametrize("new_loop", LOOPS)
 def test_a_stalled_loop_does_not_hide_a_silent_store(
         redis_server: RedisServer, new_loop: Callable[[], asyncio.AbstractEventLoop]) -> None:
     async def scenario() -> None:
