@@ -291,7 +291,8 @@ class RateLimit:
     checks: tuple[LimitCheck, ...]
     guard: Revoked | None = None
     """A revocation check run first, atomically: when it finds the session revoked nothing is charged and the
-    result is ``RateLimitResult(False, (), revoked=True)``."""
+    result is ``RateLimitResult(False, (), revoked=True)``. When the batch also holds that same check (the
+    session's own), a backend may answer it from the guard (Redis does: one script call, no MGET)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,7 +1,9 @@
 """``store.budget``: count the commands sent to the primary store against a monthly allowance.
 
 Hosted Redis plans bill by command (Upstash's free tier: 500,000 a month).
-Every instance counts what it sends and adds it to one counter kept in the
+Every instance counts what it sends (a revocation check that rides in the
+same batch's rate-limit script counted too: the count errs high, never low)
+and adds it to one counter kept in the
 store itself (``{prefix}budget:YYYY-MM``, UTC months), so all instances share
 the month's total. The increment is folded into a batch that goes to the
 store anyway, never sent on its own: with an instance's first batch (so it

@@ -2,7 +2,9 @@
 
 :class:`~edgeway.middleware.store.failover.FailoverStore` runs every batch of
 every store of its chain through :meth:`StoreMeter.run`, so the counts match
-what a hosted store bills (Upstash counts each command of a pipeline). Label
+what a hosted store bills (Upstash counts each command of a pipeline), or
+exceed it by the session revocation checks that Redis answers from the rate
+limit's script in the same batch (see ``RateLimit.guard``): an upper bound. Label
 children are bound once per store and per command type: nothing is looked up
 by label on the request path.
 """

@@ -23,8 +23,9 @@ import abc
 import asyncio
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from importlib import resources
+from typing import Any
 
 from .base import (
     BreakerResult,
@@ -214,7 +215,14 @@ class RedisProtocolStore(Store):
     def _timeout_or(self, default: float) -> float:
         return self._timeout if self._timeout is not None else default
 
-    async def execute(self, commands: Sequence[Command], *, timeout: float | None = None) -> list[object]:
+    def execute(self, commands: Sequence[Command], *,
+                timeout: float | None = None) -> Coroutine[Any, Any, list[object]]:
+        # a plain function handing back the batch's coroutine: no coroutine level of its own
+        if len(commands) > 1 and (riding := _riding(commands)) is not None:
+            return self._execute_riding(commands, riding, timeout)
+        return self._execute(commands, timeout)
+
+    async def _execute(self, commands: Sequence[Command], timeout: float | None) -> list[object]:
         encoded = [self._encode(command) for command in commands]
         deadline = timeout if timeout is not None else self._timeout
         replies = await self._send(encoded, deadline)
@@ -227,6 +235,26 @@ class RedisProtocolStore(Store):
             for i, reply in zip(missing, again, strict=True):
                 replies[i] = reply
         return [self._decode(command, reply) for command, reply in zip(commands, replies, strict=True)]
+
+    async def _execute_riding(self, commands: Sequence[Command], riding: dict[int, int],
+                              timeout: float | None) -> list[object]:
+        """``commands`` without the revocation checks that ride in a rate limit's script as its guard; each
+        check's answer is its carrier's ``revoked``, or, when the carrier failed, its own MGET after all."""
+        sent = [command for i, command in enumerate(commands) if i not in riding]
+        answers = iter(await self._execute(sent, timeout))
+        results = [None if i in riding else next(answers) for i in range(len(commands))]
+        unanswered = []
+        for i, carrier in riding.items():
+            result = results[carrier]
+            if isinstance(result, RateLimitResult):
+                results[i] = result.revoked
+            else:
+                unanswered.append(i)
+        if unanswered:
+            again = await self._execute([commands[i] for i in unanswered], timeout)
+            for i, result in zip(unanswered, again, strict=True):
+                results[i] = result
+        return results
 
     def _decode(self, command: Command, reply: object) -> object:
         if isinstance(command, Revoked) and isinstance(reply, list):
@@ -304,6 +332,20 @@ class RedisProtocolStore(Store):
     @staticmethod
     def _with_source(command: RedisCommand) -> RedisCommand:
         return ("EVAL", _SOURCES[str(command[1])], *command[2:])
+
+
+def _riding(commands: Sequence[Command]) -> dict[int, int] | None:
+    """Revocation checks that a rate limit of the same batch carries as its guard: position -> the carrier's.
+
+    The script reads the same keys first (``lua/ratelimit.lua``), so a separate MGET would only repeat it.
+    """
+    carriers = {id(command.guard): i for i, command in enumerate(commands)
+                if type(command) is RateLimit and command.guard is not None}
+    if not carriers:
+        return None
+    riding = {i: carriers[id(command)] for i, command in enumerate(commands)
+              if type(command) is Revoked and id(command) in carriers}
+    return riding or None
 
 
 def _text(value: bytes | str) -> str:

@@ -600,6 +600,31 @@ async def test_revocations_by_time_and_the_rate_limit_guard(store: Store, key: s
 
 
 
+async def test_a_revocation_check_and_the_limit_carrying_it_as_guard_in_one_batch(store: Store, key: str) -> None:
+    """The batch a session and a rate limit send together: the check, and a limit with the same check as its
+    guard. Redis answers the check from the script (no MGET of its own); every backend answers alike."""
+    user, token = key + "rv:u", key + "rv:t"
+    check = Revoked((token, user), T0_MS - 10_000)
+    limited = RateLimit((limit(key + "rl", FIXED, 5, 60_000),), guard=check)
+    answered = await store.execute([check, limited])
+    assert answered[0] is False and state(answered[1]) == (True, 4, 60_000, 0)
+    await store.execute([Revoke(user, T0_MS, 3_600_000)])
+    assert await store.execute([check, limited]) == [True, RateLimitResult(False, (), revoked=True)]
+
+
+@remote_only
+async def test_a_refused_carrier_leaves_the_revocation_check_answered(store: Store, key: str) -> None:
+    """When the store refuses the limit that carries the check, the check is read on its own after all."""
+    user, token = key + "rv:u", key + "rv:t"
+    check = Revoked((token, user), T0_MS - 10_000)
+    refused = RateLimit((limit(key + "bad", FIXED, 0, 60_000),), guard=check)  # quota 0: the script refuses it
+    answered = await store.execute([check, refused])
+    assert answered[0] is False and isinstance(answered[1], CommandError)
+    await store.execute([Revoke(token, T0_MS, 3_600_000)])
+    answered = await store.execute([check, refused])
+    assert answered[0] is True and isinstance(answered[1], CommandError)
+
+
 async def test_all_algorithms_in_one_request(store: Store, clock: FakeClock, key: str) -> None:
     """One scripted run over every algorithm at once: the literal answers every backend must give."""
     checks = (
