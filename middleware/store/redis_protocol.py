@@ -251,7 +251,10 @@ class RedisProtocolStore(Store):
             else:
                 unanswered.append(i)
         if unanswered:
-            again = await self._execute([commands[i] for i in unanswered], timeout)
+            try:
+                again = await self._execute([commands[i] for i in unanswered], timeout)
+            except StoreError as error:  # the batch itself went through (and charged): not a failed batch
+                again = [CommandError(f"store refused Revoked: {error}")] * len(unanswered)
             for i, result in zip(unanswered, again, strict=True):
                 results[i] = result
         return results
