@@ -23,9 +23,8 @@ import abc
 import asyncio
 import hashlib
 import math
-from collections.abc import Coroutine, Sequence
+from collections.abc import Sequence
 from importlib import resources
-from typing import Any
 
 from .base import (
     BreakerResult,
@@ -215,15 +214,10 @@ class RedisProtocolStore(Store):
     def _timeout_or(self, default: float) -> float:
         return self._timeout if self._timeout is not None else default
 
-    def execute(self, commands: Sequence[Command], *,
-                timeout: float | None = None) -> Coroutine[Any, Any, list[object]]:
-        # a plain function handing back the batch's coroutine: no coroutine level of its own
-        if len(commands) > 1 and (riding := _riding(commands)) is not None:
-            return self._execute_riding(commands, riding, timeout)
-        return self._execute(commands, timeout)
-
-    async def _execute(self, commands: Sequence[Command], timeout: float | None) -> list[object]:
-        encoded = [self._encode(command) for command in commands]
+    async def execute(self, commands: Sequence[Command], *, timeout: float | None = None) -> list[object]:
+        riding = _riding(commands) if len(commands) > 1 else None
+        sent = commands if riding is None else [c for i, c in enumerate(commands) if i not in riding]
+        encoded = [self._encode(command) for command in sent]
         deadline = timeout if timeout is not None else self._timeout
         replies = await self._send(encoded, deadline)
         if any(type(reply) is ReplyError for reply in replies) and (
@@ -234,14 +228,16 @@ class RedisProtocolStore(Store):
             again = await self._send(retry, deadline)
             for i, reply in zip(missing, again, strict=True):
                 replies[i] = reply
-        return [self._decode(command, reply) for command, reply in zip(commands, replies, strict=True)]
+        results = [self._decode(command, reply) for command, reply in zip(sent, replies, strict=True)]
+        if riding is None:
+            return results
+        return await self._answer_riding(commands, riding, results, timeout)
 
-    async def _execute_riding(self, commands: Sequence[Command], riding: dict[int, int],
-                              timeout: float | None) -> list[object]:
-        """``commands`` without the revocation checks that ride in a rate limit's script as its guard; each
-        check's answer is its carrier's ``revoked``, or, when the carrier failed, its own MGET after all."""
-        sent = [command for i, command in enumerate(commands) if i not in riding]
-        answers = iter(await self._execute(sent, timeout))
+    async def _answer_riding(self, commands: Sequence[Command], riding: dict[int, int], sent: list[object],
+                             timeout: float | None) -> list[object]:
+        """All results in command order, with each riding revocation check answered by its carrier's
+        ``revoked``, or, when the store refused the carrier, by its own read after all."""
+        answers = iter(sent)
         results = [None if i in riding else next(answers) for i in range(len(commands))]
         unanswered = []
         for i, carrier in riding.items():
@@ -252,7 +248,7 @@ class RedisProtocolStore(Store):
                 unanswered.append(i)
         if unanswered:
             try:
-                again = await self._execute([commands[i] for i in unanswered], timeout)
+                again = await self.execute([commands[i] for i in unanswered], timeout=timeout)
             except StoreError as error:  # the batch itself went through (and charged): not a failed batch
                 again = [CommandError(f"store refused Revoked: {error}")] * len(unanswered)
             for i, result in zip(unanswered, again, strict=True):
@@ -342,12 +338,18 @@ def _riding(commands: Sequence[Command]) -> dict[int, int] | None:
 
     The script reads the same keys first (``lua/ratelimit.lua``), so a separate MGET would only repeat it.
     """
-    carriers = {id(command.guard): i for i, command in enumerate(commands)
-                if type(command) is RateLimit and command.guard is not None}
-    if not carriers:
+    checks: dict[int, int] | None = None
+    carriers: dict[int, int] | None = None
+    for i, command in enumerate(commands):
+        if type(command) is Revoked:
+            checks = checks or {}
+            checks[id(command)] = i
+        elif type(command) is RateLimit and command.guard is not None:
+            carriers = carriers or {}
+            carriers[id(command.guard)] = i
+    if checks is None or carriers is None:
         return None
-    riding = {i: carriers[id(command)] for i, command in enumerate(commands)
-              if type(command) is Revoked and id(command) in carriers}
+    riding = {i: carriers[check] for check, i in checks.items() if check in carriers}
     return riding or None
 
 
