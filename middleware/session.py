@@ -170,7 +170,7 @@ class SessionPolicy(BasePolicy):
         scope["headers"] = headers
         scope.setdefault("state", {})["user"] = user
         ctx.revocation = grant.commands[0]
-        refresh = self.service.refresh_shared(digest, known, now)
+        refresh = self.service.refresh_shared(digest, known, now) if known.remote else None
         return Prepared(grant.commands if refresh is None else (*grant.commands, refresh), known)
 
     def _grant(self, digest: str, known: Known, user: SessionUser) -> _Grant:

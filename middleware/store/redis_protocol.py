@@ -231,22 +231,8 @@ class RedisProtocolStore(Store):
         results = [self._decode(command, reply) for command, reply in zip(sent, replies, strict=True)]
         if riding is None:
             return results
-        return await self._answer_riding(commands, riding, results, timeout)
-
-    async def _answer_riding(self, commands: Sequence[Command], riding: dict[int, int], sent: list[object],
-                             timeout: float | None) -> list[object]:
-        """All results in command order, with each riding revocation check answered by its carrier's
-        ``revoked``, or, when the store refused the carrier, by its own read after all."""
-        answers = iter(sent)
-        results = [None if i in riding else next(answers) for i in range(len(commands))]
-        unanswered = []
-        for i, carrier in riding.items():
-            result = results[carrier]
-            if isinstance(result, RateLimitResult):
-                results[i] = result.revoked
-            else:
-                unanswered.append(i)
-        if unanswered:
+        results, unanswered = _answer_riding(len(commands), riding, results)
+        if unanswered:  # the store refused the carrier: the check is read on its own after all
             try:
                 again = await self.execute([commands[i] for i in unanswered], timeout=timeout)
             except StoreError as error:  # the batch itself went through (and charged): not a failed batch
@@ -351,6 +337,21 @@ def _riding(commands: Sequence[Command]) -> dict[int, int] | None:
         return None
     riding = {i: carriers[check] for check, i in checks.items() if check in carriers}
     return riding or None
+
+
+def _answer_riding(count: int, riding: dict[int, int], sent: list[object]) -> tuple[list[object], list[int]]:
+    """All ``count`` results in command order, each riding check answered by its carrier's ``revoked``; and
+    the checks whose carrier the store refused (they have no answer yet)."""
+    answers = iter(sent)
+    results = [None if i in riding else next(answers) for i in range(count)]
+    unanswered = []
+    for i, carrier in riding.items():
+        result = results[carrier]
+        if isinstance(result, RateLimitResult):
+            results[i] = result.revoked
+        else:
+            unanswered.append(i)
+    return results, unanswered
 
 
 def _text(value: bytes | str) -> str:
