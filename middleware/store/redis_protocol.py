@@ -324,19 +324,15 @@ def _riding(commands: Sequence[Command]) -> dict[int, int] | None:
 
     The script reads the same keys first (``lua/ratelimit.lua``), so a separate MGET would only repeat it.
     """
-    checks: dict[int, int] | None = None
-    carriers: dict[int, int] | None = None
+    riding: dict[int, int] | None = None
     for i, command in enumerate(commands):
-        if type(command) is Revoked:
-            checks = checks or {}
-            checks[id(command)] = i
-        elif type(command) is RateLimit and command.guard is not None:
-            carriers = carriers or {}
-            carriers[id(command.guard)] = i
-    if checks is None or carriers is None:
-        return None
-    riding = {i: carriers[check] for check, i in checks.items() if check in carriers}
-    return riding or None
+        if type(command) is RateLimit and command.guard is not None:
+            guard = command.guard
+            for j, other in enumerate(commands):  # the same check, sent alongside (the session's own)
+                if other is guard:
+                    riding = riding or {}
+                    riding[j] = i
+    return riding
 
 
 def _answer_riding(count: int, riding: dict[int, int], sent: list[object]) -> tuple[list[object], list[int]]:
