@@ -429,6 +429,17 @@ async def lifespan(receive: Any, send: Any) -> None:
     await send({"type": "lifespan.shutdown.complete"})
 
 
+async def read_body(receive: Any) -> bytes:
+    """A test app's whole request body (every ``http.request`` message until ``more_body`` is false)."""
+    body = b""
+    more = True
+    while more:
+        message = await receive()
+        body += message.get("body", b"")
+        more = message.get("more_body", False)
+    return body
+
+
 async def ok_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     """The smallest upstream: every request gets 200 ``ok`` (lifespan supported)."""
     if scope["type"] == "lifespan":

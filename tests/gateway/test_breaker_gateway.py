@@ -16,18 +16,11 @@ import pytest
 from edgeway.gateway.app import Gateway, create_app
 from edgeway.gateway.loader import load_text
 from edgeway.middleware.breaker_state import Phase
+from tests.clock import Clock
 from tests.servers import FlakyUpstream, UvicornThread, free_port
 
 TOKEN = "admin-secret-token"
 T0 = 1_700_000_000.0
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def policy(url: str, breaker: str, *, read: str = "5s", cache: str | None = None) -> str:
@@ -66,7 +59,7 @@ async def gateway_for(flaky: tuple[FlakyUpstream, UvicornThread]) -> AsyncIterat
     made: list[Running] = []
 
     async def build(breaker: str, *, url: str | None = None, read: str = "5s", cache: str | None = None) -> Running:
-        clock = Clock()
+        clock = Clock(T0)
         gateway = create_app(load_text(policy(url or flaky[1].url, breaker, read=read, cache=cache), "p.yaml", {}),
                              clock=clock)
         client = httpx.AsyncClient(transport=httpx.ASGITransport(app=gateway), base_url="http://gw", timeout=10)

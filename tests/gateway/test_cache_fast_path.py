@@ -22,7 +22,7 @@ from prometheus_client import REGISTRY
 from edgeway.middleware import cache
 from edgeway.middleware.policy import Answer
 from tests.gateway.conftest import Served, parse_response, raw_http, read_until_closed, serve_gateway
-from tests.servers import HOST, UvicornThread, lifespan
+from tests.servers import HOST, UvicornThread, lifespan, read_body
 
 
 class Origin:
@@ -35,8 +35,7 @@ class Origin:
         if scope["type"] == "lifespan":
             await lifespan(receive, send)
             return
-        while (await receive()).get("more_body"):
-            pass
+        await read_body(receive)
         self.calls += 1
         if scope["path"].startswith("/slow"):
             await asyncio.sleep(0.3)

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from tests.gateway.conftest import Served, raw_http, serve_gateway
-from tests.servers import UvicornThread, lifespan
+from tests.servers import UvicornThread, lifespan, read_body
 
 TOKEN = "purge-token"
 BIG = 10 * 1024 * 1024
@@ -36,12 +36,7 @@ class Upstream:
         if scope["type"] == "lifespan":
             await lifespan(receive, send)
             return
-        body = b""
-        more = True
-        while more:
-            message = await receive()
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
+        body = await read_body(receive)
         self.calls += 1
         path = scope["path"]
         if path == "/big":

@@ -23,7 +23,7 @@ import redis.asyncio as aioredis
 
 from edgeway.middleware import CacheMiddleware
 from edgeway.middleware.store.redis import RedisStore
-from tests.servers import BRIDGE_TOKEN, Gateways, UvicornThread, lifespan
+from tests.servers import BRIDGE_TOKEN, Gateways, UvicornThread, lifespan, read_body
 
 CLIENTS = 50
 ENTRIES = 100
@@ -50,9 +50,7 @@ class SlowModel:
         if scope["type"] == "lifespan":
             await lifespan(receive, send)
             return
-        more = True
-        while more:
-            more = (await receive()).get("more_body", False)
+        await read_body(receive)
         self.calls += 1
         await asyncio.sleep(1.5)
         body = json.dumps({"answer": uuid.uuid4().hex, "call": self.calls}).encode()

@@ -21,6 +21,7 @@ from edgeway.middleware.store import BreakerUpdate, Command, Set, Store, StoreEr
 from edgeway.middleware.store.failover import FailoverStore
 from edgeway.middleware.store.memory import MemoryStore
 from edgeway.middleware.store.redis import RedisStore
+from tests.clock import Clock
 
 T0 = 1_700_000_000.0
 
@@ -30,14 +31,6 @@ class NoJitter(random.Random):
 
     def randrange(self, start: int, stop: int | None = None, step: int = 1) -> int:  # type: ignore[override]
         return 0
-
-
-class Clock:
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class CountingStore(Store):
@@ -79,7 +72,7 @@ class Upstream:
 
 class Harness:
     def __init__(self, settings: BreakerSettings, store: Store | None = None, **options: Any) -> None:
-        self.clock = Clock()
+        self.clock = Clock(T0)
         self.store = store or CountingStore(MemoryStore(clock=self.clock))
         self.upstream = Upstream()
         options.setdefault("rng", NoJitter())
@@ -298,7 +291,7 @@ async def test_the_caches_stale_entry_while_open() -> None:
         def decide(self, ctx: Any, prepared: Prepared, results: Sequence[object]) -> None:
             return None
 
-    clock = Clock()
+    clock = Clock(T0)
     store = MemoryStore(clock=clock)
     breaker = CircuitBreaker("api", BreakerSettings(failures=1), store=store, clock=clock)
     upstream = Upstream()
@@ -367,7 +360,7 @@ async def test_an_open_breaker_stays_open_when_the_store_fails() -> None:
 
 
 async def test_a_fresh_fallback_store_is_seeded_with_the_open_state() -> None:
-    clock = Clock()
+    clock = Clock(T0)
     first, second = MemoryStore(clock=clock), MemoryStore(clock=clock)
     breaker = CircuitBreaker("api", BreakerSettings(failures=1, open_for="60s"), store=first, clock=clock,
                              rng=NoJitter())
@@ -406,7 +399,7 @@ async def test_a_corrupted_breaker_key_is_never_a_500(redis_url: str) -> None:
 
 
 async def test_async_with_and_the_decorator_share_one_breaker() -> None:
-    clock = Clock()
+    clock = Clock(T0)
     store = MemoryStore(clock=clock)
     breaker = CircuitBreaker("provider", BreakerSettings(failures=2, open_for="30s"), store=store, clock=clock,
                              rng=NoJitter())
@@ -437,7 +430,7 @@ async def test_async_with_and_the_decorator_share_one_breaker() -> None:
 
 
 async def test_a_cancelled_call_does_not_count() -> None:
-    clock = Clock()
+    clock = Clock(T0)
     breaker = CircuitBreaker("p", BreakerSettings(failures=1), store=MemoryStore(clock=clock), clock=clock)
 
     async def hang() -> None:
@@ -474,7 +467,7 @@ async def test_one_log_line_per_transition_names_upstream_reason_and_instance(
 @pytest.mark.parametrize("kind", ["memory", "redis"])
 async def test_where_the_store_notifies_other_instances_re_read_at_once(kind: str,
                                                                         request: pytest.FixtureRequest) -> None:
-    clock = Clock()
+    clock = Clock(T0)
     if kind == "memory":
         shared = MemoryStore(clock=clock)
         stores: list[Store] = [shared, shared]
@@ -511,7 +504,7 @@ async def test_where_the_store_notifies_other_instances_re_read_at_once(kind: st
 
 
 async def test_a_response_cut_short_does_not_count() -> None:
-    clock = Clock()
+    clock = Clock(T0)
     breaker = CircuitBreaker("api", BreakerSettings(failures=1), store=MemoryStore(clock=clock), clock=clock)
 
     async def cut_short(scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -526,7 +519,7 @@ async def test_a_response_cut_short_does_not_count() -> None:
 
 
 async def test_a_probe_whose_client_left_hands_the_token_back() -> None:
-    clock = Clock()
+    clock = Clock(T0)
     breaker = CircuitBreaker("api", BreakerSettings(failures=1, open_for="5s"), store=MemoryStore(clock=clock),
                              clock=clock, rng=NoJitter())
     mode = {"status": 503, "cut": False}

@@ -27,18 +27,11 @@ from edgeway.middleware.store import Store, StoreError
 from edgeway.middleware.store.memory import MemoryStore
 from edgeway.middleware.store.redis import RedisStore
 from edgeway.middleware.store.upstash import UpstashStore
-from tests.servers import BRIDGE_TOKEN, UvicornThread
+from tests.clock import Clock
+from tests.servers import BRIDGE_TOKEN, UvicornThread, read_body
 
 T0 = 1_700_000_000.0
 Headers = list[tuple[bytes, bytes]]
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @dataclass
@@ -59,12 +52,7 @@ class Origin:
         self.by_path: dict[str, Reply] = {}
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        body = b""
-        more = True
-        while more:
-            message = await receive()
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
+        body = await read_body(receive)
         self.calls += 1
         self.seen.append({"headers": dict(scope["headers"]), "body": body, "path": scope["path"]})
         reply = self.by_path.get(scope["path"], self.reply)
@@ -123,7 +111,7 @@ async def make(store: Store) -> AsyncIterator[Make]:
     clients: list[httpx.AsyncClient] = []
 
     def build(**options: Any) -> Cached:
-        origin, clock = Origin(), Clock()
+        origin, clock = Origin(), Clock(T0)
         options.setdefault("ttl", 60)
         app = CacheMiddleware(origin, store=store, clock=clock, key_prefix=f"t{uuid.uuid4().hex[:10]}:", **options)
         client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://cache.test")
@@ -544,7 +532,7 @@ async def test_without_an_app_to_call_the_refresh_runs_in_the_foreground(store: 
     from edgeway.middleware.cache_settings import CacheSettings
     from edgeway.middleware.pipeline import PolicyPipeline
 
-    clock, origin = Clock(), Origin()
+    clock, origin = Clock(T0), Origin()
     policy = CachePolicy(CacheSettings(ttl=10, stale_while_revalidate=30), store=store, clock=clock,
                          key_prefix=f"f{uuid.uuid4().hex[:8]}:")
     app = PolicyPipeline(origin, policies=[policy], store=store)

@@ -18,6 +18,7 @@ from edgeway.middleware.policy import Answer, BasePolicy, Completed, Pending, Pr
 from edgeway.middleware.responses import ErrorResponse, Message, Response
 from edgeway.middleware.store import Command, Get, Set, Store
 from edgeway.middleware.store.memory import MemoryStore
+from tests.servers import read_body
 
 
 class CountingStore(Store):
@@ -83,12 +84,7 @@ def echo_app(received: list[bytes]) -> Any:
     """An app that reads the whole request body, then answers 200 with it in two chunks."""
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body", False):
-                break
+        body = await read_body(receive)
         received.append(body)
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
         await send({"type": "http.response.body", "body": body[:3], "more_body": True})

@@ -12,17 +12,12 @@ import pytest
 from edgeway.middleware.ratelimit import Limit, RateLimitMiddleware
 from edgeway.middleware.store import Command, Store, StoreError
 from edgeway.middleware.store.memory import MemoryStore
+from tests.clock import Clock
 
 CLIENT = "203.0.113.7"
 PROXY = "10.0.0.1"
 
-
-class Clock:
-    def __init__(self, now: float = 1_700_000_020.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
+T0 = 1_700_000_020.0
 
 
 class CountingStore(Store):
@@ -71,7 +66,7 @@ def parse_list(value: str) -> list[tuple[str, dict[str, object]]]:
 
 @pytest.fixture
 def clock() -> Clock:
-    return Clock()
+    return Clock(T0)
 
 
 async def test_ietf_fields_are_valid_structured_fields(clock: Clock) -> None:

@@ -23,22 +23,15 @@ from edgeway.middleware.store.failover import FailoverStore
 from edgeway.middleware.store.memory import MemoryStore
 from edgeway.middleware.store.postgres import PostgresStore
 from edgeway.middleware.store.redis import RedisStore
+from tests.clock import Clock
 
 CLIENT = "203.0.113.7"
 T0 = 1_700_000_020.0
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture(params=["memory", "redis", "postgres"])
 async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
-    clock = Clock()
+    clock = Clock(T0)
     if request.param == "memory":
         made: Store = MemoryStore(clock=clock)
     elif request.param == "redis":
@@ -162,7 +155,7 @@ async def test_an_incomplete_json_cost_leaves_the_up_front_cost_charged(store: S
 
 
 async def test_large_sliding_log_debits_keep_redis_healthy_and_counted(redis_url: str) -> None:
-    clock = Clock()
+    clock = Clock(T0)
     store = FailoverStore(RedisStore(redis_url, clock=clock, timeout=5.0), [MemoryStore(clock=clock)], failures=3,
                           probe_initial=60)
     limits = [Limit(rate="100000/minute", algorithm="sliding-log", cost_from="response_header:X-Tokens-Used"),

@@ -16,17 +16,10 @@ from edgeway.middleware.store.budget import CommandBudget, month_of
 from edgeway.middleware.store.failover import FailoverStore
 from edgeway.middleware.store.memory import MemoryStore
 from edgeway.middleware.store.redis import RedisStore
+from tests.clock import Clock
 
 NOV = calendar.timegm((2026, 11, 20, 12, 0, 0))
 DEC = calendar.timegm((2026, 12, 1, 0, 0, 1))
-
-
-class Clock:
-    def __init__(self, now: float = NOV) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def limit_command(key: str) -> RateLimit:
@@ -42,7 +35,7 @@ def test_month_is_utc() -> None:
 
 
 def test_increment_waits_until_enough_commands_accumulated() -> None:
-    budget = CommandBudget(10_000, key_prefix="p:", clock=Clock())  # flushes every 10 commands
+    budget = CommandBudget(10_000, key_prefix="p:", clock=Clock(NOV))  # flushes every 10 commands
     first = budget.charge(2)  # the first batch carries one at once: the instance learns the month's total
     assert first == Incr("p:budget:2026-11", 3, ttl_ms=40 * 86_400_000)  # 2 commands plus the increment itself
     assert [budget.charge(3) for _ in range(3)] == [None, None, None]
@@ -51,7 +44,7 @@ def test_increment_waits_until_enough_commands_accumulated() -> None:
 
 
 def test_a_failed_batch_counts_its_commands_again() -> None:
-    budget = CommandBudget(1000, clock=Clock())  # flushes every command
+    budget = CommandBudget(1000, clock=Clock(NOV))  # flushes every command
     incr = budget.charge(4)
     assert incr is not None and incr.amount == 5
     budget.refund(incr)
@@ -60,7 +53,7 @@ def test_a_failed_batch_counts_its_commands_again() -> None:
 
 
 def test_warns_once_at_80_percent_and_reports_exhaustion(caplog: pytest.LogCaptureFixture) -> None:
-    clock = Clock()
+    clock = Clock(NOV)
     budget = CommandBudget(1000, on_exhausted="fallback", store="upstash", clock=clock)
     incr = budget.charge(1)
     assert incr is not None
@@ -83,7 +76,7 @@ def test_warns_once_at_80_percent_and_reports_exhaustion(caplog: pytest.LogCaptu
 
 
 def test_alert_mode_never_diverts() -> None:
-    budget = CommandBudget(10, clock=Clock())
+    budget = CommandBudget(10, clock=Clock(NOV))
     incr = budget.charge(1)
     assert incr is not None
     budget.record(incr, 50)
@@ -105,7 +98,7 @@ def chain(redis_url: str, prefix: str, limit: int, clock: Clock, on_exhausted: s
 
 
 async def test_instances_share_one_count_folded_into_their_batches(redis_url: str, prefix: str) -> None:
-    clock = Clock()
+    clock = Clock(NOV)
     first, second = chain(redis_url, prefix, 1000, clock), chain(redis_url, prefix, 1000, clock)
     server = redis.Redis.from_url(redis_url)
     before = server.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0)
@@ -128,7 +121,7 @@ async def test_instances_share_one_count_folded_into_their_batches(redis_url: st
 
 
 async def test_commands_are_counted_by_store_and_kind(redis_url: str, prefix: str) -> None:
-    store = chain(redis_url, prefix, 1000, Clock())
+    store = chain(redis_url, prefix, 1000, Clock(NOV))
     ratelimits = metrics.STORE_COMMANDS.labels("redis", "ratelimit")._value.get()
     sets = metrics.STORE_COMMANDS.labels("redis", "set")._value.get()
     increments = metrics.STORE_COMMANDS.labels("redis", "incr")._value.get()
@@ -142,7 +135,7 @@ async def test_commands_are_counted_by_store_and_kind(redis_url: str, prefix: st
 
 
 async def test_fallback_mode_leaves_the_primary_until_the_month_turns(redis_url: str, prefix: str) -> None:
-    clock = Clock()
+    clock = Clock(NOV)
     store = chain(redis_url, prefix, 10, clock, on_exhausted="fallback")
     server = redis.Redis.from_url(redis_url)
     try:
@@ -163,7 +156,7 @@ async def test_fallback_mode_leaves_the_primary_until_the_month_turns(redis_url:
 
 
 async def test_alert_mode_keeps_using_the_primary(redis_url: str, prefix: str) -> None:
-    store = chain(redis_url, prefix, 4, Clock())
+    store = chain(redis_url, prefix, 4, Clock(NOV))
     try:
         for n in range(5):
             await store.execute([limit_command(f"{prefix}k{n}")])

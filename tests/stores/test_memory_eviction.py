@@ -4,16 +4,9 @@ from __future__ import annotations
 
 from edgeway.middleware.store import Algorithm, Get, LimitCheck, RateLimit, RateLimitResult, Set
 from edgeway.middleware.store.memory import MemoryStore
+from tests.clock import Clock
 
 T0 = 1_700_000_040.0
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 async def allowed(store: MemoryStore, check: LimitCheck) -> bool:
@@ -23,7 +16,7 @@ async def allowed(store: MemoryStore, check: LimitCheck) -> bool:
 
 
 async def test_an_abuser_only_rejected_is_not_forgotten_when_the_store_is_full() -> None:
-    store = MemoryStore(clock=Clock(), max_keys=1_000)
+    store = MemoryStore(clock=Clock(T0), max_keys=1_000)
     abuser = LimitCheck("rl:abuser", Algorithm.FIXED_WINDOW, 5, 60_000)
     assert [await allowed(store, abuser) for _ in range(5)] == [True] * 5
     for i in range(3_000):  # three times the capacity in distinct clients, the abuser retrying meanwhile
@@ -34,7 +27,7 @@ async def test_an_abuser_only_rejected_is_not_forgotten_when_the_store_is_full()
 
 
 async def test_expired_keys_are_evicted_before_live_ones() -> None:
-    clock = Clock()
+    clock = Clock(T0)
     store = MemoryStore(clock=clock, max_keys=100)
     await store.execute([Set(f"live{i}", "v", 600_000) for i in range(50)])
     await store.execute([Set(f"short{i}", "v", 1_000) for i in range(50)])
@@ -45,7 +38,7 @@ async def test_expired_keys_are_evicted_before_live_ones() -> None:
 
 
 async def test_least_recently_used_goes_first_and_reads_count() -> None:
-    store = MemoryStore(clock=Clock(), max_keys=3)
+    store = MemoryStore(clock=Clock(T0), max_keys=3)
     await store.execute([Set("a", "1", 60_000), Set("b", "2", 60_000), Set("c", "3", 60_000)])
     assert await store.execute([Get("a")]) == ["1"]  # a read makes "a" recent: "b" is now the oldest
     await store.execute([Set("d", "4", 60_000)])
@@ -53,7 +46,7 @@ async def test_least_recently_used_goes_first_and_reads_count() -> None:
 
 
 async def test_rewrites_keep_the_expiry_index_bounded() -> None:
-    clock = Clock()
+    clock = Clock(T0)
     store = MemoryStore(clock=clock, max_keys=100)
     for step in range(5_000):  # each write moves the expiry: a stale index entry each time
         clock.now += 0.001
