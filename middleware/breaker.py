@@ -133,6 +133,7 @@ class CircuitBreaker:
         self._failures = 0
         self._streak = 0
         self._checked = -math.inf  # when the copy was last re-read (or a re-read was sent)
+        self._quiet_until = -math.inf  # closed, and nothing due before then: ``before`` is a comparison
         self._pending = 0  # successes not yet sent (failure-rate mode)
         self._local: State | None = None  # this instance's own breaker, used while no store answers
         self._store_down = False
@@ -162,9 +163,11 @@ class CircuitBreaker:
     def before(self) -> BreakerUpdate | None:
         """The command a request must carry, if any: a probe-token request, a due re-read, or nothing.
 
-        Closed and not due for a re-read (nearly every request): a clock read and two comparisons.
+        Closed and not due for a re-read (nearly every request): a clock read and a comparison.
         """
         now = self._clock()
+        if now < self._quiet_until:
+            return None
         if self._subscribing is None:
             self._listen()
         if self._phase != Phase.CLOSED and now >= self._until:
@@ -172,10 +175,13 @@ class CircuitBreaker:
             self._until = now + self.sync_interval
             self._checked = now
             return self._command(BreakerEvent(successes=self._take_pending(), acquire=True))
+        command = None
         if now - self._checked >= self._sync_every():
             self._checked = now
-            return self._command(BreakerEvent(successes=self._take_pending()))
-        return None
+            command = self._command(BreakerEvent(successes=self._take_pending()))
+        if self._phase == Phase.CLOSED:
+            self._quiet_until = self._checked + self._sync_every()
+        return command
 
     def admit(self, command: BreakerUpdate | None, result: object) -> Admission | CircuitOpen:
         """After the batch: how a call may go (pass it to :meth:`record` when it ends), or why it may not.
@@ -268,6 +274,7 @@ class CircuitBreaker:
         if self._subscription is not None:
             await self._subscription.close()
             self._subscription = None
+            self._quiet_until = -math.inf
         if self._background:
             await asyncio.wait(self._background, timeout=1.0)
 
@@ -342,6 +349,7 @@ class CircuitBreaker:
                            "using this instance's own breaker",
                            self.name, self.instance_id)
         self._store_down = True
+        self._quiet_until = -math.inf  # re-read sooner while no store answers
         self._local, result = apply(self._local, self.rule, event, math.floor(now * 1000))
         self._learn(result, now, shared=False)
         return result
@@ -357,6 +365,8 @@ class CircuitBreaker:
         if phase != self._phase:
             self._gauge.set(int(phase))
         self._phase = phase
+        if phase != Phase.CLOSED:
+            self._quiet_until = -math.inf
         if result.reason:
             reason = Reason(result.reason)
             self._transitions[phase].inc()
@@ -392,7 +402,7 @@ class CircuitBreaker:
 
     def _notified(self, message: str) -> None:
         if message == self.name:
-            self._checked = -math.inf  # re-read with the next request
+            self._checked = self._quiet_until = -math.inf  # re-read with the next request
 
     def _spawn(self, work: Awaitable[T]) -> asyncio.Task[T]:
         task: asyncio.Task[T] = asyncio.ensure_future(work)

@@ -35,8 +35,11 @@ _GATEWAY_ERRORS = {b"bad_gateway": "connect", b"upstream_timeout": "timeout"}
 
 def failed(response: Completed, settings: BreakerSettings, statuses: frozenset[int]) -> bool | None:
     """True for a failure, False for a success, None for a response that says nothing about the upstream."""
-    if not response.complete or response.status == 0:
+    status = response.status
+    if not response.complete or status == 0:
         return None
+    if status < 400 and status not in statuses:  # nearly every answer: no header to look at
+        return settings.slow_call is not None and response.elapsed > settings.slow_call
     own = response.header(b"edgeway-error")
     if own is not None:
         kind = _GATEWAY_ERRORS.get(own)

@@ -343,28 +343,31 @@ async def _settled(outcome: Answer | Pending | None) -> Answer | None:
     return outcome
 
 
-class _Tracked:
-    """One response watched for the policies: headers added, ``respond`` hooks, body kept up to the limit."""
+class _Tracked(Completed):
+    """One response watched for the policies, and what they see of it in ``finish``: headers added,
+    ``respond`` hooks, body kept up to the limit. It is its own :class:`Completed` (no second object)."""
 
-    __slots__ = ("chunks", "complete", "ctx", "elapsed", "limit", "pipeline", "prepared", "receive", "replaced",
-                 "scope", "size", "start", "started", "upstream_send")
+    __slots__ = ("ctx", "limit", "pipeline", "prepared", "receive", "replaced", "scope", "size", "started",
+                 "upstream_send")
 
     def __init__(self, pipeline: PolicyPipeline, ctx: RequestContext, prepared: list[Prepared], scope: Scope,
                  receive: Receive, send: Send) -> None:
+        # Completed's fields, set here rather than through its __init__ (one call less per request)
+        self.status = 0
+        self.headers = ()
+        self.limit = limit = pipeline._body_limit
+        self.chunks = [] if limit else None
+        self.complete = False
+        self.elapsed = 0.0
         self.pipeline = pipeline
         self.ctx = ctx
         self.prepared = prepared
         self.scope = scope
         self.receive = receive
         self.upstream_send = send
-        self.limit = pipeline._body_limit
-        self.chunks: list[bytes] | None = [] if self.limit else None
         self.size = 0
-        self.start: Message | None = None
         self.replaced = False
-        self.complete = False
         self.started = time.monotonic()
-        self.elapsed = 0.0
 
     def send(self, message: Message) -> Awaitable[None]:
         """Watch one message on its way; returns the server's own awaitable (no coroutine level of its own)
@@ -373,40 +376,57 @@ class _Tracked:
         if kind == "http.response.body":
             if not message.get("more_body", False):
                 self.complete = True  # the app handed over its whole response
-            if self.replaced:
-                return _dropped()
-            chunks = self.chunks
-            if chunks is not None:
-                body = message.get("body", b"")
-                self.size += len(body)
-                if self.size <= self.limit:
-                    if body:
-                        chunks.append(body)
-                else:
-                    self.chunks = None
+            if self.chunks is not None or self.replaced:
+                return self._body(message)
             return self.upstream_send(message)
         if kind == "http.response.start":
             self.elapsed = time.monotonic() - self.started
             extra = self.ctx.response_headers
             if extra:
                 message["headers"] = [*message.get("headers", ()), *extra]
-            self.start = message
-            policies = self.pipeline.policies
-            for index in self.pipeline._respond:
+            self.status = message["status"]
+            self.headers = message.get("headers", ())
+            if self.pipeline._respond or self.ctx.deferred:
+                return self._respond(message)
+        return self.upstream_send(message)
+
+    def _body(self, message: Message) -> Awaitable[None]:
+        if self.replaced:
+            return _dropped()
+        chunks = self.chunks
+        if chunks is not None:
+            body = message.get("body", b"")
+            self.size += len(body)
+            if self.size <= self.limit:
+                if body:
+                    chunks.append(body)
+            else:
+                self.chunks = None
+        return self.upstream_send(message)
+
+    def _respond(self, message: Message) -> Awaitable[None]:
+        """The response start, past the policies' ``respond`` hooks; then their deferred writes go."""
+        pipeline = self.pipeline
+        if pipeline._respond:
+            policies = pipeline.policies
+            for index in pipeline._respond:
                 answer = policies[index].respond(self.ctx, self.prepared[index], message)
                 if answer is not None:
                     # the policy answers instead (a stale entry for a 502); the app's own body is dropped
                     self.replaced = True
                     self.chunks = None
                     return answer(self.scope, self.receive, self.upstream_send)
-            if self.ctx.deferred:
-                self.pipeline._write_soon(self.ctx.deferred)
-                self.ctx.deferred = None
+            self.headers = message.get("headers", ())  # a respond hook may have replaced the list
+        if self.ctx.deferred:
+            pipeline._write_soon(self.ctx.deferred)
+            self.ctx.deferred = None
         return self.upstream_send(message)
 
     def completed(self) -> Completed:
-        start = self.start
-        if start is None:
-            return Completed(0, (), None, complete=False, elapsed=time.monotonic() - self.started)
-        return Completed(start["status"], start.get("headers", ()), self.chunks if self.complete else None,
-                         complete=self.complete, elapsed=self.elapsed)
+        """The response as it ended (``complete`` False and no body when cut short)."""
+        if not self.status:
+            self.elapsed = time.monotonic() - self.started
+            self.chunks = None
+        elif not self.complete:
+            self.chunks = None
+        return self
