@@ -86,12 +86,15 @@ class _Grant:
         self.commands = (check,)
 
 
-def _authorization(headers: Sequence[tuple[bytes, bytes]]) -> str | None:
+def _authorization(headers: Sequence[tuple[bytes, bytes]]) -> bytes | None:
     """The first Authorization value, found without building the context's header dict (one field is needed)."""
     for name, value in headers:
         if len(name) == 13 and name.lower() == b"authorization":
-            return value.decode("latin-1")
+            return value
     return None
+
+
+_DIGESTS_KEPT = 4096  # Authorization values whose token digest an instance remembers (see SessionPolicy.prepare)
 
 
 class SessionPolicy(BasePolicy):
@@ -111,32 +114,50 @@ class SessionPolicy(BasePolicy):
         self._log = Throttled(60.0)
         prefix = service.key_prefix
         self._token_key, self._sid_key, self._user_key = f"{prefix}rv:t:", f"{prefix}rv:s:", f"{prefix}rv:u:"
+        # Authorization value -> its token's digest: a known bearer token skips parsing and hashing. The values
+        # stay in this process, in a bounded map (never in the store or a log line), as they do in its requests.
+        self._digests: dict[bytes, str] = {}
 
     # -- policy protocol ----------------------------------------------------------------------
 
     def prepare(self, ctx: RequestContext) -> Prepared | ErrorResponse | Pending:
         service = self.service
+        now = service.clock()
+        authorization = _authorization(ctx.scope["headers"])
+        # a bearer token this instance has seen: its digest without parsing or hashing it again
+        seen = self._digests.get(authorization) if authorization is not None else None
+        if seen is not None:
+            known = service.cached(seen, now)
+            if known is not None:
+                return self._admit(ctx, seen, known, now)
         try:
-            authorization = _authorization(ctx.scope["headers"])
-            token = bearer_token(authorization)  # the Bearer header wins over the cookie
+            token = bearer_token(authorization.decode("latin-1") if authorization is not None else None)
+            bearer = token is not None  # the Bearer header wins over the cookie
             if token is None and service.cookie is not None:
                 token = cookie_token(ctx.headers.get("cookie", ()), service.cookie)
         except TokenError as error:
             return unauthorized(error.reason, str(error))
         if token is None:
             return self._anonymous(ctx) if not self.required else unauthorized("missing")
-        digest = token_digest(token)
-        now = service.clock()
-        known = service.cached(digest, now)
-        if known is None:
-            try:
-                known = service.verify_local(token, now)
-            except TokenError as error:
-                service.remember(digest, service.refused(error.reason, now))
-                return unauthorized(error.reason, str(error))
-            except (NeedKeys, NeedRemote) as need:
-                return Pending(self._slow(ctx, token, digest, need))
-            service.remember(digest, known)
+        if seen is not None:  # its result ran out: verify it again
+            digest, cached = seen, None
+        else:
+            digest = token_digest(token)
+            if bearer and authorization is not None:
+                if len(self._digests) >= _DIGESTS_KEPT:
+                    self._digests.clear()
+                self._digests[authorization] = digest
+            cached = service.cached(digest, now)
+        if cached is not None:
+            return self._admit(ctx, digest, cached, now)
+        try:
+            known = service.verify_local(token, now)
+        except TokenError as error:
+            service.remember(digest, service.refused(error.reason, now))
+            return unauthorized(error.reason, str(error))
+        except (NeedKeys, NeedRemote) as need:
+            return Pending(self._slow(ctx, token, digest, need))
+        service.remember(digest, known)
         return self._admit(ctx, digest, known, now)
 
     async def _slow(self, ctx: RequestContext, token: str, digest: str, need: Exception) -> Prepared | ErrorResponse:

@@ -138,6 +138,19 @@ async def test_hs256_verifies_locally_with_the_secret(make: Any, auth: AuthServe
     assert auth.calls == {}
 
 
+async def test_a_token_seen_before_is_verified_again_once_its_result_runs_out(make: Any, auth: AuthServer) -> None:
+    clock = Clock()
+    session = make(jwt_secret=HS_SECRET, clock=clock, store=MemoryStore(clock=clock))
+    token = sign(auth.claims("user-3", ttl=60), "HS256")
+    assert [(await session.get(token)).status_code for _ in range(3)] == [200] * 3
+    clock.offset = 120  # the cached result ends with the token's exp; the instance still knows its digest
+    response = await session.get(token)
+    assert response.status_code == 401 and response.json()["reason"] == "expired"
+    other = sign(auth.claims("user-4"), "HS256")  # and a request without the header is not mistaken for it
+    assert (await session.get(other)).json()["user"]["id"] == "user-4"
+    assert (await session.get()).status_code == 401
+
+
 REFUSED = [
     ("expired", lambda a: sign(a.claims("u", ttl=-120)), "expired"),
     ("not yet valid", lambda a: sign(a.claims("u", nbf=int(time.time()) + 600)), "not_yet_valid"),
