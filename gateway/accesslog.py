@@ -60,17 +60,31 @@ class _Clock:
 _PLAIN = re.compile(r'[^\x20\x21\x23-\x5b\x5d-\x7e]')  # what a JSON string must escape (and non-ASCII)
 
 
-def _json_str(value: str | None) -> str:
-    """``value`` as a JSON string (or null), escaping only when it has to: most paths and ids need none."""
-    if value is None:
-        return "null"
+def _quoted(value: str) -> str:
+    """``value`` as a JSON string, escaping only when it has to: most paths and ids need none."""
     if _PLAIN.search(value) is None:
         return f'"{value}"'
     return json.dumps(value)
 
 
+_QUOTED: dict[str, str] = {}  # routes, methods, paths, outcomes: the values lines repeat
+_QUOTED_KEPT = 4096
+
+
+def _json_str(value: str | None) -> str:
+    """``value`` as a JSON string (or null), remembered: a line's fields but its request id recur."""
+    if value is None:
+        return "null"
+    quoted = _QUOTED.get(value)
+    if quoted is None:
+        if len(_QUOTED) >= _QUOTED_KEPT:  # many distinct paths: start over rather than grow
+            _QUOTED.clear()
+        quoted = _QUOTED[value] = _quoted(value)
+    return quoted
+
+
 def _ms(seconds: float | None) -> str:
-    return "null" if seconds is None else repr(round(seconds * 1000, 3))
+    return "null" if seconds is None else f"{seconds * 1000:.3f}"
 
 
 class AccessLog:
@@ -113,7 +127,7 @@ class AccessLog:
                 f'"cache":{_json_str(get("cache"))},"breaker":{_json_str(get("breaker"))},'
                 f'"session":{_json_str(get("session"))},'
                 f'"user":{_json_str(user_hash(ctx.user) if ctx.user else None)},"store":{_json_str(store)},'
-                f'"request_id":{_json_str(ctx.request_id)}')
+                f'"request_id":{_quoted(ctx.request_id)}')
         if not _KNOWN_SET.issuperset(outcomes):  # outcomes of policies beyond the four above
             line += "".join(f",{json.dumps(name)}:{_json_str(value)}" for name, value in outcomes.items()
                             if name not in _KNOWN and name not in _FIELDS)

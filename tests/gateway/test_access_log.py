@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from edgeway import gateway
+from edgeway.gateway import accesslog
 from edgeway.gateway.accesslog import AccessLog, BatchedStreamHandler, user_hash
 from edgeway.gateway.asgi import app_from_env
 from edgeway.middleware.clientip import TrustedProxies
@@ -265,6 +266,25 @@ async def test_json_lines_are_valid_json_for_any_path_and_id(path: str) -> None:
     assert entry["cache"] == "hit" and entry["limit"] is None and entry["quota"] == 'a"b'
     assert list(entry)[:15] == ["time", "route", "method", "path", "status", "latency_ms", "upstream", "upstream_ms",
                                 "limit", "cache", "breaker", "session", "user", "store", "request_id"]
+
+
+async def test_the_remembered_field_values_stay_bounded_and_right() -> None:
+    stream = CountingStream()
+    handler = BatchedStreamHandler(stream)
+    logger = logging.getLogger(f"edgeway.test-bounded-{id(stream)}")
+    logger.addHandler(handler)
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    log = AccessLog("json", logger=logger)
+    paths = [f"/item/{n}" for n in range(accesslog._QUOTED_KEPT + 500)] + ['/q"x', "/item/7"]
+    for path in paths:
+        ctx = RequestContext({"type": "http", "method": "GET", "path": path, "headers": []}, TrustedProxies([]))
+        ctx.request_id = path  # request ids are never remembered
+        log.record(ctx, 200, 0.001, "memory")
+    handler.flush()
+    entries = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [entry["path"] for entry in entries] == paths and [entry["request_id"] for entry in entries] == paths
+    assert len(accesslog._QUOTED) <= accesslog._QUOTED_KEPT
 
 
 def test_outside_an_event_loop_a_line_is_written_at_once() -> None:
