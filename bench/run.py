@@ -1,6 +1,6 @@
 """Edgeway benchmark harness: one command, every server started and stopped by it.
 
-    .venv/bin/python bench/run.py [--rounds 3] [--duration 5] [--warmup 2] [--targets edgeway,baseline]
+    .venv/bin/python bench/run.py [--rounds 5] [--duration 5] [--warmup 2] [--targets edgeway,baseline]
                                   [--no-write]
 
 Starts nginx serving a 1 KB static file (the upstream), a private
@@ -11,7 +11,9 @@ runs in fallback mode). Then it measures in rounds, to average out noisy
 neighbours: in every round it runs ``wrk -t2 -c32 --latency`` against each
 target in turn, always in the same order (in round 1 each target gets a warm-up
 run first). Per target it reports the median req/s over the rounds, the p50/p99
-of the median round and the min-max spread; the goal ratios use the medians.
+of the median round and the min-max spread. A goal ratio is the median over the
+rounds of the paired ratio (target over reference in the same round, their runs
+seconds apart in the order of ``TARGETS``), which cancels the machine's drift.
 Around every measured run of a Redis-backed target it diffs its Redis' ``INFO
 commandstats``/``INFO stats`` and sums the store commands and network reads
 (round trips) over the rounds; around every measured run of the PostgreSQL
@@ -62,10 +64,11 @@ PG_TARGET = "edgeway-2-limits-postgres-fallback"  # Redis unreachable: limits en
 CACHE_TARGET = "edgeway-cache-hit"  # the gateway answering a 1 KB JSON body from its cache (Redis)
 BREAKER_TARGET = "breaker-closed"  # edgeway-2-limits with a (never tripping) breaker on the upstream
 QUIET_TARGET = "edgeway-access-log-off"  # edgeway with `serve --access-log off`: the access log's cost (no goal)
-TARGETS = ("upstream", "nginx-proxy", "raw-aiohttp", "baseline", "edgeway", QUIET_TARGET, "edgeway-2-limits",
-           BREAKER_TARGET,
-           "edgeway-2-limits-memory", PG_TARGET, "slowapi", CACHE_TARGET, "starlette-json",
-           "session-warm")
+# The order of every round: each goal's target runs next to (or one run from) its reference, so the paired
+# ratio of a round compares runs seconds apart (see paired_ratios).
+TARGETS = ("upstream", "nginx-proxy", "raw-aiohttp", "edgeway", "baseline", QUIET_TARGET, "edgeway-2-limits",
+           BREAKER_TARGET, "session-warm", "edgeway-2-limits-memory", PG_TARGET, "slowapi", "starlette-json",
+           CACHE_TARGET)
 ASGI_APPS = {"raw-aiohttp": "baseline_proxy:raw_app", "baseline": "baseline_proxy:starlette_app",
              "slowapi": "slowapi_proxy:app", "starlette-json": "plain_app:app"}  # served from bench/ with uvicorn
 JSON_TARGETS = (CACHE_TARGET, "starlette-json")  # GET JSON_PATH (1 KB JSON) instead of PATH
@@ -120,11 +123,14 @@ LOG_PROBLEM = re.compile(r"\b(ERROR|CRITICAL|WARNING|Traceback)\b|\[(error|crit|
 INTRO = """# Edgeway benchmarks
 
 `bench/run` (`.venv/bin/python bench/run.py [--rounds R] [--duration S] [--targets a,b]`) starts every
-server on free ports, then measures in rounds: in each of R rounds (default 3) it runs
+server on free ports, then measures in rounds: in each of R rounds (default 5) it runs
 `wrk -t2 -c32 -d<S>s --latency` (default 5 s; GET of a 1 KB static file) against every target in turn,
 in the same order, after a 2 s warm-up per target in round 1 only. Interleaving spreads the machine's
-noise (single runs vary by +-15% here) over all targets; each target's figure is its median req/s over
-the rounds, with the p50/p99 of that median round and the min-max spread; ratios use the medians.
+noise (single runs vary by +-15% here, and its speed drifts by tens of percent over minutes) over all
+targets; each target's figure is its median req/s over the rounds, with the p50/p99 of that median round
+and the min-max spread. A goal compares a target with its reference **per round**: the order puts each
+pair seconds apart, and the goal's figure is the median of the rounds' paired ratios, which cancels the
+drift between rounds; the ratio of the medians and of the CPU per request are shown beside it.
 
 Targets. **upstream**: nginx (1 worker, no access log) serving the file, the origin of every proxy.
 **nginx-proxy**: nginx proxying to it over a keepalive pool, the native ceiling. The two references
@@ -176,6 +182,7 @@ class WrkResult:
     non2xx: int
     socket_errors: int
     cpu_us: float | None = None  # the target's server processes' CPU (user + system) per request in this run
+    round_no: int = 0
 
 
 Snapshot = tuple[dict[str, int], int]
@@ -270,6 +277,17 @@ class Outcome:
     def median_run(self) -> WrkResult:
         """The run with the median req/s (the lower middle one for an even number of rounds)."""
         return sorted(self.runs, key=lambda run: run.rps)[(len(self.runs) - 1) // 2]
+
+
+def paired_ratios(target: Outcome, reference: Outcome) -> list[float]:
+    """Per round, the target's req/s over the reference's in the same round (rounds where both ran).
+
+    Targets run in a fixed order within a round, each goal's pair seconds apart, while this
+    machine's speed drifts by tens of percent over minutes: a ratio within a round cancels
+    that drift, a ratio of medians taken over different minutes does not.
+    """
+    reference_rps = {run.round_no: run.rps for run in reference.runs}
+    return [run.rps / reference_rps[run.round_no] for run in target.runs if reference_rps.get(run.round_no)]
 
 
 class Processes:
@@ -608,6 +626,7 @@ def measure(procs: Processes, outcome: Outcome, round_no: int, args: argparse.Na
         time.sleep(SETTLE)  # and neither the next target's run nor this target's next one sees it
         (OUT / f"wrk-{target}-r{round_no}.txt").write_text(text)
         result = parse_wrk(text)
+        result.round_no = round_no
         if cpu is not None and result.requests:
             result.cpu_us = cpu / result.requests * 1e6
     except Exception as exc:  # one failing target must not stop the others
@@ -699,10 +718,17 @@ def render(outcomes: list[Outcome], args: argparse.Namespace, command: str) -> s
         else:
             cells = ["-"] * (5 + len(refs))
         lines.append(f"| {o.target} | {' | '.join(cells)} | {'**FLAGGED**' if o.problems else 'none'} |")
-    lines += ["", "Goals:", ""]
+    lines += ["", "Goals (the median of the per-round paired ratios; in brackets each round's ratio, then the ratio "
+              "of the medians above and of the CPU per request, reference over target):", ""]
     for target, against, goal in GOALS:
-        ratio = rps[target] / rps[against] if target in rps and against in rps else None
+        pairs = paired_ratios(measured[target], measured[against]) if target in rps and against in rps else []
+        ratio = statistics.median(pairs) if pairs else None
         note = " (flagged: see Problems)" if {target, against} & flagged else ""
+        if pairs:
+            cpu = [statistics.median(c) for c in ([r.cpu_us for r in measured[o].runs if r.cpu_us is not None]
+                                                  for o in (against, target)) if c]
+            note = (f" [{', '.join(f'{r:.2f}' for r in pairs)}; of medians {rps[target] / rps[against]:.2f}"
+                    + (f"; CPU {cpu[0] / cpu[1]:.2f}" if len(cpu) == 2 else "") + "]" + note)
         lines.append(ratio_line(f"{target} / {against}", ratio, f">= {goal:g}", ratio is not None and ratio >= goal,
                                 note))
     for goal_target in STORE_GOAL_TARGETS:
@@ -763,7 +789,7 @@ def write_results(section: str) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Benchmark Edgeway against nginx, bare proxies and slowapi.")
-    parser.add_argument("--rounds", type=int, default=3, help="measured runs per target, interleaved")
+    parser.add_argument("--rounds", type=int, default=5, help="measured runs per target, interleaved")
     parser.add_argument("--duration", type=int, default=5, help="seconds of each measured wrk run")
     parser.add_argument("--warmup", type=int, default=2, help="seconds of the warm-up run per target "
                         "(round 1 only; 0: none)")
