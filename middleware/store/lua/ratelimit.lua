@@ -43,12 +43,12 @@ for i = 1, n do
       .. 'cost and burst whole and not negative')
   end
 end
-for g = n + 1, n + guards do
-  local at = tonumber(redis.call('GET', KEYS[g]) or '')
-  if at and at > issued then return {2} end
-end
 
--- phase 1: read (with type-checking commands, so WRONGTYPE stops the script here) and decide
+-- phase 1: read and decide. The guard's keys and the fixed and sliding windows' counters are read with ONE
+-- MGET (each redis.call costs the server more than the read itself); the other algorithms read their own
+-- structures with type-checking commands, so a WRONGTYPE stops the script here, before any write.
+local reads = {}
+for g = n + 1, n + guards do reads[#reads + 1] = KEYS[g] end
 for i = 1, n do
   local base = 2 + (i - 1) * 6
   local p = {
@@ -56,18 +56,32 @@ for i = 1, n do
     window = tonumber(ARGV[base + 2]), cost = tonumber(ARGV[base + 3]),
     burst = tonumber(ARGV[base + 4]), enforced = ARGV[base + 5] == '1',
   }
-  if p.algo == 'fixed-window' then
+  if p.algo == 'fixed-window' or p.algo == 'sliding-window' then
     local index = math.floor(now / p.window)
+    p.index = index
     p.wkey = p.key .. ':' .. index
-    p.count = tonumber(redis.call('GET', p.wkey) or '0')
-    p.reset = index * p.window + p.window - now
+    reads[#reads + 1] = p.wkey
+    p.at = #reads
+    if p.algo == 'sliding-window' then reads[#reads + 1] = p.key .. ':' .. (index - 1) end
+  end
+  plans[i] = p
+end
+local values = #reads > 0 and redis.call('MGET', unpack(reads)) or {}
+for g = 1, guards do
+  local at = tonumber(values[g] or '')
+  if at and at > issued then return {2} end
+end
+
+for i = 1, n do
+  local p = plans[i]
+  if p.algo == 'fixed-window' then
+    p.count = tonumber(values[p.at] or '0')
+    p.reset = p.index * p.window + p.window - now
     p.ok = p.count + p.cost <= p.quota
   elseif p.algo == 'sliding-window' then
-    local index = math.floor(now / p.window)
-    p.wkey = p.key .. ':' .. index
-    p.current = tonumber(redis.call('GET', p.wkey) or '0')
-    p.previous = tonumber(redis.call('GET', p.key .. ':' .. (index - 1)) or '0')
-    p.elapsed = now - index * p.window
+    p.current = tonumber(values[p.at] or '0')
+    p.previous = tonumber(values[p.at + 1] or '0')
+    p.elapsed = now - p.index * p.window
     p.estimate = p.previous * (p.window - p.elapsed) / p.window + p.current
     p.ok = p.estimate + p.cost <= p.quota
   elseif p.algo == 'sliding-log' then
@@ -89,7 +103,6 @@ for i = 1, n do
     p.ok = p.tokens >= p.cost
   end
   if p.enforced and not p.ok then all_ok = false end
-  plans[i] = p
 end
 
 local out = {all_ok and 1 or 0}
