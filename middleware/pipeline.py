@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Iterable, Sequence
 from typing import Any
 
 from .clientip import IPNetwork, TrustedProxies
-from .context import RequestContext, Scope
+from .context import SCOPE_KEY, RequestContext, Scope
 from .policy import Answer, Completed, Pending, Policy, Prepared
 from .responses import ErrorResponse, Message, Receive, Send
 from .store import Command, CommandError, Store, StoreError
@@ -152,40 +152,49 @@ class PolicyPipeline:
         if scope["type"] != "http" or (self.paths and not self.paths.applies(scope["path"])):
             await self.app(scope, receive, send)
             return
-        ctx = RequestContext.of(scope, self.trusted, self.route)
-        if self._request_body_limit and ctx.has_body:
-            replay, refusal = await self._read_body(ctx, receive)
-            if refusal is not None:
-                await self._answer(refusal, ctx, scope, receive, send)
-                return
-            if replay is None:
-                return
-            receive = replay
-        prepared: list[Prepared] = []
-        batch: list[Command] = []
-        for policy in self.policies:
-            step = policy.prepare(ctx)
-            outcome = await step.awaitable if isinstance(step, Pending) else step
-            if not isinstance(outcome, Prepared):
-                if outcome is not None:
-                    await self._answer(outcome, ctx, scope, receive, send)
+        ctx = scope.get(SCOPE_KEY)
+        made = ctx is None  # in an app: this pipeline makes the request's context and unlinks it at the end
+        if ctx is None:
+            ctx = scope[SCOPE_KEY] = RequestContext(scope, self.trusted, self.route)
+        elif self.route and not ctx.route:
+            ctx.route = self.route
+        try:
+            if self._request_body_limit and ctx.has_body:
+                replay, refusal = await self._read_body(ctx, receive)
+                if refusal is not None:
+                    await self._answer(refusal, ctx, scope, receive, send)
                     return
-                outcome = Prepared()
-            prepared.append(outcome)
-            batch.extend(outcome.commands)
+                if replay is None:
+                    return
+                receive = replay
+            prepared: list[Prepared] = []
+            batch: list[Command] = []
+            for policy in self.policies:
+                step = policy.prepare(ctx)
+                outcome = await step.awaitable if isinstance(step, Pending) else step
+                if not isinstance(outcome, Prepared):
+                    if outcome is not None:
+                        await self._answer(outcome, ctx, scope, receive, send)
+                        return
+                    outcome = Prepared()
+                prepared.append(outcome)
+                batch.extend(outcome.commands)
 
-        answer = await self._decide(ctx, prepared, batch)
-        if answer is not None:
-            try:
-                await self._answer(answer, ctx, scope, receive, send)
-            finally:
-                if self._track and len(self.policies) > 1:
-                    # the app never ran: a policy that decided before the answering one may hold something
-                    # to release (the cache's fill lock when the breaker answers)
-                    self._finish(ctx, prepared, Completed(0, (), None, complete=False))
-            return
+            answer = await self._decide(ctx, prepared, batch)
+            if answer is not None:
+                try:
+                    await self._answer(answer, ctx, scope, receive, send)
+                finally:
+                    if self._track and len(self.policies) > 1:
+                        # the app never ran: a policy that decided before the answering one may hold something
+                        # to release (the cache's fill lock when the breaker answers)
+                        self._finish(ctx, prepared, Completed(0, (), None, complete=False))
+                return
 
-        await self._call_app(ctx, prepared, scope, receive, send)
+            await self._call_app(ctx, prepared, scope, receive, send)
+        finally:
+            if made:  # the scope and its context point at each other: unlinked, both are freed by refcount
+                del scope[SCOPE_KEY]  # as soon as the server drops the scope, not by the cyclic collector
 
     async def _read_body(self, ctx: RequestContext, receive: Receive) -> tuple[Receive | None, Answer | None]:
         """Read the body once, up to the policies' limit: a ``receive`` that replays it, or a refusal.

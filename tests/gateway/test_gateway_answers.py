@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +12,7 @@ import httpx
 import pytest
 
 from edgeway import gateway
+from edgeway.middleware.context import RequestContext
 from tests.servers import UvicornThread, free_port
 
 from .conftest import EchoApp, RawUpstream, Served, main_policy, marker, serve_gateway, wait_until
@@ -228,3 +230,25 @@ def test_rate_limit_through_gateway(gw: Served) -> None:
     assert_gateway_error(limited, 429, "rate_limited")
     assert int(limited.headers["retry-after"]) >= 1
     assert "ratelimit" in limited.headers
+
+
+async def test_a_requests_context_is_freed_with_it_not_left_to_the_cyclic_collector(tmp_path: Path,
+                                                                                    echo: EchoApp) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text(_policy(echo.port, "/api") + "    limits: [{ rate: 1000/minute, key: ip }]\n")  # type: ignore[attr-defined]
+    gw = gateway.create_app(path)
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=gw), base_url="http://gw.test") as client:
+            assert (await client.get("/api/echo/a")).status_code == 200  # warm
+            gc.collect()
+            gc.disable()
+            try:
+                for _ in range(10):
+                    assert (await client.get("/api/echo/a")).status_code == 200
+                    assert (await client.get("/nowhere")).status_code == 404
+                left = [obj for obj in gc.get_objects() if type(obj) is RequestContext]
+            finally:
+                gc.enable()
+        assert len(left) <= 1  # (a request may still be winding down in the transport)
+    finally:
+        await gw.close()

@@ -7,12 +7,13 @@ counts round trips, so "one batch per request" is asserted, not assumed.
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import Sequence
 from typing import Any
 
 import pytest
 
-from edgeway.middleware.context import RequestContext
+from edgeway.middleware.context import SCOPE_KEY, RequestContext
 from edgeway.middleware.pipeline import PolicyPipeline
 from edgeway.middleware.policy import Answer, BasePolicy, Completed, Pending, Prepared
 from edgeway.middleware.responses import ErrorResponse, Message, Response
@@ -107,6 +108,35 @@ async def test_every_policys_commands_go_out_in_one_batch() -> None:
     await run(app, http_scope())
     assert store.batches == [[Get("k:a"), Get("k:b")]]
     assert first.seen[-1] == ("decide", [None]) and second.seen[-1] == ("decide", [None])
+
+
+async def test_the_context_is_shared_during_the_request_and_unlinked_by_whoever_made_it() -> None:
+    seen: list[object] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if not seen:
+            seen.append(scope.get(SCOPE_KEY))
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    store = CountingStore()
+    inner = PolicyPipeline(app, policies=[Recorder("b")], store=store)
+    outer = PolicyPipeline(inner, policies=[Recorder("a")], store=store)
+    scope = http_scope()
+    await run(outer, scope)
+    assert isinstance(seen[0], RequestContext) and seen[0].scope is scope  # the app saw the one context
+    assert SCOPE_KEY not in scope  # made by the outer pipeline, unlinked when it finished
+    seen.clear()
+    gc.collect()
+    before = sum(1 for obj in gc.get_objects() if type(obj) is RequestContext)
+    gc.disable()
+    try:
+        for _ in range(20):
+            await run(outer, http_scope())
+        after = sum(1 for obj in gc.get_objects() if type(obj) is RequestContext)
+    finally:
+        gc.enable()
+    assert after - before <= 1  # each request's context went with its scope, without the cyclic collector
 
 
 # -- reading a bounded request body ----------------------------------------------------------------------------------
