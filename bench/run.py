@@ -114,6 +114,8 @@ PG_TIMEOUT, PG_MODE = "200ms", "postgres"  # its store timeout; the mode readyz 
 # What PG_TARGET logs by design when it fails over (middleware/store/failover.py); anything else is flagged.
 EXPECTED_LOG = {PG_TARGET: re.compile(r"store mode redis -> postgres$|store redis://\S+ marked down after \d+ "
                                       r"failures \(cannot connect to Redis")}
+# bench/policy_cost.py times these targets' gateways in-process (first: the reference), on its Redis
+POLICY_COST_TARGETS = ("edgeway-2-limits", BREAKER_TARGET, "session-warm")
 STORE_GOAL_TARGET = "edgeway-2-limits"  # goals: <= 1 Redis round trip and exactly 1 script call per request
 STORE_GOAL_TARGETS = (STORE_GOAL_TARGET, BREAKER_TARGET)  # a closed breaker adds no command per request
 MAX_ROUND_TRIPS, SCRIPT_CALLS, SCRIPT_CALLS_TOLERANCE = 1.0, 1.0, 0.01
@@ -267,6 +269,8 @@ class Outcome:
     pg: PgWork | None = None
     problems: list[str] = field(default_factory=list)
     failed: bool = False  # not (or no longer) measurable: skipped in the remaining rounds
+    redis_port: int | None = None  # its private Redis, if it has one
+    policy_costs: dict[str, float] = field(default_factory=dict)  # POLICY_COST_TARGETS' in-process CPU/request
 
     @property
     def rps(self) -> float:
@@ -493,6 +497,23 @@ def metrics_cost(requests: int, mode: str | None) -> float:
         return metrics_cost_timed(requests, None)
     with tempfile.TemporaryDirectory(prefix="edgeway-metrics-") as directory:
         return metrics_cost_timed(requests, directory)
+
+
+def policy_costs(outcomes: list[Outcome], tmp: Path) -> None:
+    """Time POLICY_COST_TARGETS' gateways in-process (bench/policy_cost.py) on the reference target's Redis;
+    the figures go to the reference's outcome. Skipped unless all of them ran."""
+    measured = {o.target: o for o in outcomes if o.runs and not o.failed}
+    if not all(target in measured for target in POLICY_COST_TARGETS):
+        return
+    reference = measured[POLICY_COST_TARGETS[0]]
+    argv = [str(VENV_BIN / "python"), str(BENCH / "policy_cost.py"), "--redis",
+            f"redis://127.0.0.1:{reference.redis_port}", "--authorization",
+            HEADERS["session-warm"]["Authorization"], *(str(tmp / f"{t}.yaml") for t in POLICY_COST_TARGETS)]
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=True, cwd=ROOT)
+        reference.policy_costs = json.loads(done.stdout.strip().splitlines()[-1])
+    except (subprocess.SubprocessError, ValueError, IndexError) as exc:
+        reference.problems.append(f"bench/policy_cost.py failed: {exc}")
 
 
 def start_postgres(outcome: Outcome) -> PostgresCluster | None:
@@ -744,6 +765,21 @@ def render(outcomes: list[Outcome], args: argparse.Namespace, command: str) -> s
     cache_trips = cache_store.round_trips if cache_store and cache_store.requests else None
     lines.append(ratio_line(f"{CACHE_TARGET} Redis round trips/hit", cache_trips, f"<= {MAX_ROUND_TRIPS:g}",
                             cache_trips is not None and cache_trips <= MAX_ROUND_TRIPS))
+    costs = measured[POLICY_COST_TARGETS[0]].policy_costs if POLICY_COST_TARGETS[0] in measured else {}
+    if costs:
+        base = costs[POLICY_COST_TARGETS[0]]
+        cpus = [run.cpu_us for run in measured[POLICY_COST_TARGETS[0]].runs if run.cpu_us is not None]
+        wrk_cpu = statistics.median(cpus) if cpus else None
+        lines += ["", "What the policies themselves cost (`bench/policy_cost.py`, in this run: CPU per request of "
+                  "`Gateway.__call__` in one process, the upstream replaced by an app that answers at once, on "
+                  f"{POLICY_COST_TARGETS[0]}'s Redis; 16 tasks, median of 7 rounds). Beside each extra cost, the "
+                  f"ratio it implies: {POLICY_COST_TARGETS[0]}'s CPU per request in the wrk runs above over that "
+                  "plus the extra:", "",
+                  f"- {POLICY_COST_TARGETS[0]}: {base:.1f} us"]
+        for target in POLICY_COST_TARGETS[1:]:
+            extra = costs[target] - base
+            implied = f"; implies {wrk_cpu / (wrk_cpu + extra):.2f}" if wrk_cpu and wrk_cpu + extra > 0 else ""
+            lines.append(f"- {target}: {costs[target]:.1f} us ({extra:+.1f} us{implied})")
     if PG_TARGET in args.targets:
         lines += ["", f"Fallback mode ({PG_TARGET}: Redis unreachable, limits enforced through PostgreSQL; "
                   "recorded, no goal):", ""]
@@ -828,6 +864,7 @@ def start_all(procs: Processes, outcomes: list[Outcome], tmp: Path, cluster: Pos
                                        cluster.dsn if cluster is not None else None)
             if redis_port is not None:
                 clients[outcome.target], outcome.store = redis.Redis(port=redis_port), StoreWork()
+                outcome.redis_port = redis_port
         except Exception as exc:
             outcome.failed = True
             outcome.problems.append(f"failed to start: {exc}")
@@ -880,6 +917,8 @@ def main(argv: list[str] | None = None) -> int:
                 if not outcome.failed:
                     measure(procs, outcome, round_no, args, clients.get(outcome.target),
                             cluster if outcome.target == PG_TARGET else None)
+        print("== in-process policy cost (bench/policy_cost.py)", flush=True)
+        policy_costs(outcomes, tmp)
         if pg_outcome is not None and cluster is not None and pg_outcome.pg and pg_outcome.pg.pending:
             print(f"== waiting for PostgreSQL's statistics of the last {PG_TARGET} run", flush=True)
             try:
