@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from .breaker import Admission, CircuitBreaker, CircuitOpen
+from .breaker import PROBE, Admission, CircuitBreaker, CircuitOpen
 from .breaker_config import BreakerSettings
 from .clientip import IPNetwork
 from .context import RequestContext
@@ -87,7 +87,7 @@ class BreakerPolicy(BasePolicy):
         if isinstance(admitted, CircuitOpen):
             return self._refusal(ctx, admitted)
         prepared.state = admitted
-        if admitted is Admission.PROBE:
+        if admitted is PROBE:
             ctx.outcomes["breaker"] = "probe"
         return None
 
@@ -116,7 +116,7 @@ class BreakerPolicy(BasePolicy):
         if not isinstance(admission, Admission):
             return ()  # not admitted: answered before the call
         outcome = failed(response, self._settings, self._statuses)
-        if admission is Admission.PROBE and outcome is None and response.complete and response.status:
+        if admission is PROBE and outcome is None and response.complete and response.status:
             outcome = False  # a 4xx to the probe: the upstream answers, that is all a probe asks
         write = self.breaker.record(admission, outcome)
         if write is None:
