@@ -288,7 +288,7 @@ class RedisProtocolStore(Store):
             for check in command.checks:
                 args.extend(
                     (
-                        check.algorithm.value,
+                        check.algorithm,  # a StrEnum: the value itself (.value costs ~0.2 us a lookup)
                         check.quota,
                         check.window_ms,
                         check.cost,
