@@ -246,14 +246,20 @@ async def test_a_full_queue_is_written_at_once() -> None:
     assert stream.getvalue().endswith("\nafter\n") and stream.writes == 2
 
 
-@pytest.mark.parametrize("path", ["/plain", '/q"uote', "/back\\slash", "/caf\u00e9/\u2603", "/ctl\x01\x7f", "/tab\t"])
-async def test_json_lines_are_valid_json_for_any_path_and_id(path: str) -> None:
+def batched_logger(name: str) -> tuple[CountingStream, BatchedStreamHandler, logging.Logger]:
+    """A logger of its own writing through a BatchedStreamHandler into a counting stream, as under serve."""
     stream = CountingStream()
     handler = BatchedStreamHandler(stream)
-    logger = logging.getLogger(f"edgeway.test-json-{id(stream)}")
+    logger = logging.getLogger(f"edgeway.test-{name}-{id(stream)}")
     logger.addHandler(handler)
     logger.propagate = False
     logger.setLevel(logging.INFO)
+    return stream, handler, logger
+
+
+@pytest.mark.parametrize("path", ["/plain", '/q"uote', "/back\\slash", "/caf\u00e9/\u2603", "/ctl\x01\x7f", "/tab\t"])
+async def test_json_lines_are_valid_json_for_any_path_and_id(path: str) -> None:
+    stream, handler, logger = batched_logger("json")
     scope = {"type": "http", "method": "GET", "path": path, "headers": [], "client": ("10.0.0.1", 1)}
     ctx = RequestContext(scope, TrustedProxies([]))
     ctx.route, ctx.request_id, ctx.upstream, ctx.upstream_seconds = 'r"1', 'id\\"x', "origin", 0.0015
@@ -269,12 +275,7 @@ async def test_json_lines_are_valid_json_for_any_path_and_id(path: str) -> None:
 
 
 async def test_the_remembered_field_values_stay_bounded_and_right() -> None:
-    stream = CountingStream()
-    handler = BatchedStreamHandler(stream)
-    logger = logging.getLogger(f"edgeway.test-bounded-{id(stream)}")
-    logger.addHandler(handler)
-    logger.propagate = False
-    logger.setLevel(logging.INFO)
+    stream, handler, logger = batched_logger("bounded")
     log = AccessLog("json", logger=logger)
     paths = [f"/item/{n}" for n in range(accesslog._QUOTED_KEPT + 500)] + ['/q"x', "/item/7"]
     for path in paths:

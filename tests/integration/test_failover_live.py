@@ -25,7 +25,7 @@ from edgeway.middleware.store.failover import FailoverStore
 from tests.servers import PostgresServer, RedisServer, UvicornThread, apply_migration, ok_app
 
 QUOTA = 20
-TIMEOUT_S = 0.25
+TIMEOUT_S = 0.5  # (0.25 s: PostgreSQL's first batches under this load were marked down once in a full run)
 HELD = 3.0  # seconds Redis stays paused after the failover
 SLACK = 2.0  # seconds a request may take on a loaded machine: far above the store timeouts it can pay
 
