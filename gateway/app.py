@@ -252,7 +252,7 @@ class Gateway:
                 self.access_log.record(ctx, status, elapsed, active.store.kind)
             # the scope and its context point at each other: unlinked, the request's objects are freed as soon
             # as the server lets go of the scope, not by the cyclic collector (whose passes grow with them)
-            del scope[SCOPE_KEY]
+            scope.pop(SCOPE_KEY, None)
 
     def answer_now(self, scope: Scope) -> Answer | None:
         """The answer to a request that can be decided from memory alone (a hot cache entry on a route whose
@@ -278,7 +278,7 @@ class Gateway:
         ctx = RequestContext(scope, active.trusted, found.name)
         scope[SCOPE_KEY] = ctx
         answer: Answer | None = found.app.answer_now(ctx)
-        del scope[SCOPE_KEY]  # (see __call__)
+        scope.pop(SCOPE_KEY, None)  # (see __call__)
         if answer is None:
             return None
         ctx.request_id = _request_id(scope)

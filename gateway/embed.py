@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeway.middleware.clientip import TrustedProxies
-from edgeway.middleware.context import RequestContext, Scope
+from edgeway.middleware.context import SCOPE_KEY, RequestContext, Scope
 from edgeway.middleware.responses import Message, Receive, Send
 from edgeway.middleware.store import Clock, Store
 from edgeway.middleware.users import UserFrom, user_source
@@ -98,8 +98,13 @@ class EdgewayMiddleware:
         if isinstance(found, set):
             await self.app(scope, receive, send)
             return
+        made = SCOPE_KEY not in scope
         RequestContext.of(scope, self.trusted, found.name)
-        await found.app(scope, receive, send)
+        try:
+            await found.app(scope, receive, send)
+        finally:
+            if made:  # unlinked from its scope, the request's context is freed at once (see Gateway.__call__)
+                scope.pop(SCOPE_KEY, None)
 
     def _closing_store(self, send: Send) -> Send:
         async def send_closing(message: Message) -> None:

@@ -194,7 +194,7 @@ class PolicyPipeline:
             await self._call_app(ctx, prepared, scope, receive, send)
         finally:
             if made:  # the scope and its context point at each other: unlinked, both are freed by refcount
-                del scope[SCOPE_KEY]  # as soon as the server drops the scope, not by the cyclic collector
+                scope.pop(SCOPE_KEY, None)  # as soon as the server drops the scope, not by the cyclic collector
 
     async def _read_body(self, ctx: RequestContext, receive: Receive) -> tuple[Receive | None, Answer | None]:
         """Read the body once, up to the policies' limit: a ``receive`` that replays it, or a refusal.

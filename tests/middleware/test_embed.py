@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 from pathlib import Path
 
 import httpx
@@ -12,6 +13,7 @@ from starlette.routing import Route
 
 from edgeway.gateway import Edgeway
 from edgeway.middleware.cache import CacheMiddleware
+from edgeway.middleware.context import RequestContext
 from edgeway.middleware.ratelimit import Limit, RateLimitMiddleware
 from edgeway.middleware.store.memory import MemoryStore
 
@@ -99,3 +101,20 @@ async def test_cache_middleware_as_in_the_readme() -> None:
         await asyncio.sleep(0)
         second = await http.post("/api/ai/chat", json={"q": 1})
     assert second.headers["cache-status"].startswith("edgeway; hit") and second.json() == first.json()
+
+
+async def test_a_wrapped_requests_context_is_freed_with_it(tmp_path: Path) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text(POLICY.replace("2/minute", "1000/minute"))
+    app = Edgeway.from_policy(path, store=MemoryStore()).wrap(starlette_app())
+    async with client(app) as http:
+        assert (await http.post("/api/ai/chat")).status_code == 200  # warm
+        gc.collect()
+        gc.disable()
+        try:
+            for _ in range(10):
+                assert (await http.post("/api/ai/chat")).status_code == 200
+            left = [obj for obj in gc.get_objects() if type(obj) is RequestContext]
+        finally:
+            gc.enable()
+    assert len(left) <= 1  # the scope and its context no longer point at each other once a request is done
