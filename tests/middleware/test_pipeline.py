@@ -7,7 +7,6 @@ counts round trips, so "one batch per request" is asserted, not assumed.
 from __future__ import annotations
 
 import asyncio
-import gc
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,6 +18,7 @@ from edgeway.middleware.policy import Answer, BasePolicy, Completed, Pending, Pr
 from edgeway.middleware.responses import ErrorResponse, Message, Response
 from edgeway.middleware.store import Command, Get, Set, Store
 from edgeway.middleware.store.memory import MemoryStore
+from tests.garbage import contexts_left
 from tests.servers import read_body
 
 
@@ -127,16 +127,11 @@ async def test_the_context_is_shared_during_the_request_and_unlinked_by_whoever_
     assert isinstance(seen[0], RequestContext) and seen[0].scope is scope  # the app saw the one context
     assert SCOPE_KEY not in scope  # made by the outer pipeline, unlinked when it finished
     seen.clear()
-    gc.collect()
-    before = sum(1 for obj in gc.get_objects() if type(obj) is RequestContext)
-    gc.disable()
-    try:
-        for _ in range(20):
-            await run(outer, http_scope())
-        after = sum(1 for obj in gc.get_objects() if type(obj) is RequestContext)
-    finally:
-        gc.enable()
-    assert after - before <= 1  # each request's context went with its scope, without the cyclic collector
+
+    async def one_request() -> None:
+        await run(outer, http_scope())
+
+    assert await contexts_left(one_request, 20) <= 1  # each went with its scope, without the cyclic collector
 
 
 # -- reading a bounded request body ----------------------------------------------------------------------------------
