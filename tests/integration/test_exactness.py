@@ -9,6 +9,8 @@ inflate the count (it would show as 503s, which the test forbids).
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 import uuid
 from collections import Counter
@@ -18,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.servers import BRIDGE_TOKEN, Gateways, UvicornThread, ok_app
+from tests.servers import BRIDGE_TOKEN, Gateways, UvicornThread, free_port, ok_app, wait_for_port
 
 REQUESTS = 500
 QUOTA = 100
@@ -50,14 +52,33 @@ def upstream() -> Iterator[UvicornThread]:
         yield server
 
 
+@pytest.fixture(scope="module")
+def bridge_process(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    """The Upstash bridge in a process of its own, as a real Upstash is: in a thread of the test process it
+    would share the interpreter lock with the 500-request burst, and stalled 5 s once on a slow machine."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("bridge") / "bridge.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "edgeway.gateway.upstash_bridge", "--redis", redis_url,
+                                 "--token", BRIDGE_TOKEN, "--port", str(port)], stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for_port(port, timeout=20, alive=lambda: proc.poll() is None)
+        yield port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 @pytest.fixture(params=["redis", "upstash"])
 def gateways(request: pytest.FixtureRequest, upstream: UvicornThread, redis_url: str,
              tmp_path: Path) -> Iterator[Gateways]:
     if request.param == "redis":
         store = redis_url
     else:
-        bridge = request.getfixturevalue("upstash_bridge")
-        store = f"upstash+http://{BRIDGE_TOKEN}@127.0.0.1:{bridge.port}"
+        store = f"upstash+http://{BRIDGE_TOKEN}@127.0.0.1:{request.getfixturevalue('bridge_process')}"
     policy = tmp_path / "policy.yaml"
     policy.write_text(POLICY.format(store=store, prefix=f"exact-{uuid.uuid4().hex[:8]}:", upstream=upstream.url,
                                     quota=QUOTA))
