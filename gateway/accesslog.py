@@ -22,6 +22,7 @@ import time
 from typing import Literal, TextIO
 
 from edgeway.middleware.context import RequestContext
+from edgeway.middleware.memo import Memo
 
 LogFormat = Literal["json", "text"]
 
@@ -67,8 +68,8 @@ def _quoted(value: str) -> str:
     return json.dumps(value)
 
 
-_QUOTED: dict[str, str] = {}  # routes, methods, paths, outcomes: the values lines repeat
 _QUOTED_KEPT = 4096
+_QUOTED: Memo[str, str] = Memo(_QUOTED_KEPT)  # routes, methods, paths, outcomes: the values lines repeat
 
 
 def _json_str(value: str | None) -> str:
@@ -77,9 +78,7 @@ def _json_str(value: str | None) -> str:
         return "null"
     quoted = _QUOTED.get(value)
     if quoted is None:
-        if len(_QUOTED) >= _QUOTED_KEPT:  # many distinct paths: start over rather than grow
-            _QUOTED.clear()
-        quoted = _QUOTED[value] = _quoted(value)
+        quoted = _QUOTED.keep(value, _quoted(value))
     return quoted
 
 

@@ -55,6 +55,7 @@ from .cache_settings import CacheSettings
 from .cache_signals import fills, purges
 from .clientip import IPNetwork
 from .context import RequestContext
+from .memo import Memo
 from .metrics import CACHE_REQUESTS, CACHE_STORED_BYTES
 from .pipeline import ASGIApp, PolicyPipeline
 from .policy import Answer, BasePolicy, Completed, Pending, Prepared
@@ -129,7 +130,7 @@ class CachePolicy(BasePolicy):
         self._decoded: dict[str, tuple[bytes, Entry]] = {}
         self._hot: dict[str, tuple[Entry, float]] = {}  # primary key -> (fresh entry, served from memory until)
         self._plain_key = set(self.parts) <= {"method", "path", "query"}
-        self._keys: dict[tuple[str, bytes, str, bytes], str] = {}  # request target -> primary key
+        self._keys: Memo[tuple[str, bytes, str, bytes], str] = Memo(_KEYS_KEPT)  # request target -> primary key
         self.request_body_limit = settings.max_request_body if self.key_has_body else 0
         self.response_body_limit = settings.max_body
         self.prefix = f"{key_prefix}cache:"
@@ -165,9 +166,7 @@ class CachePolicy(BasePolicy):
         target = (method, host, scope["path"], scope.get("query_string", b""))
         key = self._keys.get(target)
         if key is None:
-            if len(self._keys) >= _KEYS_KEPT:
-                del self._keys[next(iter(self._keys))]
-            key = self._keys[target] = self._digest(ctx, method, host)
+            key = self._keys.keep(target, self._digest(ctx, method, host))
         return key
 
     def _digest(self, ctx: RequestContext, method: str, host: bytes) -> str:

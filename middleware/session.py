@@ -32,6 +32,7 @@ from starlette.requests import Request
 
 from .clientip import IPNetwork
 from .context import RequestContext
+from .memo import Memo
 from .metrics import SESSION_REVOCATIONS_UNCHECKED
 from .pipeline import ASGIApp, PolicyPipeline, Throttled
 from .policy import BasePolicy, Pending, Prepared
@@ -116,7 +117,7 @@ class SessionPolicy(BasePolicy):
         self._token_key, self._sid_key, self._user_key = f"{prefix}rv:t:", f"{prefix}rv:s:", f"{prefix}rv:u:"
         # Authorization value -> its token's digest: a known bearer token skips parsing and hashing. The values
         # stay in this process, in a bounded map (never in the store or a log line), as they do in its requests.
-        self._digests: dict[bytes, str] = {}
+        self._digests: Memo[bytes, str] = Memo(_DIGESTS_KEPT)
 
     # -- policy protocol ----------------------------------------------------------------------
 
@@ -144,9 +145,7 @@ class SessionPolicy(BasePolicy):
         else:
             digest = token_digest(token)
             if bearer and authorization is not None:
-                if len(self._digests) >= _DIGESTS_KEPT:
-                    self._digests.clear()
-                self._digests[authorization] = digest
+                self._digests.keep(authorization, digest)
             cached = service.cached(digest, now)
         if cached is not None:
             return self._admit(ctx, digest, cached, now)
