@@ -33,7 +33,7 @@ from collections.abc import AsyncIterator, Callable
 from edgeway.middleware.breaker import CircuitBreaker
 from edgeway.middleware.clientip import TrustedProxies
 from edgeway.middleware.context import RequestContext, Scope
-from edgeway.middleware.metrics import DROPPED_HEADERS, UPSTREAM_ERRORS, UPSTREAM_SECONDS
+from edgeway.middleware.metrics import DROPPED_HEADERS, UPSTREAM_ERRORS, UPSTREAM_SECONDS, timings
 from edgeway.middleware.pipeline import Throttled
 from edgeway.middleware.responses import ErrorResponse, Receive, Send
 
@@ -150,7 +150,7 @@ class UpstreamProxy:
         self._errors = Throttled()
         self._bad_gateway = UPSTREAM_ERRORS.labels(name, "bad_gateway")
         self._timeouts = UPSTREAM_ERRORS.labels(name, "upstream_timeout")
-        self._latency = UPSTREAM_SECONDS.labels(name)
+        self._latency = timings(UPSTREAM_SECONDS.labels(name))
         retry = upstream.breaker.retry if upstream.breaker is not None else None
         self._retry = Retrier(retry, breaker, clock=clock or time.monotonic) \
             if retry is not None and breaker is not None else None

@@ -14,13 +14,11 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
-from prometheus_client.metrics import Counter
-
 from edgeway.middleware.breaker import CircuitBreaker
 from edgeway.middleware.breaker_policy import BreakerPolicy
 from edgeway.middleware.cache import CachePolicy
 from edgeway.middleware.clientip import TrustedProxies
-from edgeway.middleware.metrics import REQUEST_SECONDS, REQUESTS
+from edgeway.middleware.metrics import REQUEST_SECONDS, REQUESTS, Increments, tally, timings
 from edgeway.middleware.pipeline import PolicyPipeline
 from edgeway.middleware.policy import Policy as RoutePolicy
 from edgeway.middleware.ratelimit import RateLimitPolicy
@@ -41,15 +39,15 @@ class RouteMeter:
 
     def __init__(self, name: str, methods: tuple[str, ...] = ()) -> None:
         self.name = name
-        self.duration = REQUEST_SECONDS.labels(name)
-        self._requests: dict[tuple[str, int], Counter] = {}
+        self.duration = timings(REQUEST_SECONDS.labels(name))
+        self._requests: dict[tuple[str, int], Increments] = {}
         for method in methods:  # the common answer, so the route shows in a scrape before its first request
             self._child(method, 200)
 
-    def _child(self, method: str, status: int) -> Counter:
+    def _child(self, method: str, status: int) -> Increments:
         if method not in _METHODS:
             method = "OTHER"
-        child = self._requests[(method, status)] = REQUESTS.labels(self.name, method, str(status))
+        child = self._requests[(method, status)] = tally(REQUESTS.labels(self.name, method, str(status)))
         return child
 
     def record(self, method: str, status: int, seconds: float) -> None:

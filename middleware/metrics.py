@@ -11,6 +11,10 @@ agree on the names. Rules for code that records them:
   values there and one scrape sums them (:func:`scrape`). Each gauge therefore
   declares how workers' values combine (``multiprocess_mode``); that choice is
   part of the metric's meaning and is stated in its docstring.
+- On the request path, count through :func:`tally` and :func:`timings` (bound once, like the children):
+  an increment there is a plain integer addition, folded into the Prometheus child whenever metrics are
+  collected (a scrape, a test reading ``REGISTRY``), where ``child.inc()`` takes a lock on every call. Under
+  ``--workers N`` they are the children themselves: workers share values through files a scrape reads.
 - Counters never go down; label values come from the policy (route, upstream,
   store kind) or from small fixed sets named in each docstring, never from
   request data, so cardinality stays bounded.
@@ -20,12 +24,127 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
 import time
-from collections.abc import Iterator
+from bisect import bisect_left
+from collections.abc import Iterable, Iterator
+from typing import Protocol
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import prometheus_client
+from prometheus_client import REGISTRY, CollectorRegistry, Gauge, generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+
+# -- counting on the request path ------------------------------------------------------------------
+
+
+class Increments(Protocol):
+    """A counter child, or its :class:`Tally`."""
+
+    def inc(self, amount: float = 1) -> None: ...
+
+
+class Observations(Protocol):
+    """A histogram child, or its :class:`Timings`."""
+
+    def observe(self, amount: float) -> None: ...
+
+
+class Tally:
+    """A counter child's increments, added up in a plain number and folded into the child when metrics are
+    collected. Only the event loop's thread increments; :func:`fold` may run in any thread."""
+
+    __slots__ = ("child", "count", "folded")
+
+    def __init__(self, child: prometheus_client.Counter) -> None:
+        self.child = child
+        self.count: float = 0
+        self.folded: float = 0
+
+    def inc(self, amount: float = 1) -> None:
+        self.count += amount
+
+    def fold(self) -> None:
+        count = self.count  # read once: increments made meanwhile are folded next time
+        if count != self.folded:
+            self.child.inc(count - self.folded)
+            self.folded = count
+
+
+class Timings:
+    """A histogram child's observations, counted per bucket in plain numbers and folded like :class:`Tally`."""
+
+    __slots__ = ("bounds", "child", "counts", "folded", "folded_total", "total")
+
+    def __init__(self, child: prometheus_client.Histogram) -> None:
+        self.child = child
+        self.bounds: list[float] = list(child._upper_bounds)  # the child's own bounds, +Inf last
+        self.counts = [0] * len(self.bounds)
+        self.folded = [0] * len(self.bounds)
+        self.total = self.folded_total = 0.0
+
+    def observe(self, amount: float) -> None:
+        self.counts[bisect_left(self.bounds, amount)] += 1  # the first bucket whose bound is >= amount, as observe
+        self.total += amount
+
+    def fold(self) -> None:
+        buckets = self.child._buckets
+        for index, count in enumerate(self.counts):
+            if count != self.folded[index]:
+                buckets[index].inc(count - self.folded[index])
+                self.folded[index] = count
+        total = self.total
+        if total != self.folded_total:
+            self.child._sum.inc(total - self.folded_total)
+            self.folded_total = total
+
+
+_PENDING: dict[object, Tally | Timings] = {}  # by child: one per label set, so bounded as the children are
+_FOLDING = threading.Lock()
+
+
+def tally(child: prometheus_client.Counter) -> Increments:
+    """What the request path increments instead of ``child`` (see the module docstring)."""
+    if multiprocess_dir() is not None:
+        return child
+    found = _PENDING.get(child)
+    if found is None:
+        found = _PENDING[child] = Tally(child)
+    return found  # type: ignore[return-value]
+
+
+def timings(child: prometheus_client.Histogram) -> Observations:
+    """What the request path observes instead of ``child`` (see the module docstring)."""
+    if multiprocess_dir() is not None:
+        return child
+    found = _PENDING.get(child)
+    if found is None:
+        found = _PENDING[child] = Timings(child)
+    return found  # type: ignore[return-value]
+
+
+def fold() -> None:
+    """Add every tally's and timing's new counts to its child (collecting a family calls this first)."""
+    with _FOLDING:
+        for pending in list(_PENDING.values()):
+            pending.fold()
+
+
+class Counter(prometheus_client.Counter):
+    """A counter family whose children may be counted through :func:`tally`."""
+
+    def collect(self) -> Iterable[Metric]:
+        fold()
+        return super().collect()
+
+
+class Histogram(prometheus_client.Histogram):
+    """A histogram family whose children may be observed through :func:`timings`."""
+
+    def collect(self) -> Iterable[Metric]:
+        fold()
+        return super().collect()
+
 
 # Latency buckets (seconds): from a fast Redis round trip to a slow AI upstream.
 _FAST = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from .clientip import IPNetwork, TrustedProxies
 from .context import RequestContext
-from .metrics import RATELIMIT_DECISIONS, RATELIMIT_KEY_FALLBACKS, STORE_FAILURES
+from .metrics import RATELIMIT_DECISIONS, RATELIMIT_KEY_FALLBACKS, STORE_FAILURES, tally
 from .pipeline import ASGIApp, PolicyPipeline, Throttled
 from .policy import Answer, BasePolicy, Completed, Prepared
 from .ratelimit_headers import HeaderLimit, RateLimitFields, policy_name, seconds_ceil
@@ -173,12 +173,12 @@ class _CompiledLimit:
             "response_header:") else None
         self.cost_path = tuple(source.removeprefix("json:").split(".")) if source and not self.cost_header else None
         # metric children bound once: labels() on every request costs more than the increment
-        self.allowed = RATELIMIT_DECISIONS.labels(route, ident, "allowed")
-        self.rejected = RATELIMIT_DECISIONS.labels(route, ident, "rejected")
-        self.shadow_rejected = RATELIMIT_DECISIONS.labels(route, ident, "shadow_rejected")
-        self.near_limit = RATELIMIT_DECISIONS.labels(route, ident, "near_limit")
-        self.exempt = RATELIMIT_DECISIONS.labels(route, ident, "exempt")
-        self.local_block = RATELIMIT_DECISIONS.labels(route, ident, "local_block")
+        self.allowed = tally(RATELIMIT_DECISIONS.labels(route, ident, "allowed"))
+        self.rejected = tally(RATELIMIT_DECISIONS.labels(route, ident, "rejected"))
+        self.shadow_rejected = tally(RATELIMIT_DECISIONS.labels(route, ident, "shadow_rejected"))
+        self.near_limit = tally(RATELIMIT_DECISIONS.labels(route, ident, "near_limit"))
+        self.exempt = tally(RATELIMIT_DECISIONS.labels(route, ident, "exempt"))
+        self.local_block = tally(RATELIMIT_DECISIONS.labels(route, ident, "local_block"))
         self.key_fallback = RATELIMIT_KEY_FALLBACKS.labels(route, ident, limit.on_missing)
 
     def actual_cost(self, response: Completed) -> int | None:

@@ -29,7 +29,7 @@ from typing import Any
 
 from .breaker import CircuitBreaker
 from .breaker_config import BreakerSettings
-from .metrics import SESSION_CACHE
+from .metrics import SESSION_CACHE, tally
 from .session_provider import AuthProvider, JwksCache, ProviderAnswer, _Session
 from .session_settings import SessionSettings, SessionUser
 from .store import CommandError, Delete, Get, Set, Store, StoreError
@@ -55,11 +55,6 @@ PROVIDER_BREAKER = "session-provider"
 PROVIDER_BREAKER_SETTINGS = BreakerSettings(failures=3, open_for=10.0, max_open_for=60.0)
 """The auth provider's breaker: 3 failures in a row open it for 10 s (doubling on each reopening, up to 60 s)."""
 POLL_FIRST, POLL_MAX = 0.01, 0.1  # waiting for another instance's provider answer in the store
-
-_HIT = SESSION_CACHE.labels("hit")
-_MISS = SESSION_CACHE.labels("miss")
-_NEGATIVE = SESSION_CACHE.labels("negative")
-
 
 class Known:
     """What this instance knows of one token (mutable: a hit slides ``until``).
@@ -144,6 +139,9 @@ class SessionService:
         self.issuer = settings.effective_issuer
         self.wanted = tuple(dict.fromkeys((*settings.claims, *settings.headers.values())))
         self._lock_ms = int((settings.timeout + 1.0) * 1000)
+        self._hits = tally(SESSION_CACHE.labels("hit"))
+        self._misses = tally(SESSION_CACHE.labels("miss"))
+        self._negatives = tally(SESSION_CACHE.labels("negative"))
 
     async def close(self) -> None:
         for task in list(self._background):
@@ -158,16 +156,16 @@ class SessionService:
         """The token's known result, slid forward on a hit; None when unknown or expired."""
         known = self._known.get(digest)
         if known is None:
-            _MISS.inc()
+            self._misses.inc()
             return None
         if known.until <= now:
             del self._known[digest]
-            _MISS.inc()
+            self._misses.inc()
             return None
         if known.user is None:
-            _NEGATIVE.inc()
+            self._negatives.inc()
             return known
-        _HIT.inc()
+        self._hits.inc()
         ttl_end = now + self.settings.ttl
         known.until = ttl_end if known.exp is None else min(ttl_end, known.exp)
         return known

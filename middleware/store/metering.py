@@ -14,9 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
-from prometheus_client.metrics import Counter
-
-from ..metrics import STORE_CALL_SECONDS, STORE_COMMANDS, STORE_ERRORS
+from ..metrics import STORE_CALL_SECONDS, STORE_COMMANDS, STORE_ERRORS, Increments, tally, timings
 from .base import Command, Store, StoreTimeout
 
 
@@ -28,10 +26,10 @@ class StoreMeter:
     def __init__(self, store: Store) -> None:
         self.store = store
         self.kind = store.kind
-        self._seconds = STORE_CALL_SECONDS.labels(self.kind)
+        self._seconds = timings(STORE_CALL_SECONDS.labels(self.kind))
         self._errors = STORE_ERRORS.labels(self.kind, "error")
         self._timeouts = STORE_ERRORS.labels(self.kind, "timeout")
-        self._commands: dict[type, Counter] = {}
+        self._commands: dict[type, Increments] = {}
 
     def count(self, commands: Sequence[Command]) -> None:
         """Count ``commands`` as sent to this store."""
@@ -40,7 +38,7 @@ class StoreMeter:
             kind = type(command)
             child = children.get(kind)
             if child is None:
-                child = children[kind] = STORE_COMMANDS.labels(self.kind, kind.__name__.lower())
+                child = children[kind] = tally(STORE_COMMANDS.labels(self.kind, kind.__name__.lower()))
             child.inc()
 
     async def run(self, commands: Sequence[Command], timeout: float | None) -> list[object]:
