@@ -41,21 +41,25 @@ def user_hash(user: str) -> str:
 
 
 class _Clock:
-    """ISO 8601 UTC timestamps with milliseconds; the seconds part is formatted once per second."""
+    """ISO 8601 UTC timestamps with milliseconds, formatted once per millisecond (the seconds part once per
+    second): at load, many lines share one."""
 
-    __slots__ = ("_prefix", "_second")
+    __slots__ = ("_millis", "_prefix", "_second", "_text")
 
     def __init__(self) -> None:
-        self._second = -1
-        self._prefix = ""
+        self._millis = self._second = -1
+        self._prefix = self._text = ""
 
     def now(self) -> str:
-        now = time.time()
-        second = int(now)
-        if second != self._second:
-            self._second = second
-            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        return f"{self._prefix}.{int((now - second) * 1000):03d}Z"
+        millis = int(time.time() * 1000)
+        if millis != self._millis:
+            self._millis = millis
+            second, fraction = divmod(millis, 1000)
+            if second != self._second:
+                self._second = second
+                self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._text = f"{self._prefix}.{fraction:03d}Z"
+        return self._text
 
 
 _PLAIN = re.compile(r'[^\x20\x21\x23-\x5b\x5d-\x7e]')  # what a JSON string must escape (and non-ASCII)
@@ -80,6 +84,19 @@ def _json_str(value: str | None) -> str:
     if quoted is None:
         quoted = _QUOTED.keep(value, _quoted(value))
     return quoted
+
+
+_HEADS: Memo[tuple[str, str, str, int], str] = Memo(_QUOTED_KEPT)  # route, method, path, status
+_TAILS: Memo[tuple[str | None, ...], tuple[str, str]] = Memo(_QUOTED_KEPT)  # upstream, outcomes, user, store
+
+
+def _tail(upstream: str | None, limit: str | None, cache: str | None, breaker: str | None, session: str | None,
+          user: str | None, store: str) -> tuple[str, str]:
+    """The fields from ``upstream`` to ``request_id``, as the text before and after ``upstream_ms``'s value."""
+    return (f',"upstream":{_json_str(upstream)},"upstream_ms":',
+            f',"limit":{_json_str(limit)},"cache":{_json_str(cache)},"breaker":{_json_str(breaker)},'
+            f'"session":{_json_str(session)},"user":{_json_str(user_hash(user) if user else None)},'
+            f'"store":{_json_str(store)},"request_id":')
 
 
 def _ms(seconds: float | None) -> str:
@@ -119,14 +136,20 @@ class AccessLog:
         scope = ctx.scope
         outcomes = ctx.outcomes
         get = outcomes.get
-        line = (f'{{"time":"{self._clock.now()}","route":{_json_str(ctx.route or None)},'
-                f'"method":{_json_str(scope["method"])},"path":{_json_str(scope["path"])},"status":{status},'
-                f'"latency_ms":{_ms(seconds)},"upstream":{_json_str(ctx.upstream)},'
-                f'"upstream_ms":{_ms(ctx.upstream_seconds)},"limit":{_json_str(get("limit"))},'
-                f'"cache":{_json_str(get("cache"))},"breaker":{_json_str(get("breaker"))},'
-                f'"session":{_json_str(get("session"))},'
-                f'"user":{_json_str(user_hash(ctx.user) if ctx.user else None)},"store":{_json_str(store)},'
-                f'"request_id":{_quoted(ctx.request_id)}')
+        # a line is its time, two latencies and request id between two runs of fields that repeat from one
+        # request to the next: each run is built once per distinct set of values and then looked up
+        request = (ctx.route, scope["method"], scope["path"], status)
+        head = _HEADS.get(request)
+        if head is None:
+            head = _HEADS.keep(request, f',"route":{_json_str(ctx.route or None)},'
+                               f'"method":{_json_str(scope["method"])},"path":{_json_str(scope["path"])},'
+                               f'"status":{status},"latency_ms":')
+        done = (ctx.upstream, get("limit"), get("cache"), get("breaker"), get("session"), ctx.user, store)
+        tail = _TAILS.get(done)
+        if tail is None:
+            tail = _TAILS.keep(done, _tail(*done))
+        line = (f'{{"time":"{self._clock.now()}"{head}{_ms(seconds)}{tail[0]}{_ms(ctx.upstream_seconds)}{tail[1]}'
+                f'{_quoted(ctx.request_id)}')
         if not _KNOWN_SET.issuperset(outcomes):  # outcomes of policies beyond the four above
             line += "".join(f",{json.dumps(name)}:{_json_str(value)}" for name, value in outcomes.items()
                             if name not in _KNOWN and name not in _FIELDS)
