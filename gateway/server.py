@@ -42,6 +42,7 @@ from uvicorn.server import ServerState
 
 from edgeway.middleware.pipeline import Throttled
 from edgeway.middleware.policy import Answer
+from edgeway.middleware.responses import Response
 
 from .coalesce import CoalescingWriter
 from .config import ServerConfig
@@ -360,7 +361,14 @@ class EdgeHttpToolsProtocol(_EdgeLimits, HttpToolsProtocol):
         # through the coalescing writer: sent at the end of this event-loop turn with whatever else this
         # connection writes in it (measured: about half the CPU per hit of a write here and now, as the
         # loop answers every connection that is ready before it writes and polls again)
-        self._writer.write(answer_bytes(answer, head=method == b"HEAD", keep_alive=keep_alive))
+        head = method == b"HEAD"
+        if not head and keep_alive and type(answer) is Response:  # the common case, the same for many hits
+            wire = answer.wire
+            if wire is None:
+                wire = answer.wire = answer_bytes(answer, head=False, keep_alive=True)
+        else:
+            wire = answer_bytes(answer, head=head, keep_alive=keep_alive)
+        self._writer.write(wire)
         self._answered = True
         if not keep_alive:
             self._writer.close()  # what it holds first, then the close

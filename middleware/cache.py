@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import re
 import time
 import uuid
@@ -56,7 +57,7 @@ from .cache_signals import fills, purges
 from .clientip import IPNetwork
 from .context import RequestContext
 from .memo import Memo
-from .metrics import CACHE_REQUESTS, CACHE_STORED_BYTES
+from .metrics import CACHE_REQUESTS, CACHE_STORED_BYTES, tally
 from .pipeline import ASGIApp, PolicyPipeline
 from .policy import Answer, BasePolicy, Completed, Pending, Prepared
 from .responses import Message, Response
@@ -95,7 +96,18 @@ class _Request:
     cache_status: bytes = b""
     replaced_by: Entry | None = None  # the entry refreshed by a 304
     conditional_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
-    hot: Entry | None = None  # a fresh entry this instance read less than HOT_FOR seconds ago
+    hot: _Hot | None = None  # a fresh entry this instance read less than HOT_FOR seconds ago
+
+
+@dataclass(slots=True)
+class _Hot:
+    """A fresh entry served from this instance's memory until ``until``, and the answer it last made: the same
+    for every hit until ``answer_until``, when its ``Age`` or ``ttl=`` (whole seconds) would change."""
+
+    entry: Entry
+    until: float
+    answer: Response | None = None
+    answer_until: float = 0.0
 
 
 def _status(*parts: str) -> bytes:
@@ -128,7 +140,7 @@ class CachePolicy(BasePolicy):
         self.key_has_user = "user" in settings.key
         self.cookies_ignored = settings.cookies == "ignore"
         self._decoded: dict[str, tuple[bytes, Entry]] = {}
-        self._hot: dict[str, tuple[Entry, float]] = {}  # primary key -> (fresh entry, served from memory until)
+        self._hot: dict[str, _Hot] = {}  # by primary key
         self._plain_key = set(self.parts) <= {"method", "path", "query"}
         self._keys: Memo[tuple[str, bytes, str, bytes], str] = Memo(_KEYS_KEPT)  # request target -> primary key
         self.request_body_limit = settings.max_request_body if self.key_has_body else 0
@@ -140,7 +152,8 @@ class CachePolicy(BasePolicy):
         self.purge_channel = f"{self.prefix}purged"
         self._purges = purges(store, self.purge_channel)
         self._purges.on_purge(self.forget_hot)
-        self._counters = {s: CACHE_REQUESTS.labels(route, s) for s in ("hit", "miss", "stale", "bypass", "collapsed")}
+        self._counters = {s: tally(CACHE_REQUESTS.labels(route, s))
+                          for s in ("hit", "miss", "stale", "bypass", "collapsed")}
         self._stored_bytes = CACHE_STORED_BYTES.labels(route)
         self._tag_header = settings.tag_header.lower().encode() if settings.tag_header else None
 
@@ -227,8 +240,8 @@ class CachePolicy(BasePolicy):
         hot = self._hot.get(primary)
         if hot is not None:
             now = self.clock()
-            if now < hot[1] and hot[0].ttl(now) > 0:  # no store command: answered from memory in decide
-                return Prepared((), _Request(key=primary, primary=primary, conditional=conditional, hot=hot[0]))
+            if now < hot.until and hot.entry.ttl(now) > 0:  # no store command: answered from memory in decide
+                return Prepared((), _Request(key=primary, primary=primary, conditional=conditional, hot=hot))
             del self._hot[primary]
         return Prepared((Get(primary, binary=True),), _Request(key=primary, primary=primary, conditional=conditional))
 
@@ -242,20 +255,32 @@ class CachePolicy(BasePolicy):
         hot = self._hot
         if key not in hot and len(hot) >= HOT_ENTRIES:
             del hot[next(iter(hot))]
-        hot[key] = (entry, now + HOT_FOR)
+        hot[key] = _Hot(entry, now + HOT_FOR)
 
     def decide(self, ctx: RequestContext, prepared: Prepared, results: Sequence[object]) -> Answer | Pending | None:
         state: _Request = prepared.state  # type: ignore[assignment]
         if state.detail is not None:
             return None
         if state.hot is not None:
-            now = self.clock()
-            return self._hit(ctx, state, state.hot, now, _status("hit", f"ttl={int(state.hot.ttl(now))}"), "hit")
+            return self._hot_hit(ctx, state, state.hot)
         found = results[0]
         entry = self._decode(state.key, found if isinstance(found, bytes) else None)
         if entry is not None and entry.kind == VARY:
             return Pending(self._variant(ctx, state, entry))
         return self._lookup(ctx, state, entry)
+
+    def _hot_hit(self, ctx: RequestContext, state: _Request, hot: _Hot) -> Response:
+        now = self.clock()
+        if state.conditional:  # (rare: its answer depends on the request's validators)
+            return self._hit(ctx, state, hot.entry, now, _status("hit", f"ttl={int(hot.entry.ttl(now))}"), "hit")
+        if now < hot.answer_until and hot.answer is not None:
+            self._count(ctx, "hit")
+            return hot.answer
+        entry = hot.entry
+        age, ttl = entry.age(now), entry.ttl(now)
+        hot.answer = self._hit(ctx, state, entry, now, _status("hit", f"ttl={int(ttl)}"), "hit")
+        hot.answer_until = now + min(math.ceil(age) - age or 1.0, ttl - math.floor(ttl))
+        return hot.answer
 
     def _decode(self, key: str, found: bytes | None) -> Entry | None:
         """The entry a stored value holds; the last few decoded are kept, so a hot entry decodes once."""

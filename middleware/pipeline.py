@@ -19,7 +19,7 @@ from typing import Any
 from .clientip import IPNetwork, TrustedProxies
 from .context import SCOPE_KEY, RequestContext, Scope
 from .policy import Answer, Completed, Pending, Policy, Prepared
-from .responses import ErrorResponse, Message, Receive, Send
+from .responses import ErrorResponse, Message, Receive, Send, with_headers
 from .store import Command, CommandError, Store, StoreError
 
 logger = logging.getLogger("edgeway")
@@ -145,7 +145,7 @@ class PolicyPipeline:
                 close()
             return None
         if answer is not None and ctx.response_headers:
-            answer.headers.extend(ctx.response_headers)
+            return with_headers(answer, ctx.response_headers)
         return answer
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -272,7 +272,7 @@ class PolicyPipeline:
     async def _answer(self, response: Answer, ctx: RequestContext, scope: Scope, receive: Receive,
                       send: Send) -> None:
         if ctx.response_headers:
-            response.headers.extend(ctx.response_headers)
+            response = with_headers(response, ctx.response_headers)
         await response(scope, receive, send)
 
     async def _call_app(self, ctx: RequestContext, prepared: list[Prepared], scope: Scope, receive: Receive,

@@ -60,8 +60,9 @@ Headers = Sequence[tuple[bytes, bytes]]
 
 
 class Answer(Protocol):
-    """A response Edgeway sends itself (an error, a cached response): an ASGI app with editable headers,
-    whose status and body chunks a server may also write itself (:meth:`PolicyPipeline.answer_now`)."""
+    """A response Edgeway sends itself (an error, a cached response): an ASGI app whose status, headers and body
+    chunks a server may also write itself (:meth:`PolicyPipeline.answer_now`). Not changed once made: one
+    answer may serve many requests (a hot cache entry's); ``responses.with_headers`` copies it with more fields."""
 
     status: int
     headers: list[tuple[bytes, bytes]]

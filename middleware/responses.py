@@ -61,14 +61,19 @@ class Response:
 
     Chunks go out as separate body messages, so a stored event stream replays
     with the event boundaries it had. A HEAD request gets the headers only.
+
+    Like every answer, a response is not changed once made (the cache hands the same one to every hit of a
+    second): :func:`with_headers` makes a copy with more fields. ``wire`` is where the server keeps the
+    response as it writes it on a keep-alive connection (:func:`edgeway.gateway.server.answer_bytes`).
     """
 
-    __slots__ = ("chunks", "headers", "status")
+    __slots__ = ("chunks", "headers", "status", "wire")
 
     def __init__(self, status: int, headers: Iterable[tuple[bytes, bytes]], chunks: Sequence[bytes] = ()) -> None:
         self.status = status
         self.headers = list(headers)
         self.chunks = chunks
+        self.wire: bytes | None = None
 
     async def __call__(self, scope: MutableMapping[str, Any], receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": self.status, "headers": self.headers})
@@ -78,6 +83,11 @@ class Response:
         last = len(self.chunks) - 1
         for index, chunk in enumerate(self.chunks):
             await send({"type": "http.response.body", "body": chunk, "more_body": index < last})
+
+
+def with_headers(answer: Any, extra: Sequence[tuple[bytes, bytes]]) -> Response:
+    """A copy of ``answer`` (a :class:`Response` or an :class:`ErrorResponse`) with ``extra`` fields after its own."""
+    return Response(answer.status, [*answer.headers, *extra], answer.chunks)
 
 
 def bad_request(message: str) -> ErrorResponse:

@@ -21,6 +21,7 @@ import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
 
 from edgeway.middleware import CacheMiddleware
+from edgeway.middleware import cache as cache_module
 from edgeway.middleware.cache import HOT_ENTRIES, HOT_FOR, HOT_MAX_SIZE
 from edgeway.middleware.cache_signals import purge
 from edgeway.middleware.store import Store, StoreError
@@ -226,6 +227,25 @@ async def test_a_hot_entry_is_answered_from_memory_for_hot_for_seconds(make: Mak
     assert executed == []  # no store command while hot
     cached.clock.now += HOT_FOR
     assert call(await cached.get()) == 1 and executed == [1]  # read again once the hot window ended
+
+
+async def test_hot_hits_count_age_and_ttl_in_whole_seconds_from_the_stored_time(make: Make,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hits of one hot entry share an answer only while its Age and ttl= stay the same: stored at a fractional
+    time, each crosses to the next second at its own moment, never at the clock's whole second."""
+    monkeypatch.setattr(cache_module, "HOT_FOR", 3600.0)
+    cached = make(ttl=60)
+    cached.clock.now = T0 + 0.35
+    await cached.get()  # stored at T0 + 0.35
+    stored = T0 + 0.35
+    for _ in range(45):
+        cached.clock.now += 0.07
+        hit = await cached.get()
+        age = cached.clock.now - stored
+        assert hit.headers["age"] == str(int(age)), cached.clock.now - T0
+        assert hit.headers["cache-status"] == f"edgeway; hit; ttl={int(60 - age)}", cached.clock.now - T0
+        assert call(hit) == 1
+    assert counted("hit") >= 45
 
 
 async def test_a_hot_entry_still_expires_on_time(make: Make) -> None:

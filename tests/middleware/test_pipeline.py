@@ -267,6 +267,34 @@ async def test_a_pending_decide_resolves_to_a_non_error_answer_sent_chunk_by_chu
     assert [m.get("more_body", False) for m in sent[1:]] == [True, False]
 
 
+async def test_an_answer_is_never_changed_so_one_can_serve_many_requests() -> None:
+    """A hot cache entry's answer is handed to every hit of a second: the headers other policies add go on a
+    copy, once per request, on the ASGI path and on the server's fast path alike."""
+    shared = Response(200, [(b"x-from", b"cache")], [b"hit"])
+
+    class Same(BasePolicy):
+        name = "cache"
+        decides_from_memory = True
+
+        def prepare(self, ctx: RequestContext) -> Prepared | Answer | Pending:
+            return Prepared()
+
+        def decide(self, ctx: RequestContext, prepared: Prepared, results: Sequence[object]) -> Answer | None:
+            return shared
+
+    app = PolicyPipeline(echo_app([]), policies=[Headers(), Same()], store=CountingStore())
+    for _ in range(3):
+        sent = await run(app, http_scope())
+        assert sent[0]["headers"] == [(b"x-from", b"cache"), (b"x-added", b"1")]
+    alone = PolicyPipeline(echo_app([]), policies=[Same()], store=CountingStore())
+    scope = http_scope()
+    ctx = scope[SCOPE_KEY] = RequestContext(scope, alone.trusted)
+    ctx.response_headers.append((b"x-late", b"1"))
+    answer = alone.answer_now(ctx)
+    assert answer is not None and answer is not shared and answer.headers[-1] == (b"x-late", b"1")
+    assert shared.headers == [(b"x-from", b"cache")]
+
+
 async def test_a_pending_decide_resolving_to_none_lets_the_request_through() -> None:
     received: list[bytes] = []
     app = PolicyPipeline(echo_app(received), policies=[Filled()], store=CountingStore())
