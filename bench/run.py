@@ -9,8 +9,9 @@ Starts nginx serving a 1 KB static file (the upstream), a private
 free ports, and checks one response through each (and that the fallback target
 runs in fallback mode). Then it measures in rounds, to average out noisy
 neighbours: in every round it runs ``wrk -t2 -c32 --latency`` against each
-target in turn, always in the same order (in round 1 each target gets a warm-up
-run first). Per target it reports the median req/s over the rounds, the p50/p99
+target in turn, in the order of ``TARGETS`` in odd rounds and the reverse order in
+even ones, so neither target of a pair always runs first (in round 1 each target
+gets a warm-up run first). Per target it reports the median req/s over the rounds, the p50/p99
 of the median round and the min-max spread. A goal ratio is the median over the
 rounds of the paired ratio (target over reference in the same round, their runs
 seconds apart in the order of ``TARGETS``), which cancels the machine's drift.
@@ -127,7 +128,8 @@ INTRO = """# Edgeway benchmarks
 `bench/run` (`.venv/bin/python bench/run.py [--rounds R] [--duration S] [--targets a,b]`) starts every
 server on free ports, then measures in rounds: in each of R rounds (default 5) it runs
 `wrk -t2 -c32 -d<S>s --latency` (default 5 s; GET of a 1 KB static file) against every target in turn,
-in the same order, after a 2 s warm-up per target in round 1 only. Interleaving spreads the machine's
+in the order below in odd rounds and in reverse in even ones (neither target of a pair always runs first),
+after a 2 s warm-up per target in round 1 only. Interleaving spreads the machine's
 noise (single runs vary by +-15% here, and its speed drifts by tens of percent over minutes) over all
 targets; each target's figure is its median req/s over the rounds, with the p50/p99 of that median round
 and the min-max spread. A goal compares a target with its reference **per round**: the order puts each
@@ -721,7 +723,8 @@ def render(outcomes: list[Outcome], args: argparse.Namespace, command: str) -> s
     refs = [ref for ref in ("raw-aiohttp", "baseline") if ref in rps]
     lines = ["## Latest run", "", f"- Date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M UTC}",
              f"- Machine: {machine_facts()}",
-             f"- Command: `{command}` ({args.rounds} rounds, every target once per round in the order below; "
+             f"- Command: `{command}` ({args.rounds} rounds, every target once per round, in the order below in "
+             "odd rounds and in reverse in even ones; "
              f"{args.warmup:g} s warm-up per target in round 1 only; each run `{' '.join(WRK)} "
              f"-d{args.duration:g}s`, GET {PATH}, a {len(BODY)}-byte static file)",
              "- req/s: median over the rounds; p50/p99: of the median round; spread: min-max req/s over the "
@@ -913,7 +916,9 @@ def main(argv: list[str] | None = None) -> int:
         clients = start_all(procs, outcomes, tmp, cluster)
         for round_no in range(1, args.rounds + 1):
             print(f"== round {round_no}/{args.rounds}", flush=True)
-            for outcome in outcomes:
+            # counterbalanced: a pair's second run is not always the same target's (a run can leave the
+            # machine warmer or busier for the next one)
+            for outcome in outcomes if round_no % 2 else reversed(outcomes):
                 if not outcome.failed:
                     measure(procs, outcome, round_no, args, clients.get(outcome.target),
                             cluster if outcome.target == PG_TARGET else None)
