@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from .breaker import PROBE, Admission, CircuitBreaker, CircuitOpen
+from .breaker import CALL, PROBE, Admission, CircuitBreaker, CircuitOpen
 from .breaker_config import BreakerSettings
 from .clientip import IPNetwork
 from .context import RequestContext
@@ -75,7 +75,9 @@ class BreakerPolicy(BasePolicy):
         return Prepared() if command is None else Prepared((command,))
 
     def decide(self, ctx: RequestContext, prepared: Prepared, results: Sequence[object]) -> Answer | None:
-        return self._admit(ctx, prepared, results[0] if results else None)
+        if not results:  # nothing was asked of the store: nearly every request to a closed breaker
+            return self._admitted(ctx, prepared, self.breaker.admit(None, None))
+        return self._admit(ctx, prepared, results[0])
 
     def store_failed(self, ctx: RequestContext, prepared: Prepared,
                      error: StoreError | CommandError) -> Answer | Pending | None:
@@ -83,7 +85,13 @@ class BreakerPolicy(BasePolicy):
 
     def _admit(self, ctx: RequestContext, prepared: Prepared, result: object) -> Answer | None:
         command = prepared.commands[0] if prepared.commands else None
-        admitted = self.breaker.admit(command if isinstance(command, BreakerUpdate) else None, result)
+        return self._admitted(ctx, prepared,
+                              self.breaker.admit(command if isinstance(command, BreakerUpdate) else None, result))
+
+    def _admitted(self, ctx: RequestContext, prepared: Prepared, admitted: Admission | CircuitOpen) -> Answer | None:
+        if admitted is CALL:
+            prepared.state = admitted
+            return None
         if isinstance(admitted, CircuitOpen):
             return self._refusal(ctx, admitted)
         prepared.state = admitted

@@ -297,17 +297,17 @@ class PolicyPipeline:
             self._finish(ctx, prepared, tracked.completed())
 
     def _finish(self, ctx: RequestContext, prepared: list[Prepared], response: Completed) -> None:
-        writes: list[Command] = []
+        writes: list[Command] | None = None  # (made only when there is something to write: rarely)
         shares: list[tuple[Policy, Prepared, int]] = []
         policies = self.policies
         for index in self._finishing:
             policy, prep = policies[index], prepared[index]
             mine = policy.finish(ctx, prep, response)
             if mine:
-                writes.extend(mine)
+                writes = [*writes, *mine] if writes else list(mine)
                 shares.append((policy, prep, len(mine)))
         if ctx.deferred:
-            writes.extend(ctx.deferred)
+            writes = [*writes, *ctx.deferred] if writes else ctx.deferred
             ctx.deferred = None
         if writes:
             self._write_soon(writes, ctx, shares)
