@@ -229,10 +229,13 @@ class CachePolicy(BasePolicy):
                     conditional = True
                 else:
                     override = True
-        facts = RequestFacts(method, authorization, cookie, ctx.user is not None, body, ctx.body_too_large, override,
-                             session)
-        detail = bypass(facts, key_has_body=self.key_has_body, key_has_user=self.key_has_user,
-                        cookies_ignored=self.cookies_ignored, methods=self.methods)
+        detail = None
+        if authorization or cookie or body or override or ctx.user is not None or ctx.body_too_large or \
+                method not in self.methods:  # else bypass has no reason (a plain GET: every hit)
+            facts = RequestFacts(method, authorization, cookie, ctx.user is not None, body, ctx.body_too_large,
+                                 override, session)
+            detail = bypass(facts, key_has_body=self.key_has_body, key_has_user=self.key_has_user,
+                            cookies_ignored=self.cookies_ignored, methods=self.methods)
         if detail is not None:
             return Prepared((), _Request(detail=detail, status="bypass",
                                          cache_status=_status("fwd=bypass", f"detail={detail}")))

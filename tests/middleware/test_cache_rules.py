@@ -52,6 +52,18 @@ def test_bypass(facts: RequestFacts, body: bool, user: bool, ignored: bool, expe
     assert bypass(facts, key_has_body=body, key_has_user=user, cookies_ignored=ignored, methods=methods) == expected
 
 
+@pytest.mark.parametrize("method", ["GET", "HEAD", "POST"])
+@pytest.mark.parametrize("body", [False, True])
+@pytest.mark.parametrize("user", [False, True])
+@pytest.mark.parametrize("ignored", [False, True])
+def test_without_a_fact_only_the_method_bypasses(method: str, body: bool, user: bool, ignored: bool) -> None:
+    """What the cache's prepare relies on to skip this function for a plain request (every hit)."""
+    methods = ("GET", "HEAD", "POST") if body else GET_HEAD
+    expected = None if method in methods else "method"
+    assert bypass(RequestFacts(method), key_has_body=body, key_has_user=user, cookies_ignored=ignored,
+                  methods=methods) == expected
+
+
 RULES = Rules(ttl=60.0)
 
 NOT_STORABLE = [
