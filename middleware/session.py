@@ -87,12 +87,17 @@ class _Grant:
         self.commands = (check,)
 
 
-def _authorization(headers: Sequence[tuple[bytes, bytes]]) -> bytes | None:
-    """The first Authorization value, found without building the context's header dict (one field is needed)."""
+def _scan(headers: Sequence[tuple[bytes, bytes]]) -> tuple[bytes | None, bool]:
+    """The first Authorization value, and whether the client sent any ``X-Edgeway-*`` field: one pass over the
+    raw fields, without building the context's header dict."""
+    authorization = None
+    copies = False
     for name, value in headers:
-        if len(name) == 13 and name.lower() == b"authorization":
-            return value
-    return None
+        if len(name) == 13 and authorization is None and name.lower() == b"authorization":
+            authorization = value
+        elif name.startswith(b"x-edgeway-"):
+            copies = True
+    return authorization, copies
 
 
 _DIGESTS_KEPT = 4096  # Authorization values whose token digest an instance remembers (see SessionPolicy.prepare)
@@ -124,13 +129,13 @@ class SessionPolicy(BasePolicy):
     def prepare(self, ctx: RequestContext) -> Prepared | ErrorResponse | Pending:
         service = self.service
         now = service.clock()
-        authorization = _authorization(ctx.scope["headers"])
+        authorization, copies = _scan(ctx.scope["headers"])
         # a bearer token this instance has seen: its digest without parsing or hashing it again
         seen = self._digests.get(authorization) if authorization is not None else None
         if seen is not None:
             known = service.cached(seen, now)
             if known is not None:
-                return self._admit(ctx, seen, known, now)
+                return self._admit(ctx, seen, known, now, copies)
         try:
             token = bearer_token(authorization.decode("latin-1") if authorization is not None else None)
             bearer = token is not None  # the Bearer header wins over the cookie
@@ -148,7 +153,7 @@ class SessionPolicy(BasePolicy):
                 self._digests.keep(authorization, digest)
             cached = service.cached(digest, now)
         if cached is not None:
-            return self._admit(ctx, digest, cached, now)
+            return self._admit(ctx, digest, cached, now, copies)
         try:
             known = service.verify_local(token, now)
         except TokenError as error:
@@ -157,7 +162,7 @@ class SessionPolicy(BasePolicy):
         except (NeedKeys, NeedRemote) as need:
             return Pending(self._slow(ctx, token, digest, need))
         service.remember(digest, known)
-        return self._admit(ctx, digest, known, now)
+        return self._admit(ctx, digest, known, now, copies)
 
     async def _slow(self, ctx: RequestContext, token: str, digest: str, need: Exception) -> Prepared | ErrorResponse:
         service = self.service
@@ -174,7 +179,9 @@ class SessionPolicy(BasePolicy):
         service.remember(digest, known)
         return self._admit(ctx, digest, known, service.clock())
 
-    def _admit(self, ctx: RequestContext, digest: str, known: Known, now: float) -> Prepared | ErrorResponse:
+    def _admit(self, ctx: RequestContext, digest: str, known: Known, now: float,
+               copies: bool = True) -> Prepared | ErrorResponse:
+        """Let the request through as ``known``'s user; ``copies``: the client may have sent X-Edgeway-* fields."""
         user = known.user
         if user is None:
             return unauthorized(known.reason)
@@ -185,9 +192,10 @@ class SessionPolicy(BasePolicy):
         ctx.identity = grant.identity
         scope = ctx.scope
         # in-app the identity travels in the scope's headers; client copies of X-Edgeway-* never do
-        headers = [pair for pair in scope["headers"] if not pair[0].startswith(b"x-edgeway-")]
-        headers += grant.identity
-        scope["headers"] = headers
+        headers = scope["headers"]
+        if copies:
+            headers = [pair for pair in headers if not pair[0].startswith(b"x-edgeway-")]
+        scope["headers"] = [*headers, *grant.identity]
         scope.setdefault("state", {})["user"] = user
         ctx.revocation = grant.commands[0]
         refresh = self.service.refresh_shared(digest, known, now) if known.remote else None

@@ -400,8 +400,13 @@ async def test_client_identity_headers_are_replaced(make: Any, auth: AuthServer)
     forged = {"x-edgeway-user": "admin", "x-edgeway-role": "service_role"}
     anonymous = await session.get(**forged)
     assert anonymous.status_code == 200 and anonymous.json() == {"headers": {}, "user": None}
-    signed_in = await session.get(auth.issue("real"), **forged)
+    token = auth.issue("real")
+    signed_in = await session.get(token, **forged)
     assert signed_in.json()["headers"] == {"x-edgeway-user": "real"}
+    warm = await session.get(token, **forged)  # a token this instance knows: its own path, the same stripping
+    assert warm.json()["headers"] == {"x-edgeway-user": "real"}
+    plain = await session.get(token)
+    assert plain.json()["headers"] == {"x-edgeway-user": "real"}
 
 
 async def test_fastapi_style_dependencies(auth: AuthServer) -> None:
