@@ -10,9 +10,11 @@ free ports, and checks one response through each (and that the fallback target
 runs in fallback mode). Then it measures in rounds, to average out noisy
 neighbours: in every round it runs ``wrk -t2 -c32 --latency`` against each
 target in turn, in the order of ``TARGETS`` in odd rounds and the reverse order in
-even ones, so neither target of a pair always runs first (in round 1 each target
-gets a warm-up run first). Per target it reports the median req/s over the rounds, the p50/p99
-of the median round and the min-max spread. A goal ratio is the median over the
+even ones, so neither target of a pair always runs first, each round on a new
+process of each target warmed up just before (see ``fresh_process``), with the
+measured servers on a CPU of their own (see ``pin_cpus``). Per target it reports
+the median req/s over the rounds, the p50/p99 of the median round and the
+min-max spread. A goal ratio is the median over the
 rounds of the paired ratio (target over reference in the same round, their runs
 seconds apart in the order of ``TARGETS``), which cancels the machine's drift.
 Around every measured run of a Redis-backed target it diffs its Redis' ``INFO
@@ -32,6 +34,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
 import importlib.metadata
 import json
 import os
@@ -48,6 +51,7 @@ import tempfile
 import time
 import urllib.request
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -128,8 +132,11 @@ INTRO = """# Edgeway benchmarks
 `bench/run` (`.venv/bin/python bench/run.py [--rounds R] [--duration S] [--targets a,b]`) starts every
 server on free ports, then measures in rounds: in each of R rounds (default 5) it runs
 `wrk -t2 -c32 -d<S>s --latency` (default 5 s; GET of a 1 KB static file) against every target in turn,
-in the order below in odd rounds and in reverse in even ones (neither target of a pair always runs first),
-after a 2 s warm-up per target in round 1 only. Interleaving spreads the machine's
+in the order below in odd rounds and in reverse in even ones (neither target of a pair always runs first).
+Each round measures a new process of each target (but the upstream and the PostgreSQL fallback target),
+started and warmed up for 2 s just before: two processes of one server differed here by up to 10% in CPU
+per request for their whole life. The measured servers run on a CPU of their own; wrk, the upstream, Redis
+and PostgreSQL on the other (`--no-pin`, `--same-process` turn these off). Interleaving spreads the machine's
 noise (single runs vary by +-15% here, and its speed drifts by tens of percent over minutes) over all
 targets; each target's figure is its median req/s over the rounds, with the p50/p99 of that median round
 and the min-max spread. A goal compares a target with its reference **per round**: the order puts each
@@ -273,6 +280,7 @@ class Outcome:
     failed: bool = False  # not (or no longer) measurable: skipped in the remaining rounds
     redis_port: int | None = None  # its private Redis, if it has one
     policy_costs: dict[str, float] = field(default_factory=dict)  # POLICY_COST_TARGETS' in-process CPU/request
+    start: Callable[[], str] | None = None  # starts its server (again): returns the URL to measure
 
     @property
     def rps(self) -> float:
@@ -296,17 +304,36 @@ def paired_ratios(target: Outcome, reference: Outcome) -> list[float]:
     return [run.rps / reference_rps[run.round_no] for run in target.runs if reference_rps.get(run.round_no)]
 
 
+TARGET_CPUS: set[int] | None = None  # the CPU every measured server runs on (pin_cpus), None: any
+
+
+def pin_cpus() -> None:
+    """Give the measured servers a CPU of their own: targets run on the last CPU this harness may use, and
+    the harness with everything it starts besides them (wrk, the upstream nginx, Redis, PostgreSQL,
+    bench/policy_cost.py) on the others. wrk then never takes CPU from the server it measures, nor Redis from
+    the gateway calling it, so each target's req/s follows its own cost per request. No-op on one CPU."""
+    global TARGET_CPUS
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return
+    TARGET_CPUS = {cpus[-1]}
+    os.sched_setaffinity(0, set(cpus[:-1]))
+
+
 class Processes:
     """Child processes, each in its own process group, with output to bench/out/<name>.log."""
 
     def __init__(self) -> None:
         self.running: dict[str, subprocess.Popen[bytes]] = {}
 
-    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
-        with open(OUT / f"{name}.log", "wb") as log:  # the child keeps its own descriptor
+    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None,
+              cpus: set[int] | None = None) -> None:
+        """Start ``argv``; ``cpus``: the CPUs it may run on (else the harness' own, see pin_cpus)."""
+        pin = None if not cpus else lambda: os.sched_setaffinity(0, cpus)
+        with open(OUT / f"{name}.log", "ab") as log:  # the child keeps its own descriptor; a restart appends
             self.running[name] = subprocess.Popen(
                 argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT,
-                env={**os.environ, **(env or {})}, start_new_session=True)
+                env={**os.environ, **(env or {})}, start_new_session=True, preexec_fn=pin)
 
     def stop(self, name: str) -> None:
         """SIGTERM the process group, SIGKILL it after 5 s, then SIGKILL any straggler of the group."""
@@ -396,7 +423,8 @@ def wait_ready(procs: Processes, name: str, url: str, timeout: float = 30.0) -> 
     raise RuntimeError(f"{name} not ready after {timeout:.0f}s ({last}):\n{log_tail(name)}")
 
 
-def start_nginx(procs: Processes, name: str, tmp: Path, port: int, upstream_port: int | None) -> None:
+def start_nginx(procs: Processes, name: str, tmp: Path, port: int, upstream_port: int | None,
+                cpus: set[int] | None = None) -> None:
     """nginx in the foreground with its own prefix dir: a static origin, or a keepalive reverse proxy.
 
     Idle keepalive connections are kept for an hour, so the proxies' pools stay valid between rounds.
@@ -424,7 +452,7 @@ http {{ access_log off; keepalive_requests 1000000; keepalive_timeout 1h; {temps
   server {{ listen 127.0.0.1:{port}; {location} }}
 }}
 """)
-    procs.start(name, ["nginx", "-p", str(prefix), "-c", str(prefix / "nginx.conf")])
+    procs.start(name, ["nginx", "-p", str(prefix), "-c", str(prefix / "nginx.conf")], cpus=cpus)
 
 
 def start_redis(procs: Processes, tmp: Path, target: str) -> int:
@@ -471,11 +499,11 @@ def start_target(procs: Processes, target: str, tmp: Path, upstream_port: int, r
     port = free_port()
     redis_url = f"redis://127.0.0.1:{redis_port}"
     if target == "nginx-proxy":
-        start_nginx(procs, target, tmp, port, upstream_port)
+        start_nginx(procs, target, tmp, port, upstream_port, cpus=TARGET_CPUS)
     elif target in ASGI_APPS:
         env = {"UPSTREAM_URL": f"http://127.0.0.1:{upstream_port}", "REDIS_URL": redis_url}
         procs.start(target, [str(VENV_BIN / "python"), *UVICORN, "--port", str(port), "--app-dir", str(BENCH),
-                             ASGI_APPS[target]], env)
+                             ASGI_APPS[target]], env, cpus=TARGET_CPUS)
     else:
         store: dict[str, Any] = {"url": redis_url if target in REDIS_TARGETS else "memory://"}
         if target == PG_TARGET:
@@ -489,7 +517,7 @@ def start_target(procs: Processes, target: str, tmp: Path, upstream_port: int, r
                               session=target == "session-warm")
         quiet = ["--access-log", "off"] if target == QUIET_TARGET else []
         procs.start(target, [str(VENV_BIN / "edgeway"), "serve", "--policy", str(policy), "--port", str(port),
-                             *quiet])
+                             *quiet], cpus=TARGET_CPUS)
     return f"http://127.0.0.1:{port}{JSON_PATH if target in JSON_TARGETS else PATH}"
 
 
@@ -619,6 +647,31 @@ def redis_snapshot(client: Any) -> Snapshot:
     calls = {key.removeprefix("cmdstat_"): int(value["calls"]) for key, value in stats.items()}
     reads = int(client.info("stats")["total_reads_processed"])
     return {k: v for k, v in calls.items() if not k.startswith(OWN_COMMANDS)}, reads
+
+
+KEPT_PROCESSES = ("upstream", PG_TARGET)  # the origin of every proxy; the fallback target's mode is set up once
+
+
+def fresh_process(procs: Processes, outcome: Outcome, args: argparse.Namespace) -> None:
+    """Replace a target's server by a new process (same policy, same store), ready and warmed up.
+
+    Two processes of the same server differ here by up to 10% in CPU per request (memory layout, hash
+    seeds), for the whole of their life: a new process per round turns that into noise the median over the
+    rounds averages out, instead of a bias of one whole run.
+    """
+    if outcome.target in KEPT_PROCESSES or outcome.start is None:
+        return
+    try:
+        procs.stop(outcome.target)
+        outcome.url = outcome.start()
+        wait_ready(procs, outcome.target, outcome.url)
+        if args.warmup > 0:
+            run_wrk(outcome.url, args.warmup, HEADERS.get(outcome.target))
+            time.sleep(SETTLE)
+    except Exception as exc:
+        outcome.failed = True
+        outcome.problems.append(f"restart failed: {exc}")
+        print(f"   {outcome.target:<34} FAILED to restart: {exc}", flush=True)
 
 
 def measure(procs: Processes, outcome: Outcome, round_no: int, args: argparse.Namespace, client: Any,
@@ -834,6 +887,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "(round 1 only; 0: none)")
     parser.add_argument("--targets", default=",".join(TARGETS), help=f"subset of: {','.join(TARGETS)}")
     parser.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
+    parser.add_argument("--no-pin", action="store_true", help="let every process run on every CPU")
+    parser.add_argument("--same-process", action="store_true", help="measure every round on the processes "
+                        "of round 1 (default: each round on a new process of each target)")
     args = parser.parse_args(argv)
     args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     unknown = [t for t in args.targets if t not in TARGETS]
@@ -863,8 +919,9 @@ def start_all(procs: Processes, outcomes: list[Outcome], tmp: Path, cluster: Pos
             continue
         try:
             redis_port = start_redis(procs, tmp, outcome.target) if outcome.target in REDIS_TARGETS else None
-            outcome.url = start_target(procs, outcome.target, tmp, upstream_port, redis_port,
-                                       cluster.dsn if cluster is not None else None)
+            outcome.start = functools.partial(start_target, procs, outcome.target, tmp, upstream_port, redis_port,
+                                              cluster.dsn if cluster is not None else None)
+            outcome.url = outcome.start()
             if redis_port is not None:
                 clients[outcome.target], outcome.store = redis.Redis(port=redis_port), StoreWork()
                 outcome.redis_port = redis_port
@@ -902,9 +959,11 @@ def main(argv: list[str] | None = None) -> int:
     command = shlex.join(["python", "bench/run.py", *(sys.argv[1:] if argv is None else argv)])
     ensure_tools(need_redis=any(t in REDIS_TARGETS for t in args.targets), need_postgres=PG_TARGET in args.targets)
     OUT.mkdir(exist_ok=True)
-    for stale in OUT.glob("wrk-*.txt"):
+    for stale in (*OUT.glob("wrk-*.txt"), *OUT.glob("*.log")):
         stale.unlink()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill runs the finally below too
+    if not args.no_pin:
+        pin_cpus()
     procs, tmp = Processes(), Path(tempfile.mkdtemp(prefix="edgeway-bench-"))
     outcomes = [Outcome(target) for target in args.targets]
     cluster: PostgresCluster | None = None
@@ -919,6 +978,8 @@ def main(argv: list[str] | None = None) -> int:
             # counterbalanced: a pair's second run is not always the same target's (a run can leave the
             # machine warmer or busier for the next one)
             for outcome in outcomes if round_no % 2 else reversed(outcomes):
+                if not outcome.failed and round_no > 1 and not args.same_process:
+                    fresh_process(procs, outcome, args)
                 if not outcome.failed:
                     measure(procs, outcome, round_no, args, clients.get(outcome.target),
                             cluster if outcome.target == PG_TARGET else None)
