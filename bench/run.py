@@ -430,7 +430,7 @@ def start_nginx(procs: Processes, name: str, tmp: Path, port: int, upstream_port
     Idle keepalive connections are kept for an hour, so the proxies' pools stay valid between rounds.
     """
     prefix = tmp / name
-    (prefix / "www").mkdir(parents=True)
+    (prefix / "www").mkdir(parents=True, exist_ok=True)  # (again when the target is restarted)
     (prefix / "www" / PATH.lstrip("/")).write_bytes(BODY)
     (prefix / "www" / JSON_PATH.lstrip("/")).write_bytes(JSON_BODY)
     files = [prefix / "www" / PATH.lstrip("/"), prefix / "www" / JSON_PATH.lstrip("/")]
@@ -778,7 +778,9 @@ def render(outcomes: list[Outcome], args: argparse.Namespace, command: str) -> s
              f"- Machine: {machine_facts()}",
              f"- Command: `{command}` ({args.rounds} rounds, every target once per round, in the order below in "
              "odd rounds and in reverse in even ones; "
-             f"{args.warmup:g} s warm-up per target in round 1 only; each run `{' '.join(WRK)} "
+             f"{args.warmup:g} s warm-up per target before its run, in round 1 only"
+             f"{'' if args.same_process else ', and in every other round on a new process of it'}; "
+             f"{'' if args.no_pin else 'the measured servers on a CPU of their own; '}each run `{' '.join(WRK)} "
              f"-d{args.duration:g}s`, GET {PATH}, a {len(BODY)}-byte static file)",
              "- req/s: median over the rounds; p50/p99: of the median round; spread: min-max req/s over the "
              "rounds; CPU: the target's own processes' CPU time (user + system, /proc) per request, median over "
