@@ -135,8 +135,8 @@ server on free ports, then measures in rounds: in each of R rounds (default 5) i
 in the order below in odd rounds and in reverse in even ones (neither target of a pair always runs first).
 Each round measures a new process of each target (but the upstream and the PostgreSQL fallback target),
 started and warmed up for 2 s just before: two processes of one server differed here by up to 10% in CPU
-per request for their whole life. The measured servers run on a CPU of their own; wrk, the upstream, Redis
-and PostgreSQL on the other (`--no-pin`, `--same-process` turn these off). Interleaving spreads the machine's
+per request for their whole life. The measured servers run on a CPU of their own; wrk, the upstream and Redis
+on the other, PostgreSQL on both (`--no-pin`, `--same-process` turn these off). Interleaving spreads the machine's
 noise (single runs vary by +-15% here, and its speed drifts by tens of percent over minutes) over all
 targets; each target's figure is its median req/s over the rounds, with the p50/p99 of that median round
 and the min-max spread. A goal compares a target with its reference **per round**: the order puts each
@@ -309,9 +309,11 @@ TARGET_CPUS: set[int] | None = None  # the CPU every measured server runs on (pi
 
 def pin_cpus() -> None:
     """Give the measured servers a CPU of their own: targets run on the last CPU this harness may use, and
-    the harness with everything it starts besides them (wrk, the upstream nginx, Redis, PostgreSQL,
+    the harness with everything it starts besides them (wrk, the upstream nginx, Redis,
     bench/policy_cost.py) on the others. wrk then never takes CPU from the server it measures, nor Redis from
-    the gateway calling it, so each target's req/s follows its own cost per request. No-op on one CPU."""
+    the gateway calling it, so each target's req/s follows its own cost per request. PostgreSQL, started
+    before, keeps every CPU: on wrk's alone it answered the fallback target's batches past its 200 ms store
+    timeout, which sent that target to memory. No-op on one CPU."""
     global TARGET_CPUS
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < 2:
@@ -964,8 +966,6 @@ def main(argv: list[str] | None = None) -> int:
     for stale in (*OUT.glob("wrk-*.txt"), *OUT.glob("*.log")):
         stale.unlink()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill runs the finally below too
-    if not args.no_pin:
-        pin_cpus()
     procs, tmp = Processes(), Path(tempfile.mkdtemp(prefix="edgeway-bench-"))
     outcomes = [Outcome(target) for target in args.targets]
     cluster: PostgresCluster | None = None
@@ -973,7 +973,9 @@ def main(argv: list[str] | None = None) -> int:
         print("== starting", flush=True)
         pg_outcome = next((o for o in outcomes if o.target == PG_TARGET), None)
         if pg_outcome is not None:
-            cluster = start_postgres(pg_outcome)
+            cluster = start_postgres(pg_outcome)  # before pinning: PostgreSQL keeps every CPU (see pin_cpus)
+        if not args.no_pin:
+            pin_cpus()
         clients = start_all(procs, outcomes, tmp, cluster)
         for round_no in range(1, args.rounds + 1):
             print(f"== round {round_no}/{args.rounds}", flush=True)
