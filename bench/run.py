@@ -872,15 +872,13 @@ def render(outcomes: list[Outcome], args: argparse.Namespace, command: str) -> s
 
 
 def write_results(section: str) -> None:
-    """Replace the "## Latest run" section of RESULTS.md (or create the file with its intro)."""
-    text = RESULTS.read_text() if RESULTS.exists() else INTRO
+    """Write RESULTS.md's intro (how the harness measures: always this file's own) and its "## Latest run"
+    section; the sections after it (analyses kept by hand) stay."""
+    text = RESULTS.read_text() if RESULTS.exists() else ""
     start = text.find("## Latest run")
-    if start < 0:
-        RESULTS.write_text(text.rstrip("\n") + "\n\n" + section)
-        return
-    following = text.find("\n## ", start + 1)
+    following = text.find("\n## ", start + 1) if start >= 0 else -1
     rest = text[following + 1:] if following >= 0 else ""
-    RESULTS.write_text(text[:start] + section + ("\n" + rest if rest else ""))
+    RESULTS.write_text(INTRO.rstrip("\n") + "\n\n" + section + ("\n" + rest if rest else ""))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
