@@ -103,24 +103,23 @@ _PENDING: dict[object, Tally | Timings] = {}  # by child: one per label set, so 
 _FOLDING = threading.Lock()
 
 
-def tally(child: prometheus_client.Counter) -> Increments:
-    """What the request path increments instead of ``child`` (see the module docstring)."""
+def _pending(child: object, kind: type[Tally] | type[Timings]) -> object:
     if multiprocess_dir() is not None:
         return child
     found = _PENDING.get(child)
     if found is None:
-        found = _PENDING[child] = Tally(child)
-    return found  # type: ignore[return-value]
+        found = _PENDING[child] = kind(child)  # type: ignore[arg-type]
+    return found
+
+
+def tally(child: prometheus_client.Counter) -> Increments:
+    """What the request path increments instead of ``child`` (see the module docstring)."""
+    return _pending(child, Tally)  # type: ignore[return-value]
 
 
 def timings(child: prometheus_client.Histogram) -> Observations:
     """What the request path observes instead of ``child`` (see the module docstring)."""
-    if multiprocess_dir() is not None:
-        return child
-    found = _PENDING.get(child)
-    if found is None:
-        found = _PENDING[child] = Timings(child)
-    return found  # type: ignore[return-value]
+    return _pending(child, Timings)  # type: ignore[return-value]
 
 
 def fold() -> None:
@@ -130,20 +129,20 @@ def fold() -> None:
             pending.fold()
 
 
-class Counter(prometheus_client.Counter):
-    """A counter family whose children may be counted through :func:`tally`."""
+class _Folding:
+    """A family whose children may count through :func:`tally` / :func:`timings`: folded before collected."""
 
     def collect(self) -> Iterable[Metric]:
         fold()
-        return super().collect()
+        return super().collect()  # type: ignore[misc, no-any-return]
 
 
-class Histogram(prometheus_client.Histogram):
-    """A histogram family whose children may be observed through :func:`timings`."""
+class Counter(_Folding, prometheus_client.Counter):
+    """A counter family (see :class:`_Folding`)."""
 
-    def collect(self) -> Iterable[Metric]:
-        fold()
-        return super().collect()
+
+class Histogram(_Folding, prometheus_client.Histogram):
+    """A histogram family (see :class:`_Folding`)."""
 
 
 # Latency buckets (seconds): from a fast Redis round trip to a slow AI upstream.
