@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from .breaker import CALL, PROBE, Admission, CircuitBreaker, CircuitOpen
+from .breaker import PROBE, Admission, CircuitBreaker, CircuitOpen
 from .breaker_config import BreakerSettings
 from .clientip import IPNetwork
 from .context import RequestContext
@@ -89,9 +89,6 @@ class BreakerPolicy(BasePolicy):
                               self.breaker.admit(command if isinstance(command, BreakerUpdate) else None, result))
 
     def _admitted(self, ctx: RequestContext, prepared: Prepared, admitted: Admission | CircuitOpen) -> Answer | None:
-        if admitted is CALL:
-            prepared.state = admitted
-            return None
         if isinstance(admitted, CircuitOpen):
             return self._refusal(ctx, admitted)
         prepared.state = admitted

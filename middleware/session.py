@@ -100,6 +100,11 @@ def _scan(headers: Sequence[tuple[bytes, bytes]]) -> tuple[bytes | None, bool]:
     return authorization, copies
 
 
+def _without_copies(headers: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """``headers`` minus every ``X-Edgeway-*`` field (only the session policy's own identity may carry them)."""
+    return [pair for pair in headers if not pair[0].startswith(b"x-edgeway-")]
+
+
 _DIGESTS_KEPT = 4096  # Authorization values whose token digest an instance remembers (see SessionPolicy.prepare)
 
 
@@ -144,7 +149,7 @@ class SessionPolicy(BasePolicy):
         except TokenError as error:
             return unauthorized(error.reason, str(error))
         if token is None:
-            return self._anonymous(ctx) if not self.required else unauthorized("missing")
+            return self._anonymous(ctx, copies) if not self.required else unauthorized("missing")
         if seen is not None:  # its result ran out: verify it again
             digest, cached = seen, None
         else:
@@ -194,7 +199,7 @@ class SessionPolicy(BasePolicy):
         # in-app the identity travels in the scope's headers; client copies of X-Edgeway-* never do
         headers = scope["headers"]
         if copies:
-            headers = [pair for pair in headers if not pair[0].startswith(b"x-edgeway-")]
+            headers = _without_copies(headers)
         scope["headers"] = [*headers, *grant.identity]
         scope.setdefault("state", {})["user"] = user
         ctx.revocation = grant.commands[0]
@@ -212,10 +217,11 @@ class SessionPolicy(BasePolicy):
             keys.append(self._sid_key + _digest(known.sid))
         return _Grant(digest, tuple(identity), Revoked(tuple(keys), known.iat_ms))
 
-    def _anonymous(self, ctx: RequestContext) -> Prepared:
+    def _anonymous(self, ctx: RequestContext, copies: bool = True) -> Prepared:
+        """Let the request through without a user; ``copies``: the client may have sent X-Edgeway-* fields."""
         scope = ctx.scope
-        if any(name.startswith(b"x-edgeway-") for name, _ in scope["headers"]):
-            scope["headers"] = [pair for pair in scope["headers"] if not pair[0].startswith(b"x-edgeway-")]
+        if copies:
+            scope["headers"] = _without_copies(scope["headers"])
         scope.setdefault("state", {})["user"] = None
         return Prepared()
 
